@@ -1,0 +1,149 @@
+"""The `loom` command. Bad input ends in one `error:` line and a non-zero exit (traceback with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from loom.errors import LoomError
+from loom.log import logger, setup_logging
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so every failure reads the same way."""
+
+    def error(self, message: str) -> NoReturn:
+        raise LoomError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(
+        prog="loom", description="Prepare data, train and sample language models.", allow_abbrev=False
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tok = commands.add_parser("tokenizer", help="train a tokenizer")
+    tok_commands = tok.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    tok_train = tok_commands.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+    tok_train.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="text or JSONL files")
+    tok_train.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    tok_train.add_argument("--out", required=True, metavar="DIR")
+    tok_train.add_argument("--text-field", default="text", help="JSONL field holding the text")
+
+    data = commands.add_parser("data", help="turn text into token shards")
+    data_commands = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    data_tok = data_commands.add_parser("tokenize", help="tokenize text/JSONL files into packed shards")
+    data_tok.add_argument("--input", nargs="+", required=True, metavar="GLOB")
+    data_tok.add_argument("--tokenizer", required=True, metavar="DIR", help="folder with tokenizer.json")
+    data_tok.add_argument("--out", required=True, metavar="DIR")
+    data_tok.add_argument("--val-fraction", type=float, default=0.05, metavar="F")
+    data_tok.add_argument("--seed", type=int, default=0)
+    data_tok.add_argument("--shard-tokens", type=int, default=1 << 26, metavar="N", help="tokens per shard")
+    data_tok.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    data_tok.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+
+    train = commands.add_parser(
+        "train", help="pretrain a model", description="Train from a TOML config; override any key as --section.key=value."
+    )
+    train.add_argument("config", metavar="CONFIG", help="TOML config file")
+
+    gen = commands.add_parser("generate", help="sample text from a trained model")
+    gen.add_argument("run_dir", metavar="RUN_DIR", help="run folder or checkpoint folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    argv = [a for a in argv if a != "--debug"]
+    setup_logging(debug)
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "train":
+            raise LoomError(f"unrecognized arguments: {' '.join(extra)}")
+        _dispatch(args, _join_overrides(extra))
+        return 0
+    except LoomError as e:
+        if debug:
+            logger.exception("bad input")
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _join_overrides(extra: list[str]) -> list[str]:
+    """Accept `--train.steps 200` as well as `--train.steps=200`."""
+    joined: list[str] = []
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        if item.startswith("--") and "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            joined.append(f"{item}={extra[i + 1]}")
+            i += 2
+        else:
+            joined.append(item)
+            i += 1
+    return joined
+
+
+def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
+    if args.command == "tokenizer":
+        from loom.data.readers import DropReport, expand_inputs, read_documents
+        from loom.data.tokenizer import save_tokenizer, train_bpe
+
+        drops = DropReport()
+        texts = (d.text for d in read_documents(expand_inputs(args.input), drops, args.text_field))
+        tokenizer = train_bpe(texts, args.vocab_size)
+        path = save_tokenizer(tokenizer, args.out)
+        logger.info("trained a %d-token BPE tokenizer: %s", tokenizer.get_vocab_size(), path)
+        if drops.total:
+            logger.warning("skipped %d input record(s): %s", drops.total, dict(drops.by_reason))
+    elif args.command == "data":
+        from loom.data.tokenize import TokenizeOptions, tokenize_to_shards
+
+        tokenize_to_shards(
+            TokenizeOptions(
+                inputs=args.input, tokenizer=args.tokenizer, out=args.out,
+                val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
+                text_field=args.text_field, overwrite=args.overwrite,
+            )
+        )
+    elif args.command == "train":
+        from loom.config import load_config
+        from loom.train.trainer import train
+
+        result = train(load_config(args.config, extra))
+        if result.val_losses:
+            last = max(result.val_losses)
+            logger.info("done: step %d, val_loss %.4f, run folder %s", result.step, result.val_losses[last], result.run_dir)
+    elif args.command == "generate":
+        from loom.eval.generate import generate_text
+
+        text = generate_text(
+            args.run_dir, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed
+        )
+        print(args.prompt + text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""The config tree: dataclasses loaded from TOML, overridden by `--section.key=value`, validated.
+
+Every error names the key and says how to fix it, before any compute is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from loom.errors import LoomError
+from loom.models.llama import ModelConfig
+from loom.models.presets import get_preset
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder written by `loom data tokenize`
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int = 0  # sequences per forward/backward; 0 = batch_size
+    seq_len: int = 256
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    eval_interval: int = 50  # steps between validation-loss evaluations; 0 = only at the end
+    eval_batches: int = 4  # validation micro-batches per evaluation
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
+    warmup_steps: int = 10
+    decay_steps: int = 0  # length of the schedule; 0 = train.steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps between checkpoints (the final step is always saved)
+    keep: int = 3  # newest complete checkpoints kept on disk
+
+
+@dataclass
+class MetricsConfig:
+    log_interval: int = 10
+    tensorboard: bool = True
+    progress: Literal["auto", "rich", "plain"] = "auto"  # auto = rich on a terminal
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of parallelism. This version trains on one process, so all must be 1."""
+
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class Config:
+    run_dir: str = ""
+    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply overrides, build and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_toml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(raw, key, value)
+    return config_from_dict(raw)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise LoomError(f"config file {p} does not exist; pass the path of a TOML file")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise LoomError(f"config file {p} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise LoomError(f"config file {p} is not UTF-8 text") from None
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """`--train.steps=200` -> ("train.steps", "200")."""
+    if not item.startswith("--") or "=" not in item:
+        raise LoomError(f"override {item!r} must look like --section.key=value")
+    key, value = item[2:].split("=", 1)
+    return key, value
+
+
+def _set_path(raw: dict[str, Any], key: str, value: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise LoomError(f"override --{key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = _CliValue(value)
+
+
+class _CliValue(str):
+    """A string from the command line, converted to the field's type when the tree is built."""
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    model_raw = dict(raw.pop("model", {}) or {})
+    if not isinstance(model_raw, dict):
+        raise LoomError("model must be a section ([model] in TOML)")
+    preset = model_raw.pop("preset", "tiny")
+    base = get_preset(str(preset))
+    model = _build(ModelConfig, {**_to_raw(base), **model_raw, "preset": str(preset)}, "model")
+    cfg = _build(Config, raw, "")
+    cfg.model = model
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved tree as plain TOML-ready data (None values left out)."""
+    return _to_raw(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(config_to_dict(cfg)), encoding="utf-8")
+
+
+def _to_raw(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: _to_raw(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if getattr(obj, f.name) is not None
+        }
+    if isinstance(obj, dict):
+        return {k: _to_raw(v) for k, v in obj.items()}
+    return obj
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise LoomError(f"{prefix} must be a section (a TOML table), got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            known = ", ".join(names)
+            raise LoomError(f"unknown config key {where}{hint} (known keys here: {known})")
+    kwargs = {
+        key: _coerce(hints[key], value, f"{prefix}.{key}" if prefix else key)
+        for key, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check (and for command-line strings, convert) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, _CliValue) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(options[0], value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            choices = ", ".join(map(str, allowed))
+            raise LoomError(f"{key} must be one of {choices}; got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LoomError(f"{key} must be a table, got {value!r}")
+        return dict(value)
+    if isinstance(value, _CliValue):
+        return _from_cli(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (
+        isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    ):
+        raise LoomError(
+            f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _from_cli(tp: Any, text: str, key: str) -> Any:
+    try:
+        if tp is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            try:
+                return int(text)
+            except ValueError:
+                number = float(text)  # "1e3" is a fine way to write 1000
+                if not number.is_integer():
+                    raise
+                return int(number)
+        if tp is float:
+            return float(text)
+    except ValueError:
+        raise LoomError(f"{key} must be {_type_name(tp)}, got {text!r}") from None
+    return str(text)
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values up front, naming the key and the fix."""
+    m, t, o = cfg.model, cfg.train, cfg.optimizer
+    _positive(
+        {
+            "model.vocab_size": m.vocab_size, "model.dim": m.dim, "model.n_layers": m.n_layers,
+            "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads,
+            "model.ffn_hidden": m.ffn_hidden, "model.max_seq_len": m.max_seq_len,
+            "train.steps": t.steps, "train.batch_size": t.batch_size,
+            "train.seq_len": t.seq_len, "checkpoint.interval": cfg.checkpoint.interval,
+            "checkpoint.keep": cfg.checkpoint.keep, "metrics.log_interval": cfg.metrics.log_interval,
+            "train.eval_batches": t.eval_batches, "optimizer.lr": o.lr,
+            "model.rope_theta": m.rope_theta, "model.norm_eps": m.norm_eps,
+        }
+    )
+    _non_negative(
+        {
+            "train.micro_batch_size": t.micro_batch_size, "train.eval_interval": t.eval_interval,
+            "optimizer.warmup_steps": o.warmup_steps, "optimizer.decay_steps": o.decay_steps,
+            "optimizer.weight_decay": o.weight_decay, "optimizer.grad_clip": o.grad_clip,
+            "model.head_dim": m.head_dim,
+        }
+    )
+    if m.head_dim == 0 and m.dim % m.n_heads:
+        raise LoomError(
+            f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; "
+            "change one of them or set model.head_dim"
+        )
+    if m.n_heads % m.n_kv_heads:
+        raise LoomError(
+            f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
+            "(grouped-query attention shares each key/value head among a group of query heads)"
+        )
+    if m.attn_head_dim % 2:
+        raise LoomError(f"head dimension {m.attn_head_dim} must be even for rotary embeddings")
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        divisors = [d for d in range(1, t.batch_size + 1) if t.batch_size % d == 0]
+        raise LoomError(
+            f"train.micro_batch_size={t.micro_batch_size} must divide "
+            f"train.batch_size={t.batch_size}; use one of {divisors}"
+        )
+    if t.seq_len > m.max_seq_len:
+        raise LoomError(
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+            f"lower train.seq_len or raise model.max_seq_len"
+        )
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise LoomError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise LoomError(f"optimizer.{name}={getattr(o, name)} must be in [0, 1)")
+    if o.decay_steps and o.decay_steps < t.steps:
+        raise LoomError(
+            f"optimizer.decay_steps={o.decay_steps} is shorter than train.steps={t.steps}; "
+            "set it to at least train.steps (or 0 to follow train.steps)"
+        )
+    s = m.rope_scaling
+    if s is not None and not (s.factor >= 1 and s.high_freq_factor > s.low_freq_factor > 0):
+        raise LoomError(
+            "model.rope_scaling needs factor >= 1 and high_freq_factor > low_freq_factor > 0"
+        )
+    p = cfg.parallel
+    for name in ("dp_shard", "tp", "pp"):
+        if getattr(p, name) != 1:
+            raise LoomError(
+                f"parallel.{name}={getattr(p, name)}: this version of Loom trains on a single "
+                "process; set it to 1"
+            )
+
+
+def _positive(values: dict[str, float]) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise LoomError(f"{key}={value} must be greater than 0")
+
+
+def _non_negative(values: dict[str, float]) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise LoomError(f"{key}={value} must not be negative")

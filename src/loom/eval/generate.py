@@ -1,0 +1,132 @@
+"""Autoregressive sampling with a key/value cache: temperature, top-k and top-p."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loom.config import config_from_dict, read_toml
+from loom.data.tokenizer import EOS, load_tokenizer
+from loom.errors import LoomError
+from loom.models.llama import ModelConfig, Transformer, build_model
+from loom.train.checkpoint import Checkpointer, is_complete, load_model_weights
+
+
+class ContiguousKVCache:
+    """Keys and values of every layer in preallocated [batch, kv_heads, max_len, head_dim] buffers."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.attn_head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # position of the first token of the current forward pass
+
+    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        new = k.shape[2]
+        end = self.pos + new
+        self.keys[layer_id, :, :, self.pos : end] = k
+        self.values[layer_id, :, :, self.pos : end] = v
+        mask = None
+        if new > 1:  # query i (at pos + i) sees keys up to pos + i
+            q_pos = torch.arange(self.pos, end, device=k.device).unsqueeze(1)
+            mask = q_pos >= torch.arange(end, device=k.device).unsqueeze(0)
+        return self.keys[layer_id, :, :, :end], self.values[layer_id, :, :, :end], mask
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token ids [batch] from logits [batch, vocab]; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first is kept).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_id: int | None = None,
+) -> list[int]:
+    """Continue `prompt`; returns the new token ids (without the prompt)."""
+    if not prompt:
+        raise LoomError("the prompt is empty; give at least one token of text")
+    max_len = model.cfg.max_seq_len
+    if len(prompt) + max_new_tokens > max_len:
+        raise LoomError(
+            f"prompt ({len(prompt)} tokens) + --max-tokens {max_new_tokens} exceeds the model's "
+            f"context of {max_len} tokens; shorten the prompt or lower --max-tokens"
+        )
+    device = model.embed_tokens.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = ContiguousKVCache(model.cfg, 1, len(prompt) + max_new_tokens, device, model.embed_tokens.weight.dtype)
+    model.eval()
+    tokens = torch.tensor([prompt], device=device)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(tokens, kv_cache=cache, start_pos=cache.pos)
+        cache.pos += tokens.shape[1]
+        next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        if stop_id is not None and int(next_id) == stop_id:
+            break
+        out.append(int(next_id))
+        tokens = next_id.view(1, 1)
+    return out
+
+
+def load_for_generation(path: str | Path, device: torch.device) -> tuple[Transformer, Path]:
+    """A trained model from a run folder (its latest checkpoint) or a step folder; returns it and the run folder."""
+    p = Path(path)
+    if is_complete(p):
+        checkpoint, run_dir = p, p.parent.parent
+    else:
+        run_dir = p
+        if not (p / "config.toml").is_file():
+            raise LoomError(f"{p} is neither a Loom run folder (no config.toml) nor a checkpoint folder")
+        found = Checkpointer(p, keep=1).latest()
+        if found is None:
+            raise LoomError(f"run folder {p} has no complete checkpoint yet; train it first")
+        checkpoint = found
+    cfg = config_from_dict(read_toml(run_dir / "config.toml"))
+    model = build_model(cfg.model, device)
+    model.init_buffers()
+    load_model_weights(checkpoint, model)
+    return model, run_dir
+
+
+def generate_text(
+    path: str | Path,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    device: torch.device | None = None,
+) -> str:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, run_dir = load_for_generation(path, device)
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    new = generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.token_to_id(EOS))
+    return tokenizer.decode(new)

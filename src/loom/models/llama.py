@@ -1,0 +1,252 @@
+"""A Llama-family decoder-only transformer (Llama 2/3, Mistral, Qwen2, SmolLM) in plain PyTorch.
+
+Submodule names follow Hugging Face's Llama layout (`layers.0.self_attn.q_proj`, ...) so that
+HF checkpoints and PEFT adapters map by prefix alone. Layers live in an `nn.ModuleDict` keyed by
+index, so names survive pipeline splitting. Parallelism, recomputation and compilation are
+applied from outside; nothing here knows about them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3 frequency scaling: long wavelengths are divided by `factor`, short ones kept."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one decoder; `preset` names the preset the other fields started from."""
+
+    preset: str = "custom"
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0 = dim // n_heads
+    ffn_hidden: int = 768
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    def architecture(self) -> dict[str, object]:
+        """The fields that decide weight shapes and numerics (what a checkpoint must match)."""
+        arch = asdict(self)
+        for informational in ("preset", "init_std"):
+            arch.pop(informational)
+        return arch
+
+    def num_params(self) -> int:
+        """Exact parameter count, computed from the shapes (no model needed)."""
+        d, hd = self.dim, self.attn_head_dim
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
+        mlp = 3 * d * self.ffn_hidden
+        per_layer = attn + mlp + 2 * d
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + embeddings + d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N_matmul + 12·L·(heads·head_dim)·seq_len.
+
+        N_matmul counts every weight used in a matmul (the output projection included, the
+        input embedding lookup excluded); the second term is attention's QKᵀ and AV products
+        over the full sequence (PaLM's convention, not halved for the causal mask).
+        """
+        n_matmul = self.num_params() - self.dim * (2 * self.n_layers + 1)  # minus norms
+        if not self.tie_embeddings:
+            n_matmul -= self.vocab_size * self.dim  # input embedding is a lookup
+        attention = 12 * self.n_layers * self.n_heads * self.attn_head_dim * seq_len
+        return 6 * n_matmul + attention
+
+
+class KVCache(Protocol):
+    """What attention needs from a key/value cache (contiguous here, paged in serving)."""
+
+    def update(
+        self, layer_id: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this step's keys/values; return all keys, all values and the attention mask."""
+        ...
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama-3 scaling when configured."""
+    hd = cfg.attn_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_wavelen = s.original_max_seq_len / s.high_freq_factor
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, blended)
+    return torch.where(wavelen < high_wavelen, inv_freq, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2) of x: [batch, seq, heads, head_dim]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = cfg.attn_head_dim
+        q_dim, kv_dim = cfg.n_heads * self.head_dim, cfg.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds only its share of the heads.
+        q = apply_rope(self.q_proj(x).view(batch, seq, -1, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(batch, seq, -1, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        mask = None
+        if kv_cache is not None:
+            k, v, mask = kv_cache.update(self.layer_id, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=kv_cache is None, enable_gqa=True
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_id)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        # Tied models reuse embed_tokens.weight for the output projection (no lm_head).
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, False)
+        shape = (cfg.max_seq_len, cfg.attn_head_dim)
+        self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+
+    def forward(
+        self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """Logits for `tokens` [batch, seq]; with a cache, `start_pos` is their first position."""
+        seq = tokens.shape[1]
+        cos = self.rope_cos[start_pos : start_pos + seq].unsqueeze(1)
+        sin = self.rope_sin[start_pos : start_pos + seq].unsqueeze(1)
+        h = self.embed_tokens(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, kv_cache)
+        h = self.norm(h)
+        if self.lm_head is None:
+            return F.linear(h, self.embed_tokens.weight)
+        return self.lm_head(h)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the rotary tables (not saved in checkpoints; needed after `to_empty`)."""
+        positions = torch.arange(self.cfg.max_seq_len, dtype=torch.float64)
+        angles = torch.outer(positions, rope_frequencies(self.cfg))
+        angles = torch.cat((angles, angles), dim=-1)
+        device = self.rope_cos.device
+        self.rope_cos.copy_(angles.cos().float().to(device))
+        self.rope_sin.copy_(angles.sin().float().to(device))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter in place (after `to_empty`); seed the RNG first.
+
+        Normal(0, init_std) for matrices, scaled by 1/sqrt(2·layers) on the projections that
+        write into the residual stream; ones for norms; zeros for biases.
+        """
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        for block in self.layers.values():
+            for linear in (*_linears(block.self_attn), *_linears(block.mlp)):
+                is_residual = linear in (block.self_attn.o_proj, block.mlp.down_proj)
+                nn.init.normal_(linear.weight, std=residual_std if is_residual else std)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+            block.input_layernorm.reset_parameters()
+            block.post_attention_layernorm.reset_parameters()
+        self.norm.reset_parameters()
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        self.init_buffers()
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.children() if isinstance(m, nn.Linear)]
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> Transformer:
+    """Build on the meta device (no memory), then materialise on `device` uninitialised.
+
+    Call `init_weights()` (seeded) or load a checkpoint afterwards.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if str(device) != "meta":
+        model.to_empty(device=device)
+    return model

@@ -1,0 +1,101 @@
+"""Model presets as data, each with the parameter count its authors published."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from loom.errors import LoomError
+from loom.models.llama import ModelConfig, RopeScaling
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: ModelConfig
+    published_params: int | None  # from the model card / released weights; None for our own
+    source: str
+
+
+_LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        ModelConfig(
+            preset="tiny", vocab_size=8192, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
+            ffn_hidden=768, max_seq_len=1024, tie_embeddings=True,
+        ),
+        None,
+        "Loom's CPU test model",
+    ),
+    "smollm2-135m": Preset(
+        ModelConfig(
+            preset="smollm2-135m", vocab_size=49152, dim=576, n_layers=30, n_heads=9,
+            n_kv_heads=3, ffn_hidden=1536, max_seq_len=8192, rope_theta=100000.0,
+            tie_embeddings=True, init_std=0.041666666666666664,
+        ),
+        134_515_008,
+        "HuggingFaceTB/SmolLM2-135M",
+    ),
+    "qwen2.5-0.5b": Preset(
+        ModelConfig(
+            preset="qwen2.5-0.5b", vocab_size=151936, dim=896, n_layers=24, n_heads=14,
+            n_kv_heads=2, ffn_hidden=4864, max_seq_len=32768, norm_eps=1e-6,
+            rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True,
+        ),
+        494_032_768,
+        "Qwen/Qwen2.5-0.5B",
+    ),
+    "llama3.2-1b": Preset(
+        ModelConfig(
+            preset="llama3.2-1b", vocab_size=128256, dim=2048, n_layers=16, n_heads=32,
+            n_kv_heads=8, ffn_hidden=8192, max_seq_len=131072, rope_theta=500000.0,
+            rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0),
+            tie_embeddings=True,
+        ),
+        1_235_814_400,
+        "meta-llama/Llama-3.2-1B",
+    ),
+    "llama3-8b": Preset(
+        ModelConfig(
+            preset="llama3-8b", vocab_size=128256, dim=4096, n_layers=32, n_heads=32,
+            n_kv_heads=8, ffn_hidden=14336, max_seq_len=8192, rope_theta=500000.0,
+        ),
+        8_030_261_248,
+        "meta-llama/Meta-Llama-3-8B",
+    ),
+    "llama3.1-8b": Preset(
+        ModelConfig(
+            preset="llama3.1-8b", vocab_size=128256, dim=4096, n_layers=32, n_heads=32,
+            n_kv_heads=8, ffn_hidden=14336, max_seq_len=131072, rope_theta=500000.0,
+            rope_scaling=_LLAMA31_SCALING,
+        ),
+        8_030_261_248,
+        "meta-llama/Llama-3.1-8B",
+    ),
+    "llama3-70b": Preset(
+        ModelConfig(
+            preset="llama3-70b", vocab_size=128256, dim=8192, n_layers=80, n_heads=64,
+            n_kv_heads=8, ffn_hidden=28672, max_seq_len=8192, rope_theta=500000.0,
+        ),
+        70_553_706_496,
+        "meta-llama/Meta-Llama-3-70B",
+    ),
+    "llama3-405b": Preset(
+        ModelConfig(
+            preset="llama3-405b", vocab_size=128256, dim=16384, n_layers=126, n_heads=128,
+            n_kv_heads=8, ffn_hidden=53248, max_seq_len=131072, rope_theta=500000.0,
+            rope_scaling=_LLAMA31_SCALING,
+        ),
+        405_853_388_800,
+        "meta-llama/Llama-3.1-405B",
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of a preset's config (callers may modify it)."""
+    if name not in PRESETS:
+        raise LoomError(
+            f"model.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
+        )
+    return copy.deepcopy(PRESETS[name].config)

@@ -1,0 +1,142 @@
+"""Checkpoints with `torch.distributed.checkpoint` (DCP), visible only once complete.
+
+    checkpoints/step-<N>/        DCP files (model + optimizer, sharded and reshardable)
+                   trainer.json  step, schedule, data position, model architecture, tokenizer
+                   rng.pt        random-number-generator states
+    checkpoints/latest           symlink to the newest complete step-<N>
+
+A checkpoint is written into `step-<N>.tmp/`, renamed when every file is in place, and only
+then does `latest` move (atomically), so a crash mid-write never leaves a `latest` that
+cannot be loaded. Optimizer state is keyed by parameter name, so it loads into any layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from loom.errors import LoomError
+from loom.log import logger
+
+STATE_FILE = "trainer.json"
+RNG_FILE = "rng.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@contextmanager
+def _single_process_quiet():
+    # DCP warns that it runs without a process group; on one process that is the intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        """The checkpoint to resume from: `latest`, else the newest complete step folder."""
+        link = self.dir / "latest"
+        if not link.is_symlink():
+            complete = [p for _, p in self.steps() if is_complete(p)]
+            if complete:
+                logger.warning("%s is missing; using the newest complete checkpoint %s", link, complete[-1])
+            return complete[-1] if complete else None
+        target = link.resolve()
+        if not is_complete(target):
+            raise LoomError(
+                f"{link} points at {target}, which is not a complete checkpoint; "
+                "remove the link to start over or point it at a complete step folder"
+            )
+        return target
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+        final = self.dir / f"step-{step}"
+        tmp = self.dir / f"step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _single_process_quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _point_latest(self.dir, final.name)
+        self._prune()
+        logger.debug("saved checkpoint %s", final)
+        return final
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore model, optimizer and RNG in place; return the trainer state."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # before load: optimizer state is lazy
+        state = {"model": model_sd, "optim": optim_sd}
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _set_rng_state(torch.load(path / RNG_FILE, weights_only=False))
+        return read_state(path)
+
+    def steps(self) -> list[tuple[int, Path]]:
+        """Step folders on disk, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP_DIR.match(p.name)))
+
+    def _prune(self) -> None:
+        steps = self.steps()
+        for _, path in steps[: max(0, len(steps) - self.keep)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in (".metadata", STATE_FILE, RNG_FILE))
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise LoomError(f"checkpoint {path} has no readable {STATE_FILE}: {e}") from None
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load only the model's weights from a checkpoint (for generation and evaluation)."""
+    state = {"model": model.state_dict()}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+
+
+def _point_latest(directory: Path, target: str) -> None:
+    tmp = directory / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, directory / "latest")
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

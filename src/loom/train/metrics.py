@@ -1,0 +1,74 @@
+"""Run metrics: `metrics.jsonl` (one object per logged step), TensorBoard, peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loom.log import logger
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated tensor memory on a GPU; peak resident memory of the process on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / (2**30 if sys.platform == "darwin" else 2**20)  # macOS reports bytes
+
+
+class MetricsWriter:
+    """Appends records to `metrics.jsonl` and TensorBoard; on resume, drops records past `step`.
+
+    Trimming on resume keeps one record per step even when a crashed run had logged steps
+    beyond its last checkpoint.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        _trim(self.path, resume_step)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self._tb.add_scalar(_tb_tag(key), value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _trim(path: Path, resume_step: int) -> None:
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path.parent) if r.get("step", 0) <= resume_step]
+    dropped = sum(1 for line in path.read_text().splitlines() if line.strip()) - len(kept)
+    if dropped:
+        logger.info("dropped %d metric record(s) logged after step %d", dropped, resume_step)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _tb_tag(key: str) -> str:
+    group = "val" if key.startswith("val_") else "train"
+    return f"{group}/{key}"

@@ -1,0 +1,47 @@
+"""AdamW with decoupled weight decay on matrices only, and warm-up + cosine learning rate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from loom.config import OptimizerConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices (and embeddings); none on norms and biases.
+
+    Uses the fused kernel on accelerators and the multi-tensor (foreach) one on CPU.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    on_accelerator = bool(params) and params[0].device.type != "cpu"
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=on_accelerator or None,
+        foreach=None if on_accelerator else True,
+    )
+
+
+def lr_multiplier(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
+    """Factor on the peak lr after `step` optimizer steps: linear warm-up, then cosine decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    horizon = max(1, (cfg.decay_steps or total_steps) - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / horizon)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, total_steps))

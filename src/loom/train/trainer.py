@@ -1,0 +1,281 @@
+"""Single-process training loop: validate, set up the run folder, train, evaluate, checkpoint.
+
+Everything that could be wrong with the input (data, vocabulary, an existing run folder of a
+different model) is checked before the run folder is touched or any compute is spent.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loom.config import Config, config_to_dict, save_config
+from loom.data.loader import TokenLoader
+from loom.data.shards import TokenDataset
+from loom.errors import LoomError
+from loom.log import is_terminal, logger
+from loom.models.llama import Transformer, build_model
+from loom.parallel.compile import compile_blocks
+from loom.planner.hardware import peak_flops
+from loom.train.checkpoint import Checkpointer, read_state
+from loom.train.metrics import MetricsWriter, peak_memory_gib
+from loom.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_losses: dict[int, float] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise LoomError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss, computed in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def check_resumable(checkpoint: Path, cfg: Config, dataset: TokenDataset) -> dict[str, Any]:
+    """Refuse to resume a checkpoint made for another model, tokenizer or sequence length."""
+    state = read_state(checkpoint)
+    saved, current = state.get("model", {}), cfg.model.architecture()
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
+    run_dir = checkpoint.parent.parent
+    if diffs:
+        raise LoomError(
+            f"run_dir {run_dir} holds a checkpoint of a different model ({'; '.join(diffs)}); "
+            "choose a new run_dir or restore the model settings"
+        )
+    if state.get("tokenizer_hash") != dataset.tokenizer_hash:
+        raise LoomError(
+            f"run_dir {run_dir} was trained with another tokenizer than the one of data.path "
+            f"{dataset.path}; use data tokenized with the run's tokenizer ({run_dir}/tokenizer) "
+            "or a new run_dir"
+        )
+    return state
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        if not cfg.run_dir:
+            raise LoomError("run_dir is not set; add run_dir = \"...\" to the config or pass --run_dir=DIR")
+        if not cfg.data.path:
+            raise LoomError("data.path is not set; pass --data.path=DIR (a folder made by `loom data tokenize`)")
+        self.run_dir = Path(cfg.run_dir)
+        self.dataset = TokenDataset(cfg.data.path)
+        if self.dataset.vocab_size > cfg.model.vocab_size:
+            raise LoomError(
+                f"the tokenizer of {cfg.data.path} has {self.dataset.vocab_size} tokens but "
+                f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size to at least "
+                f"{self.dataset.vocab_size} or train a smaller tokenizer"
+            )
+        self.device = select_device(t.device)
+        if t.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise LoomError("train.precision=bf16 is not supported by this GPU; use train.precision=fp32")
+        self.loader = TokenLoader(self.dataset.split("train"), t.seq_len, t.seed)
+        self.val = self.dataset.splits.get("val")
+        if self.val is not None and (self.val.num_tokens - 1) // t.seq_len < 1:
+            logger.warning("the validation split holds fewer than train.seq_len + 1 tokens; no validation loss")
+            self.val = None
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
+        self.resume_from = self.checkpointer.latest()
+        resume_state = check_resumable(self.resume_from, cfg, self.dataset) if self.resume_from else None
+
+        # Input is valid: from here on the run folder is written.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.toml")
+        shutil.copytree(self.dataset.tokenizer_path.parent, self.run_dir / "tokenizer", dirs_exist_ok=True)
+
+        torch.manual_seed(t.seed)
+        self.model: Transformer = build_model(cfg.model, self.device)
+        self.model.init_weights()
+        if t.compile:
+            compile_blocks(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, t.steps)
+        self.step = 0
+        self.tokens_seen = 0
+        if self.resume_from is not None:
+            assert resume_state is not None
+            self.checkpointer.load(self.resume_from, self.model, self.optimizer)
+            self.scheduler.load_state_dict(resume_state["scheduler"])
+            self.loader.load_state_dict(resume_state["loader"])
+            self.step = int(resume_state["step"])
+            self.tokens_seen = int(resume_state.get("tokens_seen", 0))
+            logger.info("resumed from %s (step %d)", self.resume_from, self.step)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if t.precision == "bf16"
+            else nullcontext()
+        )
+        self.peak_flops, peak_source = peak_flops(self.device, t.precision)
+        self.flops_per_token = cfg.model.flops_per_token(t.seq_len)
+        logger.info(
+            "model %s: %.2fM parameters, %.3g FLOPs/token; peak %.3g FLOP/s (%s)",
+            cfg.model.preset, cfg.model.num_params() / 1e6, self.flops_per_token,
+            self.peak_flops, peak_source,
+        )
+
+    # -- one optimizer step -------------------------------------------------------------------
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.cfg.train
+        micro = t.micro_batch_size or t.batch_size
+        accum = t.grad_accum_steps
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            inputs, targets = self.loader.next_batch(micro)
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with self.autocast:
+                loss = cross_entropy(self.model(inputs), targets)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        clip = self.cfg.optimizer.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens_seen += t.batch_size * t.seq_len
+        return loss_sum / accum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first `eval_batches` micro-batches of the validation split."""
+        assert self.val is not None
+        t = self.cfg.train
+        micro = t.micro_batch_size or t.batch_size
+        loader = TokenLoader(self.val, t.seq_len, seed=0, shuffle=False)
+        n_samples = min(t.eval_batches * micro, loader.num_samples)
+        indices = loader.next_indices(n_samples)
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for chunk in torch.split(torch.from_numpy(indices), micro):
+            inputs, targets = loader.batch(chunk.numpy())
+            with self.autocast:
+                logits = self.model(inputs.to(self.device))
+            total += cross_entropy(logits, targets.to(self.device)) * len(chunk)
+        return (total / n_samples).item()
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "model": self.cfg.model.architecture(),
+            "model_preset": self.cfg.model.preset,
+            "tokenizer_hash": self.dataset.tokenizer_hash,
+            "loader": self.loader.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "config": config_to_dict(self.cfg),
+        }
+        return self.checkpointer.save(self.step, self.model, self.optimizer, state)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        result = TrainResult(self.run_dir, self.step)
+        if self.step >= t.steps:
+            logger.info("run %s is already at step %d of %d; nothing to do", self.run_dir, self.step, t.steps)
+            return result
+        metrics = MetricsWriter(self.run_dir, cfg.metrics.tensorboard, self.step)
+        progress = _Progress(cfg.metrics.progress, self.step, t.steps)
+        interval_start, interval_tokens = time.perf_counter(), 0
+        try:
+            while self.step < t.steps:
+                loss, grad_norm = self.train_step()
+                self.step += 1
+                interval_tokens += t.batch_size * t.seq_len
+                last = self.step == t.steps
+                do_eval = self.val is not None and (
+                    last or (t.eval_interval and self.step % t.eval_interval == 0)
+                )
+                if do_eval or last or self.step % cfg.metrics.log_interval == 0:
+                    loss_value = loss.item()  # synchronises the device before timing
+                    elapsed = time.perf_counter() - interval_start
+                    tokens_per_s = interval_tokens / elapsed
+                    record: dict[str, Any] = {
+                        "step": self.step,
+                        "loss": loss_value,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm.item(),
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else 0.0,
+                        "peak_mem_gib": peak_memory_gib(self.device),
+                        "tokens": self.tokens_seen,
+                    }
+                    if do_eval:
+                        record["val_loss"] = self.evaluate()
+                        result.val_losses[self.step] = record["val_loss"]
+                    metrics.write(record)
+                    progress.update(record)
+                    result.train_losses[self.step] = loss_value
+                    result.tokens_per_s = tokens_per_s
+                    interval_start, interval_tokens = time.perf_counter(), 0
+                if last or self.step % cfg.checkpoint.interval == 0:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            metrics.close()
+        result.step = self.step
+        return result
+
+
+class _Progress:
+    """A rich progress bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, mode: str, start: int, total: int) -> None:
+        self.rich = mode == "rich" or (mode == "auto" and is_terminal())
+        self._bar = None
+        if self.rich:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+            )
+            self._task = self._bar.add_task("train", total=total, completed=start, status="")
+            self._bar.start()
+
+    def update(self, r: dict[str, Any]) -> None:
+        status = f"loss {r['loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  mfu {r['mfu']:.1%}"
+        if "val_loss" in r:
+            status += f"  val {r['val_loss']:.4f}"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=r["step"], status=status)
+            if "val_loss" in r:
+                self._bar.console.log(f"step {r['step']}: val_loss {r['val_loss']:.4f}")
+        else:
+            logger.info(
+                "step %d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s  mfu %.1f%%  mem %.2f GiB%s",
+                r["step"], r["loss"], r["lr"], r["grad_norm"], f"{r['tokens_per_s']:,.0f}",
+                100 * r["mfu"], r["peak_mem_gib"],
+                f"  val_loss {r['val_loss']:.4f}" if "val_loss" in r else "",
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def train(cfg: Config) -> TrainResult:
+    return Trainer(cfg).run()
