@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,10 +58,16 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 def read_documents(
     files: Sequence[Path], drops: DropReport, text_field: str = "text"
 ) -> Iterator[Document]:
-    """`.jsonl` files give one document per line (its `text_field`); other files are one each."""
+    """`.jsonl` files give one document per line (its `text_field`); other files are one each.
+
+    Documents without an `id` are named by their file's path relative to the inputs' common
+    folder (plus the line for JSONL), so ids, and the split derived from them, do not change
+    when the corpus moves.
+    """
+    names = relative_names(files)
     for path in files:
         if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, drops, text_field)
+            yield from _read_jsonl(path, names[path], drops, text_field)
             continue
         try:
             text = path.read_bytes().decode("utf-8")
@@ -73,10 +80,18 @@ def read_documents(
         if not text.strip():
             drops.drop(path, "empty")
             continue
-        yield Document(str(path), text)
+        yield Document(names[path], text)
 
 
-def _read_jsonl(path: Path, drops: DropReport, text_field: str) -> Iterator[Document]:
+def relative_names(files: Sequence[Path]) -> dict[Path, str]:
+    """Each file's path relative to the folder that holds them all."""
+    if not files:
+        return {}
+    root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
+    return {p: p.resolve().relative_to(root).as_posix() for p in files}
+
+
+def _read_jsonl(path: Path, name: str, drops: DropReport, text_field: str) -> Iterator[Document]:
     try:
         handle = path.open("rb")
     except OSError as e:
@@ -102,4 +117,4 @@ def _read_jsonl(path: Path, drops: DropReport, text_field: str) -> Iterator[Docu
                 drops.drop(path, "empty")
                 continue
             doc_id = record.get("id")
-            yield Document(str(doc_id) if doc_id is not None else f"{path}:{line_no}", text)
+            yield Document(str(doc_id) if doc_id is not None else f"{name}:{line_no}", text)

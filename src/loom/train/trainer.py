@@ -137,7 +137,14 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step; returns the mean loss, the gradient norm and the lr it used."""
+        loss = self.forward_backward()
+        grad_norm, lr = self.optimizer_step()
+        return loss, grad_norm, lr
+
+    def forward_backward(self) -> torch.Tensor:
+        """Accumulate gradients over the micro-batches of one batch; returns the mean loss."""
         t = self.cfg.train
         micro = t.micro_batch_size or t.batch_size
         accum = t.grad_accum_steps
@@ -151,13 +158,18 @@ class Trainer:
                 loss = cross_entropy(self.model(inputs), targets)
             (loss / accum).backward()
             loss_sum += loss.detach()
+        self.tokens_seen += t.batch_size * t.seq_len
+        return loss_sum / accum
+
+    def optimizer_step(self) -> tuple[torch.Tensor, float]:
+        """Clip, step and advance the schedule; returns the pre-clip gradient norm and the lr used."""
         clip = self.cfg.optimizer.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens_seen += t.batch_size * t.seq_len
-        return loss_sum / accum, grad_norm
+        return grad_norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -202,7 +214,7 @@ class Trainer:
         interval_start, interval_tokens = time.perf_counter(), 0
         try:
             while self.step < t.steps:
-                loss, grad_norm = self.train_step()
+                loss, grad_norm, lr = self.train_step()
                 self.step += 1
                 interval_tokens += t.batch_size * t.seq_len
                 last = self.step == t.steps
@@ -216,7 +228,7 @@ class Trainer:
                     record: dict[str, Any] = {
                         "step": self.step,
                         "loss": loss_value,
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": lr,
                         "grad_norm": grad_norm.item(),
                         "tokens_per_s": tokens_per_s,
                         "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else 0.0,

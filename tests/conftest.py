@@ -1,0 +1,89 @@
+"""Shared fixtures: isolated caches, a real-text corpus (the Python standard library), a small
+tokenizer and token shards built from it, and a factory for tiny training configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TEST_VOCAB = 512
+
+# Set before any test imports torch-heavy libraries, so every cache lands in a temp folder.
+_CACHE_ROOT = Path(os.environ.get("PYTEST_LOOM_CACHE", "/tmp/loom-test-caches")) / str(os.getpid())
+for var, sub in {
+    "LOOM_CACHE_DIR": "loom",
+    "HF_HOME": "hf",
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",
+    "MPLCONFIGDIR": "mpl",
+}.items():
+    os.environ[var] = str(_CACHE_ROOT / sub)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 standard-library modules (about 1 MB of real Python source and docstrings)."""
+    out = tmp_path_factory.mktemp("corpus")
+    for path in sorted(STDLIB.glob("*.py"))[:40]:
+        shutil.copy(path, out / path.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from loom.data.readers import DropReport, expand_inputs, read_documents
+    from loom.data.tokenizer import save_tokenizer, train_bpe
+
+    docs = read_documents(expand_inputs([f"{corpus_dir}/*.py"]), DropReport())
+    out = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(train_bpe((d.text for d in docs), TEST_VOCAB), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus_dir: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token shards of the corpus; small shards so that samples cross shard edges."""
+    from loom.data.tokenize import TokenizeOptions, tokenize_to_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    tokenize_to_shards(
+        TokenizeOptions(
+            inputs=[f"{corpus_dir}/*.py"], tokenizer=str(tokenizer_dir), out=str(out),
+            val_fraction=0.1, shard_tokens=60_000,
+        )
+    )
+    return out
+
+
+TINY_MODEL = [
+    f"--model.vocab_size={TEST_VOCAB}", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4",
+    "--model.n_kv_heads=2", "--model.ffn_hidden=128", "--model.max_seq_len=128",
+]
+
+
+@pytest.fixture
+def tiny_config(data_dir: Path, tmp_path: Path) -> Callable[..., object]:
+    """Factory: a validated Config for a 2-layer model on the test shards, plus overrides."""
+    from loom.config import load_config
+
+    def make(*overrides: str, run_dir: Path | None = None):
+        base = [
+            *TINY_MODEL, f"--data.path={data_dir}", f"--run_dir={run_dir or tmp_path / 'run'}",
+            "--train.steps=8", "--train.batch_size=4", "--train.seq_len=32", "--train.eval_interval=0",
+            "--train.eval_batches=2", "--optimizer.warmup_steps=2", "--optimizer.lr=3e-3",
+            "--metrics.log_interval=1", "--metrics.progress=plain", "--checkpoint.interval=4",
+        ]
+        return load_config(None, [*base, *overrides])
+
+    return make
