@@ -52,23 +52,33 @@ def tokenizer_dir(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def data_dir(corpus_dir: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_dir(
+    corpus_dir: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """Token shards of the corpus; small shards so that samples cross shard edges."""
     from loom.data.tokenize import TokenizeOptions, tokenize_to_shards
 
     out = tmp_path_factory.mktemp("shards")
     tokenize_to_shards(
         TokenizeOptions(
-            inputs=[f"{corpus_dir}/*.py"], tokenizer=str(tokenizer_dir), out=str(out),
-            val_fraction=0.1, shard_tokens=60_000,
+            inputs=[f"{corpus_dir}/*.py"],
+            tokenizer=str(tokenizer_dir),
+            out=str(out),
+            val_fraction=0.1,
+            shard_tokens=60_000,
         )
     )
     return out
 
 
 TINY_MODEL = [
-    f"--model.vocab_size={TEST_VOCAB}", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4",
-    "--model.n_kv_heads=2", "--model.ffn_hidden=128", "--model.max_seq_len=128",
+    f"--model.vocab_size={TEST_VOCAB}",
+    "--model.dim=64",
+    "--model.n_layers=2",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.ffn_hidden=128",
+    "--model.max_seq_len=128",
 ]
 
 
@@ -79,10 +89,19 @@ def tiny_config(data_dir: Path, tmp_path: Path) -> Callable[..., object]:
 
     def make(*overrides: str, run_dir: Path | None = None):
         base = [
-            *TINY_MODEL, f"--data.path={data_dir}", f"--run_dir={run_dir or tmp_path / 'run'}",
-            "--train.steps=8", "--train.batch_size=4", "--train.seq_len=32", "--train.eval_interval=0",
-            "--train.eval_batches=2", "--optimizer.warmup_steps=2", "--optimizer.lr=3e-3",
-            "--metrics.log_interval=1", "--metrics.progress=plain", "--checkpoint.interval=4",
+            *TINY_MODEL,
+            f"--data.path={data_dir}",
+            f"--run_dir={run_dir or tmp_path / 'run'}",
+            "--train.steps=8",
+            "--train.batch_size=4",
+            "--train.seq_len=32",
+            "--train.eval_interval=0",
+            "--train.eval_batches=2",
+            "--optimizer.warmup_steps=2",
+            "--optimizer.lr=3e-3",
+            "--metrics.log_interval=1",
+            "--metrics.progress=plain",
+            "--checkpoint.interval=4",
         ]
         return load_config(None, [*base, *overrides])
 

@@ -14,8 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_toml_then_overrides_typed(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('run_dir = "r"\n[model]\npreset = "tiny"\nn_layers = 3\n[train]\nsteps = 5\nprecision = "bf16"\n')
-    cfg = load_config(path, ["--train.steps=1e3", "--optimizer.lr=0.01", "--train.compile=true", "--data.path=d"])
+    path.write_text(
+        'run_dir = "r"\n[model]\npreset = "tiny"\nn_layers = 3\n'
+        '[train]\nsteps = 5\nprecision = "bf16"\n'
+    )
+    cfg = load_config(
+        path, ["--train.steps=1e3", "--optimizer.lr=0.01", "--train.compile=true", "--data.path=d"]
+    )
     assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
     assert cfg.optimizer.lr == 0.01 and cfg.train.compile is True
     assert cfg.train.precision == "bf16" and cfg.data.path == "d" and cfg.run_dir == "r"
@@ -48,13 +53,19 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         (["--train.steps=1.5"], "train.steps must be an integer"),
         (["--train.compile=maybe"], "train.compile must be true or false"),
         (["--train.precision=fp16"], "train.precision must be one of fp32, bf16; got 'fp16'"),
-        (["--train.micro_batch_size=3"], "train.micro_batch_size=3 must divide train.batch_size=8; use one of [1, 2, 4, 8]"),
+        (
+            ["--train.micro_batch_size=3"],
+            "train.micro_batch_size=3 must divide train.batch_size=8; use one of [1, 2, 4, 8]",
+        ),
         (["--train.steps=0"], "train.steps=0 must be greater than 0"),
         (["--model.n_kv_heads=3"], "model.n_kv_heads=3 must divide model.n_heads=8"),
         (["--model.dim=250"], "model.dim=250 is not divisible by model.n_heads=8"),
         (["--model.preset=gpt9"], "unknown preset 'gpt9'; choose one of tiny"),
         (["--train.seq_len=4096"], "train.seq_len=4096 exceeds model.max_seq_len=1024"),
-        (["--optimizer.decay_steps=10", "--train.steps=20"], "optimizer.decay_steps=10 is shorter than train.steps=20"),
+        (
+            ["--optimizer.decay_steps=10", "--train.steps=20"],
+            "optimizer.decay_steps=10 is shorter than train.steps=20",
+        ),
         (["--parallel.tp=2"], "parallel.tp=2"),
         (["train.steps=3"], "must look like --section.key=value"),
     ],
@@ -75,7 +86,7 @@ def test_toml_type_errors_and_bad_files(tmp_path: Path) -> None:
     with pytest.raises(LoomError, match="train.steps must be an integer"):
         load_config(bool_as_int)
     section_as_value = tmp_path / "s.toml"
-    section_as_value.write_text('train = 3\n')
+    section_as_value.write_text("train = 3\n")
     with pytest.raises(LoomError, match="train must be a section"):
         load_config(section_as_value)
     broken = tmp_path / "broken.toml"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
-
 from conftest import TEST_VOCAB
+
 from loom.data.loader import TokenLoader
 from loom.data.readers import DropReport, expand_inputs, read_documents
 from loom.data.shards import TokenDataset
@@ -18,7 +18,9 @@ from loom.data.tokenizer import EOS, load_tokenizer, tokenizer_hash
 from loom.errors import LoomError
 
 
-def test_tokenizer_is_lossless_and_loads_in_transformers(tokenizer_dir: Path, corpus_dir: Path) -> None:
+def test_tokenizer_is_lossless_and_loads_in_transformers(
+    tokenizer_dir: Path, corpus_dir: Path
+) -> None:
     tok = load_tokenizer(tokenizer_dir)
     assert tok.get_vocab_size() == TEST_VOCAB
     text = (corpus_dir / sorted(p.name for p in corpus_dir.iterdir())[0]).read_text()
@@ -30,7 +32,9 @@ def test_tokenizer_is_lossless_and_loads_in_transformers(tokenizer_dir: Path, co
     assert hf.eos_token == EOS
 
 
-def test_manifest_tokens_equal_a_retokenization(data_dir: Path, corpus_dir: Path, tokenizer_dir: Path) -> None:
+def test_manifest_tokens_equal_a_retokenization(
+    data_dir: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
     manifest = json.loads((data_dir / "manifest.json").read_text())
     tok = load_tokenizer(tokenizer_dir)
     files = sorted(corpus_dir.glob("*.py"))
@@ -77,11 +81,19 @@ def test_bad_records_are_counted_not_lost(tmp_path: Path, tokenizer_dir: Path) -
     (src / "b.txt").write_bytes(b"\xff\xfe not utf-8 \x80")
     (src / "c.txt").write_text("plain text document")
     manifest = tokenize_to_shards(
-        TokenizeOptions(inputs=[f"{src}/*"], tokenizer=str(tokenizer_dir), out=str(tmp_path / "out"), val_fraction=0)
+        TokenizeOptions(
+            inputs=[f"{src}/*"],
+            tokenizer=str(tokenizer_dir),
+            out=str(tmp_path / "out"),
+            val_fraction=0,
+        )
     )
     assert manifest["documents"] == {"read": 7, "kept": 3, "dropped": 4}
     assert manifest["dropped"]["by_reason"] == {
-        "malformed JSON": 1, "no string field 'text'": 1, "empty": 1, "not UTF-8": 1
+        "malformed JSON": 1,
+        "no string field 'text'": 1,
+        "empty": 1,
+        "not UTF-8": 1,
     }
     assert manifest["dropped"]["by_file"][str(src / "b.txt")] == {"not UTF-8": 1}
 
@@ -104,8 +116,12 @@ def test_input_globs_must_match(tmp_path: Path) -> None:
         expand_inputs([str(tmp_path)])
 
 
-def test_existing_output_needs_overwrite(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> None:
-    opts = TokenizeOptions(inputs=[f"{corpus_dir}/a*.py"], tokenizer=str(tokenizer_dir), out=str(tmp_path / "o"))
+def test_existing_output_needs_overwrite(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    opts = TokenizeOptions(
+        inputs=[f"{corpus_dir}/a*.py"], tokenizer=str(tokenizer_dir), out=str(tmp_path / "o")
+    )
     tokenize_to_shards(opts)
     with pytest.raises(LoomError, match="--overwrite"):
         tokenize_to_shards(opts)
@@ -129,7 +145,10 @@ def test_loader_samples_are_windows_of_the_stream(data_dir: Path) -> None:
     dataset = TokenDataset(data_dir)
     manifest = dataset.manifest
     stream = np.concatenate(
-        [np.fromfile(data_dir / s["path"], dtype=manifest["dtype"]) for s in manifest["splits"]["train"]["shards"]]
+        [
+            np.fromfile(data_dir / s["path"], dtype=manifest["dtype"])
+            for s in manifest["splits"]["train"]["shards"]
+        ]
     ).astype(np.int64)
     loader = TokenLoader(dataset.split("train"), seq_len=100, seed=0, shuffle=False)
     inputs, targets = loader.next_batch(loader.num_samples)  # includes windows crossing shard edges
@@ -152,9 +171,13 @@ def test_loader_state_resumes_the_same_sequence(data_dir: Path) -> None:
         TokenLoader(split, 64, seed=5).load_state_dict(first.state_dict())
 
 
-def test_truncated_or_missing_shards_are_refused(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> None:
+def test_truncated_or_missing_shards_are_refused(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
     out = tmp_path / "d"
-    tokenize_to_shards(TokenizeOptions(inputs=[f"{corpus_dir}/*.py"], tokenizer=str(tokenizer_dir), out=str(out)))
+    tokenize_to_shards(
+        TokenizeOptions(inputs=[f"{corpus_dir}/*.py"], tokenizer=str(tokenizer_dir), out=str(out))
+    )
     shard = out / "train" / "shard-00000.bin"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(LoomError, match="truncated or corrupt"):
@@ -171,7 +194,9 @@ def test_truncated_or_missing_shards_are_refused(tmp_path: Path, corpus_dir: Pat
         TokenDataset(tmp_path)
 
 
-def test_output_does_not_depend_on_where_the_corpus_lives(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> None:
+def test_output_does_not_depend_on_where_the_corpus_lives(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
     digests = []
     for place in ("here", "somewhere/else"):
         src = tmp_path / place / "corpus"
@@ -179,7 +204,14 @@ def test_output_does_not_depend_on_where_the_corpus_lives(tmp_path: Path, corpus
         for path in sorted(corpus_dir.glob("*.py"))[:12]:
             (src / path.name).write_bytes(path.read_bytes())
         manifest = tokenize_to_shards(
-            TokenizeOptions(inputs=[f"{src}/*.py"], tokenizer=str(tokenizer_dir), out=str(tmp_path / place / "out"), val_fraction=0.3)
+            TokenizeOptions(
+                inputs=[f"{src}/*.py"],
+                tokenizer=str(tokenizer_dir),
+                out=str(tmp_path / place / "out"),
+                val_fraction=0.3,
+            )
         )
-        digests.append({s: [sh["sha256"] for sh in v["shards"]] for s, v in manifest["splits"].items()})
+        digests.append(
+            {s: [sh["sha256"] for sh in v["shards"]] for s, v in manifest["splits"].items()}
+        )
     assert digests[0] == digests[1] and digests[0]["val"]

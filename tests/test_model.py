@@ -1,4 +1,4 @@
-"""The model: published sizes, equality with `transformers`, meta-device build, KV cache, sampling."""
+"""The model: published sizes, equality with `transformers`, meta build, KV cache, sampling."""
 
 from __future__ import annotations
 
@@ -35,11 +35,20 @@ def test_preset_parameter_count(name: str) -> None:
 
 
 def test_required_presets_exist() -> None:
-    assert {"tiny", "smollm2-135m", "llama3-8b", "llama3-70b", "llama3-405b", "qwen2.5-0.5b"} <= set(PRESETS)
+    assert {
+        "tiny",
+        "smollm2-135m",
+        "llama3-8b",
+        "llama3-70b",
+        "llama3-405b",
+        "qwen2.5-0.5b",
+    } <= set(PRESETS)
 
 
 def small(**changes: object) -> ModelConfig:
-    base = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=64)
+    base = dict(
+        vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=64
+    )
     return ModelConfig(**{**base, **changes})  # type: ignore[arg-type]
 
 
@@ -67,7 +76,9 @@ def test_logits_match_transformers(name: str) -> None:
                 p.normal_(1.0 if "norm" in n else 0.0, 0.1)
     hf_cfg = transformers.AutoConfig.for_model(**hf_config_dict(cfg))
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=False)
+    missing, unexpected = hf.load_state_dict(
+        to_hf_state_dict(model.state_dict(), cfg), strict=False
+    )
     assert not unexpected and not [m for m in missing if "rotary" not in m]
     tokens = torch.randint(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():
@@ -97,14 +108,16 @@ def test_meta_build_then_seeded_init_is_deterministic() -> None:
 
     a, b, c = init(1), init(1), init(2)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["layers.0.self_attn.q_proj.weight"], c["layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        a["layers.0.self_attn.q_proj.weight"], c["layers.0.self_attn.q_proj.weight"]
+    )
     # Residual projections start smaller (1/sqrt(2·layers)); norms start at one.
     assert a["layers.0.self_attn.o_proj.weight"].std() < a["layers.0.self_attn.q_proj.weight"].std()
     assert torch.equal(a["norm.weight"], torch.ones(cfg.dim))
 
 
 def test_flops_per_token_counts_every_matmul_weight() -> None:
-    """6·N must count each weight used in a matmul: all nn.Linear weights, plus the tied embedding."""
+    """6·N counts each weight used in a matmul: all nn.Linear weights plus a tied embedding."""
     for cfg in (small(), small(tie_embeddings=True)):
         model = build_model(cfg)
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
@@ -142,6 +155,7 @@ def test_sampling_filters() -> None:
     assert drawn == {1, 2}  # 1 and 2 reach .90 before token 4 is needed
     drawn = {int(sample_next(logits, 1.0, 0, 0.95, gen)) for _ in range(300)}
     assert drawn == {1, 2, 4}
+
 
 def test_seeded_sampling_is_reproducible() -> None:
     torch.manual_seed(0)

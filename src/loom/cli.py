@@ -1,4 +1,4 @@
-"""The `loom` command. Bad input ends in one `error:` line and a non-zero exit (traceback with --debug)."""
+"""The `loom` command: bad input ends in one `error:` line and exit code 2 (--debug: traceback)."""
 
 from __future__ import annotations
 
@@ -23,33 +23,49 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> _Parser:
     parser = _Parser(
-        prog="loom", description="Prepare data, train and sample language models.", allow_abbrev=False
+        prog="loom",
+        description="Prepare data, train and sample language models.",
+        allow_abbrev=False,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     tok = commands.add_parser("tokenizer", help="train a tokenizer")
     tok_commands = tok.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    tok_train = tok_commands.add_parser("train", help="train a byte-level BPE tokenizer on text files")
-    tok_train.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="text or JSONL files")
+    tok_train = tok_commands.add_parser(
+        "train", help="train a byte-level BPE tokenizer on text files"
+    )
+    tok_train.add_argument(
+        "--input", nargs="+", required=True, metavar="GLOB", help="text or JSONL files"
+    )
     tok_train.add_argument("--vocab-size", type=int, required=True, metavar="N")
     tok_train.add_argument("--out", required=True, metavar="DIR")
     tok_train.add_argument("--text-field", default="text", help="JSONL field holding the text")
 
     data = commands.add_parser("data", help="turn text into token shards")
     data_commands = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    data_tok = data_commands.add_parser("tokenize", help="tokenize text/JSONL files into packed shards")
+    data_tok = data_commands.add_parser(
+        "tokenize", help="tokenize text/JSONL files into packed shards"
+    )
     data_tok.add_argument("--input", nargs="+", required=True, metavar="GLOB")
-    data_tok.add_argument("--tokenizer", required=True, metavar="DIR", help="folder with tokenizer.json")
+    data_tok.add_argument(
+        "--tokenizer", required=True, metavar="DIR", help="folder with tokenizer.json"
+    )
     data_tok.add_argument("--out", required=True, metavar="DIR")
     data_tok.add_argument("--val-fraction", type=float, default=0.05, metavar="F")
     data_tok.add_argument("--seed", type=int, default=0)
-    data_tok.add_argument("--shard-tokens", type=int, default=1 << 26, metavar="N", help="tokens per shard")
+    data_tok.add_argument(
+        "--shard-tokens", type=int, default=1 << 26, metavar="N", help="tokens per shard"
+    )
     data_tok.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    data_tok.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    data_tok.add_argument(
+        "--overwrite", action="store_true", help="replace existing shards in --out"
+    )
 
     train = commands.add_parser(
-        "train", help="pretrain a model", description="Train from a TOML config; override any key as --section.key=value."
+        "train",
+        help="pretrain a model",
+        description="Train from a TOML config; override any key as --section.key=value.",
     )
     train.add_argument("config", metavar="CONFIG", help="TOML config file")
 
@@ -87,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
+        )
         return EXIT_INTERNAL
 
 
@@ -97,7 +115,12 @@ def _join_overrides(extra: list[str]) -> list[str]:
     i = 0
     while i < len(extra):
         item = extra[i]
-        if item.startswith("--") and "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+        if (
+            item.startswith("--")
+            and "=" not in item
+            and i + 1 < len(extra)
+            and not extra[i + 1].startswith("--")
+        ):
             joined.append(f"{item}={extra[i + 1]}")
             i += 2
         else:
@@ -123,9 +146,14 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
 
         tokenize_to_shards(
             TokenizeOptions(
-                inputs=args.input, tokenizer=args.tokenizer, out=args.out,
-                val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
-                text_field=args.text_field, overwrite=args.overwrite,
+                inputs=args.input,
+                tokenizer=args.tokenizer,
+                out=args.out,
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                shard_tokens=args.shard_tokens,
+                text_field=args.text_field,
+                overwrite=args.overwrite,
             )
         )
     elif args.command == "train":
@@ -135,12 +163,23 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
         result = train(load_config(args.config, extra))
         if result.val_losses:
             last = max(result.val_losses)
-            logger.info("done: step %d, val_loss %.4f, run folder %s", result.step, result.val_losses[last], result.run_dir)
+            logger.info(
+                "done: step %d, val_loss %.4f, run folder %s",
+                result.step,
+                result.val_losses[last],
+                result.run_dir,
+            )
     elif args.command == "generate":
         from loom.eval.generate import generate_text
 
         text = generate_text(
-            args.run_dir, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed
+            args.run_dir,
+            args.prompt,
+            args.max_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
         )
         print(args.prompt + text)
 

@@ -223,9 +223,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp in (int, float, str, bool) and not (
         isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     ):
-        raise LoomError(
-            f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
-        )
+        raise LoomError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -268,21 +266,33 @@ def validate(cfg: Config) -> None:
     m, t, o = cfg.model, cfg.train, cfg.optimizer
     _positive(
         {
-            "model.vocab_size": m.vocab_size, "model.dim": m.dim, "model.n_layers": m.n_layers,
-            "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads,
-            "model.ffn_hidden": m.ffn_hidden, "model.max_seq_len": m.max_seq_len,
-            "train.steps": t.steps, "train.batch_size": t.batch_size,
-            "train.seq_len": t.seq_len, "checkpoint.interval": cfg.checkpoint.interval,
-            "checkpoint.keep": cfg.checkpoint.keep, "metrics.log_interval": cfg.metrics.log_interval,
-            "train.eval_batches": t.eval_batches, "optimizer.lr": o.lr,
-            "model.rope_theta": m.rope_theta, "model.norm_eps": m.norm_eps,
+            "model.vocab_size": m.vocab_size,
+            "model.dim": m.dim,
+            "model.n_layers": m.n_layers,
+            "model.n_heads": m.n_heads,
+            "model.n_kv_heads": m.n_kv_heads,
+            "model.ffn_hidden": m.ffn_hidden,
+            "model.max_seq_len": m.max_seq_len,
+            "train.steps": t.steps,
+            "train.batch_size": t.batch_size,
+            "train.seq_len": t.seq_len,
+            "checkpoint.interval": cfg.checkpoint.interval,
+            "checkpoint.keep": cfg.checkpoint.keep,
+            "metrics.log_interval": cfg.metrics.log_interval,
+            "train.eval_batches": t.eval_batches,
+            "optimizer.lr": o.lr,
+            "model.rope_theta": m.rope_theta,
+            "model.norm_eps": m.norm_eps,
         }
     )
     _non_negative(
         {
-            "train.micro_batch_size": t.micro_batch_size, "train.eval_interval": t.eval_interval,
-            "optimizer.warmup_steps": o.warmup_steps, "optimizer.decay_steps": o.decay_steps,
-            "optimizer.weight_decay": o.weight_decay, "optimizer.grad_clip": o.grad_clip,
+            "train.micro_batch_size": t.micro_batch_size,
+            "train.eval_interval": t.eval_interval,
+            "optimizer.warmup_steps": o.warmup_steps,
+            "optimizer.decay_steps": o.decay_steps,
+            "optimizer.weight_decay": o.weight_decay,
+            "optimizer.grad_clip": o.grad_clip,
             "model.head_dim": m.head_dim,
         }
     )

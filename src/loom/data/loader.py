@@ -53,7 +53,9 @@ class TokenLoader:
         return np.concatenate(out)
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack([self.tokens.window(int(i) * self.seq_len, self.seq_len + 1) for i in indices])
+        rows = np.stack(
+            [self.tokens.window(int(i) * self.seq_len, self.seq_len + 1) for i in indices]
+        )
         data = torch.from_numpy(rows)
         return data[:, :-1], data[:, 1:]
 
@@ -62,13 +64,19 @@ class TokenLoader:
         return self.batch(self.next_indices(n))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["seq_len"] != self.seq_len:
             raise LoomError(
                 f"the checkpoint's data position is in sequences of {state['seq_len']} tokens; "
-                f"train.seq_len={self.seq_len} cannot resume it (keep train.seq_len={state['seq_len']})"
+                f"train.seq_len={self.seq_len} cannot resume it "
+                f"(keep train.seq_len={state['seq_len']})"
             )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])

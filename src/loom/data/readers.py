@@ -47,7 +47,9 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     files: set[Path] = set()
     for pattern in patterns:
         if Path(pattern).is_dir():
-            raise LoomError(f"--input {pattern} is a folder; give a glob such as {pattern}/**/*.txt")
+            raise LoomError(
+                f"--input {pattern} is a folder; give a glob such as {pattern}/**/*.txt"
+            )
         matches = [Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file()]
         if not matches:
             raise LoomError(f"--input {pattern} matches no files")

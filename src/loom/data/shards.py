@@ -70,7 +70,7 @@ class ShardWriter:
             {
                 "path": f"{self.split}/{name}.bin",
                 "index": f"{self.split}/{name}.docs.npy",
-                "tokens": int(len(tokens)),
+                "tokens": len(tokens),
                 "documents": len(self._pending),
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
@@ -149,12 +149,15 @@ class TokenDataset:
             file = self.path / shard["path"]
             expected = int(shard["tokens"]) * self.dtype.itemsize
             if not file.is_file():
-                raise LoomError(f"shard {file} listed in {MANIFEST} is missing; re-run `loom data tokenize`")
+                raise LoomError(
+                    f"shard {file} listed in {MANIFEST} is missing; re-run `loom data tokenize`"
+                )
             size = file.stat().st_size
             if size != expected:
                 raise LoomError(
                     f"shard {file} is {size} bytes but {MANIFEST} says {expected} "
-                    f"({shard['tokens']} tokens): it is truncated or corrupt; re-run `loom data tokenize`"
+                    f"({shard['tokens']} tokens): it is truncated or corrupt; "
+                    "re-run `loom data tokenize`"
                 )
             if size:
                 maps.append(np.memmap(file, dtype=self.dtype.newbyteorder("<"), mode="r"))

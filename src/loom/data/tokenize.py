@@ -67,7 +67,7 @@ def tokenize_to_shards(opts: TokenizeOptions) -> dict[str, Any]:
         read_bytes += sum(len(d.text.encode("utf-8")) for d in batch)
         encodings = tokenizer.encode_batch_fast([d.text for d in batch], add_special_tokens=False)
         for doc, encoding in zip(batch, encodings, strict=True):
-            ids = np.asarray(encoding.ids + [eos], dtype=np.int64)
+            ids = np.asarray([*encoding.ids, eos], dtype=np.int64)
             split = "val" if is_validation(doc.id, opts.seed, opts.val_fraction) else "train"
             writers[split].add(ids)
             counts[split]["documents"] += 1
@@ -102,7 +102,11 @@ def tokenize_to_shards(opts: TokenizeOptions) -> dict[str, Any]:
     write_manifest(out, manifest)
     logger.info(
         "tokenized %d documents (%d dropped) into %d train + %d val tokens in %s",
-        kept, drops.total, counts["train"]["tokens"], counts["val"]["tokens"], out,
+        kept,
+        drops.total,
+        counts["train"]["tokens"],
+        counts["val"]["tokens"],
+        out,
     )
     for reason, n in drops.by_reason.items():
         logger.warning("dropped %d record(s): %s (per file in %s)", n, reason, out / MANIFEST)

@@ -15,7 +15,9 @@ EOS = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (EOS,)) -> Tokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (EOS,)
+) -> Tokenizer:
     """Train a byte-level BPE (every byte is in the alphabet, so nothing is ever unknown)."""
     if vocab_size < 256 + len(special_tokens):
         raise LoomError(
@@ -56,7 +58,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     p = Path(path)
     file = p / TOKENIZER_FILE if p.is_dir() else p
     if not file.is_file():
-        raise LoomError(f"no tokenizer at {p}: expected {file} (make one with `loom tokenizer train`)")
+        raise LoomError(
+            f"no tokenizer at {p}: expected {file} (make one with `loom tokenizer train`)"
+        )
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust library raises plain Exceptions for bad files

@@ -14,15 +14,19 @@ from loom.train.checkpoint import Checkpointer, is_complete, load_model_weights
 
 
 class ContiguousKVCache:
-    """Keys and values of every layer in preallocated [batch, kv_heads, max_len, head_dim] buffers."""
+    """Keys and values of all layers, preallocated as [batch, kv_heads, max_len, head_dim]."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.attn_head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # position of the first token of the current forward pass
 
-    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def update(
+        self, layer_id: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         new = k.shape[2]
         end = self.pos + new
         self.keys[layer_id, :, :, self.pos : end] = k
@@ -35,7 +39,11 @@ class ContiguousKVCache:
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Next token ids [batch] from logits [batch, vocab]; temperature 0 means greedy."""
     if temperature <= 0:
@@ -79,7 +87,9 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = ContiguousKVCache(model.cfg, 1, len(prompt) + max_new_tokens, device, model.embed_tokens.weight.dtype)
+    cache = ContiguousKVCache(
+        model.cfg, 1, len(prompt) + max_new_tokens, device, model.embed_tokens.weight.dtype
+    )
     model.eval()
     tokens = torch.tensor([prompt], device=device)
     out: list[int] = []
@@ -95,14 +105,16 @@ def generate(
 
 
 def load_for_generation(path: str | Path, device: torch.device) -> tuple[Transformer, Path]:
-    """A trained model from a run folder (its latest checkpoint) or a step folder; returns it and the run folder."""
+    """A model from a run folder (its latest checkpoint) or a step folder; and the run folder."""
     p = Path(path)
     if is_complete(p):
         checkpoint, run_dir = p, p.parent.parent
     else:
         run_dir = p
         if not (p / "config.toml").is_file():
-            raise LoomError(f"{p} is neither a Loom run folder (no config.toml) nor a checkpoint folder")
+            raise LoomError(
+                f"{p} is neither a Loom run folder (no config.toml) nor a checkpoint folder"
+            )
         found = Checkpointer(p, keep=1).latest()
         if found is None:
             raise LoomError(f"run folder {p} has no complete checkpoint yet; train it first")
@@ -128,5 +140,7 @@ def generate_text(
     model, run_dir = load_for_generation(path, device)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    new = generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.token_to_id(EOS))
+    new = generate(
+        model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.token_to_id(EOS)
+    )
     return tokenizer.decode(new)

@@ -17,7 +17,9 @@ _PREFIX = "model."
 
 def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     """`config.json` content for `transformers` (Llama, or Qwen2 when the model has QKV bias)."""
-    model_type, architecture = ("qwen2", "Qwen2ForCausalLM") if cfg.qkv_bias else ("llama", "LlamaForCausalLM")
+    model_type, architecture = (
+        ("qwen2", "Qwen2ForCausalLM") if cfg.qkv_bias else ("llama", "LlamaForCausalLM")
+    )
     config: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,
@@ -55,4 +57,3 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     if cfg.tie_embeddings:
         out["lm_head.weight"] = state["embed_tokens.weight"]
     return out
-

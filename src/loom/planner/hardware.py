@@ -31,13 +31,35 @@ class GpuSpec:
 GPUS: dict[str, GpuSpec] = {
     spec.name: spec
     for spec in (
-        GpuSpec("H100-SXM", r"H100.*(SXM|HBM3)", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 80),
-        GpuSpec("H100-PCIe", r"H100.*PCIe", {"bf16": 756.0, "fp8": 1513.0, "tf32": 378.0, "fp32": 51.2}, 80),
-        GpuSpec("H100-NVL", r"H100.*NVL", {"bf16": 835.0, "fp8": 1670.0, "tf32": 417.5, "fp32": 60.0}, 94),
+        GpuSpec(
+            "H100-SXM",
+            r"H100.*(SXM|HBM3)",
+            {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9},
+            80,
+        ),
+        GpuSpec(
+            "H100-PCIe",
+            r"H100.*PCIe",
+            {"bf16": 756.0, "fp8": 1513.0, "tf32": 378.0, "fp32": 51.2},
+            80,
+        ),
+        GpuSpec(
+            "H100-NVL",
+            r"H100.*NVL",
+            {"bf16": 835.0, "fp8": 1670.0, "tf32": 417.5, "fp32": 60.0},
+            94,
+        ),
         GpuSpec("H200", r"H200", {"bf16": 989.0, "fp8": 1979.0, "tf32": 494.5, "fp32": 66.9}, 141),
         GpuSpec("A100", r"A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}, 80),
-        GpuSpec("B200", r"B200", {"bf16": 2250.0, "fp8": 4500.0, "tf32": 1100.0, "fp32": 80.0}, 180),
-        GpuSpec("MI300X", r"MI30[05]X|MI325X", {"bf16": 1307.4, "fp8": 2614.9, "tf32": 653.7, "fp32": 163.4}, 192),
+        GpuSpec(
+            "B200", r"B200", {"bf16": 2250.0, "fp8": 4500.0, "tf32": 1100.0, "fp32": 80.0}, 180
+        ),
+        GpuSpec(
+            "MI300X",
+            r"MI30[05]X|MI325X",
+            {"bf16": 1307.4, "fp8": 2614.9, "tf32": 653.7, "fp32": 163.4},
+            192,
+        ),
     )
 }
 
@@ -60,7 +82,9 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
         key = "tf32" if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32 else precision
         return spec.tflops[key] * 1e12, f"{spec.name} datasheet {key}"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return cpu_matmul_flops(dtype), f"measured CPU {precision} matmul, {torch.get_num_threads()} threads"
+    return cpu_matmul_flops(
+        dtype
+    ), f"measured CPU {precision} matmul, {torch.get_num_threads()} threads"
 
 
 def cache_dir() -> Path:
@@ -69,7 +93,7 @@ def cache_dir() -> Path:
 
 def cpu_matmul_flops(dtype: torch.dtype) -> float:
     """Best matmul rate of this CPU at the current thread count, measured once and cached."""
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}"
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}"
     path = cache_dir() / "cpu_peak.json"
     try:
         cached = json.loads(path.read_text())
@@ -101,7 +125,7 @@ def measure_matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5)
     return 2 * size**3 / best
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -53,7 +53,9 @@ class Checkpointer:
         if not link.is_symlink():
             complete = [p for _, p in self.steps() if is_complete(p)]
             if complete:
-                logger.warning("%s is missing; using the newest complete checkpoint %s", link, complete[-1])
+                logger.warning(
+                    "%s is missing; using the newest complete checkpoint %s", link, complete[-1]
+                )
             return complete[-1] if complete else None
         target = link.resolve()
         if not is_complete(target):
@@ -63,7 +65,9 @@ class Checkpointer:
             )
         return target
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> Path:
         final = self.dir / f"step-{step}"
         tmp = self.dir / f"step-{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,13 +85,19 @@ class Checkpointer:
         logger.debug("saved checkpoint %s", final)
         return final
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def load(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
         """Restore model, optimizer and RNG in place; return the trainer state."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)  # before load: optimizer state is lazy
+        model_sd, optim_sd = get_state_dict(
+            model, optimizer
+        )  # before load: optimizer state is lazy
         state = {"model": model_sd, "optim": optim_sd}
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
         _set_rng_state(torch.load(path / RNG_FILE, weights_only=False))
         return read_state(path)
 
@@ -95,7 +105,9 @@ class Checkpointer:
         """Step folders on disk, oldest first."""
         if not self.dir.is_dir():
             return []
-        return sorted((int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP_DIR.match(p.name)))
+        return sorted(
+            (int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP_DIR.match(p.name))
+        )
 
     def _prune(self) -> None:
         steps = self.steps()

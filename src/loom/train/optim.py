@@ -43,5 +43,7 @@ def lr_multiplier(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int) -> LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int
+) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, total_steps))

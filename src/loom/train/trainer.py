@@ -23,7 +23,7 @@ from loom.data.shards import TokenDataset
 from loom.errors import LoomError
 from loom.log import is_terminal, logger
 from loom.models.llama import Transformer, build_model
-from loom.parallel.compile import compile_blocks
+from loom.parallel.compile import compile_forward_loss, forward_loss
 from loom.planner.hardware import peak_flops
 from loom.train.checkpoint import Checkpointer, read_state
 from loom.train.metrics import MetricsWriter, peak_memory_gib
@@ -53,15 +53,26 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def check_resumable(checkpoint: Path, cfg: Config, dataset: TokenDataset) -> dict[str, Any]:
-    """Refuse to resume a checkpoint made for another model, tokenizer or sequence length."""
+    """Refuse to resume a checkpoint made for another model, sequence length or tokenizer."""
     state = read_state(checkpoint)
     saved, current = state.get("model", {}), cfg.model.architecture()
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
+    diffs = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
+        for k, v in current.items()
+        if saved.get(k) != v
+    ]
     run_dir = checkpoint.parent.parent
     if diffs:
         raise LoomError(
             f"run_dir {run_dir} holds a checkpoint of a different model ({'; '.join(diffs)}); "
             "choose a new run_dir or restore the model settings"
+        )
+    saved_seq = state.get("loader", {}).get("seq_len")
+    if saved_seq != cfg.train.seq_len:
+        raise LoomError(
+            f"run_dir {run_dir} was trained with train.seq_len={saved_seq}; its data position "
+            f"cannot continue with train.seq_len={cfg.train.seq_len} "
+            f"(keep {saved_seq} or use a new run_dir)"
         )
     if state.get("tokenizer_hash") != dataset.tokenizer_hash:
         raise LoomError(
@@ -77,9 +88,13 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         if not cfg.run_dir:
-            raise LoomError("run_dir is not set; add run_dir = \"...\" to the config or pass --run_dir=DIR")
+            raise LoomError(
+                'run_dir is not set; add run_dir = "..." to the config or pass --run_dir=DIR'
+            )
         if not cfg.data.path:
-            raise LoomError("data.path is not set; pass --data.path=DIR (a folder made by `loom data tokenize`)")
+            raise LoomError(
+                "data.path is not set; pass --data.path=DIR (a folder made by `loom data tokenize`)"
+            )
         self.run_dir = Path(cfg.run_dir)
         self.dataset = TokenDataset(cfg.data.path)
         if self.dataset.vocab_size > cfg.model.vocab_size:
@@ -89,27 +104,39 @@ class Trainer:
                 f"{self.dataset.vocab_size} or train a smaller tokenizer"
             )
         self.device = select_device(t.device)
-        if t.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise LoomError("train.precision=bf16 is not supported by this GPU; use train.precision=fp32")
+        if (
+            t.precision == "bf16"
+            and self.device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()
+        ):
+            raise LoomError(
+                "train.precision=bf16 is not supported by this GPU; use train.precision=fp32"
+            )
         self.loader = TokenLoader(self.dataset.split("train"), t.seq_len, t.seed)
         self.val = self.dataset.splits.get("val")
         if self.val is not None and (self.val.num_tokens - 1) // t.seq_len < 1:
-            logger.warning("the validation split holds fewer than train.seq_len + 1 tokens; no validation loss")
+            logger.warning(
+                "the validation split holds fewer than train.seq_len + 1 tokens; no validation loss"
+            )
             self.val = None
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
         self.resume_from = self.checkpointer.latest()
-        resume_state = check_resumable(self.resume_from, cfg, self.dataset) if self.resume_from else None
+        resume_state = (
+            check_resumable(self.resume_from, cfg, self.dataset) if self.resume_from else None
+        )
 
         # Input is valid: from here on the run folder is written.
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.toml")
-        shutil.copytree(self.dataset.tokenizer_path.parent, self.run_dir / "tokenizer", dirs_exist_ok=True)
+        shutil.copytree(
+            self.dataset.tokenizer_path.parent, self.run_dir / "tokenizer", dirs_exist_ok=True
+        )
 
         torch.manual_seed(t.seed)
         self.model: Transformer = build_model(cfg.model, self.device)
         self.model.init_weights()
-        if t.compile:
-            compile_blocks(self.model)
+        build = compile_forward_loss if t.compile else forward_loss
+        self.forward_loss = build(self.model, cross_entropy)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, t.steps)
         self.step = 0
@@ -131,8 +158,11 @@ class Trainer:
         self.flops_per_token = cfg.model.flops_per_token(t.seq_len)
         logger.info(
             "model %s: %.2fM parameters, %.3g FLOPs/token; peak %.3g FLOP/s (%s)",
-            cfg.model.preset, cfg.model.num_params() / 1e6, self.flops_per_token,
-            self.peak_flops, peak_source,
+            cfg.model.preset,
+            cfg.model.num_params() / 1e6,
+            self.flops_per_token,
+            self.peak_flops,
+            peak_source,
         )
 
     # -- one optimizer step -------------------------------------------------------------------
@@ -155,14 +185,14 @@ class Trainer:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self.autocast:
-                loss = cross_entropy(self.model(inputs), targets)
+                loss = self.forward_loss(inputs, targets)
             (loss / accum).backward()
             loss_sum += loss.detach()
         self.tokens_seen += t.batch_size * t.seq_len
         return loss_sum / accum
 
     def optimizer_step(self) -> tuple[torch.Tensor, float]:
-        """Clip, step and advance the schedule; returns the pre-clip gradient norm and the lr used."""
+        """Clip, step, advance the schedule; returns the pre-clip gradient norm and the lr used."""
         clip = self.cfg.optimizer.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         lr = self.scheduler.get_last_lr()[0]
@@ -207,7 +237,12 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         result = TrainResult(self.run_dir, self.step)
         if self.step >= t.steps:
-            logger.info("run %s is already at step %d of %d; nothing to do", self.run_dir, self.step, t.steps)
+            logger.info(
+                "run %s is already at step %d of %d; nothing to do",
+                self.run_dir,
+                self.step,
+                t.steps,
+            )
             return result
         metrics = MetricsWriter(self.run_dir, cfg.metrics.tensorboard, self.step)
         progress = _Progress(cfg.metrics.progress, self.step, t.steps)
@@ -231,7 +266,9 @@ class Trainer:
                         "lr": lr,
                         "grad_norm": grad_norm.item(),
                         "tokens_per_s": tokens_per_s,
-                        "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else 0.0,
+                        "mfu": self.flops_per_token * tokens_per_s / self.peak_flops
+                        if self.peak_flops
+                        else 0.0,
                         "peak_mem_gib": peak_memory_gib(self.device),
                         "tokens": self.tokens_seen,
                     }
@@ -259,11 +296,22 @@ class _Progress:
         self.rich = mode == "rich" or (mode == "auto" and is_terminal())
         self._bar = None
         if self.rich:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
             )
             self._task = self._bar.add_task("train", total=total, completed=start, status="")
             self._bar.start()
@@ -279,8 +327,13 @@ class _Progress:
         else:
             logger.info(
                 "step %d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s  mfu %.1f%%  mem %.2f GiB%s",
-                r["step"], r["loss"], r["lr"], r["grad_norm"], f"{r['tokens_per_s']:,.0f}",
-                100 * r["mfu"], r["peak_mem_gib"],
+                r["step"],
+                r["loss"],
+                r["lr"],
+                r["grad_norm"],
+                f"{r['tokens_per_s']:,.0f}",
+                100 * r["mfu"],
+                r["peak_mem_gib"],
                 f"  val_loss {r['val_loss']:.4f}" if "val_loss" in r else "",
             )
 

@@ -1,0 +1,220 @@
+"""Training-step throughput: Loom's model vs transformers' LlamaForCausalLM, side by side.
+
+Both models get the same configuration (≈ 34M parameters, GQA), the same initial weights
+(checked: equal first loss), the same AdamW built by the same function, the same loss
+function, the same token batches and the same precision. Steps are timed in alternating
+rounds (Loom, HF, Loom, HF, ...) so machine noise hits both alike; medians are reported.
+
+    python benchmarks/train_throughput.py   # fp32 + bf16, eager and compiled; writes BENCHMARKS.md
+    python benchmarks/train_throughput.py --preset llama3.2-1b --batch 4 --seq 2048   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+
+from loom.config import OptimizerConfig
+from loom.models.hf import hf_config_dict, to_hf_state_dict
+from loom.models.llama import ModelConfig, build_model
+from loom.models.presets import get_preset
+from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_loss
+from loom.planner.hardware import peak_flops
+from loom.train.optim import build_optimizer
+from loom.train.trainer import cross_entropy
+
+try:
+    from report import write_section
+except ImportError:  # run as a module
+    from benchmarks.report import write_section
+
+BENCH_MODEL = ModelConfig(
+    preset="bench-34m",
+    vocab_size=8192,
+    dim=512,
+    n_layers=8,
+    n_heads=8,
+    n_kv_heads=4,
+    ffn_hidden=1536,
+    max_seq_len=1024,
+)
+
+
+@dataclass
+class Contender:
+    name: str
+    step: Callable[[], float]
+    times: list[float]
+
+
+def make_step(
+    model: nn.Module,
+    forward_and_loss: ForwardLoss,
+    batches: list[torch.Tensor],
+    precision: str,
+    device: torch.device,
+) -> Callable[[], float]:
+    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-3))
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    state = {"i": 0}
+
+    def step() -> float:
+        batch = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        with autocast:
+            loss = forward_and_loss(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # also synchronises the device
+
+    return step
+
+
+def build_pair(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    loom_model = build_model(cfg, device)
+    loom_model.init_weights()
+    hf_cfg = transformers.AutoConfig.for_model(**hf_config_dict(cfg))
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(
+        device
+    )
+    hf_model.load_state_dict(to_hf_state_dict(loom_model.state_dict(), cfg), strict=False)
+    hf_model.train()
+    return loom_model, hf_model
+
+
+def measure(
+    cfg: ModelConfig,
+    precision: str,
+    compile_loom: bool,
+    batch: int,
+    seq: int,
+    rounds: int,
+    steps_per_round: int,
+    device: torch.device,
+) -> dict[str, float]:
+    loom_model, hf_model = build_pair(cfg, device)
+    loom_step = (compile_forward_loss if compile_loom else forward_loss)(
+        loom_model, cross_entropy
+    )  # as the trainer
+    hf_step = forward_loss(lambda x: hf_model(x).logits, cross_entropy)
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device)
+        for _ in range(4)
+    ]
+    with torch.no_grad():  # same weights, same function
+        first = batches[0][:, :-1]
+        a = cross_entropy(loom_model(first), batches[0][:, 1:]).item()
+        b = cross_entropy(hf_model(first).logits, batches[0][:, 1:]).item()
+    assert abs(a - b) < 1e-3, f"Loom and HF disagree on the same weights: {a} vs {b}"
+    contenders = [
+        Contender("loom", make_step(loom_model, loom_step, batches, precision, device), []),
+        Contender("hf", make_step(hf_model, hf_step, batches, precision, device), []),
+    ]
+    for c in contenders:  # warm-up (and compilation)
+        for _ in range(2):
+            c.step()
+    for _ in range(rounds):
+        for c in contenders:
+            for _ in range(steps_per_round):
+                start = time.perf_counter()
+                c.step()
+                c.times.append(time.perf_counter() - start)
+    tokens = batch * seq
+    peak, _ = peak_flops(device, precision)
+    flops = cfg.flops_per_token(seq)
+    out = {}
+    for c in contenders:
+        tps = tokens / statistics.median(c.times)
+        out[f"{c.name}_tokens_per_s"] = tps
+        out[f"{c.name}_of_peak"] = tps * flops / peak if peak else 0.0
+    out["ratio"] = out["loom_tokens_per_s"] / out["hf_tokens_per_s"]
+    out["peak_tflops"] = peak / 1e12
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", default=None, help="a Loom preset instead of the 34M benchmark model"
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--no-compile", action="store_true", help="skip the Loom torch.compile row")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone"
+    )
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = get_preset(args.preset) if args.preset else BENCH_MODEL
+    precisions = args.precisions.split(",")
+    cases = [(p, False) for p in precisions] + (
+        [] if args.no_compile else [(p, True) for p in precisions]
+    )
+    rows = []
+    for precision, compiled in cases:
+        r = measure(
+            cfg,
+            precision,
+            compiled,
+            args.batch,
+            args.seq,
+            args.rounds,
+            args.steps_per_round,
+            device,
+        )
+        label = f"{precision}{' + compile (Loom only)' if compiled else ''}"
+        rows.append(
+            f"| {label} | {r['loom_tokens_per_s']:,.0f} | {r['hf_tokens_per_s']:,.0f} "
+            f"| **{r['ratio']:.2f}** "
+            f"| {r['loom_of_peak']:.0%} | {r['hf_of_peak']:.0%} | {r['peak_tflops']:.3g} |"
+        )
+        print(rows[-1], flush=True)
+    shape = f"{cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads}/{cfg.n_kv_heads} heads/KV heads"
+    model_line = " ".join(
+        [
+            f"Model: {cfg.preset}, {cfg.num_params() / 1e6:.1f}M parameters ({shape},",
+            f"vocab {cfg.vocab_size}); batch {args.batch} × seq {args.seq}; AdamW; median of",
+            f"{args.rounds}×{args.steps_per_round} steps per side, alternating.",
+            "FLOPs/token = 6·N + 12·L·d·seq; 'of peak' divides achieved FLOP/s by the measured",
+            "matmul peak (CPU) or the datasheet peak (GPU) for that precision.",
+        ]
+    )
+    table = "\n".join(
+        [
+            model_line,
+            "",
+            "| precision | Loom tokens/s | HF tokens/s | Loom / HF | Loom of peak | HF of peak "
+            "| peak TFLOP/s |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    print("\n" + table)
+    if not args.no_write:
+        section = "train_throughput" + ("_gpu" if device.type == "cuda" else "")
+        write_section(section, table)
+
+
+if __name__ == "__main__":
+    main()
