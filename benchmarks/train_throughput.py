@@ -129,12 +129,18 @@ def measure(
     for c in contenders:  # warm-up (and compilation)
         for _ in range(2):
             c.step()
+    round_ratios = []
     for _ in range(rounds):
+        per_round = {}
         for c in contenders:
+            round_times = []
             for _ in range(steps_per_round):
                 start = time.perf_counter()
                 c.step()
-                c.times.append(time.perf_counter() - start)
+                round_times.append(time.perf_counter() - start)
+            c.times.extend(round_times)
+            per_round[c.name] = statistics.median(round_times)
+        round_ratios.append(per_round["hf"] / per_round["loom"])
     tokens = batch * seq
     peak, _ = peak_flops(device, precision)
     flops = cfg.flops_per_token(seq)
@@ -144,6 +150,7 @@ def measure(
         out[f"{c.name}_tokens_per_s"] = tps
         out[f"{c.name}_of_peak"] = tps * flops / peak if peak else 0.0
     out["ratio"] = out["loom_tokens_per_s"] / out["hf_tokens_per_s"]
+    out["ratio_min"], out["ratio_max"] = min(round_ratios), max(round_ratios)
     out["peak_tflops"] = peak / 1e12
     return out
 
@@ -157,7 +164,7 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the Loom torch.compile row")
@@ -186,7 +193,7 @@ def main() -> None:
         label = f"{precision}{' + compile (Loom only)' if compiled else ''}"
         rows.append(
             f"| {label} | {r['loom_tokens_per_s']:,.0f} | {r['hf_tokens_per_s']:,.0f} "
-            f"| **{r['ratio']:.2f}** "
+            f"| **{r['ratio']:.2f}** ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) "
             f"| {r['loom_of_peak']:.0%} | {r['hf_of_peak']:.0%} | {r['peak_tflops']:.3g} |"
         )
         print(rows[-1], flush=True)
@@ -195,7 +202,8 @@ def main() -> None:
         [
             f"Model: {cfg.preset}, {cfg.num_params() / 1e6:.1f}M parameters ({shape},",
             f"vocab {cfg.vocab_size}); batch {args.batch} × seq {args.seq}; AdamW; median of",
-            f"{args.rounds}×{args.steps_per_round} steps per side, alternating.",
+            f"{args.rounds}×{args.steps_per_round} steps per side, alternating by round;",
+            "in brackets the lowest and highest per-round ratio (machine noise).",
             "FLOPs/token = 6·N + 12·L·d·seq; 'of peak' divides achieved FLOP/s by the measured",
             "matmul peak (CPU) or the datasheet peak (GPU) for that precision.",
         ]
