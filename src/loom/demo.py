@@ -6,6 +6,7 @@ Runs the same `loom` commands a user would type (printed as they run) into `demo
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -19,7 +20,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
 
 
 def step(*args: str) -> None:
-    print(f"\n$ loom {' '.join(args)}", flush=True)
+    print(f"\n$ loom {shlex.join(args)}", flush=True)
     if loom(list(args)) != 0:
         sys.exit(f"demo stopped: `loom {args[0]}` failed")
 

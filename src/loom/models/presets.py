@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 from loom.errors import LoomError
 from loom.models.llama import ModelConfig, RopeScaling
@@ -17,6 +18,18 @@ class Preset:
 
 
 _LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+def _llama3(preset: str, **fields: Any) -> ModelConfig:
+    """The Llama-3 family's shared choices (vocabulary, 8 KV heads, RoPE base), plus `fields`."""
+    shared: dict[str, Any] = {
+        "vocab_size": 128256,
+        "n_kv_heads": 8,
+        "rope_theta": 500000.0,
+        "max_seq_len": 8192,
+    }
+    return ModelConfig(preset=preset, **{**shared, **fields})
+
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
@@ -70,79 +83,50 @@ PRESETS: dict[str, Preset] = {
         "Qwen/Qwen2.5-0.5B",
     ),
     "llama3.2-1b": Preset(
-        ModelConfig(
-            preset="llama3.2-1b",
-            vocab_size=128256,
+        _llama3(
+            "llama3.2-1b",
             dim=2048,
             n_layers=16,
             n_heads=32,
-            n_kv_heads=8,
             ffn_hidden=8192,
             max_seq_len=131072,
-            rope_theta=500000.0,
-            rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0),
+            rope_scaling=RopeScaling(factor=32.0),
             tie_embeddings=True,
         ),
         1_235_814_400,
         "meta-llama/Llama-3.2-1B",
     ),
     "llama3-8b": Preset(
-        ModelConfig(
-            preset="llama3-8b",
-            vocab_size=128256,
-            dim=4096,
-            n_layers=32,
-            n_heads=32,
-            n_kv_heads=8,
-            ffn_hidden=14336,
-            max_seq_len=8192,
-            rope_theta=500000.0,
-        ),
+        _llama3("llama3-8b", dim=4096, n_layers=32, n_heads=32, ffn_hidden=14336),
         8_030_261_248,
         "meta-llama/Meta-Llama-3-8B",
     ),
     "llama3.1-8b": Preset(
-        ModelConfig(
-            preset="llama3.1-8b",
-            vocab_size=128256,
+        _llama3(
+            "llama3.1-8b",
             dim=4096,
             n_layers=32,
             n_heads=32,
-            n_kv_heads=8,
             ffn_hidden=14336,
             max_seq_len=131072,
-            rope_theta=500000.0,
             rope_scaling=_LLAMA31_SCALING,
         ),
         8_030_261_248,
         "meta-llama/Llama-3.1-8B",
     ),
     "llama3-70b": Preset(
-        ModelConfig(
-            preset="llama3-70b",
-            vocab_size=128256,
-            dim=8192,
-            n_layers=80,
-            n_heads=64,
-            n_kv_heads=8,
-            ffn_hidden=28672,
-            max_seq_len=8192,
-            rope_theta=500000.0,
-        ),
+        _llama3("llama3-70b", dim=8192, n_layers=80, n_heads=64, ffn_hidden=28672),
         70_553_706_496,
         "meta-llama/Meta-Llama-3-70B",
     ),
     "llama3-405b": Preset(
-        ModelConfig(
-            preset="llama3-405b",
-            vocab_size=128256,
+        _llama3(
+            "llama3-405b",
             dim=16384,
             n_layers=126,
             n_heads=128,
-            n_kv_heads=8,
             ffn_hidden=53248,
             max_seq_len=131072,
-            rope_theta=500000.0,
             rope_scaling=_LLAMA31_SCALING,
         ),
         405_853_388_800,
