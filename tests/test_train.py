@@ -62,7 +62,7 @@ def test_rerunning_the_same_command_after_a_crash_is_bit_exact(
     straight = train(tiny_config(*args, run_dir=tmp_path / "straight"))
 
     class Crash(Exception):
-        pass
+        """Stands for the process dying."""
 
     original_save = Trainer.save_checkpoint
 
@@ -311,3 +311,11 @@ def test_latest_link_lost_falls_back_to_newest_complete(
     (ckpt.dir / "latest").unlink()
     (ckpt.dir / "step-8" / "trainer.json").unlink()  # step 8 incomplete
     assert ckpt.latest() == ckpt.dir / "step-4"
+
+
+def test_damaged_checkpoint_is_reported_clearly(tiny_config: MakeConfig, tmp_path: Path) -> None:
+    train(tiny_config("--train.steps=4"))
+    data_file = next((tmp_path / "run" / "checkpoints" / "step-4").glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[:100])  # truncated on disk
+    with pytest.raises(LoomError, match=r"checkpoint .*step-4 could not be loaded"):
+        Trainer(tiny_config("--train.steps=8"))

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from loom.errors import LoomError
@@ -35,11 +37,27 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @contextmanager
-def _single_process_quiet():
+def _single_process_quiet() -> Iterator[None]:
     # DCP warns that it runs without a process group; on one process that is the intent.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         yield
+
+
+@contextmanager
+def _loading(path: Path) -> Iterator[None]:
+    """Turn whatever a damaged checkpoint makes DCP or torch.load raise into one clear error."""
+    try:
+        with _single_process_quiet():
+            yield
+    except LoomError:
+        raise
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+        raise LoomError(
+            f"checkpoint {path} could not be loaded ({cause[0].strip()}); "
+            "delete it and point checkpoints/latest at an older step to resume from there"
+        ) from e
 
 
 class Checkpointer:
@@ -89,16 +107,15 @@ class Checkpointer:
         self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, Any]:
         """Restore model, optimizer and RNG in place; return the trainer state."""
-        model_sd, optim_sd = get_state_dict(
-            model, optimizer
-        )  # before load: optimizer state is lazy
+        # get_state_dict before dcp.load: the optimizer's state is created lazily.
+        model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        with _single_process_quiet():
+        with _loading(path):
             dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
-        _set_rng_state(torch.load(path / RNG_FILE, weights_only=False))
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+            _set_rng_state(torch.load(path / RNG_FILE, weights_only=False))
         return read_state(path)
 
     def steps(self) -> list[tuple[int, Path]]:
@@ -129,9 +146,9 @@ def read_state(path: Path) -> dict[str, Any]:
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Load only the model's weights from a checkpoint (for generation and evaluation)."""
     state = {"model": model.state_dict()}
-    with _single_process_quiet():
+    with _loading(path):
         dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
 
 
 def _point_latest(directory: Path, target: str) -> None:
