@@ -85,6 +85,10 @@ def test_toml_type_errors_and_bad_files(tmp_path: Path) -> None:
     bool_as_int.write_text("[train]\nsteps = true\n")
     with pytest.raises(LoomError, match="train.steps must be an integer"):
         load_config(bool_as_int)
+    model_as_value = tmp_path / "m.toml"
+    model_as_value.write_text("model = 3\n")
+    with pytest.raises(LoomError, match="model must be a section"):
+        load_config(model_as_value)
     section_as_value = tmp_path / "s.toml"
     section_as_value.write_text("train = 3\n")
     with pytest.raises(LoomError, match="train must be a section"):

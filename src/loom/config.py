@@ -144,9 +144,10 @@ class _CliValue(str):
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
-    model_raw = dict(raw.pop("model", {}) or {})
+    model_raw = raw.pop("model", {})
     if not isinstance(model_raw, dict):
-        raise LoomError("model must be a section ([model] in TOML)")
+        raise LoomError(f"model must be a section ([model] in TOML), got {model_raw!r}")
+    model_raw = dict(model_raw)
     preset = model_raw.pop("preset", "tiny")
     base = get_preset(str(preset))
     model = _build(ModelConfig, {**_to_raw(base), **model_raw, "preset": str(preset)}, "model")
