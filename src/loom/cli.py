@@ -62,6 +62,15 @@ def build_parser() -> _Parser:
         "--overwrite", action="store_true", help="replace existing shards in --out"
     )
 
+    prep = data_commands.add_parser(
+        "prepare",
+        help="clean, filter, deduplicate, mix and tokenize sources into shards",
+        description="Run a data pipeline config; override any key as --section.key=value.",
+    )
+    prep.add_argument("config", metavar="CONFIG", help="TOML pipeline config")
+    inspect = data_commands.add_parser("inspect", help="print the funnel of a prepared folder")
+    inspect.add_argument("out", metavar="OUT", help="a folder written by `loom data prepare`")
+
     train = commands.add_parser(
         "train",
         help="pretrain a model",
@@ -88,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command != "train":
+        takes_overrides = args.command == "train" or getattr(args, "action", "") == "prepare"
+        if extra and not takes_overrides:
             raise LoomError(f"unrecognized arguments: {' '.join(extra)}")
         _dispatch(args, _join_overrides(extra))
         return 0
@@ -141,6 +151,14 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
         logger.info("trained a %d-token BPE tokenizer: %s", tokenizer.get_vocab_size(), path)
         if drops.total:
             logger.warning("skipped %d input record(s): %s", drops.total, dict(drops.by_reason))
+    elif args.command == "data" and args.action == "prepare":
+        from loom.data.prepare import load_prepare_config, prepare
+
+        prepare(load_prepare_config(args.config, extra))
+    elif args.command == "data" and args.action == "inspect":
+        from loom.data.inspect import print_funnel
+
+        print_funnel(args.out)
     elif args.command == "data":
         from loom.data.tokenize import TokenizeOptions, tokenize_to_shards
 

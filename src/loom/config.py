@@ -13,7 +13,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import tomli_w
 
@@ -21,10 +21,24 @@ from loom.errors import LoomError
 from loom.models.llama import ModelConfig
 from loom.models.presets import get_preset
 
+T = TypeVar("T")
+
+
+@dataclass
+class DataSource:
+    path: str = ""
+    weight: float = 1.0
+
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a folder written by `loom data tokenize`
+    """One prepared folder (`path`), or a weighted mixture of several (`[[data.mix]]`)."""
+
+    path: str = ""  # a folder written by `loom data tokenize` or `loom data prepare`
+    mix: list[DataSource] = field(default_factory=list)
+
+    def sources(self) -> list[DataSource]:
+        return self.mix or ([DataSource(self.path)] if self.path else [])
 
 
 @dataclass
@@ -98,13 +112,15 @@ class Config:
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a TOML file (or start from defaults), apply overrides, build and validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_toml(path)
+    return config_from_dict(read_with_overrides(path, overrides))
+
+
+def read_with_overrides(path: str | Path | None, overrides: Sequence[str]) -> dict[str, Any]:
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         _set_path(raw, key, value)
-    return config_from_dict(raw)
+    return raw
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -140,6 +156,11 @@ def _set_path(raw: dict[str, Any], key: str, value: str) -> None:
 
 class _CliValue(str):
     """A string from the command line, converted to the field's type when the tree is built."""
+
+
+def load_tree(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
+    """Any config dataclass tree from TOML + overrides (type-checked; validate it yourself)."""
+    return _build(cls, read_with_overrides(path, overrides), "")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -216,7 +237,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise LoomError(f"{key} must be a table, got {value!r}")
-        return dict(value)
+        value_type = typing.get_args(tp)[1]
+        return {str(k): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, _CliValue):
+            if dataclasses.is_dataclass(item_type):
+                raise LoomError(f"{key} is a list of tables; edit it in the config file")
+            value = [_CliValue(v.strip()) for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise LoomError(f"{key} must be a list, got {value!r}")
+        return [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, _CliValue):
         return _from_cli(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -335,6 +366,11 @@ def validate(cfg: Config) -> None:
         raise LoomError(
             "model.rope_scaling needs factor >= 1 and high_freq_factor > low_freq_factor > 0"
         )
+    if cfg.data.path and cfg.data.mix:
+        raise LoomError("set data.path or [[data.mix]], not both")
+    for i, source in enumerate(cfg.data.mix):
+        if not source.path or source.weight <= 0:
+            raise LoomError(f"data.mix[{i}] needs a path and a weight > 0")
     p = cfg.parallel
     for name in ("dp_shard", "tp", "pp"):
         if getattr(p, name) != 1:

@@ -1,13 +1,19 @@
-"""Fixed-length training samples served in a seeded order, with a position that checkpoints.
+"""Fixed-length training samples from one or several datasets, in a seeded, resumable order.
 
-Sample i is tokens [i·seq_len, i·seq_len + seq_len + 1) of the split's stream: inputs are its
-first seq_len tokens, targets the last seq_len. Each epoch visits every sample once, in a
-permutation drawn from (seed, epoch). The position is a count of samples, so it stays valid
-if the batch size changes on resume.
+Sample i of a dataset is tokens [i·seq_len, i·seq_len + seq_len + 1) of its split's stream:
+inputs are its first seq_len tokens, targets the last seq_len. Each dataset visits all its
+samples once per epoch in a permutation drawn from (seed, dataset, epoch). With several
+datasets, each sample slot goes to a dataset by smooth weighted round-robin, which is
+deterministic and keeps the proportions exact at every point of the stream.
+
+All positions are global: every rank walks the same stream and takes its own contiguous part
+of each global batch, so the saved state (per-dataset epoch and cursor, and the round-robin
+credits) resumes on any number of ranks without repeating or skipping a sample.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,57 +24,87 @@ from loom.errors import LoomError
 
 
 class TokenLoader:
-    def __init__(self, tokens: SplitTokens, seq_len: int, seed: int, shuffle: bool = True) -> None:
-        self.tokens = tokens
+    def __init__(
+        self,
+        tokens: SplitTokens | Sequence[tuple[SplitTokens, float]],
+        seq_len: int,
+        seed: int,
+        shuffle: bool = True,
+    ) -> None:
+        sources = [(tokens, 1.0)] if isinstance(tokens, SplitTokens) else list(tokens)
+        self.splits = [s for s, _ in sources]
+        weights = np.array([w for _, w in sources], dtype=np.float64)
+        if len(sources) == 0 or (weights <= 0).any():
+            raise LoomError("a data mixture needs at least one dataset, each with a weight > 0")
+        self.weights = weights / weights.sum()
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
-        self.num_samples = (tokens.num_tokens - 1) // seq_len
-        if self.num_samples < 1:
+        self.num_samples = [(s.num_tokens - 1) // seq_len for s in self.splits]
+        if min(self.num_samples) < 1:
+            tokens_have = min(s.num_tokens for s in self.splits)
             raise LoomError(
-                f"the split holds {tokens.num_tokens} tokens, fewer than one sequence of "
+                f"the split holds {tokens_have} tokens, fewer than one sequence of "
                 f"train.seq_len={seq_len} + 1; lower train.seq_len or add data"
             )
-        self.epoch = 0
-        self.cursor = 0  # samples consumed in the current epoch
-        self._order = self._permutation(0)
+        self.epoch = [0] * len(self.splits)
+        self.cursor = [0] * len(self.splits)  # samples consumed in the current epoch
+        self.credit = np.zeros(len(self.splits))  # smooth weighted round-robin state
+        self._order = [self._permutation(d, 0) for d in range(len(self.splits))]
 
-    def _permutation(self, epoch: int) -> np.ndarray:
+    def _permutation(self, dataset: int, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            return np.arange(self.num_samples[dataset])
+        rng = np.random.default_rng([self.seed, dataset, epoch])
+        return rng.permutation(self.num_samples[dataset])
+
+    def _take(self, dataset: int) -> int:
+        sample = int(self._order[dataset][self.cursor[dataset]])
+        self.cursor[dataset] += 1
+        if self.cursor[dataset] == self.num_samples[dataset]:
+            self.epoch[dataset] += 1
+            self.cursor[dataset] = 0
+            self._order[dataset] = self._permutation(dataset, self.epoch[dataset])
+        return sample
 
     def next_indices(self, n: int) -> np.ndarray:
-        """The next n sample indices, rolling into the next epoch when this one runs out."""
-        out = []
-        while n > 0:
-            take = min(n, self.num_samples - self.cursor)
-            out.append(self._order[self.cursor : self.cursor + take])
-            self.cursor += take
-            n -= take
-            if self.cursor == self.num_samples:
-                self.epoch += 1
-                self.cursor = 0
-                self._order = self._permutation(self.epoch)
-        return np.concatenate(out)
+        """The next n (dataset, sample) pairs of the global stream: int64 [n, 2]."""
+        out = np.empty((n, 2), dtype=np.int64)
+        for i in range(n):
+            if len(self.splits) == 1:
+                dataset = 0
+            else:
+                self.credit += self.weights
+                dataset = int(np.argmax(self.credit))
+                self.credit[dataset] -= 1.0
+            out[i] = dataset, self._take(dataset)
+        return out
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack(
-            [self.tokens.window(int(i) * self.seq_len, self.seq_len + 1) for i in indices]
-        )
+    def batch(self, pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.seq_len + 1
+        rows = np.stack([self.splits[d].window(int(i) * self.seq_len, length) for d, i in pairs])
         data = torch.from_numpy(rows)
         return data[:, :-1], data[:, 1:]
 
-    def next_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets, each [n, seq_len] int64."""
-        return self.batch(self.next_indices(n))
+    def next_batch(
+        self, n: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next global batch of n: inputs, targets [n/world, seq_len]."""
+        if n % world_size:
+            raise LoomError(
+                f"a global batch of {n} sequences does not split over {world_size} ranks"
+            )
+        pairs = self.next_indices(n)
+        share = n // world_size
+        return self.batch(pairs[rank * share : (rank + 1) * share])
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "seed": self.seed,
             "seq_len": self.seq_len,
+            "seed": self.seed,
+            "epoch": list(self.epoch),
+            "cursor": list(self.cursor),
+            "credit": self.credit.tolist(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -78,7 +114,14 @@ class TokenLoader:
                 f"train.seq_len={self.seq_len} cannot resume it "
                 f"(keep train.seq_len={state['seq_len']})"
             )
+        epochs = state["epoch"]
+        if len(epochs) != len(self.splits):
+            raise LoomError(
+                f"the checkpoint's data position covers {len(epochs)} dataset(s) but the data "
+                f"mixture has {len(self.splits)}; resume with the same datasets"
+            )
         self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.cursor = int(state["cursor"])
-        self._order = self._permutation(self.epoch)
+        self.epoch = [int(e) for e in epochs]
+        self.cursor = [int(c) for c in state["cursor"]]
+        self.credit = np.array(state["credit"], dtype=np.float64)
+        self._order = [self._permutation(d, e) for d, e in enumerate(self.epoch)]

@@ -1,16 +1,30 @@
-"""Input files to documents: globs expanded, text and JSONL read, every dropped record counted."""
+"""Input files to documents, streamed, with every skipped record counted.
+
+Formats by suffix (after an optional `.gz` or `.zst`): `.jsonl`/`.ndjson` (one record per
+line), `.json` (an array of records, read whole), `.parquet` (read in row batches), anything
+else is UTF-8 text: one document per file, per line, or per blank-line-separated paragraph.
+Documents without an `id` field are named `<name>:<line or row>` (`<name>` alone for a whole
+file), where `<name>` is the file's path relative to the inputs' common folder, so ids do not
+change when the corpus moves.
+"""
 
 from __future__ import annotations
 
 import glob
+import gzip
+import io
 import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any, Literal
 
 from loom.errors import LoomError
+
+TextUnit = Literal["file", "line", "paragraph"]
+_BATCH_ROWS = 4096
 
 
 @dataclass
@@ -26,7 +40,7 @@ class DropReport:
     by_reason: Counter[str] = field(default_factory=Counter)
     by_file: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
-    def drop(self, file: Path, reason: str) -> None:
+    def drop(self, file: Path | str, reason: str) -> None:
         self.by_reason[reason] += 1
         self.by_file[str(file)][reason] += 1
 
@@ -42,47 +56,17 @@ class DropReport:
         }
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+def expand_inputs(patterns: Sequence[str], what: str = "--input") -> list[Path]:
     """Sorted, de-duplicated files matching the globs; a glob that matches nothing is an error."""
     files: set[Path] = set()
     for pattern in patterns:
         if Path(pattern).is_dir():
-            raise LoomError(
-                f"--input {pattern} is a folder; give a glob such as {pattern}/**/*.txt"
-            )
+            raise LoomError(f"{what} {pattern} is a folder; give a glob such as {pattern}/**/*.txt")
         matches = [Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file()]
         if not matches:
-            raise LoomError(f"--input {pattern} matches no files")
+            raise LoomError(f"{what} {pattern} matches no files")
         files.update(matches)
     return sorted(files)
-
-
-def read_documents(
-    files: Sequence[Path], drops: DropReport, text_field: str = "text"
-) -> Iterator[Document]:
-    """`.jsonl` files give one document per line (its `text_field`); other files are one each.
-
-    Documents without an `id` are named by their file's path relative to the inputs' common
-    folder (plus the line for JSONL), so ids, and the split derived from them, do not change
-    when the corpus moves.
-    """
-    names = relative_names(files)
-    for path in files:
-        if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, names[path], drops, text_field)
-            continue
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            drops.drop(path, "not UTF-8")
-            continue
-        except OSError as e:
-            drops.drop(path, f"unreadable: {e.strerror}")
-            continue
-        if not text.strip():
-            drops.drop(path, "empty")
-            continue
-        yield Document(names[path], text)
 
 
 def relative_names(files: Sequence[Path]) -> dict[Path, str]:
@@ -93,30 +77,161 @@ def relative_names(files: Sequence[Path]) -> dict[Path, str]:
     return {p: p.resolve().relative_to(root).as_posix() for p in files}
 
 
-def _read_jsonl(path: Path, name: str, drops: DropReport, text_field: str) -> Iterator[Document]:
+def read_documents(
+    files: Sequence[Path], drops: DropReport, text_field: str = "text"
+) -> Iterator[Document]:
+    """Documents of several files, named by their relative paths."""
+    names = relative_names(files)
+    for path in files:
+        yield from read_file(path, names[path], drops, text_field)
+
+
+def read_file(
+    path: Path,
+    name: str,
+    drops: DropReport,
+    text_field: str = "text",
+    text_unit: TextUnit = "file",
+    strict: bool = False,
+) -> Iterator[Document]:
+    """Every document of one file. A file that breaks mid-way keeps what was read before and
+    counts one `unreadable` drop, unless `strict`, which raises instead."""
+    fmt = _format(path)
     try:
-        handle = path.open("rb")
-    except OSError as e:
-        drops.drop(path, f"unreadable: {e.strerror}")
+        if fmt == "parquet":
+            yield from _parquet(path, name, drops, text_field, strict)
+        elif fmt == "json":
+            with _open(path) as raw:
+                records = json.load(raw)
+            if not isinstance(records, list):
+                raise ValueError("a .json file must hold an array of records")
+            for i, record in enumerate(records, start=1):
+                doc = _record(record, f"{name}:{i}", text_field, path, drops, strict)
+                if doc is not None:
+                    yield doc
+        elif fmt == "jsonl":
+            with _open(path) as raw:
+                for i, line in enumerate(raw, start=1):
+                    if line.strip():
+                        yield from _jsonl_line(line, f"{name}:{i}", text_field, path, drops, strict)
+        else:
+            yield from _text(path, name, text_unit, drops, strict)
+    except LoomError:
+        raise
+    except Exception as e:  # gzip, zstandard, json and pyarrow each raise their own types
+        _skip(path, f"unreadable: {type(e).__name__}", drops, strict, str(e))
+
+
+def _format(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".zst"):
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}.get(
+        last, "text"
+    )
+
+
+def _open(path: Path) -> IO[bytes]:
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb")))
+    return path.open("rb")
+
+
+def _skip(path: Path, reason: str, drops: DropReport, strict: bool, detail: str = "") -> None:
+    if strict:
+        raise LoomError(f"{path}: {reason}{f' ({detail})' if detail else ''} (strict = true)")
+    drops.drop(path, reason)
+
+
+def _jsonl_line(
+    line: bytes, doc_id: str, text_field: str, path: Path, drops: DropReport, strict: bool
+) -> Iterator[Document]:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        _skip(path, "not UTF-8", drops, strict, doc_id)
         return
-    with handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
+    except json.JSONDecodeError:
+        _skip(path, "malformed JSON", drops, strict, doc_id)
+        return
+    doc = _record(record, doc_id, text_field, path, drops, strict)
+    if doc is not None:
+        yield doc
+
+
+def _record(
+    record: Any, doc_id: str, text_field: str, path: Path, drops: DropReport, strict: bool
+) -> Document | None:
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        _skip(path, f"no string field {text_field!r}", drops, strict, doc_id)
+        return None
+    if not text.strip():
+        _skip(path, "empty", drops, strict, doc_id)
+        return None
+    given = record.get("id")
+    return Document(str(given) if given is not None else doc_id, text)
+
+
+def _text(
+    path: Path, name: str, unit: TextUnit, drops: DropReport, strict: bool
+) -> Iterator[Document]:
+    with _open(path) as raw:
+        if unit == "file":
             try:
-                record = json.loads(raw.decode("utf-8"))
+                text = raw.read().decode("utf-8")
             except UnicodeDecodeError:
-                drops.drop(path, "not UTF-8")
+                _skip(path, "not UTF-8", drops, strict)
+                return
+            if text.strip():
+                yield Document(name, text)
+            else:
+                _skip(path, "empty", drops, strict)
+            return
+        paragraph: list[str] = []
+        start = 0
+        for i, line_bytes in enumerate(raw, start=1):
+            try:
+                line = line_bytes.decode("utf-8")
+            except UnicodeDecodeError:
+                _skip(path, "not UTF-8", drops, strict, f"line {i}")
                 continue
-            except json.JSONDecodeError:
-                drops.drop(path, "malformed JSON")
+            if unit == "line":
+                if line.strip():
+                    yield Document(f"{name}:{i}", line.rstrip("\n"))
                 continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                drops.drop(path, f"no string field {text_field!r}")
-                continue
-            if not text.strip():
-                drops.drop(path, "empty")
-                continue
-            doc_id = record.get("id")
-            yield Document(str(doc_id) if doc_id is not None else f"{name}:{line_no}", text)
+            if line.strip():
+                start = start or i
+                paragraph.append(line)
+            elif paragraph:
+                yield Document(f"{name}:{start}", "".join(paragraph).rstrip("\n"))
+                paragraph, start = [], 0
+        if paragraph:
+            yield Document(f"{name}:{start}", "".join(paragraph).rstrip("\n"))
+
+
+def _parquet(
+    path: Path, name: str, drops: DropReport, text_field: str, strict: bool
+) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    columns = [c for c in (text_field, "id") if c in table.schema_arrow.names]
+    if text_field not in columns:
+        _skip(path, f"no column {text_field!r}", drops, strict)
+        return
+    row = 0
+    for batch in table.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+        data = batch.to_pydict()
+        for i in range(batch.num_rows):
+            row += 1
+            record = {k: v[i] for k, v in data.items()}
+            doc = _record(record, f"{name}:{row}", text_field, path, drops, strict)
+            if doc is not None:
+                yield doc

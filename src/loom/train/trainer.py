@@ -91,15 +91,22 @@ class Trainer:
             raise LoomError(
                 'run_dir is not set; add run_dir = "..." to the config or pass --run_dir=DIR'
             )
-        if not cfg.data.path:
+        if not cfg.data.sources():
             raise LoomError(
                 "data.path is not set; pass --data.path=DIR (a folder made by `loom data tokenize`)"
             )
         self.run_dir = Path(cfg.run_dir)
-        self.dataset = TokenDataset(cfg.data.path)
+        datasets = [(TokenDataset(s.path), s.weight) for s in cfg.data.sources()]
+        self.dataset = datasets[0][0]
+        for other, _ in datasets[1:]:
+            if other.tokenizer_hash != self.dataset.tokenizer_hash:
+                raise LoomError(
+                    f"data.mix: {other.path} and {self.dataset.path} were tokenized with different "
+                    "tokenizers; prepare every dataset of a mixture with the same tokenizer"
+                )
         if self.dataset.vocab_size > cfg.model.vocab_size:
             raise LoomError(
-                f"the tokenizer of {cfg.data.path} has {self.dataset.vocab_size} tokens but "
+                f"the tokenizer of {self.dataset.path} has {self.dataset.vocab_size} tokens but "
                 f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size to at least "
                 f"{self.dataset.vocab_size} or train a smaller tokenizer"
             )
@@ -112,13 +119,15 @@ class Trainer:
             raise LoomError(
                 "train.precision=bf16 is not supported by this GPU; use train.precision=fp32"
             )
-        self.loader = TokenLoader(self.dataset.split("train"), t.seq_len, t.seed)
-        self.val = self.dataset.splits.get("val")
-        if self.val is not None and (self.val.num_tokens - 1) // t.seq_len < 1:
-            logger.warning(
-                "the validation split holds fewer than train.seq_len + 1 tokens; no validation loss"
-            )
-            self.val = None
+        self.loader = TokenLoader([(d.split("train"), w) for d, w in datasets], t.seq_len, t.seed)
+        # Validation: every dataset's val split that holds at least one sequence, same weights.
+        self.val = [
+            (d.splits["val"], w)
+            for d, w in datasets
+            if "val" in d.splits and (d.splits["val"].num_tokens - 1) // t.seq_len >= 1
+        ]
+        if not self.val:
+            logger.warning("no validation split holds train.seq_len + 1 tokens; no validation loss")
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
         self.resume_from = self.checkpointer.latest()
         resume_state = (
@@ -204,11 +213,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first `eval_batches` micro-batches of the validation split."""
-        assert self.val is not None
         t = self.cfg.train
         micro = t.micro_batch_size or t.batch_size
         loader = TokenLoader(self.val, t.seq_len, seed=0, shuffle=False)
-        n_samples = min(t.eval_batches * micro, loader.num_samples)
+        n_samples = min(t.eval_batches * micro, sum(loader.num_samples))
         indices = loader.next_indices(n_samples)
         self.model.eval()
         total = torch.zeros((), device=self.device)
@@ -253,7 +261,7 @@ class Trainer:
                 self.step += 1
                 interval_tokens += t.batch_size * t.seq_len
                 last = self.step == t.steps
-                do_eval = self.val is not None and (
+                do_eval = bool(self.val) and (
                     last or (t.eval_interval and self.step % t.eval_interval == 0)
                 )
                 if do_eval or last or self.step % cfg.metrics.log_interval == 0:

@@ -1,0 +1,141 @@
+"""A test corpus from real text with planted cases: the standard library's docstrings (one
+document per module), plus exact copies, near copies, machine garbage and short fragments.
+
+Near-copy similarity is measured here independently of Loom (Python sets of word 5-grams).
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+BOILERPLATE = (
+    "This page was generated automatically. All trademarks are the property of their owners. "
+    "Subscribe to the newsletter for weekly updates, and follow us for more articles like this. "
+    "Copyright notice: reproduction without permission is prohibited."
+)
+
+
+def word_ngrams(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    words = text.lower().split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = word_ngrams(a), word_ngrams(b)
+    return len(x & y) / len(x | y) if x | y else 1.0
+
+
+def docstring_documents(min_words: int = 80) -> list[tuple[str, str]]:
+    """(module name, its docstrings joined by blank lines) for each top-level stdlib module."""
+    docs = []
+    for path in sorted(STDLIB.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        parts = [ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, nodes)]
+        text = "\n\n".join(p for p in parts if p)
+        if len(text.split()) >= min_words:
+            docs.append((path.stem, text))
+    return docs
+
+
+@dataclass
+class Corpus:
+    distinct: dict[str, str] = field(default_factory=dict)  # id -> text, pairwise dissimilar
+    exact: dict[str, str] = field(default_factory=dict)  # copy id -> original id
+    near: dict[str, tuple[str, float]] = field(
+        default_factory=dict
+    )  # copy id -> (original, Jaccard)
+    garbage: dict[str, set[str]] = field(default_factory=dict)  # id -> filters that may drop it
+    short: list[str] = field(default_factory=list)
+    records: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # source -> records
+
+
+def build(seed: int = 0, max_distinct: int = 120) -> Corpus:
+    rng = random.Random(seed)
+    c = Corpus()
+    texts: list[tuple[str, str]] = []
+    for name, text in docstring_documents():
+        # Keep only documents unlike every one kept so far, so "distinct" really means it.
+        if all(jaccard(text, other) < 0.3 for _, other in texts):
+            texts.append((f"doc-{name}", text))
+        if len(texts) == max_distinct:
+            break
+    c.distinct = dict(texts)
+    web: list[dict[str, str]] = [{"id": i, "text": t} for i, t in texts[: len(texts) // 2]]
+    books: list[dict[str, str]] = [{"id": i, "text": t} for i, t in texts[len(texts) // 2 :]]
+    originals = [i for i, _ in texts]
+
+    for k, original in enumerate(rng.sample(originals, 10)):  # exact copies, some across sources
+        copy_id = f"exact-{k}"
+        c.exact[copy_id] = original
+        (web if k % 2 else books).append({"id": copy_id, "text": c.distinct[original]})
+
+    for k, original in enumerate(rng.sample(originals, 30)):  # near copies
+        text = c.distinct[original]
+        kind = k % 3
+        if kind == 0:  # a few words changed (2 %)
+            words = text.split(" ")
+            for pos in rng.sample(range(len(words)), max(1, len(words) // 50)):
+                words[pos] = rng.choice(["alpha", "beta", "gamma", "delta"])
+            copy = " ".join(words)
+        elif kind == 1:  # two paragraphs swapped
+            paragraphs = text.split("\n\n")
+            if len(paragraphs) > 1:
+                i, j = rng.sample(range(len(paragraphs)), 2)
+                paragraphs[i], paragraphs[j] = paragraphs[j], paragraphs[i]
+            copy = "\n\n".join(paragraphs)
+        else:  # boilerplate appended
+            copy = text + "\n\n" + BOILERPLATE
+        copy_id = f"near-{k}"
+        c.near[copy_id] = (original, jaccard(text, copy))
+        (books if k % 2 else web).append({"id": copy_id, "text": copy})
+
+    symbols = "#$%&*@^~|<>{}[]=+"
+    for k in range(4):  # random symbols
+        noise = " ".join(
+            "".join(rng.choice(symbols) for _ in range(rng.randint(2, 9))) for _ in range(120)
+        )
+        c.garbage[f"symbols-{k}"] = {
+            "alpha_words",
+            "symbol_word_ratio",
+            "stop_words",
+            "mean_word_length",
+        }
+        web.append({"id": f"symbols-{k}", "text": noise})
+    for k in range(4):  # the same few lines over and over
+        lines = ["Click here to continue reading the full story now.", "Advertisement"] * 30
+        c.garbage[f"repeated-{k}"] = {
+            "duplicate_lines",
+            "duplicate_line_chars",
+            "duplicate_paragraphs",
+        }
+        web.append({"id": f"repeated-{k}", "text": "\n".join(lines)})
+    for k in range(4):  # keyword spam
+        spam = " ".join(
+            rng.choice(["cheap pills", "buy now", "best price", "free shipping"])
+            for _ in range(150)
+        )
+        c.garbage[f"spam-{k}"] = {
+            "top_2gram_chars",
+            "top_3gram_chars",
+            "top_4gram_chars",
+            "stop_words",
+        } | {f"duplicate_{n}gram_chars" for n in range(5, 11)}
+        web.append({"id": f"spam-{k}", "text": spam})
+    for k in range(6):  # very short fragments
+        fragment = " ".join(c.distinct[rng.choice(originals)].split()[: rng.randint(3, 30)])
+        c.short.append(f"short-{k}")
+        books.append({"id": f"short-{k}", "text": fragment})
+
+    rng.shuffle(web)
+    rng.shuffle(books)
+    c.records = {"web": web, "books": books}
+    return c
