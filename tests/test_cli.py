@@ -188,12 +188,26 @@ def test_bad_input_is_one_error_line_from_a_real_process(tmp_path: Path) -> None
             ["generate", "{tmp}", "--prompt", "x", "--max-tokens", "many"],
             "invalid int value: 'many'",
         ),
+        (
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                "{tmp}/empty.txt",
+                "--vocab-size",
+                "300",
+                "--out",
+                "{tmp}/t",
+            ],
+            "no text to train",
+        ),
     ],
 )
 def test_bad_input_messages(
     args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "broken.toml").write_text("[train\n")
+    (tmp_path / "empty.txt").write_text("  ")
     code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
@@ -205,3 +219,39 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     proc = ok(run("-m", "loom.demo", "--steps", "4", "--out", str(tmp_path / "demo"), cwd=tmp_path))
     assert "$ loom generate" in proc.stdout and "validation loss:" in proc.stdout
     assert (tmp_path / "demo" / "run" / "checkpoints" / "step-4").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (["--max-tokens", "-5"], "--max-tokens -5 must be at least 1"),
+        (["--temperature", "nan"], "--temperature nan must be a finite number"),
+        (["--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+        (["--top-k", "-1"], "--top-k -1 must be ≥ 0"),
+    ],
+)
+def test_generate_arguments_are_validated(
+    flag: list[str], message: str, trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["generate", str(trained_run), "--prompt", "def ", *flag])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and message in err[0], err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    from loom.config import load_config
+    from loom.train.trainer import train
+
+    run = tmp_path_factory.mktemp("gen") / "run"
+    overrides = [
+        *TINY_MODEL,
+        f"--data.path={data_dir}",
+        f"--run_dir={run}",
+        "--train.steps=2",
+        "--train.seq_len=32",
+        "--train.batch_size=2",
+        "--metrics.progress=plain",
+    ]
+    train(load_config(None, overrides))
+    return run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,30 @@ def test_toml_type_errors_and_bad_files(tmp_path: Path) -> None:
         load_config(broken)
     with pytest.raises(LoomError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_optional_none_survives_the_resolved_config(tmp_path: Path) -> None:
+    cfg = load_config(None, ["--model.preset=llama3.1-8b", "--model.rope_scaling=none"])
+    assert cfg.model.rope_scaling is None
+    save_config(cfg, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml").model.rope_scaling is None
+
+
+@pytest.mark.parametrize(
+    "override", ["--optimizer.lr=nan", "--optimizer.grad_clip=inf", "--model.norm_eps=nan"]
+)
+def test_non_finite_numbers_are_refused(override: str) -> None:
+    with pytest.raises(LoomError, match="must be a finite number"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--optimizer.eps=-1", "optimizer.eps=-1.0 must be greater than 0"),
+        ("--model.init_std=-1", "model.init_std=-1.0 must not be negative"),
+    ],
+)
+def test_negative_settings_are_refused(override: str, message: str) -> None:
+    with pytest.raises(LoomError, match=re.escape(message)):
+        load_config(None, [override])

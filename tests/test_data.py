@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,86 @@ def test_output_does_not_depend_on_where_the_corpus_lives(
             {s: [sh["sha256"] for sh in v["shards"]] for s, v in manifest["splits"].items()}
         )
     assert digests[0] == digests[1] and digests[0]["val"]
+
+
+def test_literal_end_of_text_in_a_document_is_text(tmp_path: Path, tokenizer_dir: Path) -> None:
+    (tmp_path / "a.txt").write_text('tokens = ["<|endoftext|>", "<pad>"]  # special markers\n')
+    (tmp_path / "b.txt").write_text("a second document\n")
+    manifest = tokenize_to_shards(
+        TokenizeOptions(
+            inputs=[f"{tmp_path}/*.txt"],
+            tokenizer=str(tokenizer_dir),
+            out=str(tmp_path / "o"),
+            val_fraction=0,
+        )
+    )
+    tokens = np.fromfile(
+        tmp_path / "o" / manifest["splits"]["train"]["shards"][0]["path"], dtype=manifest["dtype"]
+    )
+    assert (tokens == manifest["tokenizer"]["eos_id"]).sum() == 2  # one per document, no more
+
+
+def test_out_folder_is_never_clobbered(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    project = tmp_path / "project"
+    (project / "train").mkdir(parents=True)
+    (project / "train" / "model.py").write_text("precious")
+    opts = TokenizeOptions(
+        inputs=[f"{corpus_dir}/a*.py"],
+        tokenizer=str(tokenizer_dir),
+        out=str(project),
+        overwrite=True,
+    )
+    with pytest.raises(LoomError, match="holds no Loom token shards"):
+        tokenize_to_shards(opts)
+    assert (project / "train" / "model.py").read_text() == "precious"
+    # A failing --overwrite leaves the previous shards usable.
+    good = tmp_path / "good"
+    tokenize_to_shards(
+        TokenizeOptions(inputs=[f"{corpus_dir}/a*.py"], tokenizer=str(tokenizer_dir), out=str(good))
+    )
+    before = TokenDataset(good).split("train").num_tokens
+    (tmp_path / "empty.txt").write_text("   ")
+    with pytest.raises(LoomError, match="no usable documents"):
+        tokenize_to_shards(
+            TokenizeOptions(
+                inputs=[str(tmp_path / "empty.txt")],
+                tokenizer=str(tokenizer_dir),
+                out=str(good),
+                overwrite=True,
+            )
+        )
+    assert TokenDataset(good).split("train").num_tokens == before
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda m: m.pop("dtype"), "malformed (KeyError"),
+        (lambda m: m.update(dtype="bogus"), "malformed"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(tokens="abc"), "malformed"),
+        (lambda m: m["tokenizer"].update(vocab_size=100), "does not match"),
+    ],
+)
+def test_tampered_manifest_is_refused(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, tamper, message: str
+) -> None:
+    out = tmp_path / "d"
+    tokenize_to_shards(
+        TokenizeOptions(inputs=[f"{corpus_dir}/a*.py"], tokenizer=str(tokenizer_dir), out=str(out))
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    tamper(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoomError, match=re.escape(message)):
+        TokenDataset(out)
+
+
+def test_tokenizer_training_needs_text_and_a_sane_size() -> None:
+    from loom.data.tokenizer import train_bpe
+
+    with pytest.raises(LoomError, match="no text to train"):
+        train_bpe(iter([]), 300)
+    with pytest.raises(LoomError, match="larger than the supported"):
+        train_bpe(["text"], 5_000_000_000)

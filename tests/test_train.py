@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,3 +320,139 @@ def test_damaged_checkpoint_is_reported_clearly(tiny_config: MakeConfig, tmp_pat
     data_file.write_bytes(data_file.read_bytes()[:100])  # truncated on disk
     with pytest.raises(LoomError, match=r"checkpoint .*step-4 could not be loaded"):
         Trainer(tiny_config("--train.steps=8"))
+
+
+# -- found in review: resume semantics ------------------------------------------------------
+
+
+def test_extending_a_run_follows_the_new_schedule_from_the_first_step(
+    tiny_config: MakeConfig,
+) -> None:
+    train(tiny_config("--train.steps=10", "--checkpoint.interval=10"))
+    cfg = tiny_config("--train.steps=20", "--checkpoint.interval=10")
+    train(cfg)
+    logged = {r["step"]: r["lr"] for r in read_metrics(Path(cfg.run_dir))}
+    for step in range(11, 21):  # lr used by step s is the multiplier after s-1 optimizer steps
+        assert logged[step] == pytest.approx(
+            cfg.optimizer.lr * lr_multiplier(step - 1, cfg.optimizer, 20)
+        )
+
+
+def test_resume_applies_changed_optimizer_settings(tiny_config: MakeConfig) -> None:
+    train(tiny_config("--train.steps=4"))
+    trainer = Trainer(
+        tiny_config(
+            "--train.steps=8",
+            "--optimizer.lr=1e-4",
+            "--optimizer.weight_decay=0.3",
+            "--optimizer.beta1=0.5",
+            "--optimizer.eps=1e-6",
+        )
+    )
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert decay["betas"] == (0.5, 0.95) and decay["eps"] == 1e-6
+    assert decay["lr"] == pytest.approx(1e-4 * lr_multiplier(4, trainer.cfg.optimizer, 8))
+    assert (
+        trainer.optimizer.state[next(iter(trainer.model.parameters()))]["step"] == 4
+    )  # state kept
+
+
+def test_metrics_logged_after_the_last_checkpoint_are_replaced_on_resume(
+    tiny_config: MakeConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["--train.steps=16", "--checkpoint.interval=10"]
+    train(tiny_config(*args, run_dir=tmp_path / "straight"))
+
+    class Crash(Exception):
+        """Stands for the process dying."""
+
+    original = Trainer.train_step
+
+    def step_then_crash(self: Trainer) -> tuple[torch.Tensor, torch.Tensor, float]:
+        if self.step == 13:  # steps 11-13 are logged, the last checkpoint is step 10
+            raise Crash
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_crash)
+    with pytest.raises(Crash):
+        train(tiny_config(*args, run_dir=tmp_path / "run"))
+    monkeypatch.setattr(Trainer, "train_step", original)
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 14, "loss": 5.')  # and a line cut short mid-write
+    assert max(r["step"] for r in read_metrics(tmp_path / "run")) == 13
+    train(tiny_config(*args, run_dir=tmp_path / "run"))
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+    assert len(read_metrics(tmp_path / "run")) == 16
+
+
+def test_rng_state_is_restored_on_resume(tiny_config: MakeConfig) -> None:
+    trainer = Trainer(tiny_config("--train.steps=4"))
+    trainer.run()
+    torch.manual_seed(12345)  # disturb the global generator
+    saved = torch.load(Path(trainer.run_dir) / "checkpoints" / "step-4" / "rng.pt")["cpu"]
+    Trainer(tiny_config("--train.steps=8"))
+    assert torch.equal(torch.get_rng_state(), saved)
+
+
+def test_seed_sets_the_data_order(tiny_config: MakeConfig, tmp_path: Path) -> None:
+    a = Trainer(tiny_config("--train.seed=1", run_dir=tmp_path / "a")).loader.next_indices(32)
+    b = Trainer(tiny_config("--train.seed=2", run_dir=tmp_path / "b")).loader.next_indices(32)
+    c = Trainer(tiny_config("--train.seed=1", run_dir=tmp_path / "c")).loader.next_indices(32)
+    assert not np.array_equal(a, b) and np.array_equal(a, c)
+
+
+def test_validation_loss_is_computed_on_the_validation_split(
+    tiny_config: MakeConfig, data_dir: Path
+) -> None:
+    from loom.data.shards import TokenDataset
+    from loom.train.trainer import cross_entropy
+
+    trainer = Trainer(tiny_config("--train.eval_batches=2"))
+    val = TokenDataset(data_dir).split("val")
+    windows = torch.stack([torch.from_numpy(val.window(i * 32, 33)) for i in range(8)])  # 2 × 4
+    with torch.no_grad():
+        expected = cross_entropy(trainer.model(windows[:, :-1]), windows[:, 1:]).item()
+    assert trainer.evaluate() == pytest.approx(expected, rel=1e-6)
+
+
+def test_pruning_never_removes_the_new_checkpoint(tiny_config: MakeConfig, tmp_path: Path) -> None:
+    train(tiny_config("--train.steps=20", "--checkpoint.interval=5", "--checkpoint.keep=2"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "latest").unlink()
+    (checkpoints / "latest").symlink_to("step-15")  # rolled back by hand
+    train(tiny_config("--train.steps=19", "--checkpoint.interval=3", "--checkpoint.keep=1"))
+    assert (checkpoints / "latest").resolve().name == "step-19"
+    assert Checkpointer(tmp_path / "run", 1).latest() == checkpoints / "step-19"
+
+
+def test_incomplete_or_odd_latest_is_refused(tiny_config: MakeConfig, tmp_path: Path) -> None:
+    train(tiny_config("--train.steps=4"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step-4" / "rng.pt").unlink()
+    with pytest.raises(LoomError, match="not a complete checkpoint"):
+        Trainer(tiny_config("--train.steps=8"))
+    (checkpoints / "latest").unlink()
+    (checkpoints / "latest").mkdir()
+    with pytest.raises(LoomError, match="should be a link"):
+        Trainer(tiny_config("--train.steps=8"))
+
+
+def test_resuming_on_other_data_is_refused(
+    tiny_config: MakeConfig, tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+) -> None:
+    train(tiny_config("--train.steps=2"))
+    other = tmp_path / "other"
+    tokenize_to_shards(
+        TokenizeOptions(
+            inputs=[f"{corpus_dir}/a*.py"], tokenizer=str(tokenizer_dir), out=str(other)
+        )
+    )
+    with pytest.raises(LoomError, match="trained on other data"):
+        Trainer(tiny_config("--train.steps=4", f"--data.path={other}"))
+
+
+def test_run_dir_that_is_a_file_is_refused(tiny_config: MakeConfig, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LoomError, match="is a file"):
+        Trainer(tiny_config(run_dir=tmp_path / "file"))

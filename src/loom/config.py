@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -163,6 +164,11 @@ def load_tree(cls: type[T], path: str | Path | None, overrides: Sequence[str] = 
     return _build(cls, read_with_overrides(path, overrides), "")
 
 
+def model_config(architecture: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from the architecture record a checkpoint keeps (validated like config)."""
+    return _build(ModelConfig, dict(architecture), "model")
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
     model_raw = raw.pop("model", {})
@@ -189,11 +195,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def _to_raw(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {
-            f.name: _to_raw(getattr(obj, f.name))
-            for f in dataclasses.fields(obj)
-            if getattr(obj, f.name) is not None
-        }
+        return {f.name: _to_raw(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if obj is None:
+        return "none"
     if isinstance(obj, dict):
         return {k: _to_raw(v) for k, v in obj.items()}
     return obj
@@ -223,8 +227,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, _CliValue) and value.lower() in ("none", "null")):
-            return None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None  # TOML has no null: optional fields are written as "none"
         return _coerce(options[0], value, key)
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -249,9 +253,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise LoomError(f"{key} must be a list, got {value!r}")
         return [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, _CliValue):
-        return _from_cli(tp, value, key)
+        value = _from_cli(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise LoomError(f"{key} must be a finite number, got {value}")
     if tp in (int, float, str, bool) and not (
         isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     ):
@@ -315,6 +321,7 @@ def validate(cfg: Config) -> None:
             "optimizer.lr": o.lr,
             "model.rope_theta": m.rope_theta,
             "model.norm_eps": m.norm_eps,
+            "optimizer.eps": o.eps,
         }
     )
     _non_negative(
@@ -326,6 +333,7 @@ def validate(cfg: Config) -> None:
             "optimizer.weight_decay": o.weight_decay,
             "optimizer.grad_clip": o.grad_clip,
             "model.head_dim": m.head_dim,
+            "model.init_std": m.init_std,
         }
     )
     if m.head_dim == 0 and m.dim % m.n_heads:

@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     if not CONFIG.is_file():
         sys.exit(f"demo needs {CONFIG}; run it from a Loom checkout")
     out = Path(args.out)
+    marker = out / ".loom-demo"
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        sys.exit(f"demo: {out} exists and was not made by the demo; pass another --out")
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    marker.touch()
     corpus = f"{sysconfig.get_paths()['stdlib']}/*.py"
     started = time.perf_counter()
 

@@ -102,6 +102,7 @@ class TokenLoader:
         return {
             "seq_len": self.seq_len,
             "seed": self.seed,
+            "num_samples": list(self.num_samples),
             "epoch": list(self.epoch),
             "cursor": list(self.cursor),
             "credit": self.credit.tolist(),
@@ -114,12 +115,13 @@ class TokenLoader:
                 f"train.seq_len={self.seq_len} cannot resume it "
                 f"(keep train.seq_len={state['seq_len']})"
             )
-        epochs = state["epoch"]
-        if len(epochs) != len(self.splits):
+        if state["num_samples"] != self.num_samples:
             raise LoomError(
-                f"the checkpoint's data position covers {len(epochs)} dataset(s) but the data "
-                f"mixture has {len(self.splits)}; resume with the same datasets"
+                f"the checkpoint's data position belongs to dataset(s) of {state['num_samples']} "
+                f"sequences, but the data given now has {self.num_samples}; "
+                "resume with the same data"
             )
+        epochs = state["epoch"]
         self.seed = int(state["seed"])
         self.epoch = [int(e) for e in epochs]
         self.cursor = [int(c) for c in state["cursor"]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,23 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
+def is_shard_folder(path: Path) -> bool:
+    """True when `path` holds a Loom token-shard manifest."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder `new` in place of `target`; the old manifest goes first, so no
+    moment exists at which a manifest lists shards that are not there."""
+    if target.exists():
+        (target / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(target)
+    os.replace(new, target)
+
+
 @dataclass
 class SplitTokens:
     """One split's shards, memory-mapped and addressable as one concatenated token stream."""
@@ -121,6 +139,7 @@ class TokenDataset:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.dtype = np.dtype(self.manifest["dtype"])
+        self._check_tokenizer()
         self.splits = {
             name: self._open_split(name) for name in SPLITS if name in self.manifest["splits"]
         }
@@ -136,6 +155,26 @@ class TokenDataset:
     @property
     def tokenizer_path(self) -> Path:
         return self.path / self.manifest["tokenizer"]["path"]
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the training data: the checksums of its shards."""
+        shards = self.manifest["splits"].get("train", {}).get("shards", [])
+        digest = hashlib.sha256(json.dumps([s["sha256"] for s in shards]).encode())
+        return digest.hexdigest()[:16]
+
+    def _check_tokenizer(self) -> None:
+        from loom.data.tokenizer import load_tokenizer, tokenizer_hash
+
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        if (
+            tokenizer_hash(tokenizer) != self.tokenizer_hash
+            or tokenizer.get_vocab_size() != self.vocab_size
+        ):
+            raise LoomError(
+                f"{self.tokenizer_path} does not match {self.path / MANIFEST} (hash or vocabulary "
+                "size differ): the folder was altered; prepare it again"
+            )
 
     def split(self, name: str) -> SplitTokens:
         if name not in self.splits or self.splits[name].num_tokens == 0:
@@ -181,4 +220,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise LoomError(f"{file} is not valid JSON ({e}); re-run `loom data tokenize`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LoomError(f"{file} is not a Loom token-shard manifest (expected format {FORMAT})")
+    try:
+        if np.dtype(manifest["dtype"]) not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+            raise ValueError(f"dtype {manifest['dtype']} is not uint16 or uint32")
+        tokenizer = manifest["tokenizer"]
+        str(tokenizer["path"]), str(tokenizer["hash"]), int(tokenizer["vocab_size"])
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                if int(shard["tokens"]) < 0 or not str(shard["path"]) or not str(shard["sha256"]):
+                    raise ValueError(f"bad shard entry {shard}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LoomError(
+            f"{file} is malformed ({type(e).__name__}: {e}); prepare the data again"
+        ) from None
     return manifest

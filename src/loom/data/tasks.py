@@ -200,6 +200,7 @@ def tokenize_kept(task: TokenizeTask) -> dict[str, Any]:
         return json.loads((folder / STATS_FILE).read_text())
     tmp = fresh_tmp(folder)
     tokenizer = load_tokenizer(task.tokenizer)
+    tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a text is text, not a boundary
     eos = eos_id(tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     lengths: list[int] = []
@@ -231,9 +232,11 @@ def tokenize_kept(task: TokenizeTask) -> dict[str, Any]:
             if status != KEEP:
                 if dropped_out is not None:
                     record = {
-                        "id": doc["id"], "source": task.source, "reason": REASONS[status],
+                        "id": doc["id"],
+                        "source": task.source,
+                        "reason": REASONS[status],
                         "duplicate_of": task.duplicate_of[local],
-                    }  # fmt: skip
+                    }
                     dropped_out.write(json.dumps(record) + "\n")
                 continue
             if kept_out is not None:

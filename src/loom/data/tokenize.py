@@ -13,7 +13,15 @@ from typing import Any
 import numpy as np
 
 from loom.data.readers import Document, DropReport, expand_inputs, read_documents
-from loom.data.shards import FORMAT, MANIFEST, ShardWriter, token_dtype, write_manifest
+from loom.data.shards import (
+    FORMAT,
+    MANIFEST,
+    ShardWriter,
+    is_shard_folder,
+    replace_folder,
+    token_dtype,
+    write_manifest,
+)
 from loom.data.tokenizer import eos_id, load_tokenizer, save_tokenizer, tokenizer_hash
 from loom.errors import LoomError
 from loom.log import logger
@@ -47,12 +55,20 @@ def tokenize_to_shards(opts: TokenizeOptions) -> dict[str, Any]:
         raise LoomError(f"--shard-tokens {opts.shard_tokens} must be positive")
     files = expand_inputs(opts.inputs)
     tokenizer = load_tokenizer(opts.tokenizer)
-    out = Path(opts.out)
-    if (out / MANIFEST).exists() and not opts.overwrite:
-        raise LoomError(f"{out} already holds token shards; pass --overwrite to replace them")
-    for split in ("train", "val"):
-        shutil.rmtree(out / split, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a text is text, not a boundary
+    final = Path(opts.out)
+    if final.exists() and any(final.iterdir()):
+        if not is_shard_folder(final):
+            raise LoomError(
+                f"--out {final} is a non-empty folder that holds no Loom token shards; "
+                "choose a new or empty folder"
+            )
+        if not opts.overwrite:
+            raise LoomError(f"{final} already holds token shards; pass --overwrite to replace them")
+    # Build beside the target and swap at the end: a failure leaves the old shards intact.
+    out = final.with_name(final.name + ".partial")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     save_tokenizer(tokenizer, out / "tokenizer")
 
     started = time.perf_counter()
@@ -100,6 +116,8 @@ def tokenize_to_shards(opts: TokenizeOptions) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_manifest(out, manifest)
+    replace_folder(out, final)
+    out = final
     logger.info(
         "tokenized %d documents (%d dropped) into %d train + %d val tokens in %s",
         kept,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -13,6 +13,7 @@ from loom.errors import LoomError
 
 EOS = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+MAX_VOCAB = 1 << 21  # token ids are stored as uint32; beyond 2M merges training is impractical
 
 
 def train_bpe(
@@ -24,6 +25,16 @@ def train_bpe(
             f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
             f"{256 + len(special_tokens)} (256 bytes + special tokens)"
         )
+    if vocab_size > MAX_VOCAB:
+        raise LoomError(f"--vocab-size {vocab_size} is larger than the supported {MAX_VOCAB:,}")
+    seen = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal seen
+        for text in texts:
+            seen += 1
+            yield text
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -33,7 +44,9 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(counted(), trainer=trainer)
+    if seen == 0:
+        raise LoomError("no text to train the tokenizer on: every input was empty or unreadable")
     return tokenizer
 
 

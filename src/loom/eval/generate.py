@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-from loom.config import config_from_dict, read_toml
+from loom.config import model_config
 from loom.data.tokenizer import EOS, load_tokenizer
 from loom.errors import LoomError
 from loom.models.llama import ModelConfig, Transformer, build_model
-from loom.train.checkpoint import Checkpointer, is_complete, load_model_weights
+from loom.train.checkpoint import Checkpointer, is_complete, load_model_weights, read_state
 
 
 class ContiguousKVCache:
@@ -77,6 +78,14 @@ def generate(
     """Continue `prompt`; returns the new token ids (without the prompt)."""
     if not prompt:
         raise LoomError("the prompt is empty; give at least one token of text")
+    if max_new_tokens < 1:
+        raise LoomError(f"--max-tokens {max_new_tokens} must be at least 1")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise LoomError(f"--temperature {temperature} must be a finite number ≥ 0 (0 = greedy)")
+    if top_k < 0:
+        raise LoomError(f"--top-k {top_k} must be ≥ 0 (0 = off)")
+    if not 0 < top_p <= 1:
+        raise LoomError(f"--top-p {top_p} must be in (0, 1] (1 = off)")
     max_len = model.cfg.max_seq_len
     if len(prompt) + max_new_tokens > max_len:
         raise LoomError(
@@ -119,8 +128,8 @@ def load_for_generation(path: str | Path, device: torch.device) -> tuple[Transfo
         if found is None:
             raise LoomError(f"run folder {p} has no complete checkpoint yet; train it first")
         checkpoint = found
-    cfg = config_from_dict(read_toml(run_dir / "config.toml"))
-    model = build_model(cfg.model, device)
+    # The checkpoint's own record of its architecture, not the run's latest config.
+    model = build_model(model_config(read_state(checkpoint)["model"]), device)
     model.init_buffers()
     load_model_weights(checkpoint, model)
     return model, run_dir

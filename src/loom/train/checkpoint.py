@@ -68,6 +68,8 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The checkpoint to resume from: `latest`, else the newest complete step folder."""
         link = self.dir / "latest"
+        if link.exists() and not link.is_symlink():
+            raise LoomError(f"{link} should be a link to a step folder; remove or replace it")
         if not link.is_symlink():
             complete = [p for _, p in self.steps() if is_complete(p)]
             if complete:
@@ -99,7 +101,7 @@ class Checkpointer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _point_latest(self.dir, final.name)
-        self._prune()
+        self._prune(step)
         logger.debug("saved checkpoint %s", final)
         return final
 
@@ -126,9 +128,12 @@ class Checkpointer:
             (int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP_DIR.match(p.name))
         )
 
-    def _prune(self) -> None:
-        steps = self.steps()
-        for _, path in steps[: max(0, len(steps) - self.keep)]:
+    def _prune(self, current: int) -> None:
+        """Keep the newest `keep` checkpoints up to `current`. Folders of later steps (left by a
+        run that was rolled back) are not counted and not touched: they are overwritten when
+        training reaches their step again."""
+        older = [path for step, path in self.steps() if step <= current]
+        for path in older[: max(0, len(older) - self.keep)]:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -136,11 +141,20 @@ def is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in (".metadata", STATE_FILE, RNG_FILE))
 
 
+STATE_KEYS = ("step", "model", "tokenizer_hash", "data", "loader", "scheduler", "tokens_seen")
+
+
 def read_state(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / STATE_FILE).read_text())
+        state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError) as e:
         raise LoomError(f"checkpoint {path} has no readable {STATE_FILE}: {e}") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else STATE_KEYS
+    if missing:
+        raise LoomError(
+            f"checkpoint {path}: {STATE_FILE} lacks {', '.join(missing)}; it is damaged"
+        )
+    return state
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:

@@ -56,14 +56,23 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, torn = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn += bool(line.strip())  # a line cut short by a crash mid-write
+    if torn:
+        logger.warning("skipped %d unreadable line(s) in %s", torn, path)
+    return records
 
 
 def _trim(path: Path, resume_step: int) -> None:
     if not path.exists():
         return
-    kept = [r for r in read_metrics(path.parent) if r.get("step", 0) <= resume_step]
-    dropped = sum(1 for line in path.read_text().splitlines() if line.strip()) - len(kept)
+    records = read_metrics(path.parent)
+    kept = [r for r in records if r.get("step", 0) <= resume_step]
+    dropped = len(records) - len(kept)
     if dropped:
         logger.info("dropped %d metric record(s) logged after step %d", dropped, resume_step)
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))

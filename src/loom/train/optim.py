@@ -47,3 +47,24 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int
 ) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, total_steps))
+
+
+def apply_optimizer_config(
+    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg: OptimizerConfig
+) -> None:
+    """After loading a checkpoint: the config's hyper-parameters win over the saved ones.
+
+    The saved param groups carry the old lr, betas, eps and weight decay; resuming with a new
+    config (a lower lr, a longer schedule) must train with the new values from the next step
+    on. The schedule is re-evaluated at the saved step with the current lambda.
+    """
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    multiplier = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
+        group.update(
+            lr=cfg.lr * multiplier,
+            initial_lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=weight_decay,
+        )

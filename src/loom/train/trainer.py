@@ -27,7 +27,7 @@ from loom.parallel.compile import compile_forward_loss, forward_loss
 from loom.planner.hardware import peak_flops
 from loom.train.checkpoint import Checkpointer, read_state
 from loom.train.metrics import MetricsWriter, peak_memory_gib
-from loom.train.optim import build_optimizer, build_scheduler
+from loom.train.optim import apply_optimizer_config, build_optimizer, build_scheduler
 
 
 @dataclass
@@ -52,8 +52,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def check_resumable(checkpoint: Path, cfg: Config, dataset: TokenDataset) -> dict[str, Any]:
-    """Refuse to resume a checkpoint made for another model, sequence length or tokenizer."""
+def check_resumable(
+    checkpoint: Path, cfg: Config, data: list[str], tokenizer: str
+) -> dict[str, Any]:
+    """Refuse to resume a checkpoint made for another model, sequence length, tokenizer or data."""
     state = read_state(checkpoint)
     saved, current = state.get("model", {}), cfg.model.architecture()
     diffs = [
@@ -74,11 +76,16 @@ def check_resumable(checkpoint: Path, cfg: Config, dataset: TokenDataset) -> dic
             f"cannot continue with train.seq_len={cfg.train.seq_len} "
             f"(keep {saved_seq} or use a new run_dir)"
         )
-    if state.get("tokenizer_hash") != dataset.tokenizer_hash:
+    if state["tokenizer_hash"] != tokenizer:
         raise LoomError(
-            f"run_dir {run_dir} was trained with another tokenizer than the one of data.path "
-            f"{dataset.path}; use data tokenized with the run's tokenizer ({run_dir}/tokenizer) "
+            f"run_dir {run_dir} was trained with another tokenizer than the one of the data given "
+            f"now; use data tokenized with the run's tokenizer ({run_dir}/tokenizer) "
             "or a new run_dir"
+        )
+    if state["data"] != data:
+        raise LoomError(
+            f"run_dir {run_dir} was trained on other data than the data given now; resume with "
+            "the same data.path / data.mix, or start a new run_dir"
         )
     return state
 
@@ -96,8 +103,11 @@ class Trainer:
                 "data.path is not set; pass --data.path=DIR (a folder made by `loom data tokenize`)"
             )
         self.run_dir = Path(cfg.run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise LoomError(f"run_dir {self.run_dir} is a file; choose a folder")
         datasets = [(TokenDataset(s.path), s.weight) for s in cfg.data.sources()]
         self.dataset = datasets[0][0]
+        self.data_identity = [d.fingerprint for d, _ in datasets]
         for other, _ in datasets[1:]:
             if other.tokenizer_hash != self.dataset.tokenizer_hash:
                 raise LoomError(
@@ -131,7 +141,9 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
         self.resume_from = self.checkpointer.latest()
         resume_state = (
-            check_resumable(self.resume_from, cfg, self.dataset) if self.resume_from else None
+            check_resumable(self.resume_from, cfg, self.data_identity, self.dataset.tokenizer_hash)
+            if self.resume_from
+            else None
         )
 
         # Input is valid: from here on the run folder is written.
@@ -154,9 +166,17 @@ class Trainer:
             assert resume_state is not None
             self.checkpointer.load(self.resume_from, self.model, self.optimizer)
             self.scheduler.load_state_dict(resume_state["scheduler"])
+            apply_optimizer_config(self.optimizer, self.scheduler, cfg.optimizer)
+            if resume_state["loader"]["seed"] != t.seed:
+                logger.warning(
+                    "train.seed=%d differs from the run's seed %d; the data order continues with "
+                    "the run's seed",
+                    t.seed,
+                    resume_state["loader"]["seed"],
+                )
             self.loader.load_state_dict(resume_state["loader"])
             self.step = int(resume_state["step"])
-            self.tokens_seen = int(resume_state.get("tokens_seen", 0))
+            self.tokens_seen = int(resume_state["tokens_seen"])
             logger.info("resumed from %s (step %d)", self.resume_from, self.step)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -204,7 +224,7 @@ class Trainer:
         """Clip, step, advance the schedule; returns the pre-clip gradient norm and the lr used."""
         clip = self.cfg.optimizer.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -232,6 +252,7 @@ class Trainer:
             "model": self.cfg.model.architecture(),
             "model_preset": self.cfg.model.preset,
             "tokenizer_hash": self.dataset.tokenizer_hash,
+            "data": self.data_identity,
             "loader": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "tokens_seen": self.tokens_seen,
