@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers
+from report import write_section  # benchmarks/ is on the path when a script in it runs
 from torch import nn
 
 from loom.config import OptimizerConfig
@@ -30,11 +31,6 @@ from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_los
 from loom.planner.hardware import peak_flops
 from loom.train.optim import build_optimizer
 from loom.train.trainer import cross_entropy
-
-try:
-    from report import write_section
-except ImportError:  # run as a module
-    from benchmarks.report import write_section
 
 BENCH_MODEL = ModelConfig(
     preset="bench-34m",
