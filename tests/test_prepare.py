@@ -394,3 +394,69 @@ def test_inspect_prints_the_funnel(dedup_only) -> None:
         "share",
     ):
         assert word in proc.stdout
+
+
+def test_training_on_a_mixture_of_prepared_datasets(
+    dedup_only, raw_dir, tmp_path, data_dir
+) -> None:
+    from loom.config import load_config
+    from loom.train.trainer import Trainer
+
+    first, _ = dedup_only
+    # A second dataset prepared with the first one's tokenizer, from one source only.
+    second = tmp_path / "second"
+    second.mkdir()
+    config = write_config(second, raw_dir)
+    text = config.read_text().replace(
+        "[tokenizer]\nvocab_size = 600", f'[tokenizer]\ntrain = false\npath = "{first}/tokenizer"'
+    )
+    config.write_text(text)
+    prepare(load_prepare_config(config, ["--filters.enabled=false"]))
+    mix = tmp_path / "train.toml"
+    mix.write_text(f"""
+run_dir = "{tmp_path}/run"
+[model]
+vocab_size = 600
+dim = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_hidden = 128
+[train]
+steps = 3
+batch_size = 4
+seq_len = 32
+[metrics]
+progress = "plain"
+[[data.mix]]
+path = "{first}"
+weight = 3.0
+[[data.mix]]
+path = "{second}/out"
+weight = 1.0
+""")
+    trainer = Trainer(load_config(mix))
+    assert trainer.loader.weights.tolist() == [0.75, 0.25]
+    assert len(trainer.val) == 2  # both validation splits are evaluated
+    result = trainer.run()
+    assert result.step == 3 and np.isfinite(result.val_losses[3])
+    assert [m.weight for m in load_config(tmp_path / "run" / "config.toml").data.mix] == [3.0, 1.0]
+    other = mix.read_text().replace(f"{second}/out", str(data_dir))  # another tokenizer
+    mix.write_text(other.replace(f'run_dir = "{tmp_path}/run"', f'run_dir = "{tmp_path}/run2"'))
+    with pytest.raises(LoomError, match="different tokenizers"):
+        Trainer(load_config(mix))
+
+
+def test_example_config_is_valid(tmp_path, monkeypatch) -> None:
+    from loom.data.prepare import validate
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "raw" / "web").mkdir(parents=True)
+    (tmp_path / "raw" / "books").mkdir()
+    (tmp_path / "raw" / "web" / "a.jsonl.zst").write_bytes(b"")
+    (tmp_path / "raw" / "books" / "b.txt").write_text("x")
+    cfg = load_prepare_config(repo / "configs" / "data-prepare.toml", ["--dedup.threshold=0.7"])
+    files = validate(cfg)
+    assert [s.name for s in cfg.sources] == ["web", "books"] and cfg.dedup.threshold == 0.7
+    assert set(files) == {"web", "books"}

@@ -200,6 +200,8 @@ def _to_raw(obj: Any) -> Any:
         return "none"
     if isinstance(obj, dict):
         return {k: _to_raw(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_raw(v) for v in obj]
     return obj
 
 
