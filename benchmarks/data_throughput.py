@@ -22,6 +22,7 @@ import ast
 import json
 import random
 import statistics
+import sys
 import sysconfig
 import tempfile
 import time
@@ -29,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 from report import write_section  # benchmarks/ is on the path when a script in it runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from corpus import jaccard
 
 from loom.data.dedup import DedupConfig, band_keys, bands_rows, near_duplicate_of
 from loom.data.hashing import MinHasher, shingles
@@ -59,16 +63,6 @@ def documents(min_words: int = 40) -> list[str]:
                 if doc and len(doc.split()) >= min_words:
                     texts.append(doc)
     return list(dict.fromkeys(texts))  # drop the standard library's own exact repeats
-
-
-def word_ngrams(text: str, n: int = 5) -> set[tuple[str, ...]]:
-    words = text.lower().split()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
-def jaccard(a: str, b: str) -> float:
-    x, y = word_ngrams(a), word_ngrams(b)
-    return len(x & y) / len(x | y) if x | y else 1.0
 
 
 def planted_corpus(

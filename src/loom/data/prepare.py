@@ -179,9 +179,10 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     tokenize_tasks = _tokenize_tasks(cfg, out, work, clean_tasks, dedup, tokenizer_dir)
     tokenized = run_tasks("tokenize", tokenize_kept, tokenize_tasks, cfg.executor)
     _remove_stale(out, work, clean_tasks, tokenize_tasks)
-    manifest = _pack(
-        cfg, out, clean_tasks, tokenize_tasks, cleaned, tokenized, dedup, tokenizer_dir, files
+    job = _Job(
+        cfg, out, files, clean_tasks, cleaned, dedup, tokenizer_dir, tokenize_tasks, tokenized
     )
+    manifest = _pack(job)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     write_manifest(out, manifest)
     logger.info(
@@ -191,6 +192,21 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         len(manifest["splits"]["train"]["shards"]),
     )
     return manifest
+
+
+@dataclass
+class _Job:
+    """What the stages of one run produced, for packing the shards and writing the manifest."""
+
+    cfg: PrepareConfig
+    out: Path
+    files: dict[str, list[Path]]
+    clean_tasks: list[CleanTask]
+    cleaned: list[dict[str, Any]]
+    dedup: dict[str, Any]
+    tokenizer_dir: Path
+    tokenize_tasks: list[TokenizeTask]
+    tokenized: list[dict[str, Any]]
 
 
 def _clean_tasks(
@@ -414,18 +430,10 @@ def _remove_stale(
                 file.unlink()
 
 
-def _pack(
-    cfg: PrepareConfig,
-    out: Path,
-    clean_tasks: list[CleanTask],
-    tokenize_tasks: list[TokenizeTask],
-    cleaned: list[dict[str, Any]],
-    tokenized: list[dict[str, Any]],
-    dedup: dict[str, Any],
-    tokenizer_dir: Path,
-    files: dict[str, list[Path]],
-) -> dict[str, Any]:
-    tokenizer = load_tokenizer(tokenizer_dir)
+def _pack(job: _Job) -> dict[str, Any]:
+    """Mix, shuffle and write the shards; returns the manifest."""
+    cfg, out, tokenize_tasks = job.cfg, job.out, job.tokenize_tasks
+    tokenizer = load_tokenizer(job.tokenizer_dir)
     dtype = token_dtype(tokenizer.get_vocab_size())
     o = cfg.output
     # Per task: token files and per-document metadata.
@@ -489,36 +497,19 @@ def _pack(
             if split == "train":
                 mixed_tokens[source_of[task_i]] += int(end - begin)
         splits[split] = {"documents": len(table), "tokens": tokens_total, "shards": writer.close()}
-    return _manifest(
-        cfg,
-        out,
-        clean_tasks,
-        cleaned,
-        tokenized,
-        dedup,
-        tokenizer,
-        files,
-        splits,
-        train_tokens,
-        mixed_tokens,
-        factors,
-    )
+    return _manifest(job, tokenizer, splits, train_tokens, mixed_tokens, factors)
 
 
 def _manifest(
-    cfg: PrepareConfig,
-    out: Path,
-    clean_tasks: list[CleanTask],
-    cleaned: list[dict[str, Any]],
-    tokenized: list[dict[str, Any]],
-    dedup: dict[str, Any],
+    job: _Job,
     tokenizer: Any,
-    files: dict[str, list[Path]],
     splits: dict[str, Any],
     train_tokens: dict[str, int],
     mixed_tokens: dict[str, int],
     factors: dict[str, float],
 ) -> dict[str, Any]:
+    cfg, clean_tasks, cleaned, dedup = job.cfg, job.clean_tasks, job.cleaned, job.dedup
+    tokenized, files = job.tokenized, job.files
     names = [s.name for s in cfg.sources]
     zero = {"documents_in": 0, "documents_out": 0, "bytes_in": 0, "bytes_out": 0}
     stages = {

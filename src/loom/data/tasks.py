@@ -1,7 +1,7 @@
 """The per-file tasks of `loom data prepare`, run in parallel (see executor.py).
 
-Each task writes into `<work>/<task>.tmp/` and renames it to `<work>/<task>/` when complete,
-so a task folder that exists is finished and a restarted run skips it.
+Each task writes into `<work>/<task>.tmp/` and renames it to `<work>/<task>/` when complete
+(see `resumable`), so a task folder that exists is finished and a restarted run skips it.
 
 clean_file (stage A): read -> normalise -> filter -> redact PII, one input file; writes the
 kept documents, their exact hashes, MinHash signatures and LSH band keys.
@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,22 +50,35 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def is_done(folder: Path) -> bool:
-    return (folder / STATS_FILE).is_file()
+Stats = dict[str, Any]
 
 
-def fresh_tmp(folder: Path) -> Path:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+def resumable(work: Callable[[Any, Path], Stats]) -> Callable[[Any], Stats]:
+    """Run `work(task, tmp)` unless `task.folder` is already complete; publish its `tmp`
+    folder (with the stats it returns) by renaming it when it has finished."""
 
+    def run(task: Any) -> Stats:
+        folder = Path(task.folder)
+        if (folder / STATS_FILE).is_file():
+            return json.loads((folder / STATS_FILE).read_text())
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        stats = work(task, tmp)
+        (tmp / STATS_FILE).write_text(json.dumps(stats))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        return stats
 
-def finish(tmp: Path, folder: Path, stats: dict[str, Any]) -> dict[str, Any]:
-    (tmp / STATS_FILE).write_text(json.dumps(stats))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return stats
+    # Pickled by reference as the module-level name; no __wrapped__, because executors such as
+    # Ray read the signature of what they run, and that is run(task).
+    run.__name__, run.__qualname__, run.__module__ = (
+        work.__name__,
+        work.__qualname__,
+        work.__module__,
+    )
+    run.__doc__ = work.__doc__
+    return run
 
 
 def read_docs(folder: Path) -> Iterator[dict[str, str]]:
@@ -96,11 +109,8 @@ class CleanTask:
     rows: int
 
 
-def clean_file(task: CleanTask) -> dict[str, Any]:
-    folder = Path(task.folder)
-    if is_done(folder):
-        return json.loads((folder / STATS_FILE).read_text())
-    tmp = fresh_tmp(folder)
+@resumable
+def clean_file(task: CleanTask, tmp: Path) -> Stats:
     drops = DropReport()
     quality = QualityFilter(task.filters)
     redactions: Counter[str] = Counter()
@@ -173,7 +183,7 @@ def clean_file(task: CleanTask) -> dict[str, Any]:
         "read_dropped": drops.to_dict(),
         "redactions": dict(redactions),
     }
-    return finish(tmp, folder, stats)
+    return stats
 
 
 # -- stage C ----------------------------------------------------------------------------------
@@ -194,11 +204,8 @@ class TokenizeTask:
     dropped_file: str
 
 
-def tokenize_kept(task: TokenizeTask) -> dict[str, Any]:
-    folder = Path(task.folder)
-    if is_done(folder):
-        return json.loads((folder / STATS_FILE).read_text())
-    tmp = fresh_tmp(folder)
+@resumable
+def tokenize_kept(task: TokenizeTask, tmp: Path) -> Stats:
     tokenizer = load_tokenizer(task.tokenizer)
     tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a text is text, not a boundary
     eos = eos_id(tokenizer)
@@ -267,7 +274,7 @@ def tokenize_kept(task: TokenizeTask) -> dict[str, Any]:
         "train_tokens": int(per_doc[~flags].sum()),
         "val_tokens": int(per_doc[flags].sum()),
     }
-    return finish(tmp, folder, stats)
+    return stats
 
 
 def _optional_output(files: ExitStack, target: str) -> IO[str] | None:
