@@ -67,7 +67,6 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
             ["--optimizer.decay_steps=10", "--train.steps=20"],
             "optimizer.decay_steps=10 is shorter than train.steps=20",
         ),
-        (["--parallel.tp=2"], "parallel.tp=2"),
         (["train.steps=3"], "must look like --section.key=value"),
     ],
 )

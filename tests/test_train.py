@@ -50,8 +50,8 @@ def test_resume_is_bit_exact(tiny_config: MakeConfig, tmp_path: Path) -> None:
     assert resumed.train_losses == {s: v for s, v in straight.train_losses.items() if s > 10}
     a = Trainer(
         tiny_config(*common, "--train.steps=20", run_dir=tmp_path / "straight")
-    ).model.state_dict()
-    b = Trainer(tiny_config(*common, "--train.steps=20", run_dir=split_dir)).model.state_dict()
+    ).model.parts[0].state_dict()
+    b = Trainer(tiny_config(*common, "--train.steps=20", run_dir=split_dir)).model.parts[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -163,7 +163,7 @@ def test_gradient_accumulation_equals_full_batch(tiny_config: MakeConfig, tmp_pa
         full.forward_backward(), accumulated.forward_backward(), atol=1e-6, rtol=1e-6
     )
     for (name, p), q in zip(
-        full.model.named_parameters(), accumulated.model.parameters(), strict=True
+        full.model.parts[0].named_parameters(), accumulated.model.parts[0].parameters(), strict=True
     ):
         assert p.grad is not None and q.grad is not None
         torch.testing.assert_close(p.grad, q.grad, atol=1e-7, rtol=1e-4, msg=name)
@@ -192,7 +192,7 @@ def test_compiled_training_matches_eager(tiny_config: MakeConfig, tmp_path: Path
     for step in (1, 2, 3):
         assert compiled.train_losses[step] == pytest.approx(eager.train_losses[step], rel=1e-4)
     # The model itself is not wrapped, so checkpoints stay interchangeable with eager runs.
-    assert "layers.0.self_attn.q_proj.weight" in compiled_trainer.model.state_dict()
+    assert "layers.0.self_attn.q_proj.weight" in compiled_trainer.model.parts[0].state_dict()
 
 
 def test_mfu_is_model_flops_over_peak(
@@ -349,12 +349,15 @@ def test_resume_applies_changed_optimizer_settings(tiny_config: MakeConfig) -> N
             "--optimizer.eps=1e-6",
         )
     )
-    decay, no_decay = trainer.optimizer.param_groups
+    decay, no_decay = trainer.optimizers.optimizers[0].param_groups
     assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
     assert decay["betas"] == (0.5, 0.95) and decay["eps"] == 1e-6
     assert decay["lr"] == pytest.approx(1e-4 * lr_multiplier(4, trainer.cfg.optimizer, 8))
     assert (
-        trainer.optimizer.state[next(iter(trainer.model.parameters()))]["step"] == 4
+        trainer.optimizers.optimizers[0].state[next(iter(trainer.model.parts[0].parameters()))][
+            "step"
+        ]
+        == 4
     )  # state kept
 
 
@@ -412,7 +415,7 @@ def test_validation_loss_is_computed_on_the_validation_split(
     val = TokenDataset(data_dir).split("val")
     windows = torch.stack([torch.from_numpy(val.window(i * 32, 33)) for i in range(8)])  # 2 × 4
     with torch.no_grad():
-        expected = cross_entropy(trainer.model(windows[:, :-1]), windows[:, 1:]).item()
+        expected = cross_entropy(trainer.model.parts[0](windows[:, :-1]), windows[:, 1:]).item()
     assert trainer.evaluate() == pytest.approx(expected, rel=1e-6)
 
 

@@ -53,6 +53,7 @@ class TrainConfig:
     eval_interval: int = 50  # steps between validation-loss evaluations; 0 = only at the end
     eval_batches: int = 4  # validation micro-batches per evaluation
     compile: bool = False
+    float8: bool = False  # train linear layers in float8 (torchao; fast on H100-class GPUs)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property
@@ -86,13 +87,43 @@ class MetricsConfig:
     progress: Literal["auto", "rich", "plain"] = "auto"  # auto = rich on a terminal
 
 
+Schedule = Literal[
+    "GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"
+]
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """Dtypes FSDP uses: parameters all-gathered for compute, gradients reduce-scattered."""
+
+    param_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 when train.precision=bf16
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+
+
 @dataclass
 class ParallelConfig:
-    """Degrees of parallelism. This version trains on one process, so all must be 1."""
+    """Degrees of parallelism; their product is the number of processes (world size)."""
 
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
+    dp_replicate: int = 1  # data-parallel replicas (DDP; HSDP with dp_shard > 1)
+    dp_shard: int = -1  # FSDP degree; -1 = the rest of the world
+    tp: int = 1  # tensor parallel degree
+    sequence_parallel: bool = True  # with tp: shard norms and residuals along the sequence
+    loss_parallel: bool = True  # with tp: cross-entropy on vocabulary-sharded logits
+    pp: int = 1  # pipeline stages' ranks
+    schedule: Schedule = "1F1B"
+    microbatches: int = 0  # pipeline micro-batches per forward/backward; 0 = number of stages
+    stages_per_rank: int = 0  # 0 = 1, or 2 for the interleaved and V schedules
+    split_points: list[int] = field(default_factory=list)  # first layer of stages 2, 3, ...
+    fsdp_reshard_after_forward: bool = True
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    timeout_s: float = 600.0  # a collective waiting longer than this fails the run
+
+
+@dataclass
+class MemoryConfig:
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_every: int = 1  # apply recomputation to every k-th layer only
+    offload: Literal["none", "optimizer", "params"] = "none"
 
 
 @dataclass
@@ -105,6 +136,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,13 +413,10 @@ def validate(cfg: Config) -> None:
     for i, source in enumerate(cfg.data.mix):
         if not source.path or source.weight <= 0:
             raise LoomError(f"data.mix[{i}] needs a path and a weight > 0")
-    p = cfg.parallel
-    for name in ("dp_shard", "tp", "pp"):
-        if getattr(p, name) != 1:
-            raise LoomError(
-                f"parallel.{name}={getattr(p, name)}: this version of Loom trains on a single "
-                "process; set it to 1"
-            )
+    if cfg.memory.recompute_every < 1:
+        raise LoomError(f"memory.recompute_every={cfg.memory.recompute_every} must be at least 1")
+    if cfg.parallel.timeout_s <= 0:
+        raise LoomError(f"parallel.timeout_s={cfg.parallel.timeout_s} must be greater than 0")
 
 
 def _positive(values: dict[str, float]) -> None:

@@ -9,6 +9,7 @@ applied from outside; nothing here knows about them.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -195,9 +196,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A pipeline stage may drop the embedding (not first) or norm and head (not last).
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied models reuse embed_tokens.weight for the output projection (no lm_head).
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, False)
         shape = (cfg.max_seq_len, cfg.attn_head_dim)
@@ -207,15 +209,22 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
     ) -> torch.Tensor:
-        """Logits for `tokens` [batch, seq]; with a cache, `start_pos` is their first position."""
+        """Logits for `tokens` [batch, seq]; with a cache, `start_pos` is their first position.
+
+        A pipeline stage without the embedding takes hidden states [batch, seq, dim] instead of
+        tokens, and one without the final norm returns hidden states.
+        """
         seq = tokens.shape[1]
         cos = self.rope_cos[start_pos : start_pos + seq].unsqueeze(1)
         sin = self.rope_sin[start_pos : start_pos + seq].unsqueeze(1)
-        h = self.embed_tokens(tokens)
+        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         for layer in self.layers.values():
             h = layer(h, cos, sin, kv_cache)
+        if self.norm is None:
+            return h
         h = self.norm(h)
         if self.lm_head is None:
+            assert self.embed_tokens is not None, "tied embeddings live in one stage"
             return F.linear(h, self.embed_tokens.weight)
         return self.lm_head(h)
 
@@ -230,31 +239,33 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(angles.sin().float().to(device))
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter in place (after `to_empty`); seed the RNG first.
-
-        Normal(0, init_std) for matrices, scaled by 1/sqrt(2·layers) on the projections that
-        write into the residual stream; ones for norms; zeros for biases.
-        """
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.embed_tokens.weight, std=std)
-        for block in self.layers.values():
-            for linear in (*_linears(block.self_attn), *_linears(block.mlp)):
-                is_residual = linear in (block.self_attn.o_proj, block.mlp.down_proj)
-                nn.init.normal_(linear.weight, std=residual_std if is_residual else std)
-                if linear.bias is not None:
-                    nn.init.zeros_(linear.bias)
-            block.input_layernorm.reset_parameters()
-            block.post_attention_layernorm.reset_parameters()
-        self.norm.reset_parameters()
-        if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=std)
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter in place (after `to_empty`), see `init_parameter_`."""
+        for name, param in self.named_parameters():
+            init_parameter_(self.cfg, name, param, seed)
         self.init_buffers()
 
 
-def _linears(module: nn.Module) -> list[nn.Linear]:
-    return [m for m in module.children() if isinstance(m, nn.Linear)]
+@torch.no_grad()
+def init_parameter_(cfg: ModelConfig, name: str, tensor: torch.Tensor, seed: int) -> None:
+    """Fill `tensor`, the whole value of parameter `name`, with its initial value.
+
+    Normal(0, init_std) for matrices, scaled by 1/sqrt(2·layers) on the projections that write
+    into the residual stream; ones for norms; zeros for biases. Each parameter draws from its
+    own generator seeded by (seed, name), so the values depend neither on the order in which
+    parameters are created nor on how the model is split across devices.
+    """
+    if "norm" in name:
+        tensor.fill_(1.0)
+    elif name.endswith(".bias"):
+        tensor.zero_()
+    else:
+        std = cfg.init_std
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            std /= math.sqrt(2 * cfg.n_layers)
+        generator = torch.Generator(device=tensor.device)
+        generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        tensor.normal_(0.0, std, generator=generator)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> Transformer:

@@ -7,7 +7,10 @@
 
 A checkpoint is written into `step-<N>.tmp/`, renamed when every file is in place, and only
 then does `latest` move (atomically), so a crash mid-write never leaves a `latest` that
-cannot be loaded. Optimizer state is keyed by parameter name, so it loads into any layout.
+cannot be loaded. Model and optimizer state are keyed by parameter name (the optimizer's
+flattened, `state.<param>.<key>`), so a checkpoint saved under one parallel layout loads into
+any other: each rank saves and loads only its own shards, DCP does the resharding. Rank 0
+writes the small files and moves `latest`; every rank writes its shards.
 """
 
 from __future__ import annotations
@@ -26,10 +29,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from loom.errors import LoomError
 from loom.log import logger
+from loom.parallel.distributed import barrier, rank
 
 STATE_FILE = "trainer.json"
 RNG_FILE = "rng.pt"
@@ -86,37 +95,47 @@ class Checkpointer:
         return target
 
     def save(
-        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+        self,
+        step: int,
+        parts: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        state: dict[str, Any],
     ) -> Path:
         final = self.dir / f"step-{step}"
         tmp = self.dir / f"step-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        model_sd, optim_sd = _state_dicts(parts, optimizers)
         with _single_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        torch.save(_rng_state(), tmp / RNG_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _point_latest(self.dir, final.name)
-        self._prune(step)
-        logger.debug("saved checkpoint %s", final)
+        if rank() == 0:
+            torch.save(_rng_state(), tmp / RNG_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _point_latest(self.dir, final.name)
+            self._prune(step)
+            logger.debug("saved checkpoint %s", final)
+        barrier()
         return final
 
     def load(
-        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+        self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]
     ) -> dict[str, Any]:
         """Restore model, optimizer and RNG in place; return the trainer state."""
         # get_state_dict before dcp.load: the optimizer's state is created lazily.
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = _state_dicts(parts, optimizers)
         state = {"model": model_sd, "optim": optim_sd}
         with _loading(path):
             dcp.load(state, checkpoint_id=str(path))
-            set_state_dict(
-                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-            )
+            for part, optimizer in zip(parts, optimizers, strict=True):
+                # Each part takes its own keys from the merged dicts; DCP already checked that
+                # the checkpoint holds every key asked for.
+                set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+                set_optimizer_state_dict(part, optimizer, state["optim"], options=_FLAT)
             _set_rng_state(torch.load(path / RNG_FILE, weights_only=False))
         return read_state(path)
 
@@ -135,6 +154,22 @@ class Checkpointer:
         older = [path for step, path in self.steps() if step <= current]
         for path in older[: max(0, len(older) - self.keep)]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state_dicts(
+    parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and optimizer state of all parts on this rank, merged, keyed by parameter name."""
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    for part, optimizer in zip(parts, optimizers, strict=True):
+        m, o = get_state_dict(part, optimizer, options=_FLAT)
+        model_sd.update(m)
+        optim_sd.update(o)
+    return model_sd, optim_sd
 
 
 def is_complete(path: Path) -> bool:

@@ -68,3 +68,31 @@ def apply_optimizer_config(
             eps=cfg.eps,
             weight_decay=weight_decay,
         )
+
+
+class Optimizers:
+    """One AdamW and one schedule per model part (a rank may hold several pipeline stages),
+    stepped together; the schedules stay in lockstep, so one state describes them all."""
+
+    def __init__(self, parts: list[nn.Module], cfg: OptimizerConfig, total_steps: int) -> None:
+        self.optimizers = [build_optimizer(part, cfg) for part in parts]
+        self.schedulers = [build_scheduler(o, cfg, total_steps) for o in self.optimizers]
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizers[0].param_groups[0]["lr"])
+
+    def step(self) -> None:
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def scheduler_state(self) -> dict[str, object]:
+        return self.schedulers[0].state_dict()
+
+    def resume(self, scheduler_state: dict[str, object], cfg: OptimizerConfig) -> None:
+        """Continue the saved schedule with the config's current hyper-parameters."""
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+            scheduler.load_state_dict(scheduler_state)
+            apply_optimizer_config(optimizer, scheduler, cfg)

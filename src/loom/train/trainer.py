@@ -1,18 +1,23 @@
-"""Single-process training loop: validate, set up the run folder, train, evaluate, checkpoint.
+"""The training loop: validate, set up the run folder, train, evaluate, checkpoint.
 
-Everything that could be wrong with the input (data, vocabulary, an existing run folder of a
-different model) is checked before the run folder is touched or any compute is spent.
+One process, or one of the ranks torchrun started (the layout in `[parallel]`). Everything
+that could be wrong with the input (layout, data, vocabulary, an existing run folder of a
+different model) is checked before the run folder is touched or any compute is spent. Every
+rank reads the same global stream of samples and takes its data-parallel share; only rank 0
+writes logs, metrics and the run folder's small files.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +27,15 @@ from loom.data.loader import TokenLoader
 from loom.data.shards import TokenDataset
 from loom.errors import LoomError
 from loom.log import is_terminal, logger
-from loom.models.llama import Transformer, build_model
-from loom.parallel.compile import compile_forward_loss, forward_loss
+from loom.parallel import distributed
+from loom.parallel.dims import resolve
+from loom.parallel.parallelize import ParallelModel, parallelize
 from loom.planner.hardware import peak_flops
 from loom.train.checkpoint import Checkpointer, read_state
 from loom.train.metrics import MetricsWriter, peak_memory_gib
-from loom.train.optim import apply_optimizer_config, build_optimizer, build_scheduler
+from loom.train.optim import Optimizers
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,9 +48,12 @@ class TrainResult:
 
 
 def select_device(name: str) -> torch.device:
+    """The CPU, or the GPU of this process (torchrun's LOCAL_RANK when launched by it)."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise LoomError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        if "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -129,6 +140,14 @@ class Trainer:
             raise LoomError(
                 "train.precision=bf16 is not supported by this GPU; use train.precision=fp32"
             )
+        self.distributed = distributed.launched_by_torchrun()
+        world = int(os.environ["WORLD_SIZE"]) if self.distributed else 1
+        self.dims = resolve(cfg, world)
+        if not self.distributed and cfg.memory.offload == "params":
+            raise LoomError(
+                "memory.offload=params works through FSDP, which needs a process group; "
+                "launch with `loom train CONFIG --nproc N` (N may be 1)"
+            )
         self.loader = TokenLoader([(d.split("train"), w) for d, w in datasets], t.seq_len, t.seed)
         # Validation: every dataset's val split that holds at least one sequence, same weights.
         self.val = [
@@ -147,26 +166,30 @@ class Trainer:
         )
 
         # Input is valid: from here on the run folder is written.
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.toml")
-        shutil.copytree(
-            self.dataset.tokenizer_path.parent, self.run_dir / "tokenizer", dirs_exist_ok=True
-        )
-
-        torch.manual_seed(t.seed)
-        self.model: Transformer = build_model(cfg.model, self.device)
-        self.model.init_weights()
-        build = compile_forward_loss if t.compile else forward_loss
-        self.forward_loss = build(self.model, cross_entropy)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, t.steps)
+        self.rank = 0
+        mesh = None
+        if self.distributed:
+            distributed.init_process_group(self.device, cfg.parallel.timeout_s)
+            self.rank = distributed.rank()
+            mesh = self.dims.build_mesh(self.device.type)
         self.step = 0
         self.tokens_seen = 0
+        self._report_progress()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.toml")
+            shutil.copytree(
+                self.dataset.tokenizer_path.parent, self.run_dir / "tokenizer", dirs_exist_ok=True
+            )
+
+        self.model: ParallelModel = parallelize(cfg, self.dims, mesh, self.device, cross_entropy)
+        self.optimizers = Optimizers(self.model.parts, cfg.optimizer, t.steps)
         if self.resume_from is not None:
             assert resume_state is not None
-            self.checkpointer.load(self.resume_from, self.model, self.optimizer)
-            self.scheduler.load_state_dict(resume_state["scheduler"])
-            apply_optimizer_config(self.optimizer, self.scheduler, cfg.optimizer)
+            self.checkpointer.load(
+                self.resume_from, self.model.parts, self.optimizers.optimizers
+            )
+            self.optimizers.resume(resume_state["scheduler"], cfg.optimizer)
             if resume_state["loader"]["seed"] != t.seed:
                 logger.warning(
                     "train.seed=%d differs from the run's seed %d; the data order continues with "
@@ -178,21 +201,36 @@ class Trainer:
             self.step = int(resume_state["step"])
             self.tokens_seen = int(resume_state["tokens_seen"])
             logger.info("resumed from %s (step %d)", self.resume_from, self.step)
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if t.precision == "bf16"
-            else nullcontext()
-        )
         self.peak_flops, peak_source = peak_flops(self.device, t.precision)
+        self.peak_flops *= world
         self.flops_per_token = cfg.model.flops_per_token(t.seq_len)
         logger.info(
-            "model %s: %.2fM parameters, %.3g FLOPs/token; peak %.3g FLOP/s (%s)",
+            "model %s: %.2fM parameters, %.3g FLOPs/token; layout %s; peak %.3g FLOP/s (%s)",
             cfg.model.preset,
             cfg.model.num_params() / 1e6,
             self.flops_per_token,
+            self.layout,
             self.peak_flops,
             peak_source,
         )
+
+    @property
+    def layout(self) -> str:
+        d = self.dims
+        if d.world_size == 1:
+            return "1 process"
+        named = {"pp": d.pp, "dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "tp": d.tp}
+        return " × ".join(f"{k} {v}" for k, v in named.items() if v > 1)
+
+    def _report_progress(self) -> None:
+        """Under torchrun, note this rank's pid and step where the launcher can find them, so
+        that a rank that dies or hangs is reported with the step it was in."""
+        if not self.distributed:
+            return
+        folder = self.run_dir / ".ranks"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"pid": os.getpid(), "step": self.step + 1}
+        (folder / f"rank-{self.rank}.json").write_text(json.dumps(record))
 
     # -- one optimizer step -------------------------------------------------------------------
 
@@ -203,31 +241,31 @@ class Trainer:
         return loss, grad_norm, lr
 
     def forward_backward(self) -> torch.Tensor:
-        """Accumulate gradients over the micro-batches of one batch; returns the mean loss."""
+        """Accumulate gradients over the micro-batches of one batch; returns the mean loss
+        (over the whole global batch, the same on every rank)."""
         t = self.cfg.train
         micro = t.micro_batch_size or t.batch_size
         accum = t.grad_accum_steps
-        self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
+        for part in self.model.parts:
+            part.train()
+        loss_sum: torch.Tensor | None = None
         for _ in range(accum):
-            inputs, targets = self.loader.next_batch(micro)
+            inputs, targets = self.loader.next_batch(micro, self.model.dp_rank, self.dims.dp)
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            with self.autocast:
-                loss = self.forward_loss(inputs, targets)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
+            loss = self.model.forward_backward(inputs, targets, 1.0 / accum)
+            if loss is not None:
+                loss_sum = loss if loss_sum is None else loss_sum + loss
         self.tokens_seen += t.batch_size * t.seq_len
-        return loss_sum / accum
+        mean = loss_sum / accum if loss_sum is not None else None
+        return self.model.global_mean(mean)
 
     def optimizer_step(self) -> tuple[torch.Tensor, float]:
         """Clip, step, advance the schedule; returns the pre-clip gradient norm and the lr used."""
         clip = self.cfg.optimizer.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.model.clip_grad_norm_(clip)
+        lr = self.optimizers.lr
+        self.optimizers.step()
         return grad_norm, lr
 
     @torch.no_grad()
@@ -236,16 +274,19 @@ class Trainer:
         t = self.cfg.train
         micro = t.micro_batch_size or t.batch_size
         loader = TokenLoader(self.val, t.seq_len, seed=0, shuffle=False)
-        n_samples = min(t.eval_batches * micro, sum(loader.num_samples))
-        indices = loader.next_indices(n_samples)
-        self.model.eval()
+        # Whole micro-batches only, so that every data-parallel rank gets an equal share.
+        n_batches = min(t.eval_batches, sum(loader.num_samples) // micro)
+        for part in self.model.parts:
+            part.eval()
+        if n_batches == 0:
+            logger.warning("the validation split holds fewer than one micro-batch; skipped")
+            return math.nan
         total = torch.zeros((), device=self.device)
-        for chunk in torch.split(torch.from_numpy(indices), micro):
-            inputs, targets = loader.batch(chunk.numpy())
-            with self.autocast:
-                logits = self.model(inputs.to(self.device))
-            total += cross_entropy(logits, targets.to(self.device)) * len(chunk)
-        return (total / n_samples).item()
+        for _ in range(n_batches):
+            inputs, targets = loader.next_batch(micro, self.model.dp_rank, self.dims.dp)
+            loss = self.model.eval_loss(inputs.to(self.device), targets.to(self.device))
+            total += self.model.global_mean(loss)
+        return (total / n_batches).item()
 
     def save_checkpoint(self) -> Path:
         state = {
@@ -254,11 +295,14 @@ class Trainer:
             "tokenizer_hash": self.dataset.tokenizer_hash,
             "data": self.data_identity,
             "loader": self.loader.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.optimizers.scheduler_state(),
             "tokens_seen": self.tokens_seen,
+            "layout": self.layout,
             "config": config_to_dict(self.cfg),
         }
-        return self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        return self.checkpointer.save(
+            self.step, self.model.parts, self.optimizers.optimizers, state
+        )
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -273,12 +317,14 @@ class Trainer:
                 t.steps,
             )
             return result
-        metrics = MetricsWriter(self.run_dir, cfg.metrics.tensorboard, self.step)
-        progress = _Progress(cfg.metrics.progress, self.step, t.steps)
+        writes = self.rank == 0
+        metrics = MetricsWriter(self.run_dir, cfg.metrics.tensorboard, self.step) if writes else None
+        progress = _Progress(cfg.metrics.progress if writes else "off", self.step, t.steps)
         interval_start, interval_tokens = time.perf_counter(), 0
         try:
             while self.step < t.steps:
-                loss, grad_norm, lr = self.train_step()
+                self._report_progress()
+                loss, grad_norm, lr = self._guarded(self.train_step)
                 self.step += 1
                 interval_tokens += t.batch_size * t.seq_len
                 last = self.step == t.steps
@@ -289,6 +335,9 @@ class Trainer:
                     loss_value = loss.item()  # synchronises the device before timing
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_tokens / elapsed
+                    peak = distributed.all_reduce(
+                        torch.tensor(peak_memory_gib(self.device)), op="max"
+                    )
                     record: dict[str, Any] = {
                         "step": self.step,
                         "loss": loss_value,
@@ -298,30 +347,49 @@ class Trainer:
                         "mfu": self.flops_per_token * tokens_per_s / self.peak_flops
                         if self.peak_flops
                         else 0.0,
-                        "peak_mem_gib": peak_memory_gib(self.device),
+                        "peak_mem_gib": float(peak),
                         "tokens": self.tokens_seen,
                     }
                     if do_eval:
-                        record["val_loss"] = self.evaluate()
+                        record["val_loss"] = self._guarded(self.evaluate)
                         result.val_losses[self.step] = record["val_loss"]
-                    metrics.write(record)
+                    if metrics is not None:
+                        metrics.write(record)
                     progress.update(record)
                     result.train_losses[self.step] = loss_value
                     result.tokens_per_s = tokens_per_s
                     interval_start, interval_tokens = time.perf_counter(), 0
                 if last or self.step % cfg.checkpoint.interval == 0:
-                    self.save_checkpoint()
+                    self._guarded(self.save_checkpoint)
         finally:
             progress.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         result.step = self.step
         return result
+
+    def _guarded(self, work: Callable[[], T]) -> T:
+        """Run one phase of a step; under torchrun, failures (a collective that timed out, a
+        peer that died) become one error naming this rank and the step."""
+        if not self.distributed:
+            return work()
+        try:
+            return work()
+        except LoomError:
+            raise
+        except (RuntimeError, OSError, torch.distributed.DistBackendError) as e:
+            reason = [line for line in str(e).splitlines() if line.strip()][:1] or [repr(e)]
+            raise LoomError(
+                f"rank {self.rank} failed in step {self.step + 1}: {reason[0].strip()} "
+                f"(collectives time out after parallel.timeout_s={self.cfg.parallel.timeout_s:g})"
+            ) from e
 
 
 class _Progress:
     """A rich progress bar on a terminal, plain log lines otherwise."""
 
     def __init__(self, mode: str, start: int, total: int) -> None:
+        self.off = mode == "off"  # ranks other than 0 say nothing
         self.rich = mode == "rich" or (mode == "auto" and is_terminal())
         self._bar = None
         if self.rich:
@@ -349,6 +417,8 @@ class _Progress:
         status = f"loss {r['loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  mfu {r['mfu']:.1%}"
         if "val_loss" in r:
             status += f"  val {r['val_loss']:.4f}"
+        if self.off:
+            return
         if self._bar is not None:
             self._bar.update(self._task, completed=r["step"], status=status)
             if "val_loss" in r:

@@ -1,0 +1,63 @@
+"""Tensor parallelism (Megatron-style) with optional sequence parallelism, applied from outside.
+
+Attention heads and MLP columns are split over the `tp` mesh: q/k/v and gate/up are
+column-parallel, o/down row-parallel, so each block costs one all-reduce in forward (or, with
+sequence parallelism, an all-gather before and a reduce-scatter after, with norms and residuals
+sharded along the sequence). With loss parallelism the output projection keeps the logits
+sharded over the vocabulary and the cross-entropy is computed without gathering them.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from loom.models.llama import Transformer
+
+
+def apply_tensor_parallel(
+    model: Transformer, mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool
+) -> None:
+    """Shard `model` (a whole model or one pipeline stage) over the 1-D tensor-parallel mesh."""
+    residual = Shard(1) if sequence_parallel else Replicate()
+    top: dict[str, object] = {}
+    if model.embed_tokens is not None:
+        top["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if model.norm is not None:
+        if sequence_parallel:
+            top["norm"] = SequenceParallel()
+        top["lm_head"] = ColwiseParallel(
+            input_layouts=residual,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    parallelize_module(model, mesh, top)
+
+    for block in model.layers.values():
+        plan: dict[str, object] = {
+            "self_attn": PrepareModuleInput(
+                input_layouts=(residual, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None),
+            ),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+            "mlp": PrepareModuleInput(
+                input_layouts=(residual,), desired_input_layouts=(Replicate(),)
+            ),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+        }
+        if sequence_parallel:
+            plan["input_layernorm"] = SequenceParallel()
+            plan["post_attention_layernorm"] = SequenceParallel()
+        parallelize_module(block, mesh, plan)
