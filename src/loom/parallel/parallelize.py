@@ -25,7 +25,7 @@ from loom.config import Config
 from loom.models.llama import Transformer, build_model, init_parameter_
 from loom.parallel.compile import compile_forward_loss, forward_loss
 from loom.parallel.data_parallel import DTYPES, apply_ddp, apply_fsdp
-from loom.parallel.dims import ParallelDims
+from loom.parallel.dims import V_SCHEDULES, ParallelDims
 from loom.parallel.float8 import convert_to_float8
 from loom.parallel.pipeline import (
     build_schedule,
@@ -53,6 +53,7 @@ class ParallelModel:
     has_first_stage: bool = True
     has_last_stage: bool = True
     forward_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    forward_only_eval: bool = True
     _loss_scale: float = field(default=1.0, repr=False)
 
     @property
@@ -70,7 +71,9 @@ class ParallelModel:
         return loss_parallel() if self.loss_parallel else nullcontext()
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(logits, targets) * self._loss_scale
+        """Called by the schedule on each micro-batch of the last stage; what it returns is
+        backpropagated, so it carries the accumulation scale and the 1/micro-batches mean."""
+        return self.loss_fn(logits, targets) * (self._loss_scale / self.dims.microbatches)
 
     def forward_backward(
         self, inputs: torch.Tensor, targets: torch.Tensor, scale: float
@@ -85,25 +88,34 @@ class ParallelModel:
                 return _local(loss.detach())
             return self._pipeline_step(inputs, targets, scale, train=True)
 
-    @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         with self._context(), self.autocast:
             if self.schedule is None:
-                return _local(self.loss_fn(self.parts[0](inputs), targets))
-            return self._pipeline_step(inputs, targets, 1.0, train=False)
+                with torch.no_grad():
+                    return _local(self.loss_fn(self.parts[0](inputs), targets))
+            if self.forward_only_eval:
+                with torch.no_grad():
+                    return self._pipeline_step(inputs, targets, 1.0, train=False)
+            # V-shaped schedules cannot run forward-only (torch <= 2.13): run the whole step
+            # and drop the gradients it leaves.
+            loss = self._pipeline_step(inputs, targets, 1.0, train=True)
+            for part in self.parts:
+                part.zero_grad(set_to_none=True)
+            return loss
 
     def _pipeline_step(
         self, inputs: torch.Tensor, targets: torch.Tensor, scale: float, train: bool
     ) -> torch.Tensor | None:
         assert self.schedule is not None
+        self._loss_scale = scale
         losses: list[torch.Tensor] = []
-        self._loss_scale = scale  # the schedule backpropagates what the loss function returns
         run = self.schedule.step if train else self.schedule.eval
         args = (inputs,) if self.has_first_stage else ()
         run(*args, target=targets, losses=losses)
         if not self.has_last_stage:
             return None
-        return _local(torch.stack([x.detach() for x in losses]).mean()) / scale
+        # Each entry is loss · scale / micro-batches: their sum is `scale` × the mean loss.
+        return torch.stack([_local(x.detach()) for x in losses]).sum() / scale
 
     def global_mean(self, loss: torch.Tensor | None) -> torch.Tensor:
         """The mean over data-parallel ranks of a per-rank mean loss (the same on every rank)."""
@@ -216,6 +228,7 @@ def parallelize(
         loss_parallel=dims.tp > 1 and p.loss_parallel,
         has_first_stage=0 in stage_ids,
         has_last_stage=dims.num_stages - 1 in stage_ids,
+        forward_only_eval=p.schedule not in V_SCHEDULES,
     )
     if dims.pp > 1:
         assert mesh is not None

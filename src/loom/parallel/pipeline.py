@@ -69,10 +69,12 @@ def build_schedule(
         for part, stage_id in zip(parts, stage_ids, strict=True)
     ]
     cls = get_schedule_class(schedule)
+    # scale_grads=False: the schedule would divide all gradients held, including those of
+    # earlier accumulation steps; `loss_fn` scales each micro-batch's loss instead.
     try:
         if issubclass(cls, PipelineScheduleSingle):
-            return cls(stages[0], n_microbatches=dims.microbatches, loss_fn=loss_fn)
-        return cls(stages, n_microbatches=dims.microbatches, loss_fn=loss_fn)
+            return cls(stages[0], dims.microbatches, loss_fn=loss_fn, scale_grads=False)
+        return cls(stages, dims.microbatches, loss_fn=loss_fn, scale_grads=False)
     except (ValueError, AssertionError, RuntimeError) as e:
         raise LoomError(
             f"parallel.schedule={schedule} refuses pp={dims.pp}, "

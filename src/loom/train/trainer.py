@@ -268,7 +268,6 @@ class Trainer:
         self.optimizers.step()
         return grad_norm, lr
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first `eval_batches` micro-batches of the validation split."""
         t = self.cfg.train
