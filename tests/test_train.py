@@ -48,10 +48,13 @@ def test_resume_is_bit_exact(tiny_config: MakeConfig, tmp_path: Path) -> None:
     assert sorted(expected) == list(range(1, 21))
     assert losses(split_dir) == expected  # every step once, bit-identical floats
     assert resumed.train_losses == {s: v for s, v in straight.train_losses.items() if s > 10}
-    a = Trainer(
-        tiny_config(*common, "--train.steps=20", run_dir=tmp_path / "straight")
-    ).model.parts[0].state_dict()
-    b = Trainer(tiny_config(*common, "--train.steps=20", run_dir=split_dir)).model.parts[0].state_dict()
+    a = (
+        Trainer(tiny_config(*common, "--train.steps=20", run_dir=tmp_path / "straight"))
+        .model.parts[0]
+        .state_dict()
+    )
+    b = Trainer(tiny_config(*common, "--train.steps=20", run_dir=split_dir))
+    b = b.model.parts[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

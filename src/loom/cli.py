@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from loom.errors import LoomError
 from loom.log import logger, setup_logging
+
+if TYPE_CHECKING:
+    from loom.config import Config
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -77,6 +82,12 @@ def build_parser() -> _Parser:
         description="Train from a TOML config; override any key as --section.key=value.",
     )
     train.add_argument("config", metavar="CONFIG", help="TOML config file")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="launch N worker processes on this machine (the [parallel] layout splits them)",
+    )
 
     gen = commands.add_parser("generate", help="sample text from a trained model")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="run folder or checkpoint folder")
@@ -93,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line
     argv = [a for a in argv if a != "--debug"]
-    setup_logging(debug)
+    worker = os.environ.get("TORCHELASTIC_ERROR_FILE") is not None
+    quiet = worker and os.environ.get("RANK", "0") != "0"  # only rank 0 logs
+    setup_logging(debug, quiet=quiet)
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -106,17 +119,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             logger.exception("bad input")
         print(f"error: {e}", file=sys.stderr)
+        if worker:  # the launcher reads this and names the rank and the reason
+            _record_for_launcher(e)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        if worker:
+            _record_for_launcher(e)
         if debug:
             raise
         print(
             f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
         )
         return EXIT_INTERNAL
+
+
+def _record_for_launcher(error: BaseException) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(error)
 
 
 def _join_overrides(extra: list[str]) -> list[str]:
@@ -137,6 +160,22 @@ def _join_overrides(extra: list[str]) -> list[str]:
             joined.append(item)
             i += 1
     return joined
+
+
+def _launch(cfg: Config, config: str, overrides: list[str], nproc: int) -> None:
+    """Check the layout against N processes, then start them (see loom.parallel.launch)."""
+    from loom.parallel.dims import resolve
+    from loom.parallel.launch import launch
+
+    if nproc < 1:
+        raise LoomError(f"--nproc {nproc}: give at least 1 process")
+    if not cfg.run_dir:
+        raise LoomError(
+            'run_dir is not set; add run_dir = "..." to the config or pass --run_dir=DIR'
+        )
+    resolve(cfg, nproc)
+    launch(config, overrides, nproc, Path(cfg.run_dir))
+    logger.info("all %d workers finished; run folder %s", nproc, cfg.run_dir)
 
 
 def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
@@ -176,9 +215,16 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
         )
     elif args.command == "train":
         from loom.config import load_config
+        from loom.parallel import distributed
         from loom.train.trainer import train
 
-        result = train(load_config(args.config, extra))
+        cfg = load_config(args.config, extra)
+        if args.nproc is not None:
+            _launch(cfg, args.config, extra, args.nproc)
+            return
+        result = train(cfg)
+        if distributed.launched_by_torchrun():
+            distributed.shutdown()
         if result.val_losses:
             last = max(result.val_losses)
             logger.info(

@@ -12,9 +12,11 @@ def is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-def setup_logging(debug: bool = False) -> None:
-    """Configure the `loom` logger once; later calls only change the level."""
-    level = logging.DEBUG if debug else logging.INFO
+def setup_logging(debug: bool = False, quiet: bool = False) -> None:
+    """Configure the `loom` logger once; later calls only change the level.
+
+    `quiet` (ranks other than 0 of a parallel run) keeps warnings and errors only."""
+    level = logging.WARNING if quiet else logging.DEBUG if debug else logging.INFO
     logger.setLevel(level)
     if logger.handlers:
         return

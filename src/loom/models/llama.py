@@ -150,6 +150,8 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
+        # cos/sin start at this input's first position and may run longer: take what is used.
+        cos, sin = cos[:seq], sin[:seq]
         # -1 heads: under tensor parallelism each rank holds only its share of the heads.
         q = apply_rope(self.q_proj(x).view(batch, seq, -1, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(batch, seq, -1, self.head_dim), cos, sin)
@@ -214,9 +216,10 @@ class Transformer(nn.Module):
         A pipeline stage without the embedding takes hidden states [batch, seq, dim] instead of
         tokens, and one without the final norm returns hidden states.
         """
-        seq = tokens.shape[1]
-        cos = self.rope_cos[start_pos : start_pos + seq].unsqueeze(1)
-        sin = self.rope_sin[start_pos : start_pos + seq].unsqueeze(1)
+        # Rotary tables from `start_pos` on; attention takes as many rows as its input is long
+        # (with sequence parallelism, a stage's input holds only a slice of the sequence).
+        cos = self.rope_cos[start_pos:].unsqueeze(1)
+        sin = self.rope_sin[start_pos:].unsqueeze(1)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         for layer in self.layers.values():
             h = layer(h, cos, sin, kv_cache)

@@ -114,7 +114,8 @@ def resolve(cfg: Config, world_size: int) -> ParallelDims:
         good = [d * dp for d in range(1, t.batch_size // dp + 1) if t.batch_size % (d * dp) == 0]
         raise LoomError(
             f"train.micro_batch_size={micro} sequences do not split over {dp} data-parallel "
-            f"ranks; use a multiple of {dp}" + (f" that divides batch_size, e.g. {good}" if good else "")
+            f"ranks; use a multiple of {dp}"
+            + (f" that divides batch_size, e.g. {good}" if good else "")
         )
 
     stages_per_rank = p.stages_per_rank or (1 if p.schedule in SINGLE_STAGE_SCHEDULES else 2)
@@ -143,8 +144,10 @@ def resolve(cfg: Config, world_size: int) -> ParallelDims:
         stages = p.pp * stages_per_rank
         if p.split_points:
             points = p.split_points
-            if len(points) != stages - 1 or points != sorted(set(points)) or not (
-                0 < points[0] and points[-1] < m.n_layers
+            if (
+                len(points) != stages - 1
+                or points != sorted(set(points))
+                or not (points[0] > 0 and points[-1] < m.n_layers)
             ):
                 raise LoomError(
                     f"parallel.split_points={points} must be {stages - 1} increasing layer "

@@ -166,9 +166,7 @@ def parallelize(
     """This rank's model parts, sharded, initialised from `train.seed`, ready for an optimizer."""
     p, t, memory = cfg.parallel, cfg.train, cfg.memory
     param_dtype = DTYPES[
-        p.mixed_precision.param_dtype
-        if p.mixed_precision.param_dtype != "auto"
-        else t.precision
+        p.mixed_precision.param_dtype if p.mixed_precision.param_dtype != "auto" else t.precision
     ]
     use_fsdp = mesh is not None and (
         dims.dp_shard > 1
@@ -205,7 +203,9 @@ def parallelize(
                 block.compile()
         if use_fsdp:
             assert mesh is not None
-            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+            dp_mesh = (
+                mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+            )
             apply_fsdp(
                 part,
                 dp_mesh,
@@ -253,7 +253,9 @@ def materialize(part: nn.Module, cfg: Config, device: torch.device, offloaded: b
             local = param.to_local()
             whole = torch.empty(param.shape, dtype=param.dtype, device=local.device)
             init_parameter_(cfg.model, name, whole, cfg.train.seed)
-            shard = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+            shard = distribute_tensor(
+                whole, param.device_mesh, param.placements, src_data_rank=None
+            )
             local.copy_(shard.to_local())
         else:
             init_parameter_(cfg.model, name, param, cfg.train.seed)

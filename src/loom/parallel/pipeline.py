@@ -8,6 +8,7 @@ so parameter names (and with them checkpoints) are the same as in the whole mode
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -31,7 +32,7 @@ def stage_layer_ranges(n_layers: int, num_stages: int, split_points: list[int]) 
         if split_points
         else [n_layers * s // num_stages for s in range(num_stages + 1)]
     )
-    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def stages_of_rank(pp_rank: int, dims: ParallelDims, schedule: str) -> list[int]:

@@ -53,4 +53,3 @@ def apply_recompute(model: Transformer, mode: str, every: int = 1) -> None:
 def clean_name(name: str) -> str:
     """A parameter name as in the plain model (without wrapper prefixes)."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-

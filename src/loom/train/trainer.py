@@ -186,9 +186,7 @@ class Trainer:
         self.optimizers = Optimizers(self.model.parts, cfg.optimizer, t.steps)
         if self.resume_from is not None:
             assert resume_state is not None
-            self.checkpointer.load(
-                self.resume_from, self.model.parts, self.optimizers.optimizers
-            )
+            self.checkpointer.load(self.resume_from, self.model.parts, self.optimizers.optimizers)
             self.optimizers.resume(resume_state["scheduler"], cfg.optimizer)
             if resume_state["loader"]["seed"] != t.seed:
                 logger.warning(
@@ -317,13 +315,15 @@ class Trainer:
             )
             return result
         writes = self.rank == 0
-        metrics = MetricsWriter(self.run_dir, cfg.metrics.tensorboard, self.step) if writes else None
+        metrics = (
+            MetricsWriter(self.run_dir, cfg.metrics.tensorboard, self.step) if writes else None
+        )
         progress = _Progress(cfg.metrics.progress if writes else "off", self.step, t.steps)
         interval_start, interval_tokens = time.perf_counter(), 0
         try:
             while self.step < t.steps:
                 self._report_progress()
-                loss, grad_norm, lr = self._guarded(self.train_step)
+                loss, grad_norm, lr = self._guarded(self.train_step, f"in step {self.step + 1}")
                 self.step += 1
                 interval_tokens += t.batch_size * t.seq_len
                 last = self.step == t.steps
@@ -350,7 +350,9 @@ class Trainer:
                         "tokens": self.tokens_seen,
                     }
                     if do_eval:
-                        record["val_loss"] = self._guarded(self.evaluate)
+                        record["val_loss"] = self._guarded(
+                            self.evaluate, f"evaluating after step {self.step}"
+                        )
                         result.val_losses[self.step] = record["val_loss"]
                     if metrics is not None:
                         metrics.write(record)
@@ -359,7 +361,9 @@ class Trainer:
                     result.tokens_per_s = tokens_per_s
                     interval_start, interval_tokens = time.perf_counter(), 0
                 if last or self.step % cfg.checkpoint.interval == 0:
-                    self._guarded(self.save_checkpoint)
+                    self._guarded(
+                        self.save_checkpoint, f"saving the checkpoint of step {self.step}"
+                    )
         finally:
             progress.close()
             if metrics is not None:
@@ -367,7 +371,7 @@ class Trainer:
         result.step = self.step
         return result
 
-    def _guarded(self, work: Callable[[], T]) -> T:
+    def _guarded(self, work: Callable[[], T], what: str) -> T:
         """Run one phase of a step; under torchrun, failures (a collective that timed out, a
         peer that died) become one error naming this rank and the step."""
         if not self.distributed:
@@ -379,7 +383,7 @@ class Trainer:
         except (RuntimeError, OSError, torch.distributed.DistBackendError) as e:
             reason = [line for line in str(e).splitlines() if line.strip()][:1] or [repr(e)]
             raise LoomError(
-                f"rank {self.rank} failed in step {self.step + 1}: {reason[0].strip()} "
+                f"rank {self.rank} failed {what}: {reason[0].strip()} "
                 f"(collectives time out after parallel.timeout_s={self.cfg.parallel.timeout_s:g})"
             ) from e
 

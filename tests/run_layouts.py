@@ -1,6 +1,6 @@
 """Run several training jobs, one after another, in one torchrun launch (a launch costs seconds).
 
-    torchrun --standalone --nproc-per-node N tests/distributed/run_layouts.py SPEC.json OUT_DIR
+    torchrun --standalone --nproc-per-node N tests/run_layouts.py SPEC.json OUT_DIR
 
 SPEC is a list of jobs: {"name", "args": [--section.key=value ...], "resume_from": optional
 {"run_dir", "step"}}. A job with `resume_from` starts from a copy of that run folder rolled back
@@ -61,7 +61,9 @@ def main() -> None:
     for job in spec:
         cfg = load_config(None, job["args"])
         if "resume_from" in job and distributed.rank() == 0:
-            roll_back(Path(job["resume_from"]["run_dir"]), Path(cfg.run_dir), job["resume_from"]["step"])
+            roll_back(
+                Path(job["resume_from"]["run_dir"]), Path(cfg.run_dir), job["resume_from"]["step"]
+            )
         distributed.barrier()
         trainer = Trainer(cfg)
         result = trainer.run()

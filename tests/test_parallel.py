@@ -1,0 +1,280 @@
+"""Parallel layouts against the single-process run: real torchrun launches with gloo on CPU.
+
+Three launches (2, 4 and 8 processes) run every layout one after another through the real
+Trainer (tests/run_layouts.py). Each layout must log the same per-step losses as a
+single process from the same seed and data (1e-5) and end with the same parameters (1e-4);
+checkpoints saved under one layout must resume under another with the same next-step loss.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+from run_layouts import roll_back
+
+from loom.config import Config, load_config
+from loom.errors import LoomError
+from loom.models.llama import build_model
+from loom.parallel.dims import resolve
+from loom.train.checkpoint import load_model_weights
+from loom.train.trainer import Trainer
+
+RUNNER = Path(__file__).parent / "run_layouts.py"
+SCHEDULES = [
+    "GPipe",
+    "1F1B",
+    "Interleaved1F1B",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+]
+STEPS = 6
+
+
+def base_args(data_dir: Path) -> list[str]:
+    return [
+        *TINY_MODEL,
+        "--model.n_layers=4",  # 4 stages for the interleaved and V schedules at pp=2
+        "--model.tie_embeddings=false",
+        f"--data.path={data_dir}",
+        f"--train.steps={STEPS}",
+        "--train.batch_size=8",
+        "--train.micro_batch_size=4",  # two accumulation steps per optimizer step
+        "--train.seq_len=32",
+        "--train.eval_interval=0",
+        "--train.eval_batches=2",
+        "--optimizer.warmup_steps=2",
+        "--metrics.log_interval=1",
+        "--metrics.progress=plain",
+        "--metrics.tensorboard=false",
+        "--checkpoint.interval=5",
+        "--checkpoint.keep=3",
+    ]
+
+
+# name -> overrides; world size 2, 4 and 8.
+LAYOUTS: dict[int, dict[str, list[str]]] = {
+    2: {
+        "ddp2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"],
+        "fsdp2": [],
+        "fsdp2_bf16": ["--train.precision=bf16"],
+        "fsdp2_offload_params": ["--memory.offload=params"],
+        "fsdp2_offload_optimizer": ["--memory.offload=optimizer"],
+        "fsdp2_recompute_full": ["--memory.recompute=full"],
+        "fsdp2_recompute_selective": ["--memory.recompute=selective"],
+        "fsdp2_recompute_every2": ["--memory.recompute=full", "--memory.recompute_every=2"],
+        "fsdp2_float8": ["--train.float8=true"],
+        "fsdp2_compile": ["--train.compile=true"],
+        "tp2": ["--parallel.tp=2", "--parallel.dp_shard=1"],
+        **{
+            f"pp2_{s}": ["--parallel.pp=2", "--parallel.dp_shard=1", f"--parallel.schedule={s}"]
+            for s in SCHEDULES
+        },
+        "pp2_split": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.split_points=1"],
+    },
+    4: {
+        "fsdp4": [],
+        "hsdp2x2": ["--parallel.dp_replicate=2"],
+        "fsdp2_tp2": ["--parallel.tp=2"],
+        "pp2_fsdp2": ["--parallel.pp=2"],
+    },
+    8: {"pp2_fsdp2_tp2": ["--parallel.pp=2", "--parallel.tp=2"]},
+}
+# name -> (world size, overrides, run it resumes at step 5)
+RESUMES: dict[str, tuple[int, list[str], str]] = {
+    "single_to_fsdp2": (2, [], "single"),
+    "fsdp4_to_fsdp2_tp2": (4, ["--parallel.tp=2"], "fsdp4"),
+    "fsdp4_to_pp2_fsdp2": (4, ["--parallel.pp=2"], "fsdp4"),
+}
+APPROXIMATE = {"fsdp2_bf16", "fsdp2_float8"}  # different arithmetic: compared loosely
+
+
+def torchrun(nproc: int, spec: list[dict[str, Any]], out: Path) -> None:
+    spec_file = out / f"spec{nproc}.json"
+    spec_file.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", str(RUNNER), str(spec_file), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Single-process reference, then every layout; returns each run's rank records."""
+    root = tmp_path_factory.mktemp("layouts")
+    args = base_args(data_dir)
+    single = Trainer(load_config(None, [*args, f"--run_dir={root / 'single'}"])).run()
+    results: dict[str, Any] = {"root": root, "single": single.train_losses}
+    for world, layouts in LAYOUTS.items():
+        spec = [
+            {"name": name, "args": [*args, f"--run_dir={root / name}", *extra]}
+            for name, extra in layouts.items()
+        ]
+        spec += [
+            {
+                "name": name,
+                "args": [*args, f"--run_dir={root / name}", *extra],
+                "resume_from": {"run_dir": str(root / source), "step": 5},
+            }
+            for name, (w, extra, source) in RESUMES.items()
+            if w == world
+        ]
+        torchrun(world, spec, root)
+    for path in root.glob("*.rank*.json"):
+        name, rank = path.name.split(".")[:2]
+        results.setdefault(name, {})[int(rank.removeprefix("rank"))] = json.loads(path.read_text())
+    return results
+
+
+def final_params(cfg: Config, run_dir: Path) -> dict[str, torch.Tensor]:
+    model = build_model(cfg.model, "cpu")
+    load_model_weights((run_dir / "checkpoints" / "latest").resolve(), model)
+    return model.state_dict()
+
+
+ALL = [name for layouts in LAYOUTS.values() for name in layouts]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_layout_matches_single_process(runs: dict[str, Any], data_dir: Path, name: str) -> None:
+    single = runs["single"]
+    records = runs[name]
+    losses = {int(k): v for k, v in records[0]["losses"].items()}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    # Every rank logs the same (averaged) loss.
+    assert all(r["losses"] == records[0]["losses"] for r in records.values())
+    cfg = load_config(None, base_args(data_dir))
+    ref = final_params(cfg, runs["root"] / "single")
+    got = final_params(cfg, runs["root"] / name)
+    loss_diff = max(abs(losses[s] - single[s]) for s in single)
+    param_diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    if name in APPROXIMATE:
+        # bf16 / float8 compute: close to fp32, but really computed differently.
+        assert 1e-6 < loss_diff < 2e-2 and param_diff < 5e-2
+    else:
+        assert loss_diff <= 1e-5, losses
+        assert param_diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_checkpoint_resumes_under_another_layout(runs: dict[str, Any], name: str) -> None:
+    """Saved at step 5 under one layout, resumed under another: step 6 is the same step."""
+    losses = {int(k): v for k, v in runs[name][0]["losses"].items()}
+    assert list(losses) == [6]
+    assert losses[6] == pytest.approx(runs["single"][6], abs=1e-6)
+
+
+def test_fsdp4_checkpoint_resumes_in_one_process(
+    runs: dict[str, Any], data_dir: Path, tmp_path: Path
+) -> None:
+    roll_back(runs["root"] / "fsdp4", tmp_path / "resumed", 5)
+    cfg = load_config(None, [*base_args(data_dir), f"--run_dir={tmp_path / 'resumed'}"])
+    result = Trainer(cfg).run()
+    assert list(result.train_losses) == [6]
+    assert result.train_losses[6] == pytest.approx(runs["single"][6], abs=1e-6)
+
+
+@pytest.mark.parametrize("name,n", [("fsdp2", 2), ("fsdp4", 4)])
+def test_fsdp_holds_one_nth_of_parameters_and_optimizer_state(
+    runs: dict[str, Any], data_dir: Path, name: str, n: int
+) -> None:
+    cfg = load_config(None, base_args(data_dir))
+    model = build_model(cfg.model)
+    whole = sum(p.numel() * 4 for p in model.parameters())
+    # Each tensor is split by rows; a rank's share is at most ceil(rows / n) rows.
+    largest_share = sum(
+        -(-p.shape[0] // n) * (p.numel() // p.shape[0]) * 4 for p in model.parameters()
+    )
+    per_rank = [runs[name][r]["bytes"] for r in range(n)]
+    assert sum(b["params"] for b in per_rank) == whole
+    assert sum(b["optimizer"] for b in per_rank) == 2 * whole  # Adam: two moments
+    for b in per_rank:
+        assert whole / n - (largest_share - whole / n) <= b["params"] <= largest_share
+        assert b["optimizer"] == 2 * b["params"]
+    # Replicated layouts hold everything on every rank.
+    assert runs["ddp2"][1]["bytes"]["params"] == whole
+
+
+# -- validation before launch --------------------------------------------------------------
+
+
+def layout(world: int, *overrides: str) -> None:
+    base = [*TINY_MODEL, "--model.tie_embeddings=false", "--train.seq_len=32"]
+    resolve(load_config(None, [*base, *overrides]), world)
+
+
+@pytest.mark.parametrize(
+    "world,overrides,message",
+    [
+        (4, ["--parallel.dp_shard=3"], "set parallel.dp_shard=4 (or -1)"),
+        (3, ["--parallel.tp=2"], "launch a multiple of 2 processes"),
+        (2, ["--parallel.tp=3", "--parallel.dp_shard=1"], "launch 3 processes"),
+        (4, ["--parallel.tp=4", "--parallel.dp_shard=1"], "use tp in [1, 2]"),
+        (
+            2,
+            [
+                "--parallel.pp=2",
+                "--parallel.dp_shard=1",
+                "--parallel.schedule=DualPipeV",
+                "--parallel.stages_per_rank=3",
+            ],
+            "set parallel.stages_per_rank=2",
+        ),
+        (
+            2,
+            ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.schedule=Interleaved1F1B"],
+            "stages do not divide model.n_layers=2",
+        ),
+        (
+            2,
+            ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.split_points=5"],
+            "must be 1 increasing layer indices between 1 and 1",
+        ),
+        (8, ["--train.batch_size=4"], "do not split over 8 data-parallel ranks"),
+        (
+            2,
+            ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.microbatches=3"],
+            "parallel.microbatches=3",
+        ),
+        (
+            2,
+            ["--parallel.tp=2", "--parallel.dp_shard=1", "--train.seq_len=33"],
+            "sequence_parallel splits train.seq_len=33",
+        ),
+        (
+            2,
+            ["--parallel.tp=2", "--parallel.dp_shard=1", "--model.tie_embeddings=true"],
+            "tied embeddings",
+        ),
+        (2, ["--parallel.dp_shard=0"], "parallel.dp_shard=0 must be at least 1"),
+    ],
+)
+def test_impossible_layouts_are_refused_with_the_fix(
+    world: int, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(LoomError, match=None) as info:
+        layout(world, *overrides)
+    assert message in str(info.value)
+
+
+def test_default_dp_shard_takes_the_rest_of_the_world() -> None:
+    base = [*TINY_MODEL, "--model.tie_embeddings=false", "--train.seq_len=32"]
+    dims = resolve(load_config(None, [*base, "--parallel.tp=2"]), 8)
+    assert (dims.dp_shard, dims.tp, dims.dp) == (4, 2, 4)
+    v_shape = ["--model.n_layers=4", "--parallel.pp=2", "--parallel.schedule=ZBVZeroBubble"]
+    v = resolve(load_config(None, [*base, *v_shape]), 2)
+    assert (v.stages_per_rank, v.num_stages, v.microbatches) == (2, 4, 4)
+
+
+def test_offloading_parameters_needs_a_process_group(
+    tiny_config: Any,
+) -> None:
+    with pytest.raises(LoomError, match="--nproc"):
+        Trainer(tiny_config("--memory.offload=params"))
