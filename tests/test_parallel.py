@@ -112,6 +112,7 @@ def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     args = base_args(data_dir)
     single = Trainer(load_config(None, [*args, f"--run_dir={root / 'single'}"])).run()
     results: dict[str, Any] = {"root": root, "single": single.train_losses}
+    results["single_val"] = single.val_losses[STEPS]
     for world, layouts in LAYOUTS.items():
         spec = [
             {"name": name, "args": [*args, f"--run_dir={root / name}", *extra]}
@@ -161,6 +162,8 @@ def test_layout_matches_single_process(runs: dict[str, Any], data_dir: Path, nam
     else:
         assert loss_diff <= 1e-5, losses
         assert param_diff <= 1e-4
+        # Validation at the last step runs through the same layout (forward only).
+        assert records[0]["val_losses"][str(STEPS)] == pytest.approx(runs["single_val"], abs=1e-5)
 
 
 @pytest.mark.parametrize("name", list(RESUMES))
@@ -278,3 +281,29 @@ def test_offloading_parameters_needs_a_process_group(
 ) -> None:
     with pytest.raises(LoomError, match="--nproc"):
         Trainer(tiny_config("--memory.offload=params"))
+
+
+@pytest.mark.parametrize(
+    "mode,every,recomputed",
+    [("none", 1, []), ("full", 1, ["0", "1", "2", "3"]), ("selective", 2, ["0", "2"])],
+)
+def test_recompute_reruns_the_chosen_blocks_in_backward(
+    tiny_config: Any, mode: str, every: int, recomputed: list[str]
+) -> None:
+    trainer = Trainer(
+        tiny_config(
+            "--model.n_layers=4", f"--memory.recompute={mode}", f"--memory.recompute_every={every}"
+        )
+    )
+    model = trainer.model.parts[0]
+    calls: dict[str, int] = {}
+    for key, block in model.layers.items():
+        mlp = block.get_submodule("_checkpoint_wrapped_module.mlp" if key in recomputed else "mlp")
+
+        def counted(x: torch.Tensor, key: str = key, forward: Any = mlp.forward) -> torch.Tensor:
+            calls[key] = calls.get(key, 0) + 1  # (module hooks do not fire when recomputing)
+            return forward(x)
+
+        mlp.forward = counted
+    trainer.forward_backward()  # one optimizer step = one micro-batch here
+    assert calls == {k: 2 if k in recomputed else 1 for k in model.layers}

@@ -96,8 +96,8 @@ class ParallelModel:
             if self.forward_only_eval:
                 with torch.no_grad():
                     return self._pipeline_step(inputs, targets, 1.0, train=False)
-            # V-shaped schedules cannot run forward-only (torch <= 2.13): run the whole step
-            # and drop the gradients it leaves.
+            # V-shaped schedules cannot run forward-only (torch <= 2.13; older torch has no
+            # forward-only mode at all): run the whole step and drop the gradients it leaves.
             loss = self._pipeline_step(inputs, targets, 1.0, train=True)
             for part in self.parts:
                 part.zero_grad(set_to_none=True)
@@ -228,7 +228,7 @@ def parallelize(
         loss_parallel=dims.tp > 1 and p.loss_parallel,
         has_first_stage=0 in stage_ids,
         has_last_stage=dims.num_stages - 1 in stage_ids,
-        forward_only_eval=p.schedule not in V_SCHEDULES,
+        forward_only_eval=p.schedule not in V_SCHEDULES and hasattr(_PipelineSchedule, "eval"),
     )
     if dims.pp > 1:
         assert mesh is not None
