@@ -125,18 +125,32 @@ def test_a_worker_that_dies_is_reported_with_rank_and_step(data_dir: Path, tmp_p
 
 
 def test_a_hung_worker_ends_the_run_at_the_timeout(data_dir: Path, tmp_path: Path) -> None:
-    code, err = interrupt(
-        data_dir,
-        tmp_path / "run",
-        lambda pid: os.kill(pid, signal.SIGSTOP),
-        "--parallel.timeout_s=5",
-    )
+    run_dir = tmp_path / "run"
+
+    def hang(pid: int) -> None:
+        """Freeze rank 1 so its peer waits in a collective; once the peer has given up, let
+        it run on so it acts on the launcher's SIGTERM, as a process blocked in a call does
+        (a stopped one would only go at the SIGKILL that follows 30 s later)."""
+        os.kill(pid, signal.SIGSTOP)
+        rank0 = json.loads((run_dir / ".ranks" / "rank-0.json").read_text())["pid"]
+        while os.path.exists(f"/proc/{rank0}") and "Z" not in _state(rank0):
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGCONT)
+
+    code, err = interrupt(data_dir, run_dir, hang, "--parallel.timeout_s=5")
     assert code == 2
     line = error_line(err)
-    # Rank 0 gives up on the collective after parallel.timeout_s; the stopped rank is killed.
+    # Rank 0 gives up on the collective after parallel.timeout_s and names the phase.
     phase = r"(in step \d+|saving the checkpoint of step \d+|evaluating after step \d+)"
     assert re.match(rf"error: rank 0 failed {phase}: .*Timed out", line), line
-    assert "timeout_s=5" in line and "rank 1 was killed by SIGKILL in step" in line
+    assert "timeout_s=5" in line and "rank 1 was killed by SIGTERM in step" in line
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def test_a_checkpoint_of_another_model_stops_every_rank(data_dir: Path, tmp_path: Path) -> None:

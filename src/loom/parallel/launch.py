@@ -8,7 +8,6 @@ module turns its report into one error naming the rank, what happened and the st
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import signal
@@ -37,10 +36,6 @@ def launch(config: str | None, overrides: list[str], nproc: int, run_dir: Path) 
         "max_restarts": 0,
         "monitor_interval": 0.5,
     }
-    if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:
-        # After a failure, the other workers get SIGTERM and this long before SIGKILL (a hung
-        # or stopped worker never acts on SIGTERM); torch's default is 30 s.
-        options["shutdown_timeout"] = 5
     launch_config = LaunchConfig(**options)
     args = ["-m", "loom.train", *([config] if config else []), *overrides]
     logger.info("launching %d workers: %s %s", nproc, sys.executable, " ".join(args))
