@@ -89,6 +89,15 @@ def build_parser() -> _Parser:
         help="launch N worker processes on this machine (the [parallel] layout splits them)",
     )
 
+    from loom.planner.command import add_arguments
+
+    plan = commands.add_parser(
+        "plan",
+        help="predict memory, step time, MFU and days; search the best parallel layout",
+        description="Give a spec file (--spec) or a model and hardware as flags.",
+    )
+    add_arguments(plan)
+
     gen = commands.add_parser("generate", help="sample text from a trained model")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="run folder or checkpoint folder")
     gen.add_argument("--prompt", required=True)
@@ -233,6 +242,10 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
                 result.val_losses[last],
                 result.run_dir,
             )
+    elif args.command == "plan":
+        from loom.planner.command import run
+
+        run(args)
     elif args.command == "generate":
         from loom.eval.generate import generate_text
 

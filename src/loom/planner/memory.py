@@ -1,0 +1,183 @@
+"""Memory per device: model states (ZeRO / FSDP, precision, LoRA / QLoRA), activations
+(Korthikanti et al. 2022, adapted to Llama blocks), and an allowance for everything else.
+
+All figures are bytes on the most loaded device: the first pipeline stage, which holds the
+embedding and the most micro-batches in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.spec import Hardware, ModelShape, Strategy
+
+GB = 1e9
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+NF4_BYTES = 0.5 + 4 / 64 / 4 + 4 / 64 / 256  # 4-bit weights, double-quantised absmax per 64
+LORA_TARGETS = 7  # q, k, v, o, gate, up, down in every block
+CONTEXT_BYTES = 1.0 * GB  # CUDA context, NCCL and allocator workspaces
+FRAGMENTATION = 0.05  # of the tensors above, lost to the caching allocator
+
+
+@dataclass(frozen=True)
+class Memory:
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    other: float
+    host: float = 0.0  # bytes per device kept in host memory (offload)
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.other
+
+    def gib(self) -> dict[str, float]:
+        fields = ("params", "grads", "optimizer", "activations", "other", "total")
+        return {k: getattr(self, k) / 2**30 for k in fields}
+
+
+def state_bytes(s: Strategy) -> tuple[float, float, float]:
+    """Bytes per parameter of weights, gradients and optimizer state, before sharding.
+
+    `loom` keeps fp32 weights (the master copy), fp32 gradients and Adam's two fp32 moments and
+    computes in bf16 by casting (FSDP) or autocast: 4 + 4 + 8. `megatron` (and the ZeRO paper)
+    keeps 16-bit weights and gradients and a separate fp32 master copy with the moments:
+    2 + 2 + 12. Both are 16 bytes; which part is sharded by which ZeRO stage differs.
+    """
+    if s.precision == "fp32":
+        return 4.0, 4.0, 8.0
+    if s.framework == "megatron":
+        return 2.0, 2.0, 12.0
+    return 4.0, 4.0, 8.0
+
+
+def model_state_bytes(params: float, s: Strategy) -> tuple[float, float, float]:
+    """Weights, gradients and optimizer bytes per device for `params` parameters on that
+    device (already divided by tensor and pipeline parallelism), sharded by the ZeRO stage."""
+    weight, grad, optim = state_bytes(s)
+    dp = s.dp
+    return (
+        params * weight / (dp if s.zero_stage >= 3 else 1),
+        params * grad / (dp if s.zero_stage >= 2 else 1),
+        params * optim / (dp if s.zero_stage >= 1 else 1),
+    )
+
+
+def lora_params(model: ModelShape, s: Strategy) -> float:
+    """Trainable LoRA parameters per device: r · (d_in + d_out) for every targeted linear."""
+    h, f = model.hidden, model.ffn_hidden
+    per_layer = s.lora_rank * (
+        (h + model.q_dim) + 2 * (h + model.kv_dim) + (model.q_dim + h) + 2 * (h + f) + (f + h)
+    )
+    return model.layers / s.pp * per_layer / s.tp
+
+
+def params_per_device(model: ModelShape, s: Strategy) -> float:
+    """Parameters on the most loaded device: its share of the layers plus the embedding (first
+    stage) or the head (last stage); tensor parallelism splits all but the norms."""
+    replicated = model.replicated_params_per_layer()
+    per_layer = (model.layer_params() - replicated) / s.tp + replicated
+    layers = model.layers / s.pp * per_layer
+    norm = 2 * model.hidden if model.arch == "gpt" else model.hidden
+    embedding = model.embedding_params() / s.tp
+    head = (model.head_params() - norm) / s.tp + norm
+    if s.pp == 1:
+        return layers + embedding + head
+    return layers + max(embedding, head)
+
+
+def activation_bytes_per_layer(model: ModelShape, s: Strategy) -> float:
+    """Bytes one block keeps for backward for one micro-batch.
+
+    GPT blocks use Korthikanti et al.'s counts exactly (16-bit activations, dropout masks, the
+    s × s attention scores); Llama blocks as Loom runs them (no dropout, flash attention that
+    keeps only a log-sum-exp per head and position, SwiGLU, RMSNorm) use the same kind of
+    count of the tensors autograd saves, measured in benchmarks/activation_memory.py.
+    """
+    s_len = model.seq_len / s.cp
+    sbh = s_len * s.micro_batch * model.hidden
+    t, a, h = s.tp, model.heads, model.hidden
+    if model.arch == "gpt":
+        scores = 5 * a * s_len / h
+        if s.recompute == "full":
+            return 2 * sbh / (t if s.sp else 1)
+        if s.recompute == "selective":
+            return 34 * sbh / t if s.sp else sbh * (10 + 24 / t)
+        if s.sp:
+            return sbh * (34 / t + scores / t)
+        return sbh * (10 + 24 / t + scores / t)
+    width = BYTES[s.precision]
+    kv = model.kv_dim / h
+    ffn = model.ffn_hidden / h
+    replicated = 1 / t if s.sp else 1.0  # norms' inputs and the residual stream
+    lse = 4 * a * s_len * s.micro_batch / t  # fp32 log-sum-exp per head and position
+    if s.recompute == "full":
+        return width * sbh * replicated
+    if s.recompute == "selective":
+        # Block input, q/k/v/o, attention output, gate, up and down outputs are kept.
+        sharded = (2 + 2 * kv) + 2 * ffn
+        return width * sbh * (2 * replicated + sharded / t) + lse
+    # Inputs of both norms and of the attention and MLP projections (replicated unless SP);
+    # q and k before and after the rotary embedding, v, the attention output and its
+    # transposed copy; gate and up outputs, silu(gate), their product.
+    sharded = (5 + 4 * kv) + 4 * ffn
+    return width * sbh * (4 * replicated + sharded / t) + lse
+
+
+def layers_in_flight(model: ModelShape, s: Strategy) -> float:
+    """Layer-activations the first pipeline stage holds at its peak, in units of one layer for
+    one micro-batch (Korthikanti et al.: 1F1B keeps L layers' worth whatever p is)."""
+    m = s.microbatches
+    per_stage = model.layers / s.pp
+    if s.pp == 1:
+        return per_stage
+    if s.schedule == "GPipe":
+        return per_stage * m
+    in_flight = per_stage * min(s.pp, m)
+    if s.schedule == "Interleaved1F1B" and s.virtual_stages > 1:
+        return model.layers * (1 + (s.pp - 1) / (s.pp * s.virtual_stages))
+    return in_flight
+
+
+def activations(model: ModelShape, s: Strategy) -> float:
+    per_layer = activation_bytes_per_layer(model, s)
+    sbh = model.seq_len / s.cp * s.micro_batch * model.hidden
+    width = 2 if model.arch == "gpt" else BYTES[s.precision]
+    extra = width * sbh * s.pp / s.tp  # the first stage's embedding outputs in flight
+    if s.pp == 1:  # the same device also holds the output layer and the loss
+        if model.arch == "gpt":
+            extra = sbh / s.tp * (s.pp + 4 * (1 + model.vocab / model.hidden))
+        else:
+            logits = model.seq_len / s.cp * s.micro_batch * model.vocab / s.tp
+            extra += logits * (width + 4 + 4)  # logits, their fp32 copy and its gradient
+    return per_layer * layers_in_flight(model, s) + extra
+
+
+def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
+    psi = params_per_device(model, s)
+    if s.finetune == "full":
+        weights, grads, optim = model_state_bytes(psi, s)
+    else:
+        weights = psi * (NF4_BYTES if s.finetune == "qlora" else 2.0)
+        trainable = lora_params(model, s)
+        weights += trainable * 4
+        grads, optim = trainable * 4, trainable * 8
+    host = 0.0
+    if s.offload == "optimizer":
+        host, optim = optim, 0.0
+    elif s.offload == "params":
+        host, weights, grads, optim = weights + grads + optim, 0.0, 0.0, 0.0
+    acts = activations(model, s)
+    buffers = 0.0
+    if s.zero_stage >= 3 or s.offload == "params":
+        # Gathered weights (and their gradients) of the running block and the prefetched one.
+        block = model.layer_params() / s.tp * BYTES[s.precision if s.precision != "fp8" else "bf16"]
+        buffers = 2 * block * 2
+    other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
+    return Memory(weights, grads, optim, acts, other, host)
+
+
+def fits(memory: Memory, hw: Hardware) -> bool:
+    host_per_node = memory.host * hw.devices_per_node
+    return memory.total <= hw.memory_gb * GB and host_per_node <= hw.host_memory_gb * GB

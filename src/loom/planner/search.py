@@ -1,0 +1,188 @@
+"""Evaluate one layout, or search every valid one and rank those that fit by throughput."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+
+from loom.errors import LoomError
+from loom.planner.cost import DEFAULT_CALIBRATION, Calibration, StepTime, step_time
+from loom.planner.memory import GB, Memory, estimate, fits
+from loom.planner.spec import Hardware, ModelShape, PlanSpec, Strategy, check_strategy
+
+DEFAULT_BATCH_TOKENS = 4e6  # sequences per step when none is given: about 4M tokens
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: Strategy
+    memory: Memory
+    time: StepTime
+    fits: bool
+    devices: int
+    peak_flops: float  # per device
+    seq_len: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Whole job, all devices."""
+        return self.strategy.global_batch * self.seq_len / self.time.total
+
+    @property
+    def tflops_per_device(self) -> float:
+        return self.time.model_flops / self.time.total / self.devices / 1e12
+
+    @property
+    def mfu(self) -> float:
+        return self.time.model_flops / self.time.total / (self.devices * self.peak_flops)
+
+    def days(self, tokens: float) -> float:
+        return tokens / self.tokens_per_s / 86400
+
+
+def evaluate(
+    model: ModelShape, hw: Hardware, s: Strategy, cal: Calibration = DEFAULT_CALIBRATION
+) -> Plan:
+    memory = estimate(model, hw, s)
+    return _plan(model, hw, s, memory, cal)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(
+    model: ModelShape,
+    hw: Hardware,
+    base: Strategy,
+    global_batch: int,
+    fixed: frozenset[str] = frozenset(),
+) -> list[Strategy]:
+    """Every layout of `hw.devices` devices this model and batch allow (context parallel 1);
+    fields named in `fixed` keep `base`'s value."""
+    devices = hw.devices
+    tps = [
+        t
+        for t in (1, 2, 4, 8, 16)
+        if t <= hw.devices_per_node
+        and devices % t == 0
+        and model.heads % t == 0
+        and (model.kv_heads % t == 0 or t % model.kv_heads == 0)
+    ]
+    out: list[Strategy] = []
+    for tp in tps:
+        for pp in _divisors(model.layers):
+            if devices % (tp * pp):
+                continue
+            dp = devices // (tp * pp)
+            if global_batch % dp:
+                continue
+            per_replica = global_batch // dp
+            for v in (1, 2, 3, 4) if pp > 1 else (1,):
+                if model.layers % (pp * v):
+                    continue
+                schedules = (
+                    ["1F1B"]
+                    if pp == 1
+                    else (["Interleaved1F1B"] if v > 1 else ["1F1B", "ZeroBubble"])
+                )
+                micro = (base.micro_batch,) if "micro_batch" in fixed else (1, 2, 4, 8)
+                modes = (base.recompute,) if "recompute" in fixed else ("none", "selective", "full")
+                zeros = (base.zero_stage,) if "zero_stage" in fixed else (0, 1, 3)
+                for mb, schedule, recompute, zero in itertools.product(
+                    micro, schedules, modes, zeros
+                ):
+                    if per_replica % mb or (zero and dp == 1):
+                        continue
+                    out.append(
+                        replace(
+                            base,
+                            tp=tp,
+                            pp=pp,
+                            dp=dp,
+                            cp=1,
+                            sp=tp > 1,
+                            micro_batch=mb,
+                            global_batch=global_batch,
+                            virtual_stages=v,
+                            schedule=schedule,
+                            recompute=recompute,
+                            zero_stage=zero,
+                            offload="none",
+                        )
+                    )
+    return out
+
+
+def search(spec: PlanSpec, cal: Calibration = DEFAULT_CALIBRATION, keep: int = 10) -> list[Plan]:
+    """Plans that fit, fastest first; offload is tried only for layouts that do not fit."""
+    model, hw = spec.model, spec.hardware
+    global_batch = _global_batch(spec)
+    fitting: list[Plan] = []
+    offloadable: list[Strategy] = []
+    for s in candidates(model, hw, spec.base, global_batch, spec.fixed):
+        memory = estimate(model, hw, s)
+        if fits(memory, hw):
+            fitting.append(_plan(model, hw, s, memory, cal))
+        elif memory.total > hw.memory_gb * GB:
+            offloadable.append(s)
+    if not fitting:
+        for s in offloadable:
+            for offload in ("optimizer", "params"):
+                moved = replace(
+                    s, offload=offload, zero_stage=3 if offload == "params" else s.zero_stage
+                )
+                memory = estimate(model, hw, moved)
+                if fits(memory, hw):
+                    fitting.append(_plan(model, hw, moved, memory, cal))
+    fitting.sort(key=lambda p: (-p.tokens_per_s, p.memory.total))
+    return fitting[:keep]
+
+
+def _global_batch(spec: PlanSpec) -> int:
+    if spec.base.global_batch > 1:
+        return spec.base.global_batch
+    return 2 ** round(math.log2(DEFAULT_BATCH_TOKENS / spec.model.seq_len))
+
+
+def _plan(model: ModelShape, hw: Hardware, s: Strategy, memory: Memory, cal: Calibration) -> Plan:
+    time = step_time(model, hw, s, cal)
+    peak = hw.peak_tflops[s.precision] * 1e12
+    return Plan(s, memory, time, fits(memory, hw), hw.devices, peak, model.seq_len)
+
+
+def nothing_fits(spec: PlanSpec) -> LoomError:
+    """Say why no layout fits and what would: more devices of this kind, or offload."""
+    model, hw = spec.model, spec.hardware
+    batch = _global_batch(spec)
+    if not candidates(model, hw, spec.base, batch, spec.fixed):
+        raise LoomError(
+            f"no layout of {hw.devices} devices splits the global batch of {batch} sequences: "
+            "the data-parallel degree must divide it; use a batch with more factors of two "
+            "(e.g. a power of two) or another device count"
+        )
+    for factor in (2, 4, 8, 16, 32, 64, 128, 256):
+        bigger = replace(hw, devices=hw.devices * factor)
+        if search(replace(spec, hardware=bigger), keep=1):
+            return LoomError(
+                f"no layout of {model.params() / 1e9:.1f}B parameters fits on {hw.devices} × "
+                f"{hw.memory_gb:g} GB {hw.name}; it needs ≥ {bigger.devices} of these devices "
+                "(or devices with more memory, or LoRA / QLoRA for fine-tuning)"
+            )
+    return LoomError(
+        f"no layout fits even on {hw.devices * 256} × {hw.memory_gb:g} GB devices; "
+        "shorten the sequence or use a smaller model"
+    )
+
+
+def plan(spec: PlanSpec, cal: Calibration = DEFAULT_CALIBRATION) -> tuple[Plan, list[Plan]]:
+    """The given strategy's plan, or the best of the search (and the ranked list)."""
+    if spec.strategy is not None:
+        check_strategy(spec.model, spec.hardware, spec.strategy)
+        result = evaluate(spec.model, spec.hardware, spec.strategy, cal)
+        return result, [result]
+    ranked = search(spec, cal)
+    if not ranked:
+        raise nothing_fits(spec)  # raises itself when the batch is the problem
+    return ranked[0], ranked

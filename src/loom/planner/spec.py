@@ -1,0 +1,447 @@
+"""What the planner is asked: model shape, hardware, an optional strategy and training length.
+
+The JSON schema is that of the records in shared/reference/published_runs.json (`model`,
+`hardware`, `strategy`, `training`), so a published run can be fed in as it is. Every field is
+checked here, before any estimate, and errors name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from loom.errors import LoomError
+from loom.models.llama import ModelConfig
+from loom.models.presets import PRESETS, get_preset
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn_hidden: int
+    vocab: int
+    seq_len: int
+    arch: str = "llama"  # "llama" (SwiGLU, RMSNorm, no biases) or "gpt" (GeLU 4h MLP, biases)
+    tied: bool = False
+    head_dim: int = 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+    def layer_params(self) -> int:
+        h = self.hidden
+        attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+        if self.arch == "gpt":  # 2 MLP matrices, biases, LayerNorm weight + bias
+            return (
+                attn
+                + 2 * h * self.ffn_hidden
+                + (self.q_dim + 2 * self.kv_dim + h)
+                + (self.ffn_hidden + h)
+                + 4 * h
+            )
+        return attn + 3 * h * self.ffn_hidden + 2 * h
+
+    def embedding_params(self) -> int:
+        """Input embedding (+ learned positions for GPT)."""
+        return self.vocab * self.hidden + (self.seq_len * self.hidden if self.arch == "gpt" else 0)
+
+    def head_params(self) -> int:
+        """Final norm and, unless tied, the output projection."""
+        norm = 2 * self.hidden if self.arch == "gpt" else self.hidden
+        return norm + (0 if self.tied or self.arch == "gpt" else self.vocab * self.hidden)
+
+    def params(self) -> int:
+        return self.layers * self.layer_params() + self.embedding_params() + self.head_params()
+
+    def replicated_params_per_layer(self) -> int:
+        """Norm weights (and GPT's LayerNorm biases): copied, not split, by tensor parallelism."""
+        return 4 * self.hidden if self.arch == "gpt" else 2 * self.hidden
+
+    def matmul_params_per_layer(self) -> int:
+        h = self.hidden
+        mlp = (2 if self.arch == "gpt" else 3) * h * self.ffn_hidden
+        return h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h + mlp
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_tflops: dict[str, float]  # per precision
+    memory_gb: float  # per device, GB = 1e9 bytes
+    devices: int
+    devices_per_node: int = 8
+    intra_node_gbps: float = 300.0  # GB/s per device, one direction (NVLink)
+    inter_node_gbps: float = 25.0  # GB/s per device (e.g. 200 Gb/s HDR IB per GPU)
+    hbm_gbps: float = 2000.0  # device memory bandwidth, GB/s
+    host_memory_gb: float = 1000.0  # per node, for offload
+    host_link_gbps: float = 25.0  # device <-> host, GB/s per device (PCIe)
+    matmul_efficiency: float | None = None  # measured ceiling (calibration); None = default
+
+
+@dataclass(frozen=True)
+class Strategy:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    sp: bool = False
+    zero_stage: int = 0  # 0 none, 1 optimizer, 2 + gradients, 3 + parameters (FSDP)
+    recompute: str = "none"  # none | selective | full
+    micro_batch: int = 1
+    global_batch: int = 1  # sequences per optimizer step
+    virtual_stages: int = 1  # interleaved pipeline chunks per rank
+    schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | ZeroBubble
+    offload: str = "none"  # none | optimizer | params
+    precision: str = "bf16"  # compute precision: bf16 | fp8 | fp32
+    framework: str = (
+        "loom"  # loom: fp32 params, grads and Adam; megatron: 16-bit params/grads + 12 B
+    )
+    finetune: str = "full"  # full | lora | qlora
+    lora_rank: int = 16
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def microbatches(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel replica."""
+        return self.global_batch // (self.dp * self.micro_batch)
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    model: ModelShape
+    hardware: Hardware
+    strategy: Strategy | None = None
+    training_tokens: float | None = None
+    base: Strategy = field(default_factory=Strategy)  # fixed choices when searching
+    fixed: frozenset[str] = frozenset()  # strategy fields the search must not vary
+
+
+# -- hardware table ----------------------------------------------------------------------------
+
+# name: (peak TFLOP/s by precision, memory GB, NVLink GB/s per direction, HBM GB/s)
+GPU_TABLE: dict[str, tuple[dict[str, float], float, float, float]] = {
+    "a100": ({"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}, 80, 300, 2039),
+    "a100-40gb": ({"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}, 40, 300, 1555),
+    "h100": ({"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7}, 80, 450, 3350),
+    "h100-pcie": ({"bf16": 756.0, "fp16": 756.0, "fp8": 1513.0, "fp32": 378.0}, 80, 300, 2000),
+    "h200": ({"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 494.5}, 141, 450, 4800),
+    "b200": ({"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "fp32": 1100.0}, 180, 900, 8000),
+    "mi300x": ({"bf16": 1307.4, "fp16": 1307.4, "fp8": 2614.9, "fp32": 653.7}, 192, 448, 5300),
+    "v100": ({"fp16": 125.0, "bf16": 125.0, "fp32": 15.7}, 32, 150, 900),
+    "rtx4090": ({"bf16": 165.2, "fp16": 165.2, "fp8": 330.3, "fp32": 82.6}, 24, 32, 1008),
+    "l40s": ({"bf16": 362.0, "fp16": 362.0, "fp8": 733.0, "fp32": 183.0}, 48, 32, 864),
+}
+
+
+def gpu_hardware(name: str, devices: int, **overrides: Any) -> Hardware:
+    key = _gpu_key(name)
+    if key is None:
+        raise LoomError(
+            f"hardware.gpu={name!r} is not in the table ({', '.join(GPU_TABLE)}); give "
+            "hardware.peak_tflops and hardware.gpu_mem_gb instead"
+        )
+    peak, memory, nvlink, hbm = GPU_TABLE[key]
+    values: dict[str, Any] = {
+        "name": key,
+        "peak_tflops": peak,
+        "memory_gb": memory,
+        "devices": devices,
+        "intra_node_gbps": nvlink,
+        "hbm_gbps": hbm,
+    }
+    if key in ("rtx4090", "l40s"):  # PCIe cards: no NVLink, slower network
+        values.update(devices_per_node=4, inter_node_gbps=12.5)
+    if key == "h100" or key == "h200" or key == "b200":
+        values.update(inter_node_gbps=50.0, host_link_gbps=50.0)  # 400 Gb/s per GPU
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Hardware(**values)
+
+
+def _gpu_key(name: str) -> str | None:
+    lowered = name.lower().replace("_", "-")
+    if lowered in GPU_TABLE:
+        return lowered
+    for key in sorted(GPU_TABLE, key=len, reverse=True):  # "a100-sxm4-80gb" -> a100
+        stem = key.split("-")[0]
+        if lowered.startswith(stem) and ("40gb" in lowered) == ("40gb" in key):
+            if "pcie" in lowered and key == "h100":
+                continue
+            return key
+    return None
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+
+def model_from_config(cfg: ModelConfig, seq_len: int) -> ModelShape:
+    return ModelShape(
+        layers=cfg.n_layers,
+        hidden=cfg.dim,
+        heads=cfg.n_heads,
+        kv_heads=cfg.n_kv_heads,
+        ffn_hidden=cfg.ffn_hidden,
+        vocab=cfg.vocab_size,
+        seq_len=seq_len,
+        arch="llama",
+        tied=cfg.tie_embeddings,
+        head_dim=cfg.head_dim,
+    )
+
+
+def parse_model(raw: Any) -> ModelShape:
+    if isinstance(raw, str):
+        if raw not in PRESETS:
+            raise LoomError(f"model {raw!r} is not a preset; use one of {', '.join(PRESETS)}")
+        cfg = get_preset(raw)
+        return model_from_config(cfg, min(cfg.max_seq_len, 8192))
+    if not isinstance(raw, dict):
+        raise LoomError("spec.model must be a preset name or an object with layers, hidden, ...")
+    if "preset" in raw:
+        shape = parse_model(raw["preset"])
+        return replace(shape, seq_len=int(raw.get("seq_len", shape.seq_len)))
+    required = ("layers", "hidden", "heads", "seq_len")
+    missing = [k for k in required if raw.get(k) in (None, "")]
+    if missing:
+        raise LoomError(
+            f"spec.model lacks {', '.join(missing)}; give them or a preset name "
+            f"({', '.join(PRESETS)})"
+        )
+    arch = str(raw.get("arch") or "llama")
+    arch = "gpt" if "gpt" in arch.lower() else "llama"
+    hidden = _int(raw, "hidden", "model")
+    heads = _int(raw, "heads", "model")
+    shape = ModelShape(
+        layers=_int(raw, "layers", "model"),
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(raw.get("kv_heads") or heads),
+        ffn_hidden=int(raw.get("ffn_hidden") or (4 * hidden if arch == "gpt" else 0)),
+        vocab=int(raw.get("vocab") or 51200),
+        seq_len=_int(raw, "seq_len", "model"),
+        arch=arch,
+        tied=bool(raw.get("tied", arch == "gpt")),
+    )
+    if shape.ffn_hidden <= 0:
+        raise LoomError("spec.model.ffn_hidden is needed for a Llama-style model")
+    if shape.heads % shape.kv_heads or shape.hidden % shape.heads:
+        raise LoomError(
+            f"spec.model: kv_heads={shape.kv_heads} must divide heads={shape.heads} and heads "
+            f"must divide hidden={shape.hidden}"
+        )
+    return shape
+
+
+def parse_hardware(raw: Any) -> Hardware:
+    if not isinstance(raw, dict):
+        raise LoomError("spec.hardware must be an object with gpu (or peak_tflops) and n_gpus")
+    devices = _int(raw, "n_gpus", "hardware")
+    overrides = {
+        "memory_gb": _opt_float(raw, "gpu_mem_gb"),
+        "devices_per_node": raw.get("gpus_per_node"),
+        "intra_node_gbps": _opt_float(raw, "intra_node_gbps"),
+        "inter_node_gbps": _opt_float(raw, "inter_node_gbps"),
+        "host_memory_gb": _opt_float(raw, "host_mem_gb"),
+        "host_link_gbps": _opt_float(raw, "host_link_gbps"),
+    }
+    peak = raw.get("peak_tflops")
+    if raw.get("gpu"):
+        hardware = gpu_hardware(str(raw["gpu"]), devices, **overrides)
+        if isinstance(peak, int | float):  # an explicit peak wins over the table
+            hardware = replace(hardware, peak_tflops={**hardware.peak_tflops, "bf16": peak})
+        return hardware
+    if peak is None or overrides["memory_gb"] is None:
+        raise LoomError(
+            "spec.hardware needs gpu (one of " + ", ".join(GPU_TABLE) + ") or both "
+            "peak_tflops and gpu_mem_gb"
+        )
+    peaks = peak if isinstance(peak, dict) else {"bf16": float(peak), "fp16": float(peak)}
+    return Hardware(
+        name="custom",
+        peak_tflops={k: float(v) for k, v in peaks.items()},
+        devices=devices,
+        **{k: v for k, v in overrides.items() if v is not None},  # type: ignore[arg-type]
+    )
+
+
+RECOMPUTE_WORDS = {"none": "none", "selective": "selective", "full": "full"}
+
+
+def parse_strategy(raw: Any, devices: int, defaults: Strategy | None = None) -> Strategy:
+    if not isinstance(raw, dict):
+        raise LoomError("spec.strategy must be an object (tp, pp, dp, micro_batch, ...)")
+    base = defaults or Strategy()
+    values: dict[str, Any] = {}
+    for key in ("tp", "pp", "cp", "micro_batch", "global_batch", "virtual_stages", "lora_rank"):
+        if raw.get(key) is not None:
+            values[key] = _int(raw, key, "strategy")
+    if raw.get("zero_stage") is not None:
+        values["zero_stage"] = _int(raw, "zero_stage", "strategy")
+    for key in ("sp",):
+        if raw.get(key) is not None:
+            values[key] = bool(raw[key])
+    if raw.get("recompute") is not None:
+        values["recompute"] = _recompute_word(str(raw["recompute"]))
+    for key in ("schedule", "offload", "precision", "framework", "finetune"):
+        if raw.get(key) is not None:
+            values[key] = str(raw[key])
+    if raw.get("pipeline_schedule"):
+        values["schedule"] = _schedule_word(str(raw["pipeline_schedule"]))
+    elif values.get("virtual_stages", 1) > 1 and "schedule" not in values:
+        values["schedule"] = "Interleaved1F1B"
+    strategy = replace(base, **values)
+    if isinstance(raw.get("offload"), bool):
+        strategy = replace(strategy, offload="optimizer" if raw["offload"] else "none")
+    dp = raw.get("dp")
+    others = strategy.tp * strategy.pp * strategy.cp
+    if dp is None:
+        if devices % others:
+            raise LoomError(
+                f"strategy: tp × pp × cp = {others} does not divide {devices} devices; change "
+                "tp, pp or cp, or hardware.n_gpus"
+            )
+        dp = devices // others
+    strategy = replace(strategy, dp=int(dp))
+    if strategy.devices != devices:
+        raise LoomError(
+            f"strategy: tp × pp × dp × cp = {strategy.tp} × {strategy.pp} × {strategy.dp} × "
+            f"{strategy.cp} = {strategy.devices}, but hardware.n_gpus = {devices}; make them equal"
+        )
+    if raw.get("global_batch") is None:
+        strategy = replace(strategy, global_batch=strategy.dp * strategy.micro_batch)
+    return strategy
+
+
+def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
+    """Refuse a strategy that cannot be realised, saying what to change."""
+    for name in ("tp", "pp", "dp", "cp", "micro_batch", "global_batch", "virtual_stages"):
+        if getattr(s, name) < 1:
+            raise LoomError(f"strategy.{name}={getattr(s, name)} must be at least 1")
+    if model.heads % s.tp or (model.kv_heads % s.tp and s.tp % model.kv_heads):
+        raise LoomError(
+            f"strategy.tp={s.tp} must divide the {model.heads} attention heads (and the "
+            f"{model.kv_heads} KV heads, or be a multiple of them)"
+        )
+    if model.layers % (s.pp * s.virtual_stages):
+        raise LoomError(
+            f"strategy: pp × virtual_stages = {s.pp * s.virtual_stages} does not divide "
+            f"{model.layers} layers"
+        )
+    if s.global_batch % (s.dp * s.micro_batch):
+        raise LoomError(
+            f"strategy.global_batch={s.global_batch} is not a multiple of dp × micro_batch = "
+            f"{s.dp * s.micro_batch}"
+        )
+    if s.zero_stage not in (0, 1, 2, 3):
+        raise LoomError(f"strategy.zero_stage={s.zero_stage} must be 0, 1, 2 or 3")
+    if s.recompute not in ("none", "selective", "full"):
+        raise LoomError(f"strategy.recompute={s.recompute!r} must be none, selective or full")
+    if s.offload not in ("none", "optimizer", "params"):
+        raise LoomError(f"strategy.offload={s.offload!r} must be none, optimizer or params")
+    if s.precision not in hw.peak_tflops:
+        raise LoomError(
+            f"strategy.precision={s.precision!r}: the hardware has peaks for "
+            f"{', '.join(hw.peak_tflops)}"
+        )
+    if s.framework not in ("loom", "megatron"):
+        raise LoomError(f"strategy.framework={s.framework!r} must be loom or megatron")
+    if s.finetune not in ("full", "lora", "qlora"):
+        raise LoomError(f"strategy.finetune={s.finetune!r} must be full, lora or qlora")
+    if s.schedule not in ("GPipe", "1F1B", "Interleaved1F1B", "ZeroBubble"):
+        raise LoomError(
+            f"strategy.schedule={s.schedule!r} must be GPipe, 1F1B, Interleaved1F1B or ZeroBubble"
+        )
+    if s.tp > hw.devices_per_node:
+        raise LoomError(
+            f"strategy.tp={s.tp} spans more than one node ({hw.devices_per_node} devices); "
+            "keep tp within a node"
+        )
+
+
+def _recompute_word(text: str) -> str:
+    lowered = text.lower()
+    for word in ("selective", "full", "none"):
+        if lowered.startswith(word) or f"{word} " in lowered:
+            return word
+    raise LoomError(f"strategy.recompute={text!r} must be none, selective or full")
+
+
+def _schedule_word(text: str) -> str:
+    lowered = text.lower()
+    if "interleaved" in lowered:
+        return "Interleaved1F1B"
+    if "gpipe" in lowered:
+        return "GPipe"
+    if "zero" in lowered and "bubble" in lowered:
+        return "ZeroBubble"
+    return "1F1B"
+
+
+def _int(raw: dict[str, Any], key: str, section: str) -> int:
+    value = raw.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise LoomError(f"spec.{section}.{key} must be a whole number, got {value!r}")
+    if value < 0:
+        raise LoomError(f"spec.{section}.{key}={value} must not be negative")
+    return int(value)
+
+
+def _opt_float(raw: dict[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise LoomError(f"spec.hardware.{key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def parse_spec(raw: Any) -> PlanSpec:
+    if not isinstance(raw, dict):
+        raise LoomError("the spec must be a JSON object with model and hardware")
+    for key in ("model", "hardware"):
+        if key not in raw:
+            raise LoomError(f"the spec lacks {key!r}; see `loom plan --help`")
+    model = parse_model(raw["model"])
+    hardware = parse_hardware(raw["hardware"])
+    strategy = None
+    if raw.get("strategy"):
+        strategy = parse_strategy(raw["strategy"], hardware.devices)
+        check_strategy(model, hardware, strategy)
+    training = raw.get("training") or {}
+    tokens = training.get("tokens") if isinstance(training, dict) else None
+    if tokens is not None and (not isinstance(tokens, int | float) or tokens <= 0):
+        raise LoomError(f"spec.training.tokens must be a positive number, got {tokens!r}")
+    base = strategy or Strategy()
+    fixed: frozenset[str] = frozenset()
+    if not strategy and isinstance(raw.get("search"), dict):
+        search = raw["search"]
+        base = parse_strategy({**search, "dp": 1, "tp": 1, "pp": 1}, 1)
+        fixed = frozenset(RENAMED.get(k, k) for k in search if k not in ("tp", "pp", "dp"))
+    return PlanSpec(model, hardware, strategy, float(tokens) if tokens else None, base, fixed)
+
+
+RENAMED = {"pipeline_schedule": "schedule"}
+
+
+def load_spec(path: str | Path) -> PlanSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise LoomError(f"spec file {p} does not exist")
+    try:
+        raw = json.loads(p.read_text())
+    except ValueError as e:
+        raise LoomError(f"spec file {p} is not valid JSON: {e}") from None
+    return parse_spec(raw)
