@@ -179,5 +179,5 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
 
 
 def fits(memory: Memory, hw: Hardware) -> bool:
-    host_per_node = memory.host * hw.devices_per_node
+    host_per_node = memory.host * min(hw.devices, hw.devices_per_node)
     return memory.total <= hw.memory_gb * GB and host_per_node <= hw.host_memory_gb * GB

@@ -1,0 +1,207 @@
+"""`loom plan`: the memory and time models against published runs, the search, the CLI contract
+and bad input. Speed of the search is measured in BENCHMARKS.md, not asserted here."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loom.errors import LoomError
+from loom.planner import published
+from loom.planner.cost import DEFAULT_CALIBRATION
+from loom.planner.search import evaluate, plan
+from loom.planner.spec import Strategy, parse_spec
+
+RECORDS = published.load_records()
+
+
+def test_the_one_fitted_constant_comes_from_one_record() -> None:
+    assert published.fit_matmul_efficiency(RECORDS) == DEFAULT_CALIBRATION.matmul_efficiency
+
+
+def test_megatron_table1_throughput_within_10_percent_median() -> None:
+    rows = [r for r in published.megatron_throughput(RECORDS) if r.record != published.FIT_RECORD]
+    assert len(rows) == 9
+    assert statistics.median(abs(r.error) for r in rows) <= 0.10
+    assert max(abs(r.error) for r in rows) <= 0.15
+
+
+def test_korthikanti_table5_iteration_times_within_15_percent() -> None:
+    rows = published.korthikanti_times(RECORDS)
+    assert len(rows) == 8
+    assert max(abs(r.error) for r in rows) <= 0.15
+
+
+def test_korthikanti_activation_formulas_exactly() -> None:
+    rows = published.korthikanti_activations()
+    assert len(rows) == 6
+    assert all(r.predicted == pytest.approx(r.published, rel=1e-12) for r in rows)
+
+
+def test_zero_table1_model_states_within_2_percent() -> None:
+    rows = published.zero_memory(RECORDS)
+    assert len(rows) == 54
+    for row in rows:
+        record = RECORDS[row.record.split()[0]]
+        column = row.record.split()[1]
+        exact = record["derived"][f"formula_{column}"]  # the paper's formula, unrounded
+        assert row.predicted == pytest.approx(exact, rel=1e-3, abs=5e-4)
+        # Against the printed table: 2 %, or the rounding of the printed digits.
+        printed = row.published
+        digits = len(str(printed).split(".")[1]) if "." in str(printed) else 0
+        assert abs(row.predicted - printed) <= max(0.02 * printed, 0.5 * 10**-digits)
+
+
+def test_training_time_estimates_within_5_percent() -> None:
+    rows = published.training_days(RECORDS)
+    assert [r.record for r in rows] == ["meg21_time_gpt3_175B", "meg21_time_1T"]
+    assert all(abs(r.error) <= 0.05 for r in rows)
+
+
+def test_search_finds_a_fitting_layout_for_405b_on_16k_gpus() -> None:
+    spec = parse_spec(
+        {
+            "model": {"preset": "llama3-405b", "seq_len": 8192},
+            "hardware": {"gpu": "h100", "n_gpus": 16384},
+            "search": {"global_batch": 2048},
+            "training": {"tokens": 15.6e12},
+        }
+    )
+    best, ranked = plan(spec)
+    assert best.fits and best.strategy.devices == 16384
+    assert [p.tokens_per_s for p in ranked] == sorted(
+        (p.tokens_per_s for p in ranked), reverse=True
+    )
+    assert all(p.memory.total <= 80e9 for p in ranked)
+    assert 0.2 < best.mfu < 0.7 and 20 < best.days(15.6e12) < 400
+
+
+def test_qlora_70b_fits_two_24gb_cards_lora_only_offloaded_full_not_at_all() -> None:
+    def answer(finetune: str) -> object:
+        raw = {
+            "model": {"preset": "llama3-70b", "seq_len": 2048},
+            "hardware": {"gpu": "rtx4090", "n_gpus": 2},
+            "search": {"finetune": finetune, "global_batch": 8},
+        }
+        return plan(parse_spec(raw))
+
+    best, _ = answer("qlora")
+    assert best.fits and best.memory.total <= 24e9 and best.strategy.offload != "params"
+    lora, _ = answer("lora")  # a 140 GB bf16 base: only with the weights in host memory
+    assert lora.fits and lora.strategy.offload == "params" and lora.memory.host > 60e9
+    with pytest.raises(LoomError, match=r"needs ≥ \d+ of these devices"):
+        answer("full")
+
+
+def test_memory_terms_follow_sharding() -> None:
+    spec = parse_spec({"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 8}})
+    m, hw = spec.model, spec.hardware
+    ddp = evaluate(m, hw, Strategy(dp=8, global_batch=8)).memory
+    fsdp = evaluate(m, hw, Strategy(dp=8, zero_stage=3, global_batch=8)).memory
+    assert fsdp.params == pytest.approx(ddp.params / 8)
+    assert fsdp.optimizer == pytest.approx(ddp.optimizer / 8)
+    assert ddp.params == pytest.approx(m.params() * 4)  # fp32 weights, Loom style
+    full = evaluate(m, hw, Strategy(dp=8, recompute="full", global_batch=8)).memory
+    selective = evaluate(m, hw, Strategy(dp=8, recompute="selective", global_batch=8)).memory
+    assert full.activations < selective.activations < ddp.activations
+    offloaded = evaluate(m, hw, Strategy(dp=8, offload="optimizer", global_batch=8)).memory
+    assert offloaded.optimizer == 0 and offloaded.host == pytest.approx(ddp.optimizer)
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"model": "llama3-8b"}, "lacks 'hardware'"),
+        ({"model": "llama3-8b", "hardware": {"gpu": "tpu-v9", "n_gpus": 8}}, "not in the table"),
+        ({"model": {"layers": 2}, "hardware": {"gpu": "h100", "n_gpus": 8}}, "lacks hidden, heads"),
+        (
+            {
+                "model": "llama3-8b",
+                "hardware": {"gpu": "h100", "n_gpus": 8},
+                "strategy": {"tp": 2, "pp": 2, "dp": 4},
+            },
+            "= 16, but hardware.n_gpus = 8",
+        ),
+        (
+            {"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 8}, "strategy": {"tp": 3}},
+            "does not divide 8 devices",
+        ),
+        (
+            {"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 6}, "strategy": {"tp": 3}},
+            "must divide the 32 attention heads",
+        ),
+        ({"model": "gpt5", "hardware": {"gpu": "h100", "n_gpus": 8}}, "is not a preset"),
+        ({"model": "llama3-8b", "hardware": {"peak_tflops": 100, "n_gpus": 8}}, "gpu_mem_gb"),
+    ],
+)
+def test_bad_specs_say_what_to_fix(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(LoomError) as info:
+        _best, _ = plan(parse_spec(raw))
+    assert message in str(info.value)
+
+
+def test_model_that_fits_nowhere_names_the_device_count() -> None:
+    spec = parse_spec({"model": "llama3-405b", "hardware": {"gpu": "a100", "n_gpus": 8}})
+    with pytest.raises(LoomError, match=r"needs ≥ (16|32|64|128) of these devices"):
+        plan(spec)
+
+
+def test_cli_json_contract(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "model": {"preset": "llama3-8b", "seq_len": 4096},
+                "hardware": {"gpu": "h100", "n_gpus": 64},
+                "training": {"tokens": 1e12},
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "loom.cli", "plan", "--spec", str(spec), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert set(out["memory_gib"]) == {
+        "params",
+        "grads",
+        "optimizer",
+        "activations",
+        "other",
+        "total",
+    }
+    for key in ("step_time_s", "tflops_per_gpu", "mfu", "tokens_per_s", "train_days", "best"):
+        assert key in out
+    assert out["candidates"][0] == out["best"] and len(out["candidates"]) > 1
+    assert out["tokens_per_s"] == pytest.approx(
+        out["strategy"]["global_batch"] * 4096 / out["step_time_s"]
+    )
+    assert out["train_days"] == pytest.approx(1e12 / out["tokens_per_s"] / 86400)
+
+
+def test_cli_refuses_an_unknown_gpu_in_one_line() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loom.cli",
+            "plan",
+            "--model",
+            "llama3-8b",
+            "--gpu",
+            "x9",
+            "--gpus",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: hardware.gpu='x9' is not in the table")
