@@ -29,7 +29,10 @@ def local_bytes(tensor: torch.Tensor) -> int:
 
 
 def held_bytes(trainer: Trainer) -> dict[str, int]:
+    """Local bytes of weights, optimizer state and (after one more forward/backward) gradients."""
     params = [p for part in trainer.model.parts for p in part.parameters()]
+    trainer.forward_backward()
+    grads = [p.grad for p in params if p.grad is not None]
     state = [
         value
         for optimizer in trainer.optimizers.optimizers
@@ -39,6 +42,7 @@ def held_bytes(trainer: Trainer) -> dict[str, int]:
     ]
     return {
         "params": sum(local_bytes(p) for p in params),
+        "grads": sum(local_bytes(g) for g in grads),
         "optimizer": sum(local_bytes(v) for v in state),
     }
 

@@ -307,3 +307,39 @@ def test_recompute_reruns_the_chosen_blocks_in_backward(
         mlp.forward = counted
     trainer.forward_backward()  # one optimizer step = one micro-batch here
     assert calls == {k: 2 if k in recomputed else 1 for k in model.layers}
+
+
+PREDICTED = {  # layout -> its strategy for the planner
+    "ddp2": dict(dp=2),
+    "fsdp2": dict(dp=2, zero_stage=3),
+    "fsdp4": dict(dp=4, zero_stage=3),
+    "tp2": dict(tp=2, sp=True),
+    "pp2_1F1B": dict(pp=2),
+    "fsdp2_tp2": dict(dp=2, tp=2, sp=True, zero_stage=3),
+    "pp2_fsdp2": dict(dp=2, pp=2, zero_stage=3),
+    "pp2_fsdp2_tp2": dict(dp=2, pp=2, tp=2, sp=True, zero_stage=3),
+}
+
+
+@pytest.mark.parametrize("name", list(PREDICTED))
+def test_planner_predicts_the_bytes_each_layout_holds(
+    runs: dict[str, Any], data_dir: Path, name: str
+) -> None:
+    """Weights, gradients and Adam state per device, as the planner predicts them for Loom
+    (fp32, 4 + 4 + 8 bytes per parameter), against what the busiest rank really holds."""
+    from loom.planner.memory import estimate
+    from loom.planner.spec import Strategy, gpu_hardware, model_from_config
+
+    cfg = load_config(None, base_args(data_dir))
+    model = model_from_config(cfg.model, cfg.train.seq_len)
+    strategy = Strategy(precision="fp32", framework="loom", **PREDICTED[name])
+    memory = estimate(model, gpu_hardware("h100", strategy.devices), strategy)
+    predicted = (memory.params, memory.grads, memory.optimizer)
+    measured = [runs[name][r]["bytes"] for r in runs[name]]
+    n = strategy.dp if strategy.zero_stage == 3 else 1
+    # FSDP splits every tensor by rows: a rank holds at most one row per tensor more than 1/n.
+    padding = sum(4 * p.numel() // p.shape[0] for p in build_model(cfg.model).parameters())
+    for kind, value in zip(("params", "grads", "optimizer"), predicted, strict=True):
+        busiest = max(m[kind] for m in measured)
+        slack = padding * (2 if kind == "optimizer" else 1) if n > 1 else 0
+        assert value - slack <= busiest <= value + slack, (kind, busiest, value)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from loom.errors import LoomError
 from loom.planner import published
@@ -205,3 +206,24 @@ def test_cli_refuses_an_unknown_gpu_in_one_line() -> None:
     )
     assert done.returncode == 2
     assert done.stderr.startswith("error: hardware.gpu='x9' is not in the table")
+
+
+def test_training_refuses_a_model_predicted_not_to_fit(data_dir: Path, tmp_path: Path) -> None:
+    from loom.config import load_config
+    from loom.train.trainer import Trainer
+
+    args = [f"--data.path={data_dir}", f"--run_dir={tmp_path / 'run'}", "--train.seq_len=128"]
+    cfg = load_config(None, [*args, "--model.preset=llama3-70b"])
+    with pytest.raises(LoomError, match=r"predicted to need \d+\.\d GiB per device .* train.force"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_parallel_auto_picks_a_layout_loom_can_run(tiny_config: object) -> None:
+    from loom.parallel.dims import resolve
+    from loom.planner.training import auto_layout
+
+    cfg = tiny_config("--model.n_layers=4", "--parallel.auto=true", "--train.batch_size=8")
+    chosen = auto_layout(cfg, 4, torch.device("cpu"))
+    dims = resolve(chosen, 4)
+    assert dims.world_size == 4 and chosen.parallel.auto is False

@@ -54,6 +54,7 @@ class TrainConfig:
     eval_batches: int = 4  # validation micro-batches per evaluation
     compile: bool = False
     float8: bool = False  # train linear layers in float8 (torchao; fast on H100-class GPUs)
+    force: bool = False  # start even when the planner predicts the layout will not fit
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property
@@ -117,6 +118,7 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool = True
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     timeout_s: float = 600.0  # a collective waiting longer than this fails the run
+    auto: bool = False  # take the planner's fastest layout for the world size
 
 
 @dataclass

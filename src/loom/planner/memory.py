@@ -158,6 +158,10 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     psi = params_per_device(model, s)
     if s.finetune == "full":
         weights, grads, optim = model_state_bytes(psi, s)
+        if s.framework == "loom" and s.tp > 1 and s.zero_stage < 3:
+            # Without FSDP, DTensor's backward of the vocabulary-parallel embedding leaves its
+            # gradient whole on every tensor-parallel rank (measured, tests/test_parallel.py).
+            grads += model.vocab * model.hidden * (1 - 1 / s.tp) * state_bytes(s)[1]
     else:
         weights = psi * (NF4_BYTES if s.finetune == "qlora" else 2.0)
         trainable = lora_params(model, s)

@@ -53,8 +53,8 @@ def record_spec(record: dict[str, Any], **strategy: Any) -> PlanSpec:
 
 def megatron_flops(model: ModelShape, batch: int) -> float:
     """Narayanan et al. eq. (3): FLOPs per iteration with full recomputation."""
-    b, s, l, h, v = batch, model.seq_len, model.layers, model.hidden, model.vocab
-    return 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    b, s, layers, h, v = batch, model.seq_len, model.layers, model.hidden, model.vocab
+    return 96 * b * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
 
 
 def megatron_throughput(

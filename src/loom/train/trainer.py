@@ -31,6 +31,7 @@ from loom.parallel import distributed
 from loom.parallel.dims import resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
 from loom.planner.hardware import peak_flops
+from loom.planner.training import auto_layout, check_fits
 from loom.train.checkpoint import Checkpointer, read_state
 from loom.train.metrics import MetricsWriter, peak_memory_gib
 from loom.train.optim import Optimizers
@@ -142,7 +143,10 @@ class Trainer:
             )
         self.distributed = distributed.launched_by_torchrun()
         world = int(os.environ["WORLD_SIZE"]) if self.distributed else 1
+        if cfg.parallel.auto:
+            cfg = self.cfg = auto_layout(cfg, world, self.device)
         self.dims = resolve(cfg, world)
+        check_fits(cfg, self.dims, self.device, force=t.force)
         if not self.distributed and cfg.memory.offload == "params":
             raise LoomError(
                 "memory.offload=params works through FSDP, which needs a process group; "
