@@ -11,7 +11,7 @@ them on this machine and BENCHMARKS.md says which were fitted on which published
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loom.planner.memory import BYTES, params_per_device, state_bytes
 from loom.planner.spec import Hardware, ModelShape, Strategy
@@ -122,8 +122,10 @@ def step_time(
 ) -> StepTime:
     width = BYTES[s.precision]
     peak = hw.peak_tflops[s.precision] * 1e12
-    if hw.matmul_efficiency is not None:
-        cal = Calibration(**{**cal.__dict__, "matmul_efficiency": hw.matmul_efficiency})
+    measured = {"matmul_efficiency": hw.matmul_efficiency, "half_size": hw.matmul_half_size}
+    measured = {k: v for k, v in measured.items() if v is not None}
+    if measured:
+        cal = replace(cal, **measured)
     cost = _Cost(hw, cal, peak, width)
     t, b, seq = s.tp, s.micro_batch, model.seq_len / s.cp
     tokens = b * seq

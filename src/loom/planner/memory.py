@@ -107,22 +107,44 @@ def activation_bytes_per_layer(model: ModelShape, s: Strategy) -> float:
         if s.sp:
             return sbh * (34 / t + scores / t)
         return sbh * (10 + 24 / t + scores / t)
-    width = BYTES[s.precision]
-    kv = model.kv_dim / h
-    ffn = model.ffn_hidden / h
-    replicated = 1 / t if s.sp else 1.0  # norms' inputs and the residual stream
+    BYTES[s.precision]
     lse = 4 * a * s_len * s.micro_batch / t  # fp32 log-sum-exp per head and position
-    if s.recompute == "full":
-        return width * sbh * replicated
-    if s.recompute == "selective":
-        # Block input, q/k/v/o, attention output, gate, up and down outputs are kept.
-        sharded = (2 + 2 * kv) + 2 * ffn
-        return width * sbh * (2 * replicated + sharded / t) + lse
-    # Inputs of both norms and of the attention and MLP projections (replicated unless SP);
-    # q and k before and after the rotary embedding, v, the attention output and its
-    # transposed copy; gate and up outputs, silu(gate), their product.
-    sharded = (5 + 4 * kv) + 4 * ffn
-    return width * sbh * (4 * replicated + sharded / t) + lse
+    replicated, units = _llama_units(model, s.recompute)
+    reference = _llama_units(LLAMA_REFERENCE, s.recompute)[1]
+    per_unit = LLAMA_MEASURED[(s.precision if s.precision == "fp32" else "bf16", s.recompute)]
+    per_unit /= reference  # bytes per saved [tokens, hidden] tensor, as measured
+    split = replicated * (1 / t if s.sp else 1.0) + (units - replicated) / t
+    return per_unit * sbh * split + (lse if s.recompute != "full" else 0.0)
+
+
+# Bytes per token per hidden unit that one Loom Llama block keeps for backward, measured with
+# torch's MemTracker (benchmarks/activation_memory.py) at the reference shape below; other
+# shapes scale by the count of saved tensors in `_llama_units`. The residual stream and the
+# norms stay fp32 under bf16 autocast, which is why bf16 saves more than half of fp32.
+LLAMA_REFERENCE = ModelShape(6, 512, 8, 4, 1408, 8192, 256)
+LLAMA_MEASURED = {
+    ("fp32", "none"): 80.1,
+    ("fp32", "selective"): 46.1,
+    ("fp32", "full"): 4.0,
+    ("bf16", "none"): 65.3,
+    ("bf16", "selective"): 25.1,
+    ("bf16", "full"): 4.0,
+}
+
+
+def _llama_units(model: ModelShape, recompute: str) -> tuple[float, float]:
+    """Saved [tokens, hidden]-sized tensors of a Llama block: (replicated by tensor parallelism
+    unless sequence-parallel, total). Full recomputation keeps the block input; selective keeps
+    it, the q/k/v, attention and o outputs, and the gate, up and down outputs; none keeps the
+    norms' inputs and outputs, the projections' inputs, q/k/v, the attention output and its
+    copy, and the MLP's gate, up, activation and product."""
+    kv = model.kv_dim / model.hidden
+    ffn = model.ffn_hidden / model.hidden
+    if recompute == "full":
+        return 1.0, 1.0
+    if recompute == "selective":
+        return 2.0, 2.0 + (2 + 2 * kv) + 2 * ffn
+    return 4.0, 4.0 + (5 + 4 * kv) + 4 * ffn
 
 
 def layers_in_flight(model: ModelShape, s: Strategy) -> float:
@@ -150,7 +172,10 @@ def activations(model: ModelShape, s: Strategy) -> float:
             extra = sbh / s.tp * (s.pp + 4 * (1 + model.vocab / model.hidden))
         else:
             logits = model.seq_len / s.cp * s.micro_batch * model.vocab / s.tp
-            extra += logits * (width + 4 + 4)  # logits, their fp32 copy and its gradient
+            # The loss's fp32 log-softmax; in fp32 the logits themselves are then freed, under
+            # autocast their 16-bit copy stays (measured).
+            extra += logits * (4 + (width if width < 4 else 0))
+            extra += 8 * sbh  # the final norm's fp32 input and output
     return per_layer * layers_in_flight(model, s) + extra
 
 

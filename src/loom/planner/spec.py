@@ -87,6 +87,7 @@ class Hardware:
     host_memory_gb: float = 1000.0  # per node, for offload
     host_link_gbps: float = 25.0  # device <-> host, GB/s per device (PCIe)
     matmul_efficiency: float | None = None  # measured ceiling (calibration); None = default
+    matmul_half_size: float | None = None  # measured (calibration); None = default
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,10 @@ def parse_hardware(raw: Any) -> Hardware:
         "host_link_gbps": _opt_float(raw, "host_link_gbps"),
     }
     peak = raw.get("peak_tflops")
+    if raw.get("gpu") == "this":
+        from loom.planner.calibrate import this_machine
+
+        return this_machine(devices)
     if raw.get("gpu"):
         hardware = gpu_hardware(str(raw["gpu"]), devices, **overrides)
         if isinstance(peak, int | float):  # an explicit peak wins over the table
