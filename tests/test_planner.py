@@ -85,14 +85,14 @@ def test_search_finds_a_fitting_layout_for_405b_on_16k_gpus() -> None:
 def test_qlora_70b_fits_two_24gb_cards_lora_only_offloaded_full_not_at_all() -> None:
     def answer(finetune: str) -> object:
         raw = {
-            "model": {"preset": "llama3-70b", "seq_len": 2048},
+            "model": {"preset": "llama3-70b", "seq_len": 1024},
             "hardware": {"gpu": "rtx4090", "n_gpus": 2},
             "search": {"finetune": finetune, "global_batch": 8},
         }
         return plan(parse_spec(raw))
 
     best, _ = answer("qlora")
-    assert best.fits and best.memory.total <= 24e9 and best.strategy.offload != "params"
+    assert best.fits and best.memory.total <= 24e9 and best.strategy.offload == "none"
     lora, _ = answer("lora")  # a 140 GB bf16 base: only with the weights in host memory
     assert lora.fits and lora.strategy.offload == "params" and lora.memory.host > 60e9
     with pytest.raises(LoomError, match=r"needs ≥ \d+ of these devices"):
