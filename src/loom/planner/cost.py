@@ -145,6 +145,18 @@ def step_time(
     attention = heads * 2 * cost.gemm(seq, seq, head_dim)
     if model.arch != "gpt":
         attention /= 2  # causal flash attention computes only the lower triangle
+    if hw.attention_efficiency and s.precision in hw.attention_efficiency:
+        # Measured: the attention kernel's rate relative to matmuls of the same FLOPs.
+        attention = (
+            heads
+            * 2
+            * 2
+            * seq
+            * seq
+            * head_dim
+            / 2
+            / (peak * cal.matmul_efficiency * hw.attention_efficiency[s.precision])
+        )
     elementwise = cal.elementwise_passes * tokens * h / (t if s.sp else 1)
     elementwise_time = elementwise * width / (hw.hbm_gbps * 1e9)
     if model.arch == "gpt":  # softmax, dropout and masking over the s × s scores

@@ -88,6 +88,7 @@ class Hardware:
     host_link_gbps: float = 25.0  # device <-> host, GB/s per device (PCIe)
     matmul_efficiency: float | None = None  # measured ceiling (calibration); None = default
     matmul_half_size: float | None = None  # measured (calibration); None = default
+    attention_efficiency: dict[str, float] | None = None  # of the matmul rate, per precision
 
 
 @dataclass(frozen=True)
