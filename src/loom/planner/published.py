@@ -9,13 +9,14 @@ architecture), 16-bit Megatron-style states, micro-batch 1, no interleaving.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from loom.planner.cost import DEFAULT_CALIBRATION, Calibration
 from loom.planner.memory import activation_bytes_per_layer, model_state_bytes
-from loom.planner.search import evaluate
+from loom.planner.search import Plan, evaluate
 from loom.planner.spec import ModelShape, PlanSpec, Strategy, parse_spec
 
 DEFAULT_RECORDS = Path(__file__).resolve().parents[3] / "reference" / "published_runs.json"
@@ -57,17 +58,24 @@ def megatron_flops(model: ModelShape, batch: int) -> float:
     return 96 * b * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
 
 
+def _predicted(
+    records: dict[str, dict[str, Any]], prefix: str, cal: Calibration
+) -> Iterator[tuple[str, dict[str, Any], PlanSpec, Plan]]:
+    """Each record whose id starts with `prefix`, its spec and the planner's prediction."""
+    for rid, r in records.items():
+        if rid.startswith(prefix):
+            spec = record_spec(r)
+            assert spec.strategy is not None
+            yield rid, r, spec, evaluate(spec.model, spec.hardware, spec.strategy, cal)
+
+
 def megatron_throughput(
     records: dict[str, dict[str, Any]], cal: Calibration = DEFAULT_CALIBRATION
 ) -> list[Row]:
     """Table 1: TFLOP/s per GPU (eq. 3 FLOPs over the predicted iteration time)."""
     rows = []
-    for rid, r in records.items():
-        if not rid.startswith("meg21_T1_"):
-            continue
-        spec = record_spec(r)
+    for rid, r, spec, plan in _predicted(records, "meg21_T1_", cal):
         assert spec.strategy is not None
-        plan = evaluate(spec.model, spec.hardware, spec.strategy, cal)
         flops = megatron_flops(spec.model, spec.strategy.global_batch)
         x = flops / (plan.devices * plan.time.total) / 1e12
         rows.append(Row(rid, "TFLOP/s per GPU", x, r["measured"]["teraflops_per_gpu"]))
@@ -78,15 +86,10 @@ def korthikanti_times(
     records: dict[str, dict[str, Any]], cal: Calibration = DEFAULT_CALIBRATION
 ) -> list[Row]:
     """Table 5: end-to-end iteration time, selective + sequence parallel and full recompute."""
-    rows = []
-    for rid, r in records.items():
-        if not rid.startswith("kor22_T5_"):
-            continue
-        spec = record_spec(r)
-        assert spec.strategy is not None
-        plan = evaluate(spec.model, spec.hardware, spec.strategy, cal)
-        rows.append(Row(rid, "iteration s", plan.time.total, r["measured"]["iteration_time_s"]))
-    return rows
+    return [
+        Row(rid, "iteration s", plan.time.total, r["measured"]["iteration_time_s"])
+        for rid, r, _, plan in _predicted(records, "kor22_T5_", cal)
+    ]
 
 
 def zero_memory(records: dict[str, dict[str, Any]]) -> list[Row]:
