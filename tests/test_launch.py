@@ -141,7 +141,7 @@ def test_a_hung_worker_ends_the_run_at_the_timeout(data_dir: Path, tmp_path: Pat
     assert code == 2
     line = error_line(err)
     # Rank 0 gives up on the collective after parallel.timeout_s and names the phase.
-    phase = r"(in step \d+|saving the checkpoint of step \d+|evaluating after step \d+)"
+    phase = r"(in step|saving the checkpoint of step|evaluating after step|logging step) \d+"
     assert re.match(rf"error: rank 0 failed {phase}: .*Timed out", line), line
     assert "timeout_s=5" in line and "rank 1 was killed by SIGTERM in step" in line
 
@@ -160,6 +160,7 @@ def test_a_checkpoint_of_another_model_stops_every_rank(data_dir: Path, tmp_path
     code, err = finish(loom_train("--nproc", "2", *args(data_dir, run_dir)))
     assert code == 2
     line = error_line(err)
-    assert line.startswith("error: rank 0: run_dir"), line
+    # Every rank checks; the launcher reports whichever stopped first.
+    assert re.match(r"error: rank [01]: run_dir ", line), line
     assert "holds a checkpoint of a different model" in line and "model.dim: checkpoint 32" in line
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step-3").iterdir()) == saved

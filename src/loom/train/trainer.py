@@ -338,8 +338,11 @@ class Trainer:
                     loss_value = loss.item()  # synchronises the device before timing
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_tokens / elapsed
-                    peak = distributed.all_reduce(
-                        torch.tensor(peak_memory_gib(self.device)), op="max"
+                    peak = self._guarded(
+                        lambda: distributed.all_reduce(
+                            torch.tensor(peak_memory_gib(self.device)), op="max"
+                        ),
+                        f"logging step {self.step}",
                     )
                     record: dict[str, Any] = {
                         "step": self.step,
