@@ -107,29 +107,27 @@ def activation_bytes_per_layer(model: ModelShape, s: Strategy) -> float:
         if s.sp:
             return sbh * (34 / t + scores / t)
         return sbh * (10 + 24 / t + scores / t)
-    BYTES[s.precision]
     lse = 4 * a * s_len * s.micro_batch / t  # fp32 log-sum-exp per head and position
     replicated, units = _llama_units(model, s.recompute)
     reference = _llama_units(LLAMA_REFERENCE, s.recompute)[1]
-    per_unit = LLAMA_MEASURED[(s.precision if s.precision == "fp32" else "bf16", s.recompute)]
-    per_unit /= reference  # bytes per saved [tokens, hidden] tensor, as measured
-    split = replicated * (1 / t if s.sp else 1.0) + (units - replicated) / t
-    return per_unit * sbh * split + (lse if s.recompute != "full" else 0.0)
+    saved = LLAMA_FP32_BYTES[s.recompute] / 4 * units / reference  # [tokens, hidden] tensors
+    if s.precision == "fp32":
+        per_sbh = 4 * saved
+    else:  # under autocast the residual stream, the norms and the block input stay fp32
+        fixed = LLAMA_FP32_UNDER_AUTOCAST[s.recompute]
+        per_sbh = 4 * fixed + 2 * (saved - fixed)
+    share = replicated / units
+    split = share * (1 / t if s.sp else 1.0) + (1 - share) / t
+    return per_sbh * sbh * split + (lse if s.recompute != "full" else 0.0)
 
 
-# Bytes per token per hidden unit that one Loom Llama block keeps for backward, measured with
-# torch's MemTracker (benchmarks/activation_memory.py) at the reference shape below; other
-# shapes scale by the count of saved tensors in `_llama_units`. The residual stream and the
-# norms stay fp32 under bf16 autocast, which is why bf16 saves more than half of fp32.
+# Measured with torch's MemTracker on Loom's Llama block (loom.planner.calibrate.
+# measure_activations) at the reference shape below: bytes kept per token per hidden unit in
+# fp32, and how many of those [tokens, hidden] tensors stay fp32 under bf16 autocast (from the
+# bf16 measurement). Other shapes scale by the count of saved tensors in `_llama_units`.
 LLAMA_REFERENCE = ModelShape(6, 512, 8, 4, 1408, 8192, 256)
-LLAMA_MEASURED = {
-    ("fp32", "none"): 80.1,
-    ("fp32", "selective"): 46.1,
-    ("fp32", "full"): 4.0,
-    ("bf16", "none"): 65.3,
-    ("bf16", "selective"): 25.1,
-    ("bf16", "full"): 4.0,
-}
+LLAMA_FP32_BYTES = {"none": 80.1, "selective": 46.1, "full": 4.0}
+LLAMA_FP32_UNDER_AUTOCAST = {"none": 12.6, "selective": 1.0, "full": 1.0}
 
 
 def _llama_units(model: ModelShape, recompute: str) -> tuple[float, float]:
