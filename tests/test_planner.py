@@ -238,7 +238,7 @@ SHAPES = {  # not the shape the Llama coefficients were measured at (dim 512, GQ
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_predicted_activations_close_to_measured(
+def test_predicted_activations_within_15_percent_of_measured(
     shape: str, recompute: str, precision: str
 ) -> None:
     from loom.models.llama import ModelConfig
@@ -252,6 +252,4 @@ def test_predicted_activations_close_to_measured(
     measured = measure_activations(cfg, batch, seq, recompute, precision)
     strategy = Strategy(micro_batch=batch, recompute=recompute, precision=precision)
     predicted = activations(model_from_config(cfg, seq), strategy)
-    # Issue 5 asks for 15 %: met by 11 of these 12 cases; bf16 with full recomputation on the
-    # GQA shape is at 17 % (BENCHMARKS.md), so this asserts the 20 % that all meet.
-    assert abs(predicted / measured - 1) <= 0.20, (predicted, measured)
+    assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)

@@ -185,8 +185,11 @@ def measure_activations(
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     tracker = MemTracker()
     tracker.track_external(model)
-    with tracker, torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-        loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    with tracker:
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+        # After autocast exits, as in training: its cache of bf16 weight copies is gone, and
+        # only the copies autograd saved remain.
         snapshot = tracker.get_tracker_snapshot("current")
     del loss
     (per_device,) = snapshot.values()

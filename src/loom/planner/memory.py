@@ -118,7 +118,16 @@ def activation_bytes_per_layer(model: ModelShape, s: Strategy) -> float:
         per_sbh = 4 * fixed + 2 * (saved - fixed)
     share = replicated / units
     split = share * (1 / t if s.sp else 1.0) + (1 - share) / t
-    return per_sbh * sbh * split + (lse if s.recompute != "full" else 0.0)
+    kept = per_sbh * sbh * split + (lse if s.recompute != "full" else 0.0)
+    if _autocast_copies(s) and s.recompute == "none":
+        kept += 2 * model.matmul_params_per_layer() / t  # bf16 weight copies saved by matmuls
+    return kept
+
+
+def _autocast_copies(s: Strategy) -> bool:
+    """Under autocast (16-bit compute without FSDP's own cast), every matmul saves a 16-bit
+    copy of its weight for backward."""
+    return s.precision != "fp32" and s.zero_stage < 3 and s.offload != "params"
 
 
 # Measured with torch's MemTracker on Loom's Llama block (loom.planner.calibrate.
@@ -127,7 +136,7 @@ def activation_bytes_per_layer(model: ModelShape, s: Strategy) -> float:
 # bf16 measurement). Other shapes scale by the count of saved tensors in `_llama_units`.
 LLAMA_REFERENCE = ModelShape(6, 512, 8, 4, 1408, 8192, 256)
 LLAMA_FP32_BYTES = {"none": 80.1, "selective": 46.1, "full": 4.0}
-LLAMA_FP32_UNDER_AUTOCAST = {"none": 12.6, "selective": 1.0, "full": 1.0}
+LLAMA_FP32_UNDER_AUTOCAST = {"none": 7.0, "selective": 1.0, "full": 1.0}
 
 
 def _llama_units(model: ModelShape, recompute: str) -> tuple[float, float]:
@@ -170,9 +179,9 @@ def activations(model: ModelShape, s: Strategy) -> float:
             extra = sbh / s.tp * (s.pp + 4 * (1 + model.vocab / model.hidden))
         else:
             logits = model.seq_len / s.cp * s.micro_batch * model.vocab / s.tp
-            # The loss's fp32 log-softmax; in fp32 the logits themselves are then freed, under
-            # autocast their 16-bit copy stays (measured).
-            extra += logits * (4 + (width if width < 4 else 0))
+            extra += logits * 4  # the loss's fp32 log-softmax (the logits are freed)
+            if s.precision != "fp32":  # the head's 16-bit input and casts (measured)
+                extra += 6 * sbh
             extra += 8 * sbh  # the final norm's fp32 input and output
     return per_layer * layers_in_flight(model, s) + extra
 
