@@ -317,11 +317,22 @@ def test_latest_link_lost_falls_back_to_newest_complete(
     assert ckpt.latest() == ckpt.dir / "step-4"
 
 
-def test_damaged_checkpoint_is_reported_clearly(tiny_config: MakeConfig, tmp_path: Path) -> None:
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(
+    tiny_config: MakeConfig, tmp_path: Path
+) -> None:
+    train(tiny_config("--train.steps=8", "--checkpoint.interval=4"))
+    data_file = next((tmp_path / "run" / "checkpoints" / "step-8").glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[:100])  # truncated on disk
+    trainer = Trainer(tiny_config("--train.steps=12", "--checkpoint.interval=4"))
+    assert trainer.resume_from == tmp_path / "run" / "checkpoints" / "step-4"
+    assert trainer.step == 4
+
+
+def test_no_usable_checkpoint_is_reported_clearly(tiny_config: MakeConfig, tmp_path: Path) -> None:
     train(tiny_config("--train.steps=4"))
     data_file = next((tmp_path / "run" / "checkpoints" / "step-4").glob("*.distcp"))
-    data_file.write_bytes(data_file.read_bytes()[:100])  # truncated on disk
-    with pytest.raises(LoomError, match=r"checkpoint .*step-4 could not be loaded"):
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    with pytest.raises(LoomError, match=r"no usable checkpoint \(step-4: .*distcp is truncated"):
         Trainer(tiny_config("--train.steps=8"))
 
 
@@ -436,7 +447,7 @@ def test_incomplete_or_odd_latest_is_refused(tiny_config: MakeConfig, tmp_path: 
     train(tiny_config("--train.steps=4"))
     checkpoints = tmp_path / "run" / "checkpoints"
     (checkpoints / "step-4" / "rng.pt").unlink()
-    with pytest.raises(LoomError, match="not a complete checkpoint"):
+    with pytest.raises(LoomError, match="no usable checkpoint .step-4: rng.pt is missing"):
         Trainer(tiny_config("--train.steps=8"))
     (checkpoints / "latest").unlink()
     (checkpoints / "latest").mkdir()

@@ -88,6 +88,23 @@ def build_parser() -> _Parser:
         metavar="N",
         help="launch N worker processes on this machine (the [parallel] layout splits them)",
     )
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --nproc: restart all workers up to K times after a failure; each start "
+        "resumes from the newest complete checkpoint",
+    )
+
+    commands.add_parser(
+        "torchrun",
+        help="torchrun, with restarts that work on gloo (for multi-node launches)",
+        description="The arguments of torchrun, e.g. `loom torchrun --nnodes 2 "
+        "--nproc-per-node 8 --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint HOST:29500 "
+        "-m loom.train CONFIG`.",
+        add_help=False,
+    )
 
     from loom.planner.command import add_arguments
 
@@ -117,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = worker and os.environ.get("RANK", "0") != "0"  # only rank 0 logs
     setup_logging(debug, quiet=quiet)
     try:
+        if argv[:1] == ["torchrun"]:  # every other argument is torchrun's
+            from loom.parallel.launch import torchrun
+
+            return torchrun(argv[1:])
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         takes_overrides = args.command == "train" or getattr(args, "action", "") == "prepare"
@@ -171,7 +192,7 @@ def _join_overrides(extra: list[str]) -> list[str]:
     return joined
 
 
-def _launch(cfg: Config, config: str, overrides: list[str], nproc: int) -> None:
+def _launch(cfg: Config, config: str, overrides: list[str], nproc: int, max_restarts: int) -> None:
     """Check the layout against N processes, then start them (see loom.parallel.launch)."""
     from loom.parallel.dims import resolve
     from loom.parallel.launch import launch
@@ -182,9 +203,10 @@ def _launch(cfg: Config, config: str, overrides: list[str], nproc: int) -> None:
         raise LoomError(
             'run_dir is not set; add run_dir = "..." to the config or pass --run_dir=DIR'
         )
+    if max_restarts < 0:
+        raise LoomError(f"--max-restarts {max_restarts}: give 0 or more")
     resolve(cfg, nproc)
-    launch(config, overrides, nproc, Path(cfg.run_dir))
-    logger.info("all %d workers finished; run folder %s", nproc, cfg.run_dir)
+    launch(config, overrides, nproc, Path(cfg.run_dir), max_restarts)
 
 
 def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
@@ -229,11 +251,24 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
 
         cfg = load_config(args.config, extra)
         if args.nproc is not None:
-            _launch(cfg, args.config, extra, args.nproc)
+            _launch(cfg, args.config, extra, args.nproc, args.max_restarts)
             return
+        if args.max_restarts:
+            raise LoomError(
+                "--max-restarts needs --nproc N (or torchrun's own --max-restarts); "
+                "a single process is restarted by running the command again"
+            )
         result = train(cfg)
         if distributed.launched_by_torchrun():
             distributed.shutdown()
+        if result.stopped_by:
+            logger.warning(
+                "stopped by %s after step %d with a checkpoint saved; run the same command to "
+                "continue",
+                result.stopped_by,
+                result.step,
+            )
+            return
         if result.val_losses:
             last = max(result.val_losses)
             logger.info(

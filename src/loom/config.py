@@ -78,7 +78,24 @@ class OptimizerConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 100  # steps between checkpoints (the final step is always saved)
+    interval_minutes: float = 0.0  # also save when this much time passed since the last; 0 = off
     keep: int = 3  # newest complete checkpoints kept on disk
+    # Stage the state in memory and write it in the background while training goes on
+    # (`checkpoint.async` in TOML: `async` is a Python keyword).
+    async_: bool = field(default=False, metadata={"key": "async"})
+
+
+@dataclass
+class ResilienceConfig:
+    """What a run does about bad steps and hangs (see loom.train.resilience)."""
+
+    max_bad_steps: int = 3  # consecutive skipped steps before rolling back to the last checkpoint
+    spike_zscore: float = 0.0  # a loss this many standard deviations above the window's mean
+    # is a spike; 0 = no spike detection
+    spike_window: int = 50  # steps of recent losses the z-score is computed over
+    spike_action: Literal["log", "skip"] = "log"  # skip: a spike counts as a bad step
+    hang_timeout_s: float = 1800.0  # a step or checkpoint longer than this dumps the stacks of
+    # every thread to <run_dir>/hangs/ and exits, so the launcher restarts; 0 = no watchdog
 
 
 @dataclass
@@ -86,6 +103,9 @@ class MetricsConfig:
     log_interval: int = 10
     tensorboard: bool = True
     progress: Literal["auto", "rich", "plain"] = "auto"  # auto = rich on a terminal
+    # Each rank appends the (dataset, sample) ids it trains on to <run_dir>/samples/rank-R.jsonl
+    # (to audit that every sample is seen once per epoch, across restarts and resizes).
+    sample_log: bool = False
 
 
 Schedule = Literal[
@@ -139,6 +159,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +250,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def _to_raw(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_raw(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {_key(f): _to_raw(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if obj is None:
         return "none"
     if isinstance(obj, dict):
@@ -243,7 +264,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise LoomError(f"{prefix} must be a section (a TOML table), got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    attributes = {_key(f): f.name for f in dataclasses.fields(cls)}
+    names = list(attributes)
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
@@ -252,10 +274,17 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             known = ", ".join(names)
             raise LoomError(f"unknown config key {where}{hint} (known keys here: {known})")
     kwargs = {
-        key: _coerce(hints[key], value, f"{prefix}.{key}" if prefix else key)
+        attributes[key]: _coerce(
+            hints[attributes[key]], value, f"{prefix}.{key}" if prefix else key
+        )
         for key, value in data.items()
     }
     return cls(**kwargs)
+
+
+def _key(f: dataclasses.Field[Any]) -> str:
+    """A field's name in TOML (its attribute name unless that is a Python keyword)."""
+    return str(f.metadata.get("key", f.name))
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -417,6 +446,22 @@ def validate(cfg: Config) -> None:
             raise LoomError(f"data.mix[{i}] needs a path and a weight > 0")
     if cfg.memory.recompute_every < 1:
         raise LoomError(f"memory.recompute_every={cfg.memory.recompute_every} must be at least 1")
+    r, c = cfg.resilience, cfg.checkpoint
+    _positive(
+        {"resilience.max_bad_steps": r.max_bad_steps, "resilience.spike_window": r.spike_window}
+    )
+    _non_negative(
+        {
+            "resilience.spike_zscore": r.spike_zscore,
+            "resilience.hang_timeout_s": r.hang_timeout_s,
+            "checkpoint.interval_minutes": c.interval_minutes,
+        }
+    )
+    if r.spike_zscore and r.spike_window < 3:
+        raise LoomError(
+            f"resilience.spike_window={r.spike_window} is too short to estimate a spread; use 3 "
+            "or more"
+        )
     if cfg.parallel.timeout_s <= 0:
         raise LoomError(f"parallel.timeout_s={cfg.parallel.timeout_s} must be greater than 0")
 

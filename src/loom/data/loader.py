@@ -90,13 +90,17 @@ class TokenLoader:
         self, n: int, rank: int = 0, world_size: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the next global batch of n: inputs, targets [n/world, seq_len]."""
+        return self.batch(self.next_share(n, rank, world_size))
+
+    def next_share(self, n: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """The (dataset, sample) pairs of this rank's share of the next global batch of n."""
         if n % world_size:
             raise LoomError(
                 f"a global batch of {n} sequences does not split over {world_size} ranks"
             )
         pairs = self.next_indices(n)
         share = n // world_size
-        return self.batch(pairs[rank * share : (rank + 1) * share])
+        return pairs[rank * share : (rank + 1) * share]
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,7 @@ from loom.config import model_config
 from loom.data.tokenizer import EOS, load_tokenizer
 from loom.errors import LoomError
 from loom.models.llama import ModelConfig, Transformer, build_model
-from loom.train.checkpoint import Checkpointer, is_complete, load_model_weights, read_state
+from loom.train.checkpoint import Checkpointer, load_model_weights, read_state, verify
 
 
 class ContiguousKVCache:
@@ -116,7 +116,7 @@ def generate(
 def load_for_generation(path: str | Path, device: torch.device) -> tuple[Transformer, Path]:
     """A model from a run folder (its latest checkpoint) or a step folder; and the run folder."""
     p = Path(path)
-    if is_complete(p):
+    if verify(p) is None:
         checkpoint, run_dir = p, p.parent.parent
     else:
         run_dir = p

@@ -1,14 +1,23 @@
-"""`loom train CONFIG --nproc N`: start N local workers through torchrun's elastic agent.
+"""`loom train CONFIG --nproc N [--max-restarts K]`: start N local workers through torchrun's
+elastic agent, and `loom torchrun ...`, torchrun itself for multi-node launches.
 
 Each worker runs `python -m loom.train CONFIG ...`, the same entry point a multi-node
-`torchrun --nnodes ...` launch uses. When a worker fails, the agent stops the others and this
-module turns its report into one error naming the rank, what happened and the step it was in
-(read from the `.ranks/` notes the trainer keeps in the run folder).
+`torchrun --nnodes ...` launch uses. When a worker fails, the agent stops the others and, up
+to K times, starts them all again; each start resumes from the newest complete checkpoint.
+When no restart is left, this module turns the agent's report into one error naming the
+rank, what happened and the step it was in (read from the `.ranks/` notes the trainer keeps
+in the run folder, and the stack dumps of the hang watchdog).
+
+Restarts on gloo fail in torch's default set-up: the restarted workers meet a rendezvous
+store that still holds the previous attempt's keys (pytorch issue 135712). Both entry points
+therefore turn the store sharing off (`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`) before the
+agent starts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -21,10 +30,26 @@ from loom.log import logger
 RANKS_DIR = ".ranks"
 
 
-def launch(config: str | None, overrides: list[str], nproc: int, run_dir: Path) -> None:
+RESTARTABLE_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def torchrun(args: list[str]) -> int:
+    """torchrun with `args`, restartable on gloo."""
+    from torch.distributed.run import main
+
+    os.environ.update(RESTARTABLE_STORE)
+    main(args)
+    return 0
+
+
+def launch(
+    config: str | None, overrides: list[str], nproc: int, run_dir: Path, max_restarts: int = 0
+) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    os.environ.update(RESTARTABLE_STORE)
     shutil.rmtree(run_dir / RANKS_DIR, ignore_errors=True)  # notes of an earlier launch
     options: dict[str, object] = {
         "min_nodes": 1,
@@ -33,7 +58,7 @@ def launch(config: str | None, overrides: list[str], nproc: int, run_dir: Path) 
         "run_id": f"loom-{uuid.uuid4().hex[:8]}",
         "rdzv_backend": "c10d",
         "rdzv_endpoint": "localhost:0",
-        "max_restarts": 0,
+        "max_restarts": max_restarts,
         "monitor_interval": 0.5,
     }
     launch_config = LaunchConfig(**options)
@@ -43,6 +68,14 @@ def launch(config: str | None, overrides: list[str], nproc: int, run_dir: Path) 
         elastic_launch(launch_config, entrypoint=sys.executable)(*args)
     except ChildFailedError as e:
         raise LoomError(describe_failures(e, run_dir)) from None
+    except SignalException as e:
+        # The workers got the signal too: each finished its step and saved a checkpoint.
+        logger.warning(
+            "stopped by %s; the workers saved a checkpoint; run the same command to continue",
+            signal.Signals(e.sigval).name,
+        )
+        return
+    logger.info("all %d workers finished; run folder %s", nproc, run_dir)
 
 
 def describe_failures(error: object, run_dir: Path) -> str:
@@ -59,6 +92,9 @@ def _reason(rank: int, failure: object, run_dir: Path) -> str:
     if code < 0:
         name = failure.signal_name()  # type: ignore[attr-defined]
         return f"rank {rank} was killed by {name}{where(run_dir, rank)}"
+    dumps = sorted((run_dir / "hangs").glob(f"rank-{rank}-attempt-*.txt"))
+    if dumps and "Timeout (" in dumps[-1].read_text(errors="replace"):
+        return f"rank {rank} hung{where(run_dir, rank)}; its stacks are in {dumps[-1]}"
     message = failure.message  # type: ignore[attr-defined]
     if isinstance(message, dict):  # the JSON a worker's ErrorHandler wrote
         message = message.get("message", "")

@@ -11,6 +11,15 @@ cannot be loaded. Model and optimizer state are keyed by parameter name (the opt
 flattened, `state.<param>.<key>`), so a checkpoint saved under one parallel layout loads into
 any other: each rank saves and loads only its own shards, DCP does the resharding. Rank 0
 writes the small files and moves `latest`; every rank writes its shards.
+
+Before `latest` moves, the DCP metadata is read back and every byte range it lists is checked
+to be on disk. At start-up the same check runs on `latest`; a damaged or incomplete
+checkpoint is reported and the newest older one that passes is used.
+
+With `checkpoint.async = true` the state is staged into host memory and written by a
+background thread (over a process group of its own, as DCP's async save needs on gloo); the
+loop goes on training, and the checkpoint is committed (renamed, `latest` moved) at the first
+step boundary after the write has finished everywhere.
 """
 
 from __future__ import annotations
@@ -20,14 +29,18 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -70,29 +83,52 @@ def _loading(path: Path) -> Iterator[None]:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        keep: int,
+        async_save: bool = False,
+        before_commit: Callable[[int], None] | None = None,
+    ) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.async_save = async_save
+        self.before_commit = before_commit  # fault injection hook (loom.train.resilience)
+        self._pending: _Pending | None = None
+        self._group: Any = None
 
     def latest(self) -> Path | None:
-        """The checkpoint to resume from: `latest`, else the newest complete step folder."""
+        """The checkpoint to resume from: what `latest` points at if it is whole, else the
+        newest older step folder that is (each one skipped is reported)."""
         link = self.dir / "latest"
         if link.exists() and not link.is_symlink():
             raise LoomError(f"{link} should be a link to a step folder; remove or replace it")
-        if not link.is_symlink():
-            complete = [p for _, p in self.steps() if is_complete(p)]
-            if complete:
-                logger.warning(
-                    "%s is missing; using the newest complete checkpoint %s", link, complete[-1]
-                )
-            return complete[-1] if complete else None
-        target = link.resolve()
-        if not is_complete(target):
+        problems = []
+        for path in self.candidates():
+            problem = verify(path)
+            if problem is None:
+                if problems or not link.is_symlink():
+                    logger.warning("resuming from %s, the newest complete checkpoint", path)
+                return path
+            problems.append(f"{path.name}: {problem}")
+            logger.warning("checkpoint %s is not usable (%s); trying an older one", path, problem)
+        if problems:
             raise LoomError(
-                f"{link} points at {target}, which is not a complete checkpoint; "
-                "remove the link to start over or point it at a complete step folder"
+                f"{self.dir} holds no usable checkpoint ({'; '.join(problems)}); move the "
+                "folder away to start the run over"
             )
-        return target
+        return None
+
+    def candidates(self) -> list[Path]:
+        """Step folders to resume from, best first: `latest`'s target, then the others newest
+        first (a later folder not pointed at is one whose commit never finished)."""
+        link = self.dir / "latest"
+        target = link.resolve() if link.is_symlink() else None
+        newest_first = [p for s, p in reversed(self.steps())]
+        if target is None:
+            return newest_first
+        limit = _step_of(target)
+        return [target, *(p for p in newest_first if p != target and _step_of(p) < limit)]
 
     def save(
         self,
@@ -100,27 +136,62 @@ class Checkpointer:
         parts: list[nn.Module],
         optimizers: list[torch.optim.Optimizer],
         state: dict[str, Any],
-    ) -> Path:
-        final = self.dir / f"step-{step}"
+    ) -> None:
+        """Write (or with async, start writing) the checkpoint of `step`."""
+        self.finish(wait=True)  # one checkpoint in flight at a time
         tmp = self.dir / f"step-{step}.tmp"
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        barrier()
-        model_sd, optim_sd = _state_dicts(parts, optimizers)
-        with _single_process_quiet():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        if rank() == 0:
             torch.save(_rng_state(), tmp / RNG_FILE)
             (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _point_latest(self.dir, final.name)
-            self._prune(step)
-            logger.debug("saved checkpoint %s", final)
         barrier()
-        return final
+        model_sd, optim_sd = _state_dicts(parts, optimizers)
+        sd = {"model": model_sd, "optim": optim_sd}
+        if self.async_save:
+            if self._group is None and dist.is_initialized():
+                self._group = dist.new_group(backend="gloo")
+            with _single_process_quiet():
+                future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self._group)
+            self._pending = _Pending(step, tmp, future)
+            return
+        with _single_process_quiet():
+            dcp.save(sd, checkpoint_id=str(tmp))
+        self._commit(step, tmp)
+        barrier()
+
+    def finish(self, wait: bool) -> bool:
+        """Commit the checkpoint being written in the background once its write is done
+        everywhere (at once, or waiting for it with `wait`); True when nothing is pending."""
+        pending = self._pending
+        if pending is None:
+            return True
+        if not wait and not pending.future.done():
+            return False
+        self._pending = None
+        try:
+            pending.future.result()
+        except BaseException as e:  # CheckpointException is a BaseException
+            raise LoomError(f"writing checkpoint {pending.tmp} failed: {e}") from e
+        # Rank 0's write finishes last: DCP writes the metadata there after every rank's shards.
+        self._commit(pending.step, pending.tmp)
+        return True
+
+    def _commit(self, step: int, tmp: Path) -> None:
+        if self.before_commit is not None:
+            self.before_commit(step)
+        if rank() != 0:
+            return
+        problem = verify(tmp)
+        if problem is not None:
+            raise LoomError(f"checkpoint {tmp} did not verify after writing: {problem}")
+        final = self.dir / f"step-{step}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _point_latest(self.dir, final.name)
+        self._prune(step)
+        logger.debug("saved checkpoint %s", final)
 
     def load(
         self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]
@@ -172,8 +243,45 @@ def _state_dicts(
     return model_sd, optim_sd
 
 
-def is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in (".metadata", STATE_FILE, RNG_FILE))
+@dataclass
+class _Pending:
+    step: int
+    tmp: Path
+    future: Future[Any]
+
+
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def verify(path: Path) -> str | None:
+    """What is wrong with the checkpoint folder `path`, or None when it is whole: its small
+    files are readable and every byte range DCP's metadata lists is on disk."""
+    if not path.is_dir():
+        return "no such folder"
+    for name in (".metadata", STATE_FILE, RNG_FILE):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        return f"its .metadata is unreadable ({type(e).__name__})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size < end:
+            return f"{name} is truncated ({file.stat().st_size} of {end} bytes)"
+    try:
+        read_state(path)
+    except LoomError as e:
+        return str(e)
+    return None
 
 
 STATE_KEYS = ("step", "model", "tokenizer_hash", "data", "loader", "scheduler", "tokens_seen")

@@ -29,14 +29,24 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
+        self.run_dir = run_dir
+        self.tensorboard = tensorboard
         self.path = run_dir / "metrics.jsonl"
+        self._open(resume_step)
+
+    def _open(self, resume_step: int) -> None:
         _trim(self.path, resume_step)
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step + 1)
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to `step`: drop the records of the steps that will be redone."""
+        self.close()
+        self._open(step)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

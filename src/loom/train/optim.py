@@ -88,6 +88,11 @@ class Optimizers:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
+    def zero_grad(self) -> None:
+        """Drop the gradients without stepping (a skipped step)."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
     def scheduler_state(self) -> dict[str, object]:
         return self.schedulers[0].state_dict()
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,16 @@ from loom.planner.training import auto_layout, check_fits
 from loom.train.checkpoint import Checkpointer, read_state
 from loom.train.metrics import MetricsWriter, peak_memory_gib
 from loom.train.optim import Optimizers
+from loom.train.resilience import (
+    FaultInjector,
+    GoodputLedger,
+    StepGuard,
+    StopSignal,
+    Watchdog,
+    parse_faults,
+    process_start_time,
+    restart_attempt,
+)
 
 T = TypeVar("T")
 
@@ -46,6 +57,8 @@ class TrainResult:
     train_losses: dict[int, float] = field(default_factory=dict)
     val_losses: dict[int, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
+    stopped_by: str | None = None  # the signal that stopped the run before train.steps
+    goodput: dict[str, float | int] = field(default_factory=dict)
 
 
 def select_device(name: str) -> torch.device:
@@ -115,6 +128,8 @@ class Trainer:
                 "data.path is not set; pass --data.path=DIR (a folder made by `loom data tokenize`)"
             )
         self.run_dir = Path(cfg.run_dir)
+        self.process_start = process_start_time()
+        parse_faults(os.environ.get("LOOM_FAULTS", ""))  # a bad spec fails before any work
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise LoomError(f"run_dir {self.run_dir} is a file; choose a folder")
         datasets = [(TokenDataset(s.path), s.weight) for s in cfg.data.sources()]
@@ -161,7 +176,9 @@ class Trainer:
         ]
         if not self.val:
             logger.warning("no validation split holds train.seq_len + 1 tokens; no validation loss")
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
+        self.checkpointer = Checkpointer(
+            self.run_dir, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_
+        )
         self.resume_from = self.checkpointer.latest()
         resume_state = (
             check_resumable(self.resume_from, cfg, self.data_identity, self.dataset.tokenizer_hash)
@@ -178,6 +195,11 @@ class Trainer:
             mesh = self.dims.build_mesh(self.device.type)
         self.step = 0
         self.tokens_seen = 0
+        self.batches = 0  # global batches drawn from the loader (skipped ones included)
+        self.skip_batches: set[int] = set()  # batches a rollback ruled out
+        self.injector = FaultInjector(self.rank)
+        self.checkpointer.before_commit = self.injector.in_checkpoint
+        self.guard = StepGuard(cfg.resilience)
         self._report_progress()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +212,7 @@ class Trainer:
         self.optimizers = Optimizers(self.model.parts, cfg.optimizer, t.steps)
         if self.resume_from is not None:
             assert resume_state is not None
-            self.checkpointer.load(self.resume_from, self.model.parts, self.optimizers.optimizers)
-            self.optimizers.resume(resume_state["scheduler"], cfg.optimizer)
+            self._restore(self.resume_from)
             if resume_state["loader"]["seed"] != t.seed:
                 logger.warning(
                     "train.seed=%d differs from the run's seed %d; the data order continues with "
@@ -199,9 +220,6 @@ class Trainer:
                     t.seed,
                     resume_state["loader"]["seed"],
                 )
-            self.loader.load_state_dict(resume_state["loader"])
-            self.step = int(resume_state["step"])
-            self.tokens_seen = int(resume_state["tokens_seen"])
             logger.info("resumed from %s (step %d)", self.resume_from, self.step)
         self.peak_flops, peak_source = peak_flops(self.device, t.precision)
         self.peak_flops *= world
@@ -215,6 +233,17 @@ class Trainer:
             self.peak_flops,
             peak_source,
         )
+
+    def _restore(self, path: Path) -> None:
+        """Model, optimizer, schedule, RNG and data position from the checkpoint at `path`."""
+        state = read_state(path)
+        self.checkpointer.load(path, self.model.parts, self.optimizers.optimizers)
+        self.optimizers.resume(state["scheduler"], self.cfg.optimizer)
+        self.loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.batches = int(state.get("batches", self.step))
+        self.skip_batches |= set(state.get("skip_batches", []))
 
     @property
     def layout(self) -> str:
@@ -237,9 +266,23 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------------
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step; returns the mean loss, the gradient norm and the lr it used."""
+        """One optimizer step; returns the mean loss, the gradient norm and the lr it used.
+        A step whose loss or gradients are not finite (or a loss spike, if so configured)
+        leaves the model and optimizer untouched."""
         loss = self.forward_backward()
-        grad_norm, lr = self.optimizer_step()
+        if self.injector.due("nan", self.step + 1):
+            loss = loss * math.nan
+            for part in self.model.parts:
+                for p in part.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(math.nan)
+        clip = self.cfg.optimizer.grad_clip or math.inf
+        grad_norm = self.model.clip_grad_norm_(clip)
+        lr = self.optimizers.lr
+        if self.guard.check(self.step + 1, loss.item(), grad_norm.item()) is None:
+            self.optimizers.step()
+        else:
+            self.optimizers.zero_grad()
         return loss, grad_norm, lr
 
     def forward_backward(self) -> torch.Tensor:
@@ -250,25 +293,38 @@ class Trainer:
         accum = t.grad_accum_steps
         for part in self.model.parts:
             part.train()
+        while self.batches in self.skip_batches:  # ruled out by a rollback: pass over it
+            for _ in range(accum):
+                self.loader.next_indices(micro)
+            self.batches += 1
         loss_sum: torch.Tensor | None = None
+        shares = []
         for _ in range(accum):
-            inputs, targets = self.loader.next_batch(micro, self.model.dp_rank, self.dims.dp)
+            share = self.loader.next_share(micro, self.model.dp_rank, self.dims.dp)
+            shares.append(share)
+            inputs, targets = self.loader.batch(share)
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             loss = self.model.forward_backward(inputs, targets, 1.0 / accum)
             if loss is not None:
                 loss_sum = loss if loss_sum is None else loss_sum + loss
+        self.batches += 1
         self.tokens_seen += t.batch_size * t.seq_len
+        if self.cfg.metrics.sample_log:
+            self._log_samples(shares)
         mean = loss_sum / accum if loss_sum is not None else None
         return self.model.global_mean(mean)
 
-    def optimizer_step(self) -> tuple[torch.Tensor, float]:
-        """Clip, step, advance the schedule; returns the pre-clip gradient norm and the lr used."""
-        clip = self.cfg.optimizer.grad_clip or math.inf
-        grad_norm = self.model.clip_grad_norm_(clip)
-        lr = self.optimizers.lr
-        self.optimizers.step()
-        return grad_norm, lr
+    def _log_samples(self, shares: list[Any]) -> None:
+        folder = self.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "step": self.step + 1,
+            "attempt": restart_attempt(),
+            "samples": [pair.tolist() for share in shares for pair in share],
+        }
+        with (folder / f"rank-{self.rank}.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def evaluate(self) -> float:
         """Mean loss over the first `eval_batches` micro-batches of the validation split."""
@@ -289,7 +345,7 @@ class Trainer:
             total += self.model.global_mean(loss)
         return (total / n_batches).item()
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> None:
         state = {
             "model": self.cfg.model.architecture(),
             "model_preset": self.cfg.model.preset,
@@ -298,6 +354,8 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "scheduler": self.optimizers.scheduler_state(),
             "tokens_seen": self.tokens_seen,
+            "batches": self.batches,
+            "skip_batches": sorted(self.skip_batches),
             "layout": self.layout,
             "config": config_to_dict(self.cfg),
         }
@@ -322,61 +380,152 @@ class Trainer:
         metrics = (
             MetricsWriter(self.run_dir, cfg.metrics.tensorboard, self.step) if writes else None
         )
+        ledger = GoodputLedger.open(self.run_dir, self.process_start) if writes else None
         progress = _Progress(cfg.metrics.progress if writes else "off", self.step, t.steps)
+        watchdog = Watchdog(cfg.resilience.hang_timeout_s, self.run_dir, self.rank)
         interval_start, interval_tokens = time.perf_counter(), 0
+        last_save = time.monotonic()
+        if ledger is not None:
+            ledger.training_started()
         try:
-            while self.step < t.steps:
-                self._report_progress()
-                loss, grad_norm, lr = self._guarded(self.train_step, f"in step {self.step + 1}")
-                self.step += 1
-                interval_tokens += t.batch_size * t.seq_len
-                last = self.step == t.steps
-                do_eval = bool(self.val) and (
-                    last or (t.eval_interval and self.step % t.eval_interval == 0)
-                )
-                if do_eval or last or self.step % cfg.metrics.log_interval == 0:
-                    loss_value = loss.item()  # synchronises the device before timing
-                    elapsed = time.perf_counter() - interval_start
-                    tokens_per_s = interval_tokens / elapsed
-                    peak = self._guarded(
-                        lambda: distributed.all_reduce(
-                            torch.tensor(peak_memory_gib(self.device)), op="max"
-                        ),
-                        f"logging step {self.step}",
+            with StopSignal() as stop:
+                while self.step < t.steps:
+                    watchdog.arm(f"rank {self.rank}: step {self.step + 1}")
+                    self._report_progress()
+                    step_start = time.perf_counter()
+                    self.injector.at_step_start(self.step + 1)
+                    loss, grad_norm, lr = self._guarded(self.train_step, f"in step {self.step + 1}")
+                    self.step += 1
+                    interval_tokens += t.batch_size * t.seq_len
+                    if self.guard.rollback_due:
+                        self._guarded(self._rollback, f"rolling back after step {self.step}")
+                        if metrics is not None:
+                            metrics.rewind(self.step)
+                        progress.rewind(self.step)
+                        watchdog.disarm()
+                        continue
+                    last = self.step == t.steps
+                    do_eval = bool(self.val) and (
+                        last or (t.eval_interval and self.step % t.eval_interval == 0)
                     )
-                    record: dict[str, Any] = {
-                        "step": self.step,
-                        "loss": loss_value,
-                        "lr": lr,
-                        "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tokens_per_s,
-                        "mfu": self.flops_per_token * tokens_per_s / self.peak_flops
-                        if self.peak_flops
-                        else 0.0,
-                        "peak_mem_gib": float(peak),
-                        "tokens": self.tokens_seen,
-                    }
-                    if do_eval:
-                        record["val_loss"] = self._guarded(
-                            self.evaluate, f"evaluating after step {self.step}"
+                    step_seconds = 0.0
+                    if do_eval or last or self.step % cfg.metrics.log_interval == 0:
+                        loss_value = loss.item()  # synchronises the device before timing
+                        step_seconds = time.perf_counter() - step_start
+                        elapsed = time.perf_counter() - interval_start
+                        tokens_per_s = interval_tokens / elapsed
+                        peak = self._guarded(
+                            lambda: distributed.all_reduce(
+                                torch.tensor(peak_memory_gib(self.device)), op="max"
+                            ),
+                            f"logging step {self.step}",
                         )
-                        result.val_losses[self.step] = record["val_loss"]
-                    if metrics is not None:
-                        metrics.write(record)
-                    progress.update(record)
-                    result.train_losses[self.step] = loss_value
-                    result.tokens_per_s = tokens_per_s
-                    interval_start, interval_tokens = time.perf_counter(), 0
-                if last or self.step % cfg.checkpoint.interval == 0:
-                    self._guarded(
-                        self.save_checkpoint, f"saving the checkpoint of step {self.step}"
+                        record: dict[str, Any] = {
+                            "step": self.step,
+                            "loss": loss_value,
+                            "lr": lr,
+                            "grad_norm": grad_norm.item(),
+                            "tokens_per_s": tokens_per_s,
+                            "mfu": self.flops_per_token * tokens_per_s / self.peak_flops
+                            if self.peak_flops
+                            else 0.0,
+                            "peak_mem_gib": float(peak),
+                            "tokens": self.tokens_seen,
+                            "skipped_steps": self.guard.skipped,
+                        }
+                        if ledger is not None:
+                            record["goodput"] = ledger.goodput
+                        if do_eval:
+                            record["val_loss"] = self._guarded(
+                                self.evaluate, f"evaluating after step {self.step}"
+                            )
+                            result.val_losses[self.step] = record["val_loss"]
+                        if metrics is not None:
+                            metrics.write(record)
+                        progress.update(record)
+                        result.train_losses[self.step] = loss_value
+                        result.tokens_per_s = tokens_per_s
+                        interval_start, interval_tokens = time.perf_counter(), 0
+                    else:
+                        step_seconds = time.perf_counter() - step_start
+                    if ledger is not None:
+                        ledger.step_done(self.step, step_seconds)
+                    stopping, time_due = self._agree(
+                        stop.received is not None,
+                        bool(cfg.checkpoint.interval_minutes)
+                        and time.monotonic() - last_save >= 60 * cfg.checkpoint.interval_minutes,
                     )
+                    save_start = time.perf_counter()
+                    self._guarded(
+                        lambda: self.checkpointer.finish(wait=False),
+                        f"committing a checkpoint after step {self.step}",
+                    )
+                    if last or stopping or time_due or self.step % cfg.checkpoint.interval == 0:
+                        self._guarded(
+                            self.save_checkpoint, f"saving the checkpoint of step {self.step}"
+                        )
+                        last_save = time.monotonic()
+                    if ledger is not None:
+                        ledger.checkpoint_stall(time.perf_counter() - save_start)
+                        ledger.skipped_steps = self.guard.skipped
+                        ledger.rollbacks = self.guard.rollbacks
+                        ledger.save()
+                    watchdog.disarm()
+                    if stopping:
+                        received = stop.received
+                        result.stopped_by = (
+                            signal.Signals(received).name if received else "a signal to a peer"
+                        )
+                        break
+                watchdog.arm(f"rank {self.rank}: writing the last checkpoint")
+                save_start = time.perf_counter()
+                self._guarded(
+                    lambda: self.checkpointer.finish(wait=True), "writing the last checkpoint"
+                )
+                distributed.barrier()
+                if ledger is not None:
+                    ledger.checkpoint_stall(time.perf_counter() - save_start)
+                    ledger.save()
+                    result.goodput = ledger.summary()
+                    _log_goodput(result.goodput)
+                watchdog.close()
         finally:
             progress.close()
             if metrics is not None:
                 metrics.close()
         result.step = self.step
         return result
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag true on any rank is true on every rank (one small collective a step), so
+        that a signal one rank received or a clock one rank read stops or saves them all."""
+        if not self.distributed:
+            return list(flags)
+        values = torch.tensor([float(f) for f in flags])
+        agreed = self._guarded(lambda: distributed.all_reduce(values, op="max"), "agreeing")
+        return [bool(v) for v in agreed.tolist()]
+
+    def _rollback(self) -> None:
+        """Back to the last checkpoint after `max_bad_steps` bad steps in a row; the batches of
+        those steps are ruled out, the ones before them are trained on again."""
+        bad = self.guard.consecutive
+        self.checkpointer.finish(wait=True)
+        distributed.barrier()  # rank 0 may be committing it
+        path = self.checkpointer.latest()
+        if path is None:
+            raise LoomError(
+                f"{bad} bad steps in a row up to step {self.step} and no checkpoint to roll back "
+                "to; lower optimizer.lr, check the data, or raise resilience.max_bad_steps"
+            )
+        self.skip_batches |= set(range(self.batches - bad, self.batches))
+        self._restore(path)
+        self.guard.rolled_back()
+        logger.warning(
+            "%d bad steps in a row: rolled back to %s (step %d); their batches are skipped",
+            bad,
+            path,
+            self.step,
+        )
 
     def _guarded(self, work: Callable[[], T], what: str) -> T:
         """Run one phase of a step; under torchrun, failures (a collective that timed out, a
@@ -393,6 +542,26 @@ class Trainer:
                 f"rank {self.rank} failed {what}: {reason[0].strip()} "
                 f"(collectives time out after parallel.timeout_s={self.cfg.parallel.timeout_s:g})"
             ) from e
+
+
+def _log_goodput(g: dict[str, float | int]) -> None:
+    logger.info(
+        "goodput %.1f%% of %.0f s (productive %.0f s; lost: restarts %d / %.0f s, recomputed "
+        "%d steps / %.0f s, checkpoints %.1f s, set-up %.0f s, other %.0f s; %d skipped steps, "
+        "%d rollbacks)",
+        100 * g["goodput"],
+        g["wall_s"],
+        g["productive_s"],
+        g["restarts"],
+        g["restarts_s"],
+        g["recomputed_steps"],
+        g["recomputed_s"],
+        g["checkpoint_s"],
+        g["setup_s"],
+        g["other_s"],
+        g["skipped_steps"],
+        g["rollbacks"],
+    )
 
 
 class _Progress:
@@ -445,6 +614,10 @@ class _Progress:
                 r["peak_mem_gib"],
                 f"  val_loss {r['val_loss']:.4f}" if "val_loss" in r else "",
             )
+
+    def rewind(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step)
 
     def close(self) -> None:
         if self._bar is not None:
