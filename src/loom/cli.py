@@ -261,7 +261,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
         result = train(cfg)
         if distributed.launched_by_torchrun():
             distributed.shutdown()
-        if result.stopped_by:
+        if result.stopped_by and os.environ.get("RANK", "0") == "0":
             logger.warning(
                 "stopped by %s after step %d with a checkpoint saved; run the same command to "
                 "continue",

@@ -141,7 +141,8 @@ class Checkpointer:
         self.finish(wait=True)  # one checkpoint in flight at a time
         tmp = self.dir / f"step-{step}.tmp"
         if rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for unfinished in self.dir.glob("step-*.tmp"):  # left by a crash mid-write
+                shutil.rmtree(unfinished, ignore_errors=True)
             tmp.mkdir(parents=True)
             torch.save(_rng_state(), tmp / RNG_FILE)
             (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))

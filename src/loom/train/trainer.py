@@ -460,7 +460,9 @@ class Trainer:
                         lambda: self.checkpointer.finish(wait=False),
                         f"committing a checkpoint after step {self.step}",
                     )
-                    if last or stopping or time_due or self.step % cfg.checkpoint.interval == 0:
+                    periodic = time_due or self.step % cfg.checkpoint.interval == 0
+                    # Not in the middle of a run of bad steps: a rollback must land before it.
+                    if last or stopping or (periodic and not self.guard.consecutive):
                         self._guarded(
                             self.save_checkpoint, f"saving the checkpoint of step {self.step}"
                         )
