@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -167,9 +168,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _record_for_launcher(error: BaseException) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+    """Write the error file torchrun's agent reads, as its ErrorHandler would, but atomically:
+    the agent may stop this worker mid-write, and a torn file crashes the agent itself."""
+    import json
+    import traceback
 
-    ErrorHandler().record_exception(error)
+    path = os.environ["TORCHELASTIC_ERROR_FILE"]
+    data = {
+        "message": {
+            "message": f"{type(error).__name__}: {error}",
+            "extraInfo": {
+                "py_callstack": traceback.format_exc(),
+                "timestamp": str(int(time.time())),
+            },
+        }
+    }
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
 
 
 def _join_overrides(extra: list[str]) -> list[str]:
