@@ -107,7 +107,7 @@ def run_with_failures(
         time.sleep(0.5)
         if process.poll() is not None:
             sys.exit(f"training ended early:\n{process.stderr.read().decode()[-3000:]}")
-        if time.monotonic() - began >= next_kill:
+        if time.monotonic() - began >= next_kill and next_kill < 60 * minutes - 5:
             note = run_dir / ".ranks" / "rank-1.json"
             try:
                 os.kill(json.loads(note.read_text())["pid"], signal.SIGKILL)

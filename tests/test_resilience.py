@@ -11,6 +11,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import sysconfig
 import time
 from collections.abc import Callable
@@ -130,33 +132,41 @@ def test_killed_and_hung_workers_restart_and_match_the_uninterrupted_run(
 ) -> None:
     run_dir = tmp_path / "run"
     # Attempt 0: rank 1 is SIGKILLed at step 7. Attempt 1: rank 0 hangs in step 10.
+    # Attempt 2: every rank raises in step 15.
     launch(
         small_data,
         run_dir,
         "--max-restarts",
-        "2",
+        "3",
         "--checkpoint.async=true",
         "--resilience.hang_timeout_s=3",
-        faults="kill@7:rank=1,hang@10:rank=0:attempt=1",
+        faults="kill@7:rank=1,hang@10:rank=0:attempt=1,raise@15:attempt=2",
     )
     assert losses(run_dir) == reference  # bit for bit
     ledger = json.loads((run_dir / "goodput.json").read_text())
-    assert ledger["restarts"] == 2
+    assert ledger["restarts"] == 3
     assert ledger["high_water"] == STEPS
     # Lost work: at most one checkpoint interval (4 steps) per failure.
-    assert 0 < ledger["recomputed_steps"] <= 2 * 4
+    assert 0 < ledger["recomputed_steps"] <= 3 * 4
     assert 0 < ledger["goodput"] < 1
     dump = (run_dir / "hangs" / "rank-0-attempt-1.txt").read_text()
     assert "step 10 took longer than resilience.hang_timeout_s=3" in dump
     assert "in at_step_start" in dump  # the stack of the hung call
-    assert not (run_dir / "hangs" / "rank-0-attempt-2.txt").exists()  # cleaned when all went well
+    assert not (run_dir / "hangs" / "rank-0-attempt-3.txt").exists()  # cleaned when all went well
 
 
-def test_worker_killed_from_outside_restarts(
+def test_worker_killed_from_outside_restarts_under_loom_torchrun(
     small_data: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
     run_dir = tmp_path / "run"
-    process = loom_train("--nproc", "2", "--max-restarts", "1", *args(small_data, run_dir))
+    torchrun = ["torchrun", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
+    worker = ["-m", "loom.train", str(CONFIG), *args(small_data, run_dir)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loom.cli", *torchrun, *worker],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     os.kill(wait_for_step(run_dir, 1, 6), signal.SIGKILL)
     code, err = finish(process)
     assert code == 0, err[-4000:]

@@ -193,6 +193,7 @@ class Trainer:
             distributed.init_process_group(self.device, cfg.parallel.timeout_s)
             self.rank = distributed.rank()
             mesh = self.dims.build_mesh(self.device.type)
+            _warn_if_restarts_will_fail(self.rank)
         self.step = 0
         self.tokens_seen = 0
         self.batches = 0  # global batches drawn from the loader (skipped ones included)
@@ -435,6 +436,7 @@ class Trainer:
                         }
                         if ledger is not None:
                             record["goodput"] = ledger.goodput
+                            record["checkpoint_s"] = ledger.checkpoint_s
                         if do_eval:
                             record["val_loss"] = self._guarded(
                                 self.evaluate, f"evaluating after step {self.step}"
@@ -490,8 +492,8 @@ class Trainer:
                     ledger.save()
                     result.goodput = ledger.summary()
                     _log_goodput(result.goodput)
-                watchdog.close()
         finally:
+            watchdog.close()  # a hang never gets here: the watchdog exits the process first
             progress.close()
             if metrics is not None:
                 metrics.close()
@@ -544,6 +546,22 @@ class Trainer:
                 f"rank {self.rank} failed {what}: {reason[0].strip()} "
                 f"(collectives time out after parallel.timeout_s={self.cfg.parallel.timeout_s:g})"
             ) from e
+
+
+def _warn_if_restarts_will_fail(rank: int) -> None:
+    """Plain torchrun with --max-restarts shares its rendezvous store with the workers, and a
+    restart then fails on gloo (pytorch issue 135712); `loom torchrun` turns that off."""
+    if (
+        rank == 0
+        and restart_attempt() == 0
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    ):
+        logger.warning(
+            "torchrun --max-restarts: restarts will fail with this launcher's shared store; "
+            "launch with `loom torchrun` (same arguments) or set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+        )
 
 
 def _log_goodput(g: dict[str, float | int]) -> None:
