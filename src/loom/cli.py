@@ -116,6 +116,17 @@ def build_parser() -> _Parser:
     )
     add_arguments(plan)
 
+    conv = commands.add_parser(
+        "convert",
+        help="Hugging Face model folders to Loom run folders and back",
+        description="SRC: an HF model folder (config.json + safetensors), a Loom run folder "
+        "or checkpoint.",
+    )
+    conv.add_argument("src", metavar="SRC")
+    conv.add_argument("--out", required=True, help="a new folder")
+    conv.add_argument("--format", required=True, choices=["hf", "loom"], dest="fmt")
+    conv.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+
     gen = commands.add_parser("generate", help="sample text from a trained model")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="run folder or checkpoint folder")
     gen.add_argument("--prompt", required=True)
@@ -298,6 +309,10 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
         from loom.planner.command import run
 
         run(args)
+    elif args.command == "convert":
+        from loom.models.convert import convert
+
+        convert(args.src, args.out, args.fmt, args.dtype)
     elif args.command == "generate":
         from loom.eval.generate import generate_text
 

@@ -7,13 +7,12 @@ checked here, before any estimate, and errors name the field and the fix.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loom.errors import LoomError
+from loom.errors import LoomError, read_json
 from loom.models.llama import ModelConfig
 from loom.models.presets import PRESETS, get_preset
 
@@ -443,11 +442,4 @@ RENAMED = {"pipeline_schedule": "schedule"}
 
 
 def load_spec(path: str | Path) -> PlanSpec:
-    p = Path(path)
-    if not p.is_file():
-        raise LoomError(f"spec file {p} does not exist")
-    try:
-        raw = json.loads(p.read_text())
-    except ValueError as e:
-        raise LoomError(f"spec file {p} is not valid JSON: {e}") from None
-    return parse_spec(raw)
+    return parse_spec(read_json(Path(path), "spec file"))

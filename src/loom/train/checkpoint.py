@@ -147,8 +147,11 @@ class Checkpointer:
             torch.save(_rng_state(), tmp / RNG_FILE)
             (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
         barrier()
-        model_sd, optim_sd = _state_dicts(parts, optimizers)
-        sd = {"model": model_sd, "optim": optim_sd}
+        if optimizers:
+            model_sd, optim_sd = _state_dicts(parts, optimizers)
+            sd = {"model": model_sd, "optim": optim_sd}
+        else:  # weights only (an imported model): what `load_model_weights` reads
+            sd = {"model": {k: v for part in parts for k, v in part.state_dict().items()}}
         if self.async_save:
             if self._group is None and dist.is_initialized():
                 self._group = dist.new_group(backend="gloo")

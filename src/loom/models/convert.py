@@ -1,0 +1,136 @@
+"""`loom convert SRC --out DIR --format hf|loom`: Hugging Face model folders to Loom run folders
+and back.
+
+SRC is an HF folder (`config.json` + safetensors + tokenizer files) or a Loom run folder or
+checkpoint. `--format loom` writes a run folder (`config.toml`, `tokenizer/`,
+`checkpoints/step-0` with the weights) that `loom generate` reads and training can start from;
+`--format hf` writes `config.json`, `model.safetensors` and the tokenizer files, which
+`transformers.AutoModelForCausalLM` and `AutoTokenizer` load offline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from loom.config import Config, save_config
+from loom.errors import LoomError
+from loom.log import logger
+from loom.models.hf import hf_config_dict, load_hf_model, to_hf_state_dict
+from loom.models.llama import Transformer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Tokenizer files an HF folder may carry; all are copied along.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def convert(src: str | Path, out: str | Path, fmt: str, dtype: str = "fp32") -> Path:
+    src, out = Path(src), Path(out)
+    if fmt not in ("hf", "loom"):
+        raise LoomError(f"--format {fmt!r}: use hf or loom")
+    if dtype not in DTYPES:
+        raise LoomError(f"--dtype {dtype!r}: use {' or '.join(DTYPES)}")
+    if out.exists() and any(out.iterdir()):
+        raise LoomError(f"--out {out} exists and is not empty; choose a new folder")
+    if not src.exists():
+        raise LoomError(f"{src} does not exist; give an HF model folder or a Loom run folder")
+    model, tokenizer_dir = _load(src, DTYPES[dtype])
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        write_hf(model, tokenizer_dir, out, dtype)
+    else:
+        write_loom(model, tokenizer_dir, out, source=str(src))
+    logger.info(
+        "converted %s (%.1fM parameters) to %s format in %s",
+        src,
+        model.cfg.num_params() / 1e6,
+        fmt,
+        out,
+    )
+    return out
+
+
+def _load(src: Path, dtype: torch.dtype) -> tuple[Transformer, Path]:
+    """The model and the folder holding its tokenizer files."""
+    if (src / "config.json").is_file():
+        return load_hf_model(src, "cpu", dtype), src
+    from loom.eval.generate import load_for_generation
+
+    model, run_dir = load_for_generation(src, torch.device("cpu"))
+    return model.to(dtype), run_dir / "tokenizer"
+
+
+def write_hf(model: Transformer, tokenizer_dir: Path, out: Path, dtype: str) -> None:
+    cfg = model.cfg
+    config = hf_config_dict(cfg) | {"torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
+    tokenizer_config = _tokenizer_config(tokenizer_dir)
+    for key in ("bos_token", "eos_token"):
+        token_id = _token_id(tokenizer_dir, tokenizer_config.get(key))
+        if token_id is not None:
+            config[f"{key}_id"] = token_id
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    state = to_hf_state_dict(model.state_dict(), cfg)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight")  # transformers ties it to the embedding itself
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    _copy_tokenizer(tokenizer_dir, out)
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def write_loom(model: Transformer, tokenizer_dir: Path, out: Path, source: str) -> None:
+    from loom.data.tokenizer import load_tokenizer, tokenizer_hash
+    from loom.train.checkpoint import Checkpointer
+
+    cfg = Config(run_dir=str(out), model=model.cfg)
+    save_config(cfg, out / "config.toml")
+    _copy_tokenizer(tokenizer_dir, out / "tokenizer")
+    tokenizer = out / "tokenizer" / "tokenizer.json"
+    state = {
+        "model": model.cfg.architecture(),
+        "model_preset": model.cfg.preset,
+        "tokenizer_hash": tokenizer_hash(load_tokenizer(tokenizer)) if tokenizer.is_file() else "",
+        "data": [],
+        "loader": {},
+        "scheduler": {},
+        "tokens_seen": 0,
+        "source": source,
+    }
+    Checkpointer(out, keep=1).save(0, [model], [], state)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    for name in copied:
+        shutil.copy(src / name, dst / name)
+    if "tokenizer.json" not in copied:
+        logger.warning("%s holds no tokenizer.json; the converted model has no tokenizer", src)
+
+
+def _tokenizer_config(folder: Path) -> dict[str, object]:
+    """The folder's tokenizer_config.json, naming the fast tokenizer class if it does not, so
+    that `AutoTokenizer` loads tokenizer.json without a model-specific class."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    return config
+
+
+def _token_id(folder: Path, token: object) -> int | None:
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not isinstance(token, str) or not (folder / "tokenizer.json").is_file():
+        return None
+    from loom.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(folder / "tokenizer.json").token_to_id(token)
