@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from loom.errors import LoomError
 from loom.log import logger, setup_logging
@@ -82,21 +82,28 @@ def build_parser() -> _Parser:
         help="pretrain a model",
         description="Train from a TOML config; override any key as --section.key=value.",
     )
-    train.add_argument("config", metavar="CONFIG", help="TOML config file")
-    train.add_argument(
-        "--nproc",
-        type=int,
-        metavar="N",
-        help="launch N worker processes on this machine (the [parallel] layout splits them)",
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a released model: full, LoRA, QLoRA or DPO",
+        description="Fine-tune from a TOML config (model.path, data.path, finetune.method, "
+        "lora.*, dpo.*, train.*, ...); override any key as --section.key=value.",
     )
-    train.add_argument(
-        "--max-restarts",
-        type=int,
-        default=0,
-        metavar="K",
-        help="with --nproc: restart all workers up to K times after a failure; each start "
-        "resumes from the newest complete checkpoint",
-    )
+    for command in (train, finetune):
+        command.add_argument("config", metavar="CONFIG", help="TOML config file")
+        command.add_argument(
+            "--nproc",
+            type=int,
+            metavar="N",
+            help="launch N worker processes on this machine (the [parallel] layout splits them)",
+        )
+        command.add_argument(
+            "--max-restarts",
+            type=int,
+            default=0,
+            metavar="K",
+            help="with --nproc: restart all workers up to K times after a failure; each start "
+            "resumes from the newest complete checkpoint",
+        )
 
     commands.add_parser(
         "torchrun",
@@ -119,13 +126,16 @@ def build_parser() -> _Parser:
     conv = commands.add_parser(
         "convert",
         help="Hugging Face model folders to Loom run folders and back",
-        description="SRC: an HF model folder (config.json + safetensors), a Loom run folder "
-        "or checkpoint.",
+        description="SRC: an HF model folder (config.json + safetensors), a .gguf file, or a "
+        "Loom run folder or checkpoint (with --merge: a LoRA fine-tuning run).",
     )
     conv.add_argument("src", metavar="SRC")
     conv.add_argument("--out", required=True, help="a new folder")
     conv.add_argument("--format", required=True, choices=["hf", "loom"], dest="fmt")
     conv.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    conv.add_argument(
+        "--merge", action="store_true", help="fold a LoRA run's adapters into the base weights"
+    )
 
     gen = commands.add_parser("generate", help="sample text from a trained model")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="run folder or checkpoint folder")
@@ -152,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return torchrun(argv[1:])
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        takes_overrides = args.command == "train" or getattr(args, "action", "") == "prepare"
+        takes_overrides = args.command in ("train", "finetune") or (
+            getattr(args, "action", "") == "prepare"
+        )
         if extra and not takes_overrides:
             raise LoomError(f"unrecognized arguments: {' '.join(extra)}")
         _dispatch(args, _join_overrides(extra))
@@ -220,7 +232,14 @@ def _join_overrides(extra: list[str]) -> list[str]:
     return joined
 
 
-def _launch(cfg: Config, config: str, overrides: list[str], nproc: int, max_restarts: int) -> None:
+def _launch(
+    cfg: Config,
+    config: str,
+    overrides: list[str],
+    nproc: int,
+    max_restarts: int,
+    module: str = "loom.train",
+) -> None:
     """Check the layout against N processes, then start them (see loom.parallel.launch)."""
     from loom.parallel.dims import resolve
     from loom.parallel.launch import launch
@@ -234,7 +253,7 @@ def _launch(cfg: Config, config: str, overrides: list[str], nproc: int, max_rest
     if max_restarts < 0:
         raise LoomError(f"--max-restarts {max_restarts}: give 0 or more")
     resolve(cfg, nproc)
-    launch(config, overrides, nproc, Path(cfg.run_dir), max_restarts)
+    launch(config, overrides, nproc, Path(cfg.run_dir), max_restarts, module)
 
 
 def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
@@ -272,21 +291,34 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
                 overwrite=args.overwrite,
             )
         )
-    elif args.command == "train":
-        from loom.config import load_config
+    elif args.command in ("train", "finetune"):
         from loom.parallel import distributed
-        from loom.train.trainer import train
 
-        cfg = load_config(args.config, extra)
+        if args.command == "train":
+            from loom.config import load_config
+            from loom.train.trainer import train as run
+
+            cfg: Any = load_config(args.config, extra)
+        else:
+            from loom.finetune.config import load_finetune_config
+            from loom.finetune.trainer import finetune as run
+
+            cfg = load_finetune_config(args.config, extra)
         if args.nproc is not None:
-            _launch(cfg, args.config, extra, args.nproc, args.max_restarts)
+            layout = cfg
+            if args.command == "finetune":
+                from loom.finetune.config import with_base_architecture
+
+                layout = with_base_architecture(cfg)
+            module = f"loom.{args.command}"
+            _launch(layout, args.config, extra, args.nproc, args.max_restarts, module)
             return
         if args.max_restarts:
             raise LoomError(
                 "--max-restarts needs --nproc N (or torchrun's own --max-restarts); "
                 "a single process is restarted by running the command again"
             )
-        result = train(cfg)
+        result = run(cfg)
         if distributed.launched_by_torchrun():
             distributed.shutdown()
         if result.stopped_by and os.environ.get("RANK", "0") == "0":
@@ -312,7 +344,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
     elif args.command == "convert":
         from loom.models.convert import convert
 
-        convert(args.src, args.out, args.fmt, args.dtype)
+        convert(args.src, args.out, args.fmt, args.dtype, merge=args.merge)
     elif args.command == "generate":
         from loom.eval.generate import generate_text
 

@@ -216,7 +216,12 @@ class _CliValue(str):
 
 def load_tree(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
     """Any config dataclass tree from TOML + overrides (type-checked; validate it yourself)."""
-    return _build(cls, read_with_overrides(path, overrides), "")
+    return tree_from_dict(cls, read_with_overrides(path, overrides))
+
+
+def tree_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
+    """A config dataclass tree from raw TOML data (type-checked; validate it yourself)."""
+    return _build(cls, raw, "")
 
 
 def model_config(architecture: dict[str, Any]) -> ModelConfig:

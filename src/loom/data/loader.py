@@ -23,34 +23,30 @@ from loom.data.shards import SplitTokens
 from loom.errors import LoomError
 
 
-class TokenLoader:
+class SampleOrder:
+    """The global stream of (dataset, sample) pairs and its resumable position; subclasses
+    turn pairs into tensors (`batch`)."""
+
     def __init__(
         self,
-        tokens: SplitTokens | Sequence[tuple[SplitTokens, float]],
+        num_samples: list[int],
+        weights: Sequence[float],
         seq_len: int,
         seed: int,
-        shuffle: bool = True,
+        shuffle: bool,
     ) -> None:
-        sources = [(tokens, 1.0)] if isinstance(tokens, SplitTokens) else list(tokens)
-        self.splits = [s for s, _ in sources]
-        weights = np.array([w for _, w in sources], dtype=np.float64)
-        if len(sources) == 0 or (weights <= 0).any():
+        w = np.array(weights, dtype=np.float64)
+        if len(w) == 0 or (w <= 0).any():
             raise LoomError("a data mixture needs at least one dataset, each with a weight > 0")
-        self.weights = weights / weights.sum()
+        self.weights = w / w.sum()
+        self.num_samples = num_samples
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
-        self.num_samples = [(s.num_tokens - 1) // seq_len for s in self.splits]
-        if min(self.num_samples) < 1:
-            tokens_have = min(s.num_tokens for s in self.splits)
-            raise LoomError(
-                f"the split holds {tokens_have} tokens, fewer than one sequence of "
-                f"train.seq_len={seq_len} + 1; lower train.seq_len or add data"
-            )
-        self.epoch = [0] * len(self.splits)
-        self.cursor = [0] * len(self.splits)  # samples consumed in the current epoch
-        self.credit = np.zeros(len(self.splits))  # smooth weighted round-robin state
-        self._order = [self._permutation(d, 0) for d in range(len(self.splits))]
+        self.epoch = [0] * len(num_samples)
+        self.cursor = [0] * len(num_samples)  # samples consumed in the current epoch
+        self.credit = np.zeros(len(num_samples))  # smooth weighted round-robin state
+        self._order = [self._permutation(d, 0) for d in range(len(num_samples))]
 
     def _permutation(self, dataset: int, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -71,7 +67,7 @@ class TokenLoader:
         """The next n (dataset, sample) pairs of the global stream: int64 [n, 2]."""
         out = np.empty((n, 2), dtype=np.int64)
         for i in range(n):
-            if len(self.splits) == 1:
+            if len(self.num_samples) == 1:
                 dataset = 0
             else:
                 self.credit += self.weights
@@ -79,18 +75,6 @@ class TokenLoader:
                 self.credit[dataset] -= 1.0
             out[i] = dataset, self._take(dataset)
         return out
-
-    def batch(self, pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        length = self.seq_len + 1
-        rows = np.stack([self.splits[d].window(int(i) * self.seq_len, length) for d, i in pairs])
-        data = torch.from_numpy(rows)
-        return data[:, :-1], data[:, 1:]
-
-    def next_batch(
-        self, n: int, rank: int = 0, world_size: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the next global batch of n: inputs, targets [n/world, seq_len]."""
-        return self.batch(self.next_share(n, rank, world_size))
 
     def next_share(self, n: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
         """The (dataset, sample) pairs of this rank's share of the next global batch of n."""
@@ -131,3 +115,37 @@ class TokenLoader:
         self.cursor = [int(c) for c in state["cursor"]]
         self.credit = np.array(state["credit"], dtype=np.float64)
         self._order = [self._permutation(d, e) for d, e in enumerate(self.epoch)]
+
+
+class TokenLoader(SampleOrder):
+    """Samples of seq_len + 1 tokens cut from token shards (see the module's docstring)."""
+
+    def __init__(
+        self,
+        tokens: SplitTokens | Sequence[tuple[SplitTokens, float]],
+        seq_len: int,
+        seed: int,
+        shuffle: bool = True,
+    ) -> None:
+        sources = [(tokens, 1.0)] if isinstance(tokens, SplitTokens) else list(tokens)
+        self.splits = [s for s, _ in sources]
+        num_samples = [(s.num_tokens - 1) // seq_len for s in self.splits]
+        if num_samples and min(num_samples) < 1:
+            tokens_have = min(s.num_tokens for s in self.splits)
+            raise LoomError(
+                f"the split holds {tokens_have} tokens, fewer than one sequence of "
+                f"train.seq_len={seq_len} + 1; lower train.seq_len or add data"
+            )
+        super().__init__(num_samples, [w for _, w in sources], seq_len, seed, shuffle)
+
+    def batch(self, pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.seq_len + 1
+        rows = np.stack([self.splits[d].window(int(i) * self.seq_len, length) for d, i in pairs])
+        data = torch.from_numpy(rows)
+        return data[:, :-1], data[:, 1:]
+
+    def next_batch(
+        self, n: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next global batch of n: inputs, targets [n/world, seq_len]."""
+        return self.batch(self.next_share(n, rank, world_size))

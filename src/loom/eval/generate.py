@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import torch
 
-from loom.config import model_config
 from loom.data.tokenizer import EOS, load_tokenizer
 from loom.errors import LoomError
-from loom.models.llama import ModelConfig, Transformer, build_model
-from loom.train.checkpoint import Checkpointer, load_model_weights, read_state, verify
+from loom.models.llama import ModelConfig, Transformer
+from loom.models.sources import find_checkpoint, load_checkpoint_model
 
 
 class ContiguousKVCache:
@@ -115,24 +115,9 @@ def generate(
 
 def load_for_generation(path: str | Path, device: torch.device) -> tuple[Transformer, Path]:
     """A model from a run folder (its latest checkpoint) or a step folder; and the run folder."""
-    p = Path(path)
-    if verify(p) is None:
-        checkpoint, run_dir = p, p.parent.parent
-    else:
-        run_dir = p
-        if not (p / "config.toml").is_file():
-            raise LoomError(
-                f"{p} is neither a Loom run folder (no config.toml) nor a checkpoint folder"
-            )
-        found = Checkpointer(p, keep=1).latest()
-        if found is None:
-            raise LoomError(f"run folder {p} has no complete checkpoint yet; train it first")
-        checkpoint = found
-    # The checkpoint's own record of its architecture, not the run's latest config.
-    model = build_model(model_config(read_state(checkpoint)["model"]), device)
-    model.init_buffers()
-    load_model_weights(checkpoint, model)
-    return model, run_dir
+    checkpoint, run_dir = find_checkpoint(path)
+    with tempfile.TemporaryDirectory() as scratch:
+        return load_checkpoint_model(checkpoint, device, Path(scratch)), run_dir
 
 
 def generate_text(

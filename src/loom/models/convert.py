@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 from loom.config import Config, save_config
 from loom.errors import LoomError
 from loom.log import logger
-from loom.models.hf import hf_config_dict, load_hf_model, to_hf_state_dict
+from loom.models.hf import hf_config_dict, to_hf_state_dict
 from loom.models.llama import Transformer
+from loom.models.sources import load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Tokenizer files an HF folder may carry; all are copied along.
@@ -36,7 +37,9 @@ TOKENIZER_FILES = (
 )
 
 
-def convert(src: str | Path, out: str | Path, fmt: str, dtype: str = "fp32") -> Path:
+def convert(
+    src: str | Path, out: str | Path, fmt: str, dtype: str = "fp32", merge: bool = False
+) -> Path:
     src, out = Path(src), Path(out)
     if fmt not in ("hf", "loom"):
         raise LoomError(f"--format {fmt!r}: use hf or loom")
@@ -47,7 +50,8 @@ def convert(src: str | Path, out: str | Path, fmt: str, dtype: str = "fp32") -> 
     if not src.exists():
         raise LoomError(f"{src} does not exist; give an HF model folder or a Loom run folder")
     with tempfile.TemporaryDirectory() as scratch:
-        model, tokenizer_dir = _load(src, DTYPES[dtype], Path(scratch))
+        model, tokenizer_dir = load_model(src, DTYPES[dtype], Path(scratch))
+        _merge_adapters(model, src, merge)
         out.mkdir(parents=True, exist_ok=True)
         if fmt == "hf":
             write_hf(model, tokenizer_dir, out, dtype)
@@ -63,21 +67,19 @@ def convert(src: str | Path, out: str | Path, fmt: str, dtype: str = "fp32") -> 
     return out
 
 
-def _load(src: Path, dtype: torch.dtype, scratch: Path) -> tuple[Transformer, Path]:
-    """The model and the folder holding its tokenizer files (for a GGUF file, rebuilt in
-    `scratch`)."""
-    if src.suffix == ".gguf":
-        from loom.models.gguf import load_gguf_model, save_gguf_tokenizer
+def _merge_adapters(model: Transformer, src: Path, merge: bool) -> None:
+    from loom.finetune.lora import lora_layers, merge_lora
 
-        model = load_gguf_model(src, "cpu", dtype)
-        save_gguf_tokenizer(src, scratch)
-        return model, scratch
-    if (src / "config.json").is_file():
-        return load_hf_model(src, "cpu", dtype), src
-    from loom.eval.generate import load_for_generation
-
-    model, run_dir = load_for_generation(src, torch.device("cpu"))
-    return model.to(dtype), run_dir / "tokenizer"
+    has_adapters = any(True for _ in lora_layers(model))
+    if merge and not has_adapters:
+        raise LoomError(f"--merge: {src} holds no LoRA adapters; leave --merge out")
+    if has_adapters and not merge:
+        raise LoomError(
+            f"{src} is a LoRA fine-tuning run: pass --merge to fold the adapters into the base "
+            f"weights (the adapters alone, in PEFT's layout, are in {src}/adapter)"
+        )
+    if merge:
+        logger.info("merged %d LoRA adapters into the base weights", merge_lora(model))
 
 
 def write_hf(model: Transformer, tokenizer_dir: Path, out: Path, dtype: str) -> None:

@@ -37,7 +37,7 @@ _BLOCK = {
 ARCHITECTURES = ("llama", "qwen2")
 
 
-def _reader(path: Path) -> Any:
+def gguf_reader(path: Path) -> Any:
     try:
         import gguf
     except ImportError:
@@ -112,7 +112,7 @@ def load_gguf_model(
     from gguf.quants import dequantize
 
     path = Path(path)
-    reader = _reader(path)
+    reader = gguf_reader(path)
     cfg = config_from_gguf(reader, str(path))
     model = build_model(cfg)
     params = dict(model.named_parameters())

@@ -147,7 +147,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, cfg.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         # cos/sin start at this input's first position and may run longer: take what is used.
@@ -157,11 +162,10 @@ class Attention(nn.Module):
         k = apply_rope(self.k_proj(x).view(batch, seq, -1, self.head_dim), cos, sin)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        mask = None
         if kv_cache is not None:
             k, v, mask = kv_cache.update(self.layer_id, k, v)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=kv_cache is None, enable_gqa=True
+            q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None, enable_gqa=True
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -188,9 +192,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -209,9 +218,17 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
 
     def forward(
-        self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+        self,
+        tokens: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [batch, seq]; with a cache, `start_pos` is their first position.
+
+        `doc_ids` [batch, seq] (packed fine-tuning rows): a position attends only to earlier
+        positions of the same document, so packed examples never see each other. Rotary
+        embeddings are relative, so a document's offset in its row does not change its logits.
 
         A pipeline stage without the embedding takes hidden states [batch, seq, dim] instead of
         tokens, and one without the final norm returns hidden states.
@@ -221,8 +238,9 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start_pos:].unsqueeze(1)
         sin = self.rope_sin[start_pos:].unsqueeze(1)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        mask = document_mask(doc_ids) if doc_ids is not None else None
         for layer in self.layers.values():
-            h = layer(h, cos, sin, kv_cache)
+            h = layer(h, cos, sin, kv_cache, mask)
         if self.norm is None:
             return h
         h = self.norm(h)
@@ -247,6 +265,13 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             init_parameter_(self.cfg, name, param, seed)
         self.init_buffers()
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [batch, 1, seq, seq]: causal, and within one document only."""
+    seq = doc_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
 
 
 @torch.no_grad()

@@ -13,16 +13,21 @@ from collections.abc import Callable
 
 import torch
 
-Logits = Callable[[torch.Tensor], torch.Tensor]  # a model: tokens -> logits
+Logits = Callable[..., torch.Tensor]  # a model: tokens (, doc_ids=...) -> logits
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # logits, targets -> loss
-ForwardLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # tokens, targets -> loss
+# tokens, targets, doc_ids (packed documents, or None) -> loss
+ForwardLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def forward_loss(model: Logits, loss_fn: LossFn) -> ForwardLoss:
-    """inputs, targets -> loss, in eager mode."""
+    """inputs, targets, doc_ids -> loss, in eager mode."""
 
-    def run(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return loss_fn(model(inputs), targets)
+    def run(
+        inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if doc_ids is None:
+            return loss_fn(model(inputs), targets)
+        return loss_fn(model(inputs, doc_ids=doc_ids), targets)
 
     return run
 

@@ -43,8 +43,15 @@ def torchrun(args: list[str]) -> int:
 
 
 def launch(
-    config: str | None, overrides: list[str], nproc: int, run_dir: Path, max_restarts: int = 0
+    config: str | None,
+    overrides: list[str],
+    nproc: int,
+    run_dir: Path,
+    max_restarts: int = 0,
+    module: str = "loom.train",
 ) -> None:
+    """Start `python -m MODULE CONFIG OVERRIDES` on N local workers (loom.train or
+    loom.finetune)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -62,7 +69,7 @@ def launch(
         "monitor_interval": 0.5,
     }
     launch_config = LaunchConfig(**options)
-    args = ["-m", "loom.train", *([config] if config else []), *overrides]
+    args = ["-m", module, *([config] if config else []), *overrides]
     logger.info("launching %d workers: %s %s", nproc, sys.executable, " ".join(args))
     try:
         elastic_launch(launch_config, entrypoint=sys.executable)(*args)

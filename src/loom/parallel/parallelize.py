@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from loom.config import Config
 from loom.models.llama import Transformer, build_model, init_parameter_
-from loom.parallel.compile import compile_forward_loss, forward_loss
+from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_loss
 from loom.parallel.data_parallel import DTYPES, apply_ddp, apply_fsdp
 from loom.parallel.dims import V_SCHEDULES, ParallelDims
 from loom.parallel.float8 import convert_to_float8
@@ -52,7 +52,7 @@ class ParallelModel:
     schedule: _PipelineSchedule | None = None
     has_first_stage: bool = True
     has_last_stage: bool = True
-    forward_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    forward_loss: ForwardLoss | None = None
     forward_only_eval: bool = True
     _loss_scale: float = field(default=1.0, repr=False)
 
@@ -76,23 +76,31 @@ class ParallelModel:
         return self.loss_fn(logits, targets) * (self._loss_scale / self.dims.microbatches)
 
     def forward_backward(
-        self, inputs: torch.Tensor, targets: torch.Tensor, scale: float
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        scale: float,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Backpropagate `scale` × the mean loss of this rank's sequences; return the unscaled
-        loss (None on pipeline ranks without the last stage)."""
+        loss (None on pipeline ranks without the last stage). `doc_ids` (packed documents)
+        work without a pipeline only."""
         with self._context(), self.autocast:
             if self.schedule is None:
                 assert self.forward_loss is not None
-                loss = self.forward_loss(inputs, targets)
+                loss = self.forward_loss(inputs, targets, doc_ids)
                 (loss * scale).backward()
                 return _local(loss.detach())
             return self._pipeline_step(inputs, targets, scale, train=True)
 
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    def eval_loss(
+        self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         with self._context(), self.autocast:
             if self.schedule is None:
                 with torch.no_grad():
-                    return _local(self.loss_fn(self.parts[0](inputs), targets))
+                    logits = self.parts[0](inputs, doc_ids=doc_ids)
+                    return _local(self.loss_fn(logits, targets))
             if self.forward_only_eval:
                 with torch.no_grad():
                     return self._pipeline_step(inputs, targets, 1.0, train=False)
@@ -162,8 +170,14 @@ def parallelize(
     mesh: DeviceMesh | None,
     device: torch.device,
     loss_fn: LossFn,
+    adapt: Callable[[nn.Module], None] | None = None,
+    init: ParamInit | None = None,
 ) -> ParallelModel:
-    """This rank's model parts, sharded, initialised from `train.seed`, ready for an optimizer."""
+    """This rank's model parts, sharded, initialised from `train.seed`, ready for an optimizer.
+
+    Fine-tuning passes `adapt` (applied to each part on the meta device before any
+    parallelism, e.g. LoRA) and `init` (fills each parameter instead of the pretraining
+    initialisation; the base weights are loaded afterwards)."""
     p, t, memory = cfg.parallel, cfg.train, cfg.memory
     param_dtype = DTYPES[
         p.mixed_precision.param_dtype if p.mixed_precision.param_dtype != "auto" else t.precision
@@ -192,6 +206,8 @@ def parallelize(
         parts = [build_model(cfg.model)]
 
     for part in parts:
+        if adapt is not None:
+            adapt(part)
         if t.float8:
             convert_to_float8(part)
         if dims.tp > 1:
@@ -217,7 +233,7 @@ def parallelize(
         elif use_ddp:
             assert mesh is not None
             apply_ddp(part, mesh["dp_replicate"])
-        materialize(part, cfg, device, offloaded=memory.offload == "params")
+        materialize(part, cfg, device, offloaded=memory.offload == "params", init=init)
 
     model = ParallelModel(
         parts=parts,
@@ -243,22 +259,39 @@ def parallelize(
     return model
 
 
+ParamInit = Callable[[str, torch.Tensor], None]  # (name, whole tensor) -> fill it in place
+
+
 @torch.no_grad()
-def materialize(part: nn.Module, cfg: Config, device: torch.device, offloaded: bool) -> None:
+def set_whole_parameter(param: torch.Tensor, name: str, fill: ParamInit) -> None:
+    """Let `fill` write the whole value of `param`, and keep this rank's shard of it."""
+    if isinstance(param, DTensor):
+        local = param.to_local()
+        whole = torch.empty(param.shape, dtype=param.dtype, device=local.device)
+        fill(name, whole)
+        shard = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+        local.copy_(shard.to_local())
+    else:
+        fill(name, param)
+
+
+@torch.no_grad()
+def materialize(
+    part: nn.Module,
+    cfg: Config,
+    device: torch.device,
+    offloaded: bool,
+    init: ParamInit | None = None,
+) -> None:
     """Allocate the meta-device part and give every parameter its layout-independent value."""
     part.to_empty(device="cpu" if offloaded else device)
+    if init is None:
+
+        def init(name: str, tensor: torch.Tensor) -> None:
+            init_parameter_(cfg.model, name, tensor, cfg.train.seed)
+
     for name, param in part.named_parameters():
-        name = clean_name(name)
-        if isinstance(param, DTensor):
-            local = param.to_local()
-            whole = torch.empty(param.shape, dtype=param.dtype, device=local.device)
-            init_parameter_(cfg.model, name, whole, cfg.train.seed)
-            shard = distribute_tensor(
-                whole, param.device_mesh, param.placements, src_data_rank=None
-            )
-            local.copy_(shard.to_local())
-        else:
-            init_parameter_(cfg.model, name, param, cfg.train.seed)
+        set_whole_parameter(param, clean_name(name), init)
     for module in part.modules():
         if isinstance(module, Transformer):  # rotary tables live where compute happens
             for buffer in ("rope_cos", "rope_sin"):

@@ -89,8 +89,11 @@ class Checkpointer:
         keep: int,
         async_save: bool = False,
         before_commit: Callable[[int], None] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         self.dir = Path(run_dir) / "checkpoints"
+        # Adapter training: frozen base weights come from the base model, not the checkpoint.
+        self.options = _TRAINABLE if trainable_only else _FLAT
         self.keep = keep
         self.async_save = async_save
         self.before_commit = before_commit  # fault injection hook (loom.train.resilience)
@@ -148,7 +151,7 @@ class Checkpointer:
             (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
         barrier()
         if optimizers:
-            model_sd, optim_sd = _state_dicts(parts, optimizers)
+            model_sd, optim_sd = _state_dicts(parts, optimizers, self.options)
             sd = {"model": model_sd, "optim": optim_sd}
         else:  # weights only (an imported model): what `load_model_weights` reads
             sd = {"model": {k: v for part in parts for k, v in part.state_dict().items()}}
@@ -202,7 +205,7 @@ class Checkpointer:
     ) -> dict[str, Any]:
         """Restore model, optimizer and RNG in place; return the trainer state."""
         # get_state_dict before dcp.load: the optimizer's state is created lazily.
-        model_sd, optim_sd = _state_dicts(parts, optimizers)
+        model_sd, optim_sd = _state_dicts(parts, optimizers, self.options)
         state = {"model": model_sd, "optim": optim_sd}
         with _loading(path):
             dcp.load(state, checkpoint_id=str(path))
@@ -210,7 +213,7 @@ class Checkpointer:
                 # Each part takes its own keys from the merged dicts; DCP already checked that
                 # the checkpoint holds every key asked for.
                 set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
-                set_optimizer_state_dict(part, optimizer, state["optim"], options=_FLAT)
+                set_optimizer_state_dict(part, optimizer, state["optim"], options=self.options)
             _set_rng_state(torch.load(path / RNG_FILE, weights_only=False))
         return read_state(path)
 
@@ -232,16 +235,17 @@ class Checkpointer:
 
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+_TRAINABLE = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
 
 
 def _state_dicts(
-    parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]
+    parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], options: StateDictOptions
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Model and optimizer state of all parts on this rank, merged, keyed by parameter name."""
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
     for part, optimizer in zip(parts, optimizers, strict=True):
-        m, o = get_state_dict(part, optimizer, options=_FLAT)
+        m, o = get_state_dict(part, optimizer, options=options)
         model_sd.update(m)
         optim_sd.update(o)
     return model_sd, optim_sd
@@ -304,12 +308,17 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Load only the model's weights from a checkpoint (for generation and evaluation)."""
-    state = {"model": model.state_dict()}
+def load_model_weights(path: Path, model: nn.Module, trainable_only: bool = False) -> None:
+    """Load only the model's weights from a checkpoint (for generation and evaluation);
+    `trainable_only`: just the parameters that train (an adapter checkpoint holds no others)."""
+    if trainable_only:
+        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        weights = model.state_dict()
+    state = {"model": weights}
     with _loading(path):
         dcp.load(state, checkpoint_id=str(path))
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"], strict=not trainable_only)
 
 
 def _point_latest(directory: Path, target: str) -> None:

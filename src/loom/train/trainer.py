@@ -22,9 +22,10 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
 
 from loom.config import Config, config_to_dict, save_config
-from loom.data.loader import TokenLoader
+from loom.data.loader import SampleOrder, TokenLoader
 from loom.data.shards import TokenDataset
 from loom.errors import LoomError
 from loom.log import is_terminal, logger
@@ -123,30 +124,12 @@ class Trainer:
             raise LoomError(
                 'run_dir is not set; add run_dir = "..." to the config or pass --run_dir=DIR'
             )
-        if not cfg.data.sources():
-            raise LoomError(
-                "data.path is not set; pass --data.path=DIR (a folder made by `loom data tokenize`)"
-            )
         self.run_dir = Path(cfg.run_dir)
         self.process_start = process_start_time()
         parse_faults(os.environ.get("LOOM_FAULTS", ""))  # a bad spec fails before any work
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise LoomError(f"run_dir {self.run_dir} is a file; choose a folder")
-        datasets = [(TokenDataset(s.path), s.weight) for s in cfg.data.sources()]
-        self.dataset = datasets[0][0]
-        self.data_identity = [d.fingerprint for d, _ in datasets]
-        for other, _ in datasets[1:]:
-            if other.tokenizer_hash != self.dataset.tokenizer_hash:
-                raise LoomError(
-                    f"data.mix: {other.path} and {self.dataset.path} were tokenized with different "
-                    "tokenizers; prepare every dataset of a mixture with the same tokenizer"
-                )
-        if self.dataset.vocab_size > cfg.model.vocab_size:
-            raise LoomError(
-                f"the tokenizer of {self.dataset.path} has {self.dataset.vocab_size} tokens but "
-                f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size to at least "
-                f"{self.dataset.vocab_size} or train a smaller tokenizer"
-            )
+        self._open_data()
         self.device = select_device(t.device)
         if (
             t.precision == "bf16"
@@ -167,21 +150,15 @@ class Trainer:
                 "memory.offload=params works through FSDP, which needs a process group; "
                 "launch with `loom train CONFIG --nproc N` (N may be 1)"
             )
-        self.loader = TokenLoader([(d.split("train"), w) for d, w in datasets], t.seq_len, t.seed)
-        # Validation: every dataset's val split that holds at least one sequence, same weights.
-        self.val = [
-            (d.splits["val"], w)
-            for d, w in datasets
-            if "val" in d.splits and (d.splits["val"].num_tokens - 1) // t.seq_len >= 1
-        ]
-        if not self.val:
-            logger.warning("no validation split holds train.seq_len + 1 tokens; no validation loss")
         self.checkpointer = Checkpointer(
-            self.run_dir, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_
+            self.run_dir,
+            cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_,
+            trainable_only=self.trainable_only,
         )
         self.resume_from = self.checkpointer.latest()
         resume_state = (
-            check_resumable(self.resume_from, cfg, self.data_identity, self.dataset.tokenizer_hash)
+            check_resumable(self.resume_from, cfg, self.data_identity, self.tokenizer_hash)
             if self.resume_from
             else None
         )
@@ -204,12 +181,10 @@ class Trainer:
         self._report_progress()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.toml")
-            shutil.copytree(
-                self.dataset.tokenizer_path.parent, self.run_dir / "tokenizer", dirs_exist_ok=True
-            )
+            self._save_config()
+            shutil.copytree(self.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
 
-        self.model: ParallelModel = parallelize(cfg, self.dims, mesh, self.device, cross_entropy)
+        self.model: ParallelModel = self._build_model(mesh)
         self.optimizers = Optimizers(self.model.parts, cfg.optimizer, t.steps)
         if self.resume_from is not None:
             assert resume_state is not None
@@ -234,6 +209,56 @@ class Trainer:
             self.peak_flops,
             peak_source,
         )
+
+    # -- what a kind of training decides (fine-tuning overrides these) ---------------------
+
+    trainable_only = False  # checkpoints hold all weights (adapter training: only its own)
+
+    def _open_data(self) -> None:
+        """Check the token shards and set up the loaders, the data's identity and tokenizer."""
+        cfg, t = self.cfg, self.cfg.train
+        if not cfg.data.sources():
+            raise LoomError(
+                "data.path is not set; pass --data.path=DIR (a folder made by `loom data tokenize`)"
+            )
+        datasets = [(TokenDataset(s.path), s.weight) for s in cfg.data.sources()]
+        first = datasets[0][0]
+        self.data_identity = [d.fingerprint for d, _ in datasets]
+        self.tokenizer_hash = first.tokenizer_hash
+        self.tokenizer_dir = first.tokenizer_path.parent
+        for other, _ in datasets[1:]:
+            if other.tokenizer_hash != first.tokenizer_hash:
+                raise LoomError(
+                    f"data.mix: {other.path} and {first.path} were tokenized with different "
+                    "tokenizers; prepare every dataset of a mixture with the same tokenizer"
+                )
+        if first.vocab_size > cfg.model.vocab_size:
+            raise LoomError(
+                f"the tokenizer of {first.path} has {first.vocab_size} tokens but "
+                f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size to at least "
+                f"{first.vocab_size} or train a smaller tokenizer"
+            )
+        self.loader: SampleOrder = TokenLoader(
+            [(d.split("train"), w) for d, w in datasets], t.seq_len, t.seed
+        )
+        # Validation: every dataset's val split that holds at least one sequence, same weights.
+        self.val = [
+            (d.splits["val"], w)
+            for d, w in datasets
+            if "val" in d.splits and (d.splits["val"].num_tokens - 1) // t.seq_len >= 1
+        ]
+        if not self.val:
+            logger.warning("no validation split holds train.seq_len + 1 tokens; no validation loss")
+
+    def _save_config(self) -> None:
+        save_config(self.cfg, self.run_dir / "config.toml")
+
+    def _build_model(self, mesh: DeviceMesh | None) -> ParallelModel:
+        return parallelize(self.cfg, self.dims, mesh, self.device, cross_entropy)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """What else the checkpoint's state.json records."""
+        return {}
 
     def _restore(self, path: Path) -> None:
         """Model, optimizer, schedule, RNG and data position from the checkpoint at `path`."""
@@ -303,10 +328,8 @@ class Trainer:
         for _ in range(accum):
             share = self.loader.next_share(micro, self.model.dp_rank, self.dims.dp)
             shares.append(share)
-            inputs, targets = self.loader.batch(share)
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            loss = self.model.forward_backward(inputs, targets, 1.0 / accum)
+            batch = [x.to(self.device, non_blocking=True) for x in self.loader.batch(share)]
+            loss = self._micro_step(batch, 1.0 / accum)
             if loss is not None:
                 loss_sum = loss if loss_sum is None else loss_sum + loss
         self.batches += 1
@@ -315,6 +338,15 @@ class Trainer:
             self._log_samples(shares)
         mean = loss_sum / accum if loss_sum is not None else None
         return self.model.global_mean(mean)
+
+    def _micro_step(self, batch: list[torch.Tensor], scale: float) -> torch.Tensor | None:
+        """Backpropagate `scale` × the loss of one micro-batch (inputs, targets[, doc_ids])."""
+        inputs, targets, *doc_ids = batch
+        return self.model.forward_backward(inputs, targets, scale, *doc_ids)
+
+    def _extra_metrics(self) -> dict[str, float]:
+        """Figures a kind of training adds to each metrics record."""
+        return {}
 
     def _log_samples(self, shares: list[Any]) -> None:
         folder = self.run_dir / "samples"
@@ -350,7 +382,7 @@ class Trainer:
         state = {
             "model": self.cfg.model.architecture(),
             "model_preset": self.cfg.model.preset,
-            "tokenizer_hash": self.dataset.tokenizer_hash,
+            "tokenizer_hash": self.tokenizer_hash,
             "data": self.data_identity,
             "loader": self.loader.state_dict(),
             "scheduler": self.optimizers.scheduler_state(),
@@ -359,6 +391,7 @@ class Trainer:
             "skip_batches": sorted(self.skip_batches),
             "layout": self.layout,
             "config": config_to_dict(self.cfg),
+            **self._checkpoint_state(),
         }
         return self.checkpointer.save(
             self.step, self.model.parts, self.optimizers.optimizers, state
@@ -442,6 +475,7 @@ class Trainer:
                                 self.evaluate, f"evaluating after step {self.step}"
                             )
                             result.val_losses[self.step] = record["val_loss"]
+                        record.update(self._extra_metrics())
                         if metrics is not None:
                             metrics.write(record)
                         progress.update(record)

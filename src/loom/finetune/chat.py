@@ -1,0 +1,220 @@
+"""Chat templates: a conversation rendered to text exactly as `transformers`'
+`apply_chat_template(..., tokenize=False)` does, so that a model fine-tuned here sees the same
+text at inference in any runtime that uses the tokenizer's own template."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from loom.errors import LoomError
+from loom.log import logger
+
+TemplateMode = Literal["auto", "chatml", "none"]
+TEMPLATE_MODES: tuple[str, ...] = ("auto", "chatml", "none")
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+# The special-token names transformers hands to every template (its SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES: tuple[str, ...] = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+CHATML_START = "<|im_start|>"
+CHATML_END = "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+Message = dict[str, str]
+
+
+class TemplateRejected(LoomError):
+    """The template refused a conversation (its raise_exception): a problem of that record."""
+
+
+def token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def read_tokenizer_config(folder: Path) -> dict[str, Any]:
+    """tokenizer_config.json of a tokenizer folder ({} when there is none)."""
+    file = folder / "tokenizer_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise LoomError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise LoomError(f"{file} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def _config_template(config: dict[str, Any], file: Path) -> str | None:
+    """The `chat_template` of tokenizer_config.json: a string, or the "default" of a named list."""
+    value = config.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {
+            item.get("name"): item.get("template")
+            for item in value
+            if isinstance(item, dict) and isinstance(item.get("template"), str)
+        }
+        if "default" in named:
+            return named["default"]
+        raise LoomError(
+            f"{file}: chat_template has templates named {sorted(map(str, named))} but none named "
+            "'default'; add one, or pass --template chatml to use the built-in ChatML template"
+        )
+    raise LoomError(
+        f"{file}: chat_template must be a string or a list of {{name, template}}, "
+        f"not {type(value).__name__}"
+    )
+
+
+def _compile(source: str, where: str) -> Any:
+    """A Jinja2 template in the same sandbox, with the same helpers, as transformers uses."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        value: object,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
+        # Jinja's own tojson escapes HTML characters, which would change the rendered text.
+        return json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise LoomError(
+            f"the chat template from {where} is not valid Jinja2 (line {e.lineno}: {e.message}); "
+            "fix it, or pass --template chatml to use the built-in ChatML template"
+        ) from None
+
+
+class ChatTemplate:
+    """Renders conversations with a tokenizer's chat template, or passes raw text through
+    (`source` None: mode "none", where prompt and completion are simply concatenated)."""
+
+    def __init__(
+        self,
+        source: str | None,
+        origin: str,
+        special_tokens: dict[str, str] | None = None,
+    ) -> None:
+        self.source = source
+        self.origin = origin
+        self.special_tokens = dict(special_tokens or {})
+        self._compiled = None if source is None else _compile(source, origin)
+
+    @property
+    def is_raw(self) -> bool:
+        """True for mode "none": no template, text is prompt + completion."""
+        return self.source is None
+
+    @property
+    def is_builtin_chatml(self) -> bool:
+        return self.source == CHATML_TEMPLATE
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    @classmethod
+    def from_tokenizer_dir(cls, folder: str | Path, mode: str = "auto") -> ChatTemplate:
+        """The template of a tokenizer folder ("auto": chat_template.jinja, else
+        tokenizer_config.json's chat_template, else built-in ChatML with a warning), the built-in
+        ChatML ("chatml"), or none ("none")."""
+        if mode not in TEMPLATE_MODES:
+            raise LoomError(f"--template {mode!r} is not one of {', '.join(TEMPLATE_MODES)}")
+        path = Path(folder)
+        if not path.is_dir():
+            raise LoomError(f"tokenizer folder {path} does not exist")
+        config = read_tokenizer_config(path)
+        special = {
+            name: text
+            for name in SPECIAL_TOKEN_NAMES
+            if (text := token_text(config.get(name))) is not None
+        }
+        if mode == "none":
+            return cls(None, "none (raw prompt + completion)", special)
+        if mode == "chatml":
+            return cls(CHATML_TEMPLATE, "built-in ChatML", special)
+        jinja_file = path / "chat_template.jinja"
+        if jinja_file.is_file():  # transformers gives the file priority over the config entry
+            return cls(jinja_file.read_text(encoding="utf-8"), str(jinja_file), special)
+        config_file = path / "tokenizer_config.json"
+        source = _config_template(config, config_file)
+        if source is not None:
+            return cls(source, f"{config_file} chat_template", special)
+        logger.warning(
+            "the tokenizer in %s has no chat template (no chat_template.jinja, no chat_template "
+            "in tokenizer_config.json): using the built-in ChatML template; pass --template chatml "
+            "to choose it explicitly, or add the model's own template to the tokenizer folder",
+            path,
+        )
+        return cls(CHATML_TEMPLATE, "built-in ChatML (fallback)", special)
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        """The conversation as text, as transformers' apply_chat_template(tokenize=False)."""
+        if self._compiled is None:
+            raise LoomError(
+                "--template none renders no conversations: give prompt/completion records, "
+                "or use --template auto or chatml for chat records"
+            )
+        import jinja2
+
+        try:
+            return str(
+                self._compiled.render(
+                    **self.special_tokens,
+                    messages=[dict(m) for m in messages],
+                    tools=None,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                )
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise TemplateRejected(
+                f"the chat template from {self.origin} rejected it: {e}"
+            ) from None

@@ -1,0 +1,166 @@
+"""The config tree of `loom finetune`: a base model, JSONL data, a method, and the same
+training, checkpoint, parallel and resilience sections as pretraining."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from loom.config import (
+    CheckpointConfig,
+    Config,
+    MemoryConfig,
+    MetricsConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    ResilienceConfig,
+    TrainConfig,
+    read_with_overrides,
+    tree_from_dict,
+    validate,
+)
+from loom.errors import LoomError
+from loom.finetune.lora import LoRAConfig
+from loom.models.llama import ModelConfig
+
+Method = Literal["full", "lora", "qlora", "dpo"]
+
+
+@dataclass
+class BaseModelConfig:
+    path: str = ""  # an HF model folder, a .gguf file, or a Loom run folder or checkpoint
+
+
+@dataclass
+class FinetuneDataConfig:
+    path: str = ""  # JSONL: chat `messages`, prompt/completion, instruction/input/output;
+    # for DPO: prompt/chosen/rejected
+    val_path: str = ""  # a separate validation file; empty = hold out val_fraction of `path`
+    val_fraction: float = 0.05
+    template: Literal["auto", "chatml", "none"] = "auto"  # auto = the tokenizer's chat template
+    overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than train.seq_len
+    packing: bool = True  # several examples per row (attention never crosses them)
+
+
+@dataclass
+class MethodConfig:
+    method: Method = "lora"
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # strength of the KL anchor to the reference policy
+    lora: bool = True  # train LoRA adapters (reference = base with adapters off); false = full
+    # fine-tuning against a frozen copy of the base
+
+
+@dataclass
+class FinetuneConfig:
+    run_dir: str = ""
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    finetune: MethodConfig = field(default_factory=MethodConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, seq_len=512))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+
+    @property
+    def uses_lora(self) -> bool:
+        method = self.finetune.method
+        return method in ("lora", "qlora") or (method == "dpo" and self.dpo.lora)
+
+
+# Learning rates that suit each method unless the config says otherwise (pretraining's 3e-3
+# would wreck a pretrained model): adapters start from zero and take a larger step.
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dpo": 5e-6, "dpo-lora": 5e-5}
+
+
+def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ()) -> FinetuneConfig:
+    raw = read_with_overrides(path, overrides)
+    cfg = tree_from_dict(FinetuneConfig, raw)
+    set_by_user = raw.get("optimizer", {})
+    if "lr" not in set_by_user:
+        method = cfg.finetune.method
+        cfg.optimizer.lr = DEFAULT_LR["dpo-lora" if method == "dpo" and cfg.dpo.lora else method]
+    if "weight_decay" not in set_by_user:
+        cfg.optimizer.weight_decay = 0.0
+    validate_finetune(cfg)
+    return cfg
+
+
+def validate_finetune(cfg: FinetuneConfig) -> None:
+    if not cfg.model.path:
+        raise LoomError(
+            "model.path is not set; pass --model.path=PATH (an HF model folder, a .gguf file or "
+            "a Loom run folder)"
+        )
+    if not Path(cfg.model.path).exists():
+        raise LoomError(f"model.path {cfg.model.path} does not exist")
+    if not cfg.data.path:
+        raise LoomError("data.path is not set; pass --data.path=FILE.jsonl")
+    for key, value in (("data.path", cfg.data.path), ("data.val_path", cfg.data.val_path)):
+        if value and not Path(value).is_file():
+            raise LoomError(f"{key} {value} is not a file; give a JSONL file")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise LoomError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    if cfg.dpo.beta <= 0:
+        raise LoomError(f"dpo.beta={cfg.dpo.beta} must be greater than 0")
+    if cfg.uses_lora:
+        cfg.lora.validate()
+    p = cfg.parallel
+    if p.pp > 1:
+        raise LoomError(
+            "parallel.pp > 1: fine-tuning runs data parallel (FSDP/DDP) and tensor parallel "
+            "(full fine-tuning); set parallel.pp=1"
+        )
+    if p.tp > 1 and (cfg.uses_lora or cfg.data.packing or cfg.finetune.method == "dpo"):
+        raise LoomError(
+            "parallel.tp > 1 works for full fine-tuning without packing only; set parallel.tp=1 "
+            "(FSDP shards the model as well) or finetune.method=full with data.packing=false"
+        )
+    if cfg.finetune.method == "qlora" and (p.dp_replicate > 1 or p.tp > 1 or p.dp_shard > 1):
+        raise LoomError(
+            "finetune.method=qlora runs in one process (NF4 weights are not sharded yet); "
+            "launch without --nproc and leave [parallel] at its defaults"
+        )
+
+
+def training_config(cfg: FinetuneConfig, model: ModelConfig) -> Config:
+    """The pretraining Config the shared trainer runs on: the base model's architecture and
+    this config's training sections (validated like any training config)."""
+    if cfg.train.seq_len > model.max_seq_len:
+        raise LoomError(
+            f"train.seq_len={cfg.train.seq_len} exceeds the base model's context of "
+            f"{model.max_seq_len} tokens; lower train.seq_len"
+        )
+    train_cfg = Config(
+        run_dir=cfg.run_dir,
+        model=model,
+        train=cfg.train,
+        optimizer=cfg.optimizer,
+        checkpoint=cfg.checkpoint,
+        metrics=cfg.metrics,
+        parallel=cfg.parallel,
+        memory=cfg.memory,
+        resilience=cfg.resilience,
+    )
+    validate(train_cfg)
+    return train_cfg
+
+
+def with_base_architecture(cfg: FinetuneConfig) -> Config:
+    """`training_config` with the base model's architecture read from model.path."""
+    from loom.models.sources import describe
+
+    with tempfile.TemporaryDirectory() as scratch:
+        base, _ = describe(Path(cfg.model.path), Path(scratch))
+    return training_config(cfg, base)

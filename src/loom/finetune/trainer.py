@@ -1,0 +1,326 @@
+"""`loom finetune`: the pretraining trainer, started from a released model, on JSONL data.
+
+What differs from pretraining is decided here and nowhere else: the data (rendered chat rows,
+loss on replies only, packed without cross-attention), the weights (loaded from the base after
+the parallel layout is built, LoRA adapters added before it, NF4 base weights for QLoRA), the
+checkpoint (only the trainable weights when adapters train), the loss (DPO against a frozen
+reference) and the output (`<run_dir>/adapter/` in PEFT's layout). Layouts, resume, restarts,
+guards, metrics and checkpoints are the shared trainer's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+import torch
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+
+from loom.config import config_to_dict
+from loom.data.loader import SampleOrder
+from loom.data.tokenizer import load_tokenizer, tokenizer_hash
+from loom.errors import LoomError
+from loom.finetune.adapter import save_adapter
+from loom.finetune.config import FinetuneConfig, training_config
+from loom.finetune.lora import (
+    adapters_disabled,
+    apply_lora,
+    base_weight_bytes,
+    init_lora_parameter_,
+    quantize_base_nf4,
+)
+from loom.finetune.sft_data import PairRows, Rows, build_preferences, build_sft
+from loom.log import logger
+from loom.models.sources import describe, load_model
+from loom.parallel import distributed
+from loom.parallel.parallelize import ParallelModel, parallelize, set_whole_parameter
+from loom.parallel.recompute import clean_name
+from loom.train.trainer import Trainer, TrainResult, cross_entropy
+
+
+class RowLoader(SampleOrder):
+    """Fine-tuning rows in a seeded, resumable order (the pretraining loader's bookkeeping)."""
+
+    def __init__(self, rows: Rows | PairRows, seq_len: int, seed: int) -> None:
+        if len(rows) == 0:
+            raise LoomError("no training example is left after the data checks; see the report")
+        super().__init__([len(rows)], [1.0], seq_len, seed, shuffle=True)
+        self.rows = rows
+        self.packed = isinstance(rows, Rows) and bool((rows.doc_ids.amax(dim=1) > 0).any())
+
+    def batch(self, pairs: np.ndarray) -> list[torch.Tensor]:
+        return row_tensors(self.rows, torch.from_numpy(pairs[:, 1]), self.packed)
+
+
+def row_tensors(rows: Rows | PairRows, index: torch.Tensor, packed: bool) -> list[torch.Tensor]:
+    """inputs, targets (and doc ids when rows hold several examples) of the rows at `index`;
+    for preference pairs: chosen inputs, targets, rejected inputs, targets."""
+    if isinstance(rows, PairRows):
+        c, r = rows.chosen, rows.rejected
+        return [c.inputs[index], c.targets[index], r.inputs[index], r.targets[index]]
+    out = [rows.inputs[index], rows.targets[index]]
+    return [*out, rows.doc_ids[index].long()] if packed else out
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of log-probabilities of each row's trained target tokens: [rows]."""
+    mask = targets != -100
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def dpo_loss(
+    policy: torch.Tensor, reference: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al. 2023) on [2·pairs] log-probs, chosen rows first: the loss, and the
+    implicit rewards β·(log π − log π_ref) of the chosen and the rejected answers."""
+    rewards = beta * (policy - reference.detach())
+    chosen, rejected = rewards.chunk(2)
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+class FinetuneTrainer(Trainer):
+    def __init__(self, ft: FinetuneConfig) -> None:
+        self.ft = ft
+        self.method = ft.finetune.method
+        self.base_path = Path(ft.model.path).resolve()
+        self._scratch = tempfile.TemporaryDirectory(prefix="loom-base-")
+        base_cfg, self.base_tokenizer_dir = describe(self.base_path, Path(self._scratch.name))
+        self.trainable_only = ft.uses_lora
+        self.reference: ParallelModel | None = None
+        self._rewards: list[torch.Tensor] = []  # DPO: chosen − rejected rewards since the log
+        super().__init__(training_config(ft, base_cfg))
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def _open_data(self) -> None:
+        ft, t = self.ft, self.cfg.train
+        tokenizer_file = self.base_tokenizer_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise LoomError(f"{self.base_path} has no tokenizer.json; fine-tuning needs one")
+        tokenizer = load_tokenizer(tokenizer_file)
+        if tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
+            raise LoomError(
+                f"the tokenizer of {self.base_path} has {tokenizer.get_vocab_size()} tokens, more "
+                f"than the model's {self.cfg.model.vocab_size}"
+            )
+        self.tokenizer_dir = self.base_tokenizer_dir
+        self.tokenizer_hash = tokenizer_hash(tokenizer)
+        d = ft.data
+        options: dict[str, Any] = {
+            "template": d.template,
+            "overlong": d.overlong,
+            "val_fraction": d.val_fraction,
+            "val_path": d.val_path or None,
+            "seed": t.seed,
+        }
+        if self.method == "dpo":
+            data: Any = build_preferences(d.path, self.tokenizer_dir, t.seq_len, **options)
+        else:
+            data = build_sft(d.path, self.tokenizer_dir, t.seq_len, packing=d.packing, **options)
+        self.report = data.report
+        self.loader: SampleOrder = RowLoader(data.train, t.seq_len, t.seed)
+        self.val_rows: Rows | PairRows = data.val
+        self.val = [data.val] if len(data.val) else []
+        if not self.val:
+            logger.warning("no validation examples (data.val_fraction=0, no data.val_path)")
+        self.data_identity = [_fingerprint(d, t.seed)]
+
+    def _save_config(self) -> None:
+        (self.run_dir / "config.toml").write_text(tomli_w.dumps(config_to_dict(self.ft)))
+        (self.run_dir / "data_report.json").write_text(json.dumps(self.report.to_dict(), indent=2))
+
+    # -- model --------------------------------------------------------------------------------
+
+    def _build_model(self, mesh: DeviceMesh | None) -> ParallelModel:
+        ft, seed = self.ft, self.cfg.train.seed
+
+        def adapt(part: torch.nn.Module) -> None:
+            apply_lora(part, ft.lora)
+
+        def init(name: str, tensor: torch.Tensor) -> None:
+            init_lora_parameter_(name, tensor, seed)  # base weights: loaded next
+
+        base, _ = load_model(self.base_path, torch.float32, Path(self._scratch.name))
+        weights = base.state_dict()
+        model = self._parallel_copy(mesh, weights, adapt if ft.uses_lora else None, init)
+        if self.method == "dpo" and not ft.dpo.lora:
+            self.reference = self._parallel_copy(mesh, weights, None, init)
+            for part in self.reference.parts:
+                part.requires_grad_(False)
+        del base, weights
+        if self.method == "qlora":
+            if self.dims.world_size > 1:
+                raise LoomError(
+                    "finetune.method=qlora runs in one process (NF4 weights are not sharded "
+                    "yet); launch without --nproc, or use finetune.method=lora"
+                )
+            count = sum(quantize_base_nf4(part) for part in model.parts)
+            logger.info("QLoRA: %d projections stored as NF4", count)
+        self._log_parameters(model)
+        return model
+
+    def _parallel_copy(
+        self,
+        mesh: DeviceMesh | None,
+        weights: dict[str, torch.Tensor],
+        adapt: Any,
+        init: Any,
+    ) -> ParallelModel:
+        """The model in this run's layout, holding the base weights (sliced to the shards)."""
+        model = parallelize(self.cfg, self.dims, mesh, self.device, cross_entropy, adapt, init)
+        for part in model.parts:
+            for name, param in part.named_parameters():
+                name = clean_name(name)
+                if ".lora_" not in name:
+                    set_whole_parameter(param, name, lambda n, t: t.copy_(weights[n]))
+        return model
+
+    def _log_parameters(self, model: ParallelModel) -> None:
+        parts = model.parts
+        total = self.cfg.model.num_params()
+        trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
+        base_bytes = sum(base_weight_bytes(part) for part in parts)
+        logger.info(
+            "%s fine-tuning of %s: %.2fM parameters, %.2fM trainable (%.2f%%); base weights "
+            "%.1f MiB (%.2f bytes/parameter)",
+            self.method,
+            self.base_path,
+            total / 1e6,
+            trainable / 1e6,
+            100 * trainable / total,
+            base_bytes / 2**20,
+            base_bytes / total,
+        )
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "finetune": {
+                "method": self.method,
+                "base": str(self.base_path),
+                "lora": asdict(self.ft.lora) if self.ft.uses_lora else None,
+            }
+        }
+
+    # -- steps and evaluation -----------------------------------------------------------------
+
+    def _micro_step(self, batch: list[torch.Tensor], scale: float) -> torch.Tensor | None:
+        if self.method != "dpo":
+            return super()._micro_step(batch, scale)
+        loss, chosen, rejected = self._dpo(batch)
+        (loss * scale).backward()
+        self._rewards.append(chosen - rejected)
+        return loss.detach()
+
+    def _dpo(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chosen_in, chosen_tg, rejected_in, rejected_tg = batch
+        inputs = torch.cat([chosen_in, rejected_in])
+        targets = torch.cat([chosen_tg, rejected_tg])
+        policy = self.model.parts[0]
+        reference = self.reference.parts[0] if self.reference is not None else policy
+        off: AbstractContextManager[object] = (
+            adapters_disabled(policy) if self.reference is None else nullcontext()
+        )
+        with self.model.autocast:
+            with torch.no_grad(), off:
+                ref_logps = sequence_logps(reference(inputs), targets)
+            logps = sequence_logps(policy(inputs), targets)
+        return dpo_loss(logps, ref_logps, self.ft.dpo.beta)
+
+    def _extra_metrics(self) -> dict[str, float]:
+        if self.method != "dpo" or not self._rewards:
+            return {}
+        margins = torch.cat(self._rewards)
+        self._rewards = []
+        stats = torch.stack([(margins > 0).float().mean(), margins.mean()])
+        stats = distributed.all_reduce(stats) / self.dims.dp if self.distributed else stats
+        return {"reward_accuracy": stats[0].item(), "reward_margin": stats[1].item()}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The loss over the whole validation set: token-weighted for SFT, per pair for DPO."""
+        micro = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
+        for part in self.model.parts:
+            part.eval()
+        rows, dp, rank = self.val_rows, self.dims.dp, self.model.dp_rank
+        # Every rank runs the same number of forward passes (FSDP gathers weights together);
+        # the slots past the end repeat row 0 with weight 0.
+        per_rank = -(-len(rows) // dp)
+        slots = torch.arange(rank, per_rank * dp, dp)
+        totals = torch.zeros(4, device=self.device)  # loss sum, weight, reward hits, margin
+        packed = isinstance(self.loader, RowLoader) and self.loader.packed
+        for start in range(0, len(slots), micro):
+            index = slots[start : start + micro]
+            real = index < len(rows)
+            tensors = [x.to(self.device) for x in row_tensors(rows, index * real, packed)]
+            if self.method == "dpo":
+                loss, chosen, rejected = self._dpo(tensors)
+                margin = (chosen - rejected) * real.to(self.device)
+                n = real.sum().to(self.device)
+                totals += torch.stack([loss * n, n, (margin > 0).sum(), margin.sum()]).float()
+                continue
+            inputs, targets, *doc_ids = tensors
+            targets[~real.to(self.device)] = -100
+            count = (targets != -100).sum()
+            if count == 0:
+                self.model.eval_loss(inputs, targets, *doc_ids)  # keep the ranks in step
+                continue
+            loss = self.model.eval_loss(inputs, targets, *doc_ids)
+            assert loss is not None
+            totals[0] += loss.float() * count
+            totals[1] += count
+        if self.distributed:
+            totals = distributed.all_reduce(totals)
+        if self.method == "dpo":
+            self._val_reward_accuracy = (totals[2] / totals[1]).item()
+        return (totals[0] / totals[1]).item()
+
+    # -- output -------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        result = super().run()
+        if self.ft.uses_lora and result.stopped_by is None:
+            self._export_adapter()
+        self._scratch.cleanup()
+        return result
+
+    def _export_adapter(self) -> None:
+        """`<run_dir>/adapter/`: the full (unsharded) adapter tensors in PEFT's layout."""
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
+        )
+        weights = get_model_state_dict(self.model.parts[0], options=options)
+        if self.rank == 0:
+            folder = save_adapter(
+                self.run_dir / "adapter",
+                {clean_name(k): v for k, v in weights.items()},
+                self.ft.lora,
+                str(self.base_path),
+            )
+            logger.info("adapter written in PEFT's layout: %s", folder)
+
+
+def _fingerprint(d: Any, seed: int) -> str:
+    """The data files' bytes and the settings that decide the rows (a resumed run must get the
+    same rows)."""
+    digest = hashlib.sha256()
+    for path in (d.path, d.val_path):
+        if path:
+            digest.update(Path(path).read_bytes())
+    settings = [d.val_fraction, d.template, d.overlong, d.packing, seed]
+    digest.update(json.dumps(settings).encode())
+    return f"jsonl:{digest.hexdigest()[:16]}"
+
+
+def finetune(cfg: FinetuneConfig) -> TrainResult:
+    return FinetuneTrainer(cfg).run()

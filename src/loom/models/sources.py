@@ -1,0 +1,95 @@
+"""Where a model comes from: a Hugging Face folder, a GGUF file, or a Loom run folder or
+checkpoint (pretrained, fully fine-tuned, or LoRA adapters over a base they name).
+
+`describe` reads only the architecture and the tokenizer (cheap: fine-tuning validates its
+data with them before any weight is read); `load_model` reads the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loom.config import model_config
+from loom.errors import LoomError
+from loom.models.llama import ModelConfig, Transformer, build_model
+from loom.train.checkpoint import Checkpointer, load_model_weights, read_state, verify
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """The checkpoint a run folder's `latest` names (or a step folder itself), and its run."""
+    p = Path(path)
+    if verify(p) is None:
+        return p, p.parent.parent
+    if not (p / "config.toml").is_file():
+        raise LoomError(
+            f"{p} is neither a Loom run folder (no config.toml) nor a checkpoint folder"
+        )
+    found = Checkpointer(p, keep=1).latest()
+    if found is None:
+        raise LoomError(f"run folder {p} has no complete checkpoint yet; train it first")
+    return found, p
+
+
+def describe(src: Path, scratch: Path) -> tuple[ModelConfig, Path]:
+    """The architecture and the folder of tokenizer files (a GGUF's rebuilt in `scratch`)."""
+    if not src.exists():
+        raise LoomError(f"{src} does not exist; give an HF model folder, a .gguf file or a run")
+    if src.suffix == ".gguf":
+        from loom.models.gguf import config_from_gguf, gguf_reader, save_gguf_tokenizer
+
+        cfg = config_from_gguf(gguf_reader(src), str(src))
+        save_gguf_tokenizer(src, scratch)
+        return cfg, scratch
+    if (src / "config.json").is_file():
+        from loom.models.hf import config_from_hf, read_hf_config
+
+        return config_from_hf(read_hf_config(src), str(src)), src
+    checkpoint, run_dir = find_checkpoint(src)
+    return model_config(read_state(checkpoint)["model"]), run_dir / "tokenizer"
+
+
+def load_model(
+    src: Path, dtype: torch.dtype, scratch: Path, device: torch.device | str = "cpu"
+) -> tuple[Transformer, Path]:
+    """The model with its weights, and the folder of its tokenizer files."""
+    if src.suffix == ".gguf":
+        from loom.models.gguf import load_gguf_model
+
+        _, tokenizer_dir = describe(src, scratch)
+        return load_gguf_model(src, device, dtype), tokenizer_dir
+    if (src / "config.json").is_file():
+        from loom.models.hf import load_hf_model
+
+        return load_hf_model(src, device, dtype), src
+    checkpoint, run_dir = find_checkpoint(src)
+    return load_checkpoint_model(checkpoint, device, scratch).to(dtype), run_dir / "tokenizer"
+
+
+def load_checkpoint_model(
+    checkpoint: Path, device: torch.device | str, scratch: Path
+) -> Transformer:
+    """A Loom checkpoint's model; an adapter checkpoint's base is loaded from where its
+    state says, with the adapters applied (not merged)."""
+    state = read_state(checkpoint)
+    finetune = state.get("finetune", {})
+    if finetune.get("lora"):
+        from loom.finetune.lora import LoRAConfig, apply_lora
+
+        base_path = Path(finetune["base"])
+        if not base_path.exists():
+            raise LoomError(
+                f"{checkpoint} holds LoRA adapters over {base_path}, which does not exist any "
+                "more; restore the base model there"
+            )
+        model, _ = load_model(base_path, torch.float32, scratch, device)
+        apply_lora(model, LoRAConfig(**finetune["lora"]))
+        model.to(device)
+        load_model_weights(checkpoint, model, trainable_only=True)
+        return model
+    # The checkpoint's own record of its architecture, not the run's latest config.
+    model = build_model(model_config(state["model"]), device)
+    model.init_buffers()
+    load_model_weights(checkpoint, model)
+    return model
