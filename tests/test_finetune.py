@@ -1,0 +1,310 @@
+"""`loom finetune`: LoRA adapters that real PEFT reads with the same logits, merge, packing
+that never attends across examples, exact resume, FSDP = one process, QLoRA, DPO, bad input.
+
+A tiny random Llama (saved by transformers) with SmolLM2's real tokenizer and chat template,
+trained on questions about standard-library functions answered by their docstrings."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+
+from loom.cli import main as loom
+from loom.errors import LoomError
+from loom.finetune.config import FinetuneConfig, load_finetune_config
+from loom.finetune.docstrings import build_docstring_dataset
+from loom.finetune.lora import base_weight_bytes, lora_layers
+from loom.finetune.sft_data import Rows, build_sft
+from loom.finetune.trainer import FinetuneTrainer, finetune
+from loom.models.hf import load_hf_model
+from loom.models.sources import load_checkpoint_model
+
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def base(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama in HF format with SmolLM2's tokenizer files."""
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    config = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for file in smollm2_tokenizer.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pydoc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 training and 12 validation questions about standard-library functions."""
+    out = tmp_path_factory.mktemp("pydoc")
+    data = build_docstring_dataset(out / "all")
+    for name, count in (("train", 60), ("val", 12)):
+        path = data.train_path if name == "train" else data.val_path
+        lines = path.read_text().splitlines()[:count]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def config(base: Path, pydoc: Path, run_dir: Path, *overrides: str) -> FinetuneConfig:
+    return load_finetune_config(
+        None,
+        [
+            f"--model.path={base}",
+            f"--data.path={pydoc / 'train.jsonl'}",
+            f"--data.val_path={pydoc / 'val.jsonl'}",
+            f"--run_dir={run_dir}",
+            "--train.steps=6",
+            "--train.batch_size=4",
+            f"--train.seq_len={SEQ}",
+            "--train.eval_interval=0",
+            "--optimizer.lr=1e-2",
+            "--optimizer.warmup_steps=0",
+            "--optimizer.decay_steps=8",  # one schedule, however many steps a call runs
+            "--checkpoint.interval=3",
+            "--metrics.log_interval=1",
+            "--metrics.progress=plain",
+            "--metrics.tensorboard=false",
+            *overrides,
+        ],
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def real_ids(base: Path) -> torch.Tensor:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    text = "Question: what does json.dumps do? It serializes an object to a JSON string."
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def test_lora_adapter_loads_in_peft_with_the_same_logits_and_merges(
+    base: Path, pydoc: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "lora"
+    result = finetune(config(base, pydoc, run, "--lora.rank=4", "--lora.alpha=8"))
+    assert result.step == 6 and result.val_losses
+    adapter = run / "adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["lora_alpha"] == 8 and len(saved["target_modules"]) == 7
+
+    # Only the adapters trained: the base weights in the run equal the HF folder's.
+    model = load_checkpoint_model(run / "checkpoints" / "latest", "cpu", tmp_path)
+    hf_base = load_hf_model(base)
+    for name, layer in lora_layers(model):
+        assert torch.equal(layer.weight, hf_base.get_parameter(f"{name}.weight"))
+        assert layer.lora_B.weight.abs().max() > 0, f"{name} did not train"
+
+    ids = real_ids(base)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(reference, adapter).eval()
+    with torch.no_grad():
+        ours, theirs = model(ids), with_adapter(ids).logits
+        with with_adapter.disable_adapter():
+            plain = with_adapter(ids).logits
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (theirs - plain).abs().max() > 1e-2  # the adapter changes the outputs
+
+    assert loom(["convert", str(run), "--out", str(tmp_path / "plain"), "--format", "hf"]) == 2
+    merged_dir = tmp_path / "merged"
+    assert loom(["convert", str(run), "--out", str(merged_dir), "--format", "hf", "--merge"]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    with torch.no_grad():
+        assert (merged(ids).logits - theirs).abs().max() < 1e-4
+
+
+def test_packed_rows_give_the_loss_of_the_examples_one_by_one(base: Path, pydoc: Path) -> None:
+    """Document masks: a packed row's token losses equal those of its examples run alone."""
+    options = {"val_fraction": 0.0, "seed": 0}
+    packed = build_sft(pydoc / "train.jsonl", base, 2 * SEQ, packing=True, **options).train
+    alone_rows = build_sft(pydoc / "train.jsonl", base, 2 * SEQ, packing=False, **options).train
+    assert len(packed) < len(alone_rows) / 2  # several examples share a row
+    model = load_hf_model(base)
+
+    def token_losses(rows: Rows, use_docs: bool) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(rows.inputs, doc_ids=rows.doc_ids.long() if use_docs else None)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), rows.targets.flatten(), reduction="none"
+        )
+        return loss[rows.targets.flatten() != -100]
+
+    masked, alone = token_losses(packed, True), token_losses(alone_rows, False)
+    assert len(masked) == len(alone)
+    assert masked.sum().item() == pytest.approx(alone.sum().item(), rel=1e-5)
+    assert torch.allclose(masked.sort().values, alone.sort().values, atol=1e-4)
+    leaky = token_losses(packed, False)  # without the masks, examples see each other
+    assert (leaky.sort().values - alone.sort().values).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_continues_exactly(method: str, base: Path, pydoc: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    finetune(config(base, pydoc, straight, f"--finetune.method={method}"))
+    resumed = tmp_path / "resumed"
+    finetune(config(base, pydoc, resumed, f"--finetune.method={method}", "--train.steps=3"))
+    finetune(config(base, pydoc, resumed, f"--finetune.method={method}"))
+    assert losses(resumed) == losses(straight)
+    if method == "lora":  # adapter checkpoints hold only what trains
+        files = (resumed / "checkpoints" / "latest" / ".metadata").read_bytes()
+        assert b"lora_A" in files and b"embed_tokens" not in files
+
+
+def test_lora_under_fsdp_matches_one_process(base: Path, pydoc: Path, tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    finetune(config(base, pydoc, single, "--train.steps=4"))
+    sharded = tmp_path / "fsdp"
+    toml = tmp_path / "ft.toml"
+    toml.write_text(
+        f'run_dir = "{sharded}"\n[model]\npath = "{base}"\n'
+        f'[data]\npath = "{pydoc / "train.jsonl"}"\nval_path = "{pydoc / "val.jsonl"}"\n'
+    )
+    args = [
+        "--train.steps=4",
+        "--train.batch_size=4",
+        f"--train.seq_len={SEQ}",
+        "--train.eval_interval=0",
+        "--optimizer.lr=1e-2",
+        "--optimizer.warmup_steps=0",
+        "--optimizer.decay_steps=8",
+        "--checkpoint.interval=3",
+        "--metrics.log_interval=1",
+        "--metrics.progress=plain",
+        "--metrics.tensorboard=false",
+    ]
+    command = [sys.executable, "-m", "loom", "finetune", str(toml), "--nproc", "2", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = losses(sharded), losses(single)
+    assert ours.keys() == theirs.keys()
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], abs=1e-5)
+    from safetensors.torch import load_file
+
+    a = load_file(single / "adapter" / "adapter_model.safetensors")
+    b = load_file(sharded / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_qlora_stores_the_base_in_nf4_and_trains_the_adapters(
+    base: Path, pydoc: Path, tmp_path: Path
+) -> None:
+    # Blocks of 64 weights: a width-64 model quantizes every projection.
+    trainer = FinetuneTrainer(config(base, pydoc, tmp_path / "q", "--finetune.method=qlora"))
+    model = trainer.model.parts[0]
+    layers = dict(lora_layers(model))
+    assert len(layers) == 14
+    assert all(type(layer.weight).__name__ == "NF4Tensor" for layer in layers.values())
+    projections = sum(layer.weight.numel() for layer in layers.values())
+    nf4_bytes = base_weight_bytes(model) - 4 * (model.cfg.num_params() - projections)
+    assert 0.5 <= nf4_bytes / projections < 0.6  # 4 bits + double-quantized block scales
+    # The dequantized weights stay close to the originals (NF4 keeps ~ 9 % relative error).
+    original = load_hf_model(base)
+    for name, layer in layers.items():
+        exact = original.get_parameter(f"{name}.weight")
+        error = (layer.weight.get_original_weight() - exact).norm() / exact.norm()
+        assert error < 0.15, name
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    result = trainer.run()
+    assert all(math.isfinite(v) for v in result.train_losses.values())
+    assert losses(tmp_path / "q")[6] < losses(tmp_path / "q")[1]
+    assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def preferences(pydoc: Path, out: Path, count: int) -> Path:
+    """Chosen: the function's own docstring answer; rejected: another function's."""
+    lines = (pydoc / "train.jsonl").read_text().splitlines()[:count]
+    records = [json.loads(line) for line in lines]
+    with out.open("w") as fh:
+        for i, record in enumerate(records):
+            question, answer = (m["content"] for m in record["messages"])
+            other = records[(i + 7) % len(records)]["messages"][1]["content"]
+            fh.write(json.dumps({"prompt": question, "chosen": answer, "rejected": other}) + "\n")
+    return out
+
+
+@pytest.mark.parametrize("adapters", ["true", "false"])
+def test_dpo_starts_at_log2_and_learns_the_preference(
+    adapters: str, base: Path, pydoc: Path, tmp_path: Path
+) -> None:
+    data = preferences(pydoc, tmp_path / "pref.jsonl", 8)  # seen 5 times in 10 steps
+    run = tmp_path / "dpo"
+    result = finetune(
+        config(
+            base,
+            pydoc,
+            run,
+            "--finetune.method=dpo",
+            f"--dpo.lora={adapters}",
+            f"--data.path={data}",
+            f"--data.val_path={data}",  # the pairs it trains on: does it learn them?
+            "--dpo.beta=0.5",
+            "--optimizer.lr=3e-3" if adapters == "true" else "--optimizer.lr=2e-4",
+            "--train.steps=10",
+            "--optimizer.decay_steps=10",
+        )
+    )
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # Policy = reference before the first update: every pair's margin is 0, the loss log 2.
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    last = records[-1]  # validation on all 8 pairs after training
+    assert result.val_losses[10] < math.log(2) - 0.03
+    assert last["val_reward_accuracy"] >= 0.75 and last["val_reward_margin"] > 0
+    assert (run / "adapter").is_dir() == (adapters == "true")
+
+
+def test_bad_input_is_refused_before_training(base: Path, pydoc: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(LoomError, match="model.path .* does not exist"):
+        config(tmp_path / "nowhere", pydoc, run)
+    with pytest.raises(LoomError, match="finetune.method must be one of"):
+        config(base, pydoc, run, "--finetune.method=prefix")
+    with pytest.raises(LoomError, match="lora.targets"):
+        config(base, pydoc, run, "--lora.targets=q_proj,attn")
+    with pytest.raises(LoomError, match="parallel.tp > 1"):
+        config(base, pydoc, run, "--parallel.tp=2")
+    with pytest.raises(LoomError, match="qlora runs in one process"):
+        config(base, pydoc, run, "--finetune.method=qlora", "--parallel.dp_shard=2")
+    with pytest.raises(LoomError, match="exceeds the base model's context of 256"):
+        FinetuneTrainer(config(base, pydoc, run, "--train.seq_len=512"))
+    # Malformed lines are counted in the run's data report, the good ones train.
+    broken = tmp_path / "broken.jsonl"
+    good = (pydoc / "train.jsonl").read_text().splitlines()
+    broken.write_text("\n".join([*good[:20], "{not json", '{"text": "no shape"}', *good[20:]]))
+    finetune(config(base, pydoc, run, f"--data.path={broken}", "--train.steps=1"))
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["malformed"] == 2 and report["train_examples"] == 60
+    assert not any(p.name == "nowhere" for p in tmp_path.iterdir())
+
+
+def test_generate_from_a_lora_run(
+    base: Path, pydoc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "lora"
+    finetune(config(base, pydoc, run, "--train.steps=1"))
+    assert loom(["generate", str(run), "--prompt", "json", "--max-tokens", "3", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("json")
