@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # torch for CPU machines; a machine whose venv already has torch (e.g. CUDA) keeps its own.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo finetune-demo test lint install install-dev clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,7 @@ lint: install-dev
 
 clean:
 	rm -rf $(VENV) demo-run
+
+# LoRA-tune SmolLM2-135M-Instruct on questions about the standard library (CPU, minutes).
+finetune-demo: install-dev
+	$(PY) -m loom.finetune.demo

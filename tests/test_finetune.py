@@ -90,7 +90,7 @@ def config(base: Path, pydoc: Path, run_dir: Path, *overrides: str) -> FinetuneC
 
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def real_ids(base: Path) -> torch.Tensor:
@@ -104,7 +104,7 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits_and_merges(
 ) -> None:
     run = tmp_path / "lora"
     result = finetune(config(base, pydoc, run, "--lora.rank=4", "--lora.alpha=8"))
-    assert result.step == 6 and result.val_losses
+    assert result.step == 6 and result.val_losses[6] < result.val_losses[0] - 1
     adapter = run / "adapter"
     saved = json.loads((adapter / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["lora_alpha"] == 8 and len(saved["target_modules"]) == 7
@@ -268,6 +268,9 @@ def test_dpo_starts_at_log2_and_learns_the_preference(
         )
     )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    before, records = records[0], records[1:]
+    assert before["step"] == 0 and before["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert before["val_reward_accuracy"] == 0
     # Policy = reference before the first update: every pair's margin is 0, the loss log 2.
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
@@ -308,3 +311,12 @@ def test_generate_from_a_lora_run(
     finetune(config(base, pydoc, run, "--train.steps=1"))
     assert loom(["generate", str(run), "--prompt", "json", "--max-tokens", "3", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("json")
+
+
+def test_the_demo_config_validates(base: Path, pydoc: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_finetune_config(
+        repo / "configs" / "finetune-smollm2.toml",
+        [f"--model.path={base}", f"--data.path={pydoc / 'train.jsonl'}", "--run_dir=unused"],
+    )
+    assert cfg.finetune.method == "lora" and cfg.uses_lora and cfg.optimizer.lr == 1e-3

@@ -44,6 +44,7 @@ from loom.models.sources import describe, load_model
 from loom.parallel import distributed
 from loom.parallel.parallelize import ParallelModel, parallelize, set_whole_parameter
 from loom.parallel.recompute import clean_name
+from loom.train.metrics import MetricsWriter
 from loom.train.trainer import Trainer, TrainResult, cross_entropy
 
 
@@ -152,6 +153,12 @@ class FinetuneTrainer(Trainer):
         if not self.val:
             logger.warning("no validation examples (data.val_fraction=0, no data.val_path)")
         self.data_identity = [_fingerprint(d, t.seed)]
+
+    def _planner_strategy(self) -> dict[str, object]:
+        if not self.ft.uses_lora:
+            return {}
+        kind = "qlora" if self.method == "qlora" else "lora"
+        return {"finetune": kind, "lora_rank": self.ft.lora.rank}
 
     def _save_config(self) -> None:
         (self.run_dir / "config.toml").write_text(tomli_w.dumps(config_to_dict(self.ft)))
@@ -267,13 +274,13 @@ class FinetuneTrainer(Trainer):
     def _extra_metrics(self) -> dict[str, float]:
         """DPO: the share of pairs whose chosen answer out-rewards the rejected one, and the
         mean reward margin, over the steps since the last record (and on validation)."""
-        if self.method != "dpo" or not self._rewards:
-            return {}
-        margins = torch.cat(self._rewards)
-        self._rewards = []
-        stats = torch.stack([(margins > 0).float().mean(), margins.mean()])
-        stats = distributed.all_reduce(stats) / self.dims.dp if self.distributed else stats
-        record = {"reward_accuracy": stats[0].item(), "reward_margin": stats[1].item()}
+        record: dict[str, float] = {}
+        if self._rewards:
+            margins = torch.cat(self._rewards)
+            self._rewards = []
+            stats = torch.stack([(margins > 0).float().mean(), margins.mean()])
+            stats = distributed.all_reduce(stats) / self.dims.dp if self.distributed else stats
+            record = {"reward_accuracy": stats[0].item(), "reward_margin": stats[1].item()}
         if self._val_rewards is not None:
             record["val_reward_accuracy"], record["val_reward_margin"] = self._val_rewards
             self._val_rewards = None
@@ -321,11 +328,27 @@ class FinetuneTrainer(Trainer):
     # -- output -------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        before = self._evaluate_base() if self.step == 0 and self.val else None
         result = super().run()
+        if before is not None:
+            result.val_losses = {0: before, **result.val_losses}
         if self.ft.uses_lora and result.stopped_by is None:
             self._export_adapter()
         self._scratch.cleanup()
         return result
+
+    def _evaluate_base(self) -> float:
+        """The validation loss before any update, recorded as step 0 (what fine-tuning is
+        measured against)."""
+        loss = self.evaluate()
+        record: dict[str, float] = {"step": 0, "val_loss": loss, **self._extra_metrics()}
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            writer = MetricsWriter(self.run_dir, self.cfg.metrics.tensorboard, 0)
+            writer.write(record)
+            writer.close()
+        logger.info("validation loss before fine-tuning: %.4f", loss)
+        return loss
 
     def _export_adapter(self) -> None:
         """`<run_dir>/adapter/`: the full (unsharded) adapter tensors in PEFT's layout."""

@@ -195,7 +195,9 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
             # gradient whole on every tensor-parallel rank (measured, tests/test_parallel.py).
             grads += model.vocab * model.hidden * (1 - 1 / s.tp) * state_bytes(s)[1]
     else:
-        weights = psi * (NF4_BYTES if s.finetune == "qlora" else 2.0)
+        # Frozen base weights: NF4 for QLoRA; else 16-bit, except that Loom keeps them in fp32.
+        base_bytes = 4.0 if s.framework == "loom" else 2.0
+        weights = psi * (NF4_BYTES if s.finetune == "qlora" else base_bytes)
         trainable = lora_params(model, s)
         weights += trainable * 4
         grads, optim = trainable * 4, trainable * 8

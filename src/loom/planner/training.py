@@ -55,15 +55,19 @@ def strategy_for(cfg: Config, dims: ParallelDims) -> Strategy:
     )
 
 
-def predicted_memory(cfg: Config, dims: ParallelDims, hw: Hardware) -> Memory:
+def predicted_memory(cfg: Config, dims: ParallelDims, hw: Hardware, **strategy: object) -> Memory:
+    """`strategy`: Strategy fields the config does not decide (fine-tuning: `finetune`,
+    `lora_rank`)."""
     model = model_from_config(cfg.model, cfg.train.seq_len)
-    return estimate(model, hw, strategy_for(cfg, dims))
+    return estimate(model, hw, replace(strategy_for(cfg, dims), **strategy))
 
 
-def check_fits(cfg: Config, dims: ParallelDims, device: torch.device, force: bool) -> None:
+def check_fits(
+    cfg: Config, dims: ParallelDims, device: torch.device, force: bool, **strategy: object
+) -> None:
     """Log the predicted peak; refuse a layout predicted not to fit (unless `force`)."""
     hw = local_hardware(device, dims.world_size)
-    memory = predicted_memory(cfg, dims, hw)
+    memory = predicted_memory(cfg, dims, hw, **strategy)
     gib = memory.gib()
     logger.info(
         "predicted peak memory per device: %.2f GiB (params %.2f, grads %.2f, optimizer %.2f, "
@@ -83,7 +87,7 @@ def check_fits(cfg: Config, dims: ParallelDims, device: torch.device, force: boo
         ("memory.recompute=full", {"recompute": "full"}),
         ("memory.offload=params", {"offload": "params", "zero_stage": 3}),
     ):
-        trial = replace(strategy_for(cfg, dims), **overrides)
+        trial = replace(strategy_for(cfg, dims), **strategy, **overrides)
         if (
             estimate(model_from_config(cfg.model, cfg.train.seq_len), hw, trial).total
             <= hw.memory_gb * GB

@@ -144,7 +144,7 @@ class Trainer:
         if cfg.parallel.auto:
             cfg = self.cfg = auto_layout(cfg, world, self.device)
         self.dims = resolve(cfg, world)
-        check_fits(cfg, self.dims, self.device, force=t.force)
+        check_fits(cfg, self.dims, self.device, force=t.force, **self._planner_strategy())
         if not self.distributed and cfg.memory.offload == "params":
             raise LoomError(
                 "memory.offload=params works through FSDP, which needs a process group; "
@@ -213,6 +213,10 @@ class Trainer:
     # -- what a kind of training decides (fine-tuning overrides these) ---------------------
 
     trainable_only = False  # checkpoints hold all weights (adapter training: only its own)
+
+    def _planner_strategy(self) -> dict[str, object]:
+        """What the planner is told beyond the config (fine-tuning: the adapters)."""
+        return {}
 
     def _open_data(self) -> None:
         """Check the token shards and set up the loaders, the data's identity and tokenizer."""
