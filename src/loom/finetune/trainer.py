@@ -36,6 +36,7 @@ from loom.finetune.lora import (
     apply_lora,
     base_weight_bytes,
     init_lora_parameter_,
+    merge_lora,
     quantize_base_nf4,
 )
 from loom.finetune.sft_data import PairRows, Rows, build_preferences, build_sft
@@ -56,7 +57,11 @@ class RowLoader(SampleOrder):
             raise LoomError("no training example is left after the data checks; see the report")
         super().__init__([len(rows)], [1.0], seq_len, seed, shuffle=True)
         self.rows = rows
-        self.packed = isinstance(rows, Rows) and bool((rows.doc_ids.amax(dim=1) > 0).any())
+        # Rows hold several examples when a trained target belongs to a second one (trailing
+        # padding has an id of its own but no targets, and causal attention hides it anyway).
+        self.packed = isinstance(rows, Rows) and bool(
+            ((rows.doc_ids > 0) & (rows.targets != -100)).any()
+        )
 
         # Trained targets per row; of the last global micro-batch drawn, and of this rank's share.
         self.trained = (rows.targets != -100).sum(dim=1) if isinstance(rows, Rows) else None
@@ -176,6 +181,7 @@ class FinetuneTrainer(Trainer):
             init_lora_parameter_(name, tensor, seed)  # base weights: loaded next
 
         base, _ = load_model(self.base_path, torch.float32, Path(self._scratch.name))
+        merge_lora(base)  # a LoRA run as the base: its adapters are part of the base now
         weights = base.state_dict()
         model = self._parallel_copy(mesh, weights, adapt if ft.uses_lora else None, init)
         if self.method == "dpo" and not ft.dpo.lora:

@@ -238,7 +238,7 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start_pos:].unsqueeze(1)
         sin = self.rope_sin[start_pos:].unsqueeze(1)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        mask = document_mask(doc_ids) if doc_ids is not None else None
+        mask = document_mask(doc_ids, h.dtype) if doc_ids is not None else None
         for layer in self.layers.values():
             h = layer(h, cos, sin, kv_cache, mask)
         if self.norm is None:
@@ -267,11 +267,16 @@ class Transformer(nn.Module):
         self.init_buffers()
 
 
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean attention mask [batch, 1, seq, seq]: causal, and within one document only."""
+def document_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask [batch, 1, seq, seq]: 0 where a position may attend (earlier
+    positions of its own document), -inf elsewhere. Built once for all layers, in the
+    activations' dtype (attention would otherwise convert a boolean mask in every layer and
+    keep each copy for the backward pass)."""
     seq = doc_ids.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
-    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
+    allowed = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
+    return mask.masked_fill_(~allowed, float("-inf"))
 
 
 @torch.no_grad()

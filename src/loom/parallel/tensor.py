@@ -43,8 +43,9 @@ def apply_tensor_parallel(
     for block in model.layers.values():
         plan: dict[str, object] = {
             "self_attn": PrepareModuleInput(
-                input_layouts=(residual, None, None, None),
-                desired_input_layouts=(Replicate(), None, None, None),
+                # x, cos, sin, kv_cache, mask: only the hidden states are distributed
+                input_layouts=(residual, None, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None, None),
             ),
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
