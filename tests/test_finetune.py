@@ -325,3 +325,31 @@ def test_the_demo_config_validates(base: Path, pydoc: Path) -> None:
         ],
     )
     assert cfg.finetune.method == "lora" and cfg.uses_lora and cfg.optimizer.lr == 1e-3
+
+
+def test_lora_on_top_of_a_lora_run(base: Path, pydoc: Path, tmp_path: Path) -> None:
+    """A LoRA run as the base: its adapters are merged, the new ones trained and reloaded."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    finetune(config(base, pydoc, first, "--train.steps=2"))
+    finetune(config(base, pydoc, second, "--train.steps=2", f"--model.path={first}"))
+    merged_first = tmp_path / "first-hf"
+    assert (
+        loom(["convert", str(first), "--out", str(merged_first), "--format", "hf", "--merge"]) == 0
+    )
+    reference = transformers.AutoModelForCausalLM.from_pretrained(merged_first, dtype=torch.float32)
+    stacked = peft.PeftModel.from_pretrained(reference, second / "adapter").eval()
+    ours = load_checkpoint_model(second / "checkpoints" / "latest", "cpu", tmp_path)
+    ids = real_ids(base)
+    with torch.no_grad():
+        assert (ours(ids) - stacked(ids).logits).abs().max() < 1e-4
+    # Resuming with other adapter settings or another base is refused, nothing is touched.
+    before = sorted(p.name for p in (second / "checkpoints").iterdir())
+    with pytest.raises(LoomError, match="holds a fine-tuning checkpoint"):
+        finetune(
+            config(
+                base, pydoc, second, "--train.steps=3", f"--model.path={first}", "--lora.alpha=32"
+            )
+        )
+    with pytest.raises(LoomError, match="holds a fine-tuning checkpoint"):
+        finetune(config(base, pydoc, second, "--train.steps=3"))
+    assert sorted(p.name for p in (second / "checkpoints").iterdir()) == before

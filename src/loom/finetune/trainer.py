@@ -41,6 +41,7 @@ from loom.finetune.lora import (
 )
 from loom.finetune.sft_data import PairRows, Rows, build_preferences, build_sft
 from loom.log import logger
+from loom.models.convert import copy_tokenizer_files
 from loom.models.sources import describe, load_model
 from loom.parallel import distributed
 from loom.parallel.parallelize import ParallelModel, parallelize, set_whole_parameter
@@ -57,11 +58,7 @@ class RowLoader(SampleOrder):
             raise LoomError("no training example is left after the data checks; see the report")
         super().__init__([len(rows)], [1.0], seq_len, seed, shuffle=True)
         self.rows = rows
-        # Rows hold several examples when a trained target belongs to a second one (trailing
-        # padding has an id of its own but no targets, and causal attention hides it anyway).
-        self.packed = isinstance(rows, Rows) and bool(
-            ((rows.doc_ids > 0) & (rows.targets != -100)).any()
-        )
+        self.packed = holds_several_examples(rows)
 
         # Trained targets per row; of the last global micro-batch drawn, and of this rank's share.
         self.trained = (rows.targets != -100).sum(dim=1) if isinstance(rows, Rows) else None
@@ -81,6 +78,13 @@ class RowLoader(SampleOrder):
 
     def batch(self, pairs: np.ndarray) -> list[torch.Tensor]:
         return row_tensors(self.rows, torch.from_numpy(pairs[:, 1]), self.packed)
+
+
+def holds_several_examples(rows: Rows | PairRows) -> bool:
+    """Whether some row holds a second example (a trained target of doc id > 0): only then does
+    attention need the document mask. Trailing padding has an id of its own but no targets,
+    and causal attention hides it anyway."""
+    return isinstance(rows, Rows) and bool(((rows.doc_ids > 0) & (rows.targets != -100)).any())
 
 
 def row_tensors(rows: Rows | PairRows, index: torch.Tensor, packed: bool) -> list[torch.Tensor]:
@@ -104,11 +108,11 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def dpo_loss(
     policy: torch.Tensor, reference: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO (Rafailov et al. 2023) on [2·pairs] log-probs, chosen rows first: the loss, and the
-    implicit rewards β·(log π − log π_ref) of the chosen and the rejected answers."""
+    """DPO (Rafailov et al. 2023) on [2·pairs] log-probs, chosen rows first: each pair's loss,
+    and the implicit rewards β·(log π − log π_ref) of the chosen and the rejected answers."""
     rewards = beta * (policy - reference.detach())
     chosen, rejected = rewards.chunk(2)
-    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
 
 
 class FinetuneTrainer(Trainer):
@@ -137,7 +141,9 @@ class FinetuneTrainer(Trainer):
                 f"the tokenizer of {self.base_path} has {tokenizer.get_vocab_size()} tokens, more "
                 f"than the model's {self.cfg.model.vocab_size}"
             )
-        self.tokenizer_dir = self.base_tokenizer_dir
+        # Only the tokenizer files travel to <run_dir>/tokenizer (an HF folder also holds weights).
+        self.tokenizer_dir = Path(self._scratch.name) / "tokenizer"
+        copy_tokenizer_files(self.base_tokenizer_dir, self.tokenizer_dir)
         self.tokenizer_hash = tokenizer_hash(tokenizer)
         d = ft.data
         options: dict[str, Any] = {
@@ -242,6 +248,15 @@ class FinetuneTrainer(Trainer):
             }
         }
 
+    def _check_resume(self, state: dict[str, Any]) -> None:
+        saved, current = state.get("finetune"), self._checkpoint_state()["finetune"]
+        if saved != current:
+            raise LoomError(
+                f"run_dir {self.run_dir} holds a fine-tuning checkpoint of {saved}, but the config "
+                f"asks for {current}; restore model.path, finetune.method and [lora], or use a "
+                "new run_dir"
+            )
+
     # -- steps and evaluation -----------------------------------------------------------------
 
     def _micro_step(self, batch: list[torch.Tensor], scale: float) -> torch.Tensor | None:
@@ -252,7 +267,8 @@ class FinetuneTrainer(Trainer):
             weight = self.loader.share_trained * self.dims.dp / self.loader.global_trained
             loss = super()._micro_step(batch, scale * weight)
             return None if loss is None else loss * weight
-        loss, chosen, rejected = self._dpo(batch)
+        losses, chosen, rejected = self._dpo(batch)
+        loss = losses.mean()
         (loss * scale).backward()
         self._rewards.append(chosen - rejected)
         return loss.detach()
@@ -295,25 +311,26 @@ class FinetuneTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self) -> float:
         """The loss over the whole validation set: token-weighted for SFT, per pair for DPO."""
-        micro = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
+        rows, dp, rank = self.val_rows, self.dims.dp, self.model.dp_rank
+        micro = max(1, (self.cfg.train.micro_batch_size or self.cfg.train.batch_size) // dp)
         for part in self.model.parts:
             part.eval()
-        rows, dp, rank = self.val_rows, self.dims.dp, self.model.dp_rank
         # Every rank runs the same number of forward passes (FSDP gathers weights together);
         # the slots past the end repeat row 0 with weight 0.
         per_rank = -(-len(rows) // dp)
         slots = torch.arange(rank, per_rank * dp, dp)
         totals = torch.zeros(4, device=self.device)  # loss sum, weight, reward hits, margin
-        packed = isinstance(self.loader, RowLoader) and self.loader.packed
+        packed = holds_several_examples(rows)
         for start in range(0, len(slots), micro):
             index = slots[start : start + micro]
             real = index < len(rows)
             tensors = [x.to(self.device) for x in row_tensors(rows, index * real, packed)]
             if self.method == "dpo":
-                loss, chosen, rejected = self._dpo(tensors)
-                margin = (chosen - rejected) * real.to(self.device)
-                n = real.sum().to(self.device)
-                totals += torch.stack([loss * n, n, (margin > 0).sum(), margin.sum()]).float()
+                losses, chosen, rejected = self._dpo(tensors)
+                weight = real.to(self.device).float()
+                margin = (chosen - rejected) * weight
+                stats = [(losses * weight).sum(), weight.sum(), (margin > 0).sum(), margin.sum()]
+                totals += torch.stack(stats).float()
                 continue
             inputs, targets, *doc_ids = tensors
             targets[~real.to(self.device)] = -100

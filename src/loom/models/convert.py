@@ -95,7 +95,7 @@ def write_hf(model: Transformer, tokenizer_dir: Path, out: Path, dtype: str) -> 
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")  # transformers ties it to the embedding itself
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-    _copy_tokenizer(tokenizer_dir, out)
+    copy_tokenizer_files(tokenizer_dir, out)
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
@@ -105,7 +105,7 @@ def write_loom(model: Transformer, tokenizer_dir: Path, out: Path, source: str) 
 
     cfg = Config(run_dir=str(out), model=model.cfg)
     save_config(cfg, out / "config.toml")
-    _copy_tokenizer(tokenizer_dir, out / "tokenizer")
+    copy_tokenizer_files(tokenizer_dir, out / "tokenizer")
     tokenizer = out / "tokenizer" / "tokenizer.json"
     state = {
         "model": model.cfg.architecture(),
@@ -120,7 +120,8 @@ def write_loom(model: Transformer, tokenizer_dir: Path, out: Path, source: str) 
     Checkpointer(out, keep=1).save(0, [model], [], state)
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """The tokenizer files of a model folder, and nothing else (not its weights)."""
     dst.mkdir(parents=True, exist_ok=True)
     copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
     for name in copied:

@@ -75,7 +75,7 @@ def load_checkpoint_model(
     state = read_state(checkpoint)
     finetune = state.get("finetune", {})
     if finetune.get("lora"):
-        from loom.finetune.lora import LoRAConfig, apply_lora
+        from loom.finetune.lora import LoRAConfig, apply_lora, merge_lora
 
         base_path = Path(finetune["base"])
         if not base_path.exists():
@@ -84,6 +84,7 @@ def load_checkpoint_model(
                 "more; restore the base model there"
             )
         model, _ = load_model(base_path, torch.float32, scratch, device)
+        merge_lora(model)  # the base may itself be a LoRA run
         apply_lora(model, LoRAConfig(**finetune["lora"]))
         model.to(device)
         load_model_weights(checkpoint, model, trainable_only=True)

@@ -313,6 +313,8 @@ def load_model_weights(path: Path, model: nn.Module, trainable_only: bool = Fals
     `trainable_only`: just the parameters that train (an adapter checkpoint holds no others)."""
     if trainable_only:
         weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        if not weights:
+            raise LoomError(f"loading {path}: the model has no trainable weights to load")
     else:
         weights = model.state_dict()
     state = {"model": weights}

@@ -21,8 +21,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
     no_decay = [p for p in params if p.ndim < 2]
     on_accelerator = bool(params) and params[0].device.type != "cpu"
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
-        {"params": no_decay, "weight_decay": 0.0, "decay": False},
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
     ]
     # An empty group (LoRA trains matrices only) would break distributed checkpointing.
     return torch.optim.AdamW(
@@ -68,7 +68,7 @@ def apply_optimizer_config(
             initial_lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
-            weight_decay=cfg.weight_decay if group["decay"] else 0.0,
+            weight_decay=cfg.weight_decay if group["params"][0].ndim >= 2 else 0.0,
         )
 
 

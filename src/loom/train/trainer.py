@@ -162,6 +162,8 @@ class Trainer:
             if self.resume_from
             else None
         )
+        if resume_state is not None:
+            self._check_resume(resume_state)
 
         # Input is valid: from here on the run folder is written.
         self.rank = 0
@@ -263,6 +265,9 @@ class Trainer:
     def _checkpoint_state(self) -> dict[str, Any]:
         """What else the checkpoint's state.json records."""
         return {}
+
+    def _check_resume(self, state: dict[str, Any]) -> None:
+        """Refuse to continue a checkpoint that `_checkpoint_state` says is another run's."""
 
     def _restore(self, path: Path) -> None:
         """Model, optimizer, schedule, RNG and data position from the checkpoint at `path`."""
