@@ -3,10 +3,11 @@ tokenizer and token shards built from it, and a factory for tiny training config
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,18 @@ def data_dir(
         )
     )
     return out
+
+
+@pytest.fixture
+def loom_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog for the `loom` logger, which stops propagating once setup_logging has run."""
+    from loom.log import logger
+
+    propagate = logger.propagate
+    logger.propagate = True
+    caplog.set_level(logging.INFO, logger="loom")
+    yield caplog
+    logger.propagate = propagate
 
 
 @pytest.fixture(scope="session")

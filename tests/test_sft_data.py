@@ -9,7 +9,6 @@ import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from loom.finetune.sft_data import (
     read_jsonl,
     split_indices,
 )
-from loom.log import logger
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
 CONVERSATION = [
@@ -78,16 +76,6 @@ def variant(smol: Path, out: Path, chat_template: object = None) -> Path:
         config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return out
-
-
-@pytest.fixture
-def loom_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog for the `loom` logger, which stops propagating once setup_logging has run."""
-    propagate = logger.propagate
-    logger.propagate = True
-    caplog.set_level(logging.INFO, logger="loom")
-    yield caplog
-    logger.propagate = propagate
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:

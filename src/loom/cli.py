@@ -137,6 +137,29 @@ def build_parser() -> _Parser:
         "--merge", action="store_true", help="fold a LoRA run's adapters into the base weights"
     )
 
+    ev = commands.add_parser(
+        "eval",
+        help="perplexity, multiple-choice and generation scores of a model",
+        description="MODEL: a Loom run folder or checkpoint, an HF model folder or a .gguf file. "
+        "TASK: a token-shard folder or a .txt/.jsonl text file (perplexity), a JSONL of "
+        '{"context", "choices", "answer"} (multiple choice) or of {"prompt", "answer(s)"} '
+        "(generation). A run folder's results are appended to its eval.jsonl.",
+    )
+    ev.add_argument("model", metavar="MODEL")
+    ev.add_argument("--tasks", nargs="+", required=True, metavar="TASK")
+    ev.add_argument("--json", action="store_true", help="print one JSON object, not a table")
+    ev.add_argument("--few-shot", type=int, default=0, metavar="K")
+    ev.add_argument("--limit", type=int, default=None, metavar="N", help="first N examples")
+    ev.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="perplexity window (default: min(context, 1024))",
+    )
+    ev.add_argument("--max-tokens", type=int, default=32, metavar="N", help="generation length")
+    ev.add_argument("--seed", type=int, default=0, help="few-shot example choice")
+
     gen = commands.add_parser("generate", help="sample text from a trained model")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="run folder or checkpoint folder")
     gen.add_argument("--prompt", required=True)
@@ -345,6 +368,20 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
         from loom.models.convert import convert
 
         convert(args.src, args.out, args.fmt, args.dtype, merge=args.merge)
+    elif args.command == "eval":
+        import json
+
+        from loom.eval.evaluate import EvalOptions, evaluate, render
+
+        opts = EvalOptions(
+            few_shot=args.few_shot,
+            limit=args.limit,
+            seq_len=args.seq_len,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+        record, results = evaluate(args.model, args.tasks, opts)
+        print(json.dumps(record, indent=2) if args.json else render(results))
     elif args.command == "generate":
         from loom.eval.generate import generate_text
 
