@@ -149,10 +149,10 @@ class MemoryConfig:
 
 
 @dataclass
-class Config:
+class TrainingSections:
+    """The sections every training command shares (pretraining and fine-tuning)."""
+
     run_dir: str = ""
-    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
-    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -160,6 +160,16 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+
+    def sections(self) -> dict[str, Any]:
+        """These sections by name (to build another config tree from them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSections)}
+
+
+@dataclass
+class Config(TrainingSections):
+    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,14 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 from loom.config import (
-    CheckpointConfig,
     Config,
-    MemoryConfig,
-    MetricsConfig,
-    OptimizerConfig,
-    ParallelConfig,
-    ResilienceConfig,
     TrainConfig,
+    TrainingSections,
     read_with_overrides,
     tree_from_dict,
     validate,
@@ -58,20 +53,13 @@ class DPOConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    run_dir: str = ""
+class FinetuneConfig(TrainingSections):
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     finetune: MethodConfig = field(default_factory=MethodConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, seq_len=512))
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     @property
     def uses_lora(self) -> bool:
@@ -142,17 +130,7 @@ def training_config(cfg: FinetuneConfig, model: ModelConfig) -> Config:
             f"train.seq_len={cfg.train.seq_len} exceeds the base model's context of "
             f"{model.max_seq_len} tokens; lower train.seq_len"
         )
-    train_cfg = Config(
-        run_dir=cfg.run_dir,
-        model=model,
-        train=cfg.train,
-        optimizer=cfg.optimizer,
-        checkpoint=cfg.checkpoint,
-        metrics=cfg.metrics,
-        parallel=cfg.parallel,
-        memory=cfg.memory,
-        resilience=cfg.resilience,
-    )
+    train_cfg = Config(model=model, **cfg.sections())
     validate(train_cfg)
     return train_cfg
 
