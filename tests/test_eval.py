@@ -233,3 +233,56 @@ def test_bad_task_files(
     with pytest.raises(LoomError, match="another tokenizer"):
         evaluate(hf_dir, [str(other)])
     assert tokenizer_dir.is_dir()
+
+
+LM_EVAL_TASK = """task: loom_choices
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_lm_eval_on_the_hf_export_agrees_with_loom_eval(
+    hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's recipe: a Loom run exported to HF, scored by lm-evaluation-harness on a
+    local task, gives the choice log-likelihoods and accuracies of `loom eval` on the run."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from loom.models.convert import convert
+
+    run = convert(hf_dir, tmp_path / "run", "loom")
+    exported = convert(run, tmp_path / "exported", "hf")
+    data = write_jsonl(tmp_path / "mc.jsonl", CHOICES)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "loom_choices.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    theirs = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={exported},dtype=float32",
+        device="cpu",
+        tasks=["loom_choices"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        log_samples=True,
+        batch_size=4,
+    )
+    _, (ours,) = evaluate(run, [str(data)])
+    samples = sorted(theirs["samples"]["loom_choices"], key=lambda s: s["doc_id"])
+    for sample, lls in zip(samples, ours.details, strict=True):
+        assert [r[0][0] for r in sample["resps"]] == pytest.approx(lls, abs=1e-4)
+    scores = theirs["results"]["loom_choices"]
+    assert scores["acc,none"] == ours.metrics["acc"]
+    assert scores["acc_norm,none"] == ours.metrics["acc_norm"]
