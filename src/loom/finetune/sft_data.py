@@ -688,6 +688,30 @@ def _finish(report: DataReport, rows: int, width: int, seq_len: int) -> None:
     report.log()
 
 
+def _read_groups(
+    kind: str,
+    parse: Callable[[dict[str, Any]], Sequence[_Conversation]],
+    path: str | Path,
+    val_path: str | Path | None,
+    tokenizer_dir: str | Path,
+    seq_len: int,
+    template: str,
+    overlong: str,
+    val_fraction: float,
+    seed: int,
+) -> tuple[_Setup, DataReport, list[list[SFTExample]], list[list[SFTExample]]]:
+    """Arguments checked, then the train and validation groups of a file of `kind` records."""
+    data = Path(path)
+    val_file = Path(val_path) if val_path is not None else None
+    files = [data] + ([val_file] if val_file else [])
+    setup = _setup(files, tokenizer_dir, seq_len, template, overlong, val_fraction)
+    report = DataReport(kind=kind)
+    train, val = _build_groups(
+        data, val_file, setup, parse, report, seq_len, overlong, val_fraction, seed
+    )
+    return setup, report, train, val
+
+
 def build_sft(
     path: str | Path,
     tokenizer_dir: str | Path,
@@ -702,24 +726,14 @@ def build_sft(
 ) -> SFTData:
     """Train and validation rows of a JSONL SFT file (chat, prompt/completion or
     instruction/output records, detected per line). Logs the report's summary."""
-    data = Path(path)
-    val_file = Path(val_path) if val_path is not None else None
-    setup = _setup(
-        [data] + ([val_file] if val_file else []),
+    setup, report, train, val = _read_groups(
+        "sft",
+        lambda record: [_parse_sft(record)],
+        path,
+        val_path,
         tokenizer_dir,
         seq_len,
         template,
-        overlong,
-        val_fraction,
-    )
-    report = DataReport(kind="sft")
-    train, val = _build_groups(
-        data,
-        val_file,
-        setup,
-        lambda record: [_parse_sft(record)],
-        report,
-        seq_len,
         overlong,
         val_fraction,
         seed,
@@ -743,24 +757,14 @@ def build_preferences(
 ) -> PreferenceData:
     """Train and validation pair rows of a JSONL preference file ({"prompt", "chosen",
     "rejected"} records), one example per row. Logs the report's summary."""
-    data = Path(path)
-    val_file = Path(val_path) if val_path is not None else None
-    setup = _setup(
-        [data] + ([val_file] if val_file else []),
+    setup, report, train, val = _read_groups(
+        "preference",
+        _parse_preference,
+        path,
+        val_path,
         tokenizer_dir,
         seq_len,
         template,
-        overlong,
-        val_fraction,
-    )
-    report = DataReport(kind="preference")
-    train, val = _build_groups(
-        data,
-        val_file,
-        setup,
-        _parse_preference,
-        report,
-        seq_len,
         overlong,
         val_fraction,
         seed,
