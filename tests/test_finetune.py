@@ -20,6 +20,7 @@ import transformers
 
 from loom.cli import main as loom
 from loom.errors import LoomError
+from loom.eval.generate import generate
 from loom.finetune.config import FinetuneConfig, load_finetune_config
 from loom.finetune.docstrings import build_docstring_dataset
 from loom.finetune.lora import base_weight_bytes, lora_layers
@@ -27,6 +28,8 @@ from loom.finetune.sft_data import Rows, build_sft
 from loom.finetune.trainer import FinetuneTrainer, finetune
 from loom.models.hf import load_hf_model
 from loom.models.sources import load_checkpoint_model
+from loom.serve.engine import SamplingParams, Sequence
+from loom.serve.server import ServeOptions, build_engine
 
 SEQ = 128
 
@@ -311,6 +314,23 @@ def test_generate_from_a_lora_run(
     finetune(config(base, pydoc, run, "--train.steps=1"))
     assert loom(["generate", str(run), "--prompt", "json", "--max-tokens", "3", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("json")
+
+    # Served merged (the run as the model) or as an adapter chosen by name over the base:
+    # the greedy answer of the unmerged run either way.
+    model = load_checkpoint_model(run / "checkpoints" / "latest", "cpu", tmp_path)
+    ids = real_ids(base)[0].tolist()
+    expected = generate(model, ids, 6, temperature=0)
+    for src, opts, name in (
+        (run, ServeOptions(kv_cache_mb=8), None),
+        (base, ServeOptions(kv_cache_mb=8, adapters={"tuned": str(run)}), "tuned"),
+    ):
+        engine, served, _ = build_engine(src, opts, tmp_path / "scratch")
+        adapter = served.adapters[name] if name else -1
+        seq = Sequence(ids, SamplingParams(max_tokens=6, temperature=0), lambda e: None, adapter)
+        engine.submit([seq])
+        while engine.has_work():
+            engine.step()
+        assert seq.output_ids == expected
 
 
 def test_the_demo_config_validates(base: Path, pydoc: Path) -> None:

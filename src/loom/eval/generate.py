@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from loom.data.tokenizer import EOS, load_tokenizer
 from loom.errors import LoomError
@@ -25,9 +26,9 @@ class ContiguousKVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # position of the first token of the current forward pass
 
-    def update(
-        self, layer_id: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def attend(
+        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         new = k.shape[2]
         end = self.pos + new
         self.keys[layer_id, :, :, self.pos : end] = k
@@ -36,7 +37,8 @@ class ContiguousKVCache:
         if new > 1:  # query i (at pos + i) sees keys up to pos + i
             q_pos = torch.arange(self.pos, end, device=k.device).unsqueeze(1)
             mask = q_pos >= torch.arange(end, device=k.device).unsqueeze(0)
-        return self.keys[layer_id, :, :, :end], self.values[layer_id, :, :, :end], mask
+        keys, values = self.keys[layer_id, :, :, :end], self.values[layer_id, :, :, :end]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
 def sample_next(

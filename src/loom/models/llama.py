@@ -84,12 +84,14 @@ class ModelConfig:
 
 
 class KVCache(Protocol):
-    """What attention needs from a key/value cache (contiguous here, paged in serving)."""
+    """A key/value cache that also runs attention over what it holds: a contiguous cache
+    (`loom generate`) or a paged one holding many sequences packed in one row (serving)."""
 
-    def update(
-        self, layer_id: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store this step's keys/values; return all keys, all values and the attention mask."""
+    def attend(
+        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Store this step's keys/values [batch, kv_heads, seq, head_dim]; return the
+        attention of q [batch, heads, seq, head_dim] over all keys its tokens may see."""
         ...
 
 
@@ -163,10 +165,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
-            k, v, mask = kv_cache.update(self.layer_id, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None, enable_gqa=True
-        )
+            out = kv_cache.attend(self.layer_id, q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -223,8 +226,14 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [batch, seq]; with a cache, `start_pos` is their first position.
+
+        Serving packs several sequences in one row: `positions` [seq] then gives each token's
+        own position, and `logits_at` the row indices whose logits are wanted (the output
+        projection is as costly as a layer, so it runs only where a token is sampled).
 
         `doc_ids` [batch, seq] (packed fine-tuning rows): a position attends only to earlier
         positions of the same document, so packed examples never see each other. Rotary
@@ -235,14 +244,17 @@ class Transformer(nn.Module):
         """
         # Rotary tables from `start_pos` on; attention takes as many rows as its input is long
         # (with sequence parallelism, a stage's input holds only a slice of the sequence).
-        cos = self.rope_cos[start_pos:].unsqueeze(1)
-        sin = self.rope_sin[start_pos:].unsqueeze(1)
+        where = slice(start_pos, None) if positions is None else positions
+        cos = self.rope_cos[where].unsqueeze(1)
+        sin = self.rope_sin[where].unsqueeze(1)
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         mask = document_mask(doc_ids, h.dtype) if doc_ids is not None else None
         for layer in self.layers.values():
             h = layer(h, cos, sin, kv_cache, mask)
         if self.norm is None:
             return h
+        if logits_at is not None:
+            h = h[:, logits_at]
         h = self.norm(h)
         if self.lm_head is None:
             assert self.embed_tokens is not None, "tied embeddings live in one stage"

@@ -1,0 +1,436 @@
+"""The serving engine: continuous batching over a paged KV cache, with chunked prefill.
+
+Every step packs the next token of each decoding sequence and chunks of waiting prompts into one
+row of at most `step_tokens` tokens (decodes first, so a long prompt never stalls them), runs
+the model once, and samples for the sequences whose row reached their last known token. New
+requests join at any step, finished ones leave at once and give their blocks back. When the
+cache runs out, the most recently admitted sequence is preempted: its blocks are freed and it
+is recomputed later from its prompt and the tokens it already produced (which are kept).
+
+The engine runs in its own thread; the HTTP layer submits sequences and receives their events
+through a callback (called from the engine thread).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from tokenizers import Tokenizer
+
+from loom.errors import LoomError
+from loom.eval.generate import sample_next
+from loom.log import logger
+from loom.serve.kv_cache import BlockAllocator, PrefillChunk, StepLayout
+
+
+class QueueFull(LoomError):
+    """The waiting queue is at its bound: the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (OpenAI's names); temperature 0 is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k: the sampled token's and the k most likely
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float]
+
+
+@dataclass
+class SequenceEvent:
+    """New text of one sequence (possibly empty), and why it ended once it has."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class StepBatch:
+    """One forward pass: the packed row, its positions, where logits are wanted, the cache
+    layout and the active adapter of each token (-1: the base model)."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    logits_at: torch.Tensor
+    layout: StepLayout
+    adapters: torch.Tensor | None = None
+
+
+class ModelRunner(Protocol):
+    """Runs a step's forward pass: one process, or rank 0 of a tensor-parallel group."""
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Logits [len(logits_at), vocab] of the step."""
+        ...
+
+
+class Sequence:
+    """One generated completion (a request with `n` > 1 has n of them)."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_event: Callable[[SequenceEvent], None],
+        adapter: int = -1,
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.on_event = on_event
+        self.adapter = adapter
+        self.output_ids: list[int] = []
+        self.blocks: list[int] = []
+        self.computed = 0  # tokens whose keys/values are in the cache
+        self.text = ""
+        self.sent = 0  # characters of `text` already sent
+        self.pending_logprobs: list[TokenLogprob] = []
+        self.pending_ids: list[int] = []
+        self.finished = False
+        self.arrived = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.generator = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else random.getrandbits(63)
+        )
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 32  # sequences decoded together
+    max_queue: int = 256  # waiting sequences before 429
+    step_tokens: int = 256  # tokens of one forward pass (decodes + prompt chunks)
+    block_size: int = 16
+    num_blocks: int = 1024
+
+
+class EngineMetrics(Protocol):
+    def step(self, running: int, waiting: int, blocks_used: int, tokens: int) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def finished(
+        self, reason: str, seconds: float, prompt_tokens: int, completion_tokens: int
+    ) -> None: ...
+    def preempted(self) -> None: ...
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        stop_ids: set[int],
+        max_seq_len: int,
+        config: EngineConfig,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        if config.max_batch < 1 or config.max_queue < 1 or config.step_tokens < 1:
+            raise LoomError("--max-batch, the queue size and the step tokens must be at least 1")
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.max_seq_len = max_seq_len
+        self.config = config
+        self.metrics = metrics
+        self.allocator = BlockAllocator(config.num_blocks)
+        self.capacity = config.num_blocks * config.block_size  # tokens the cache holds
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._aborted: set[Sequence] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.preemptions = 0
+
+    # -- called from other threads ---------------------------------------------------------
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse what could never be served: beyond the model's context or the whole cache."""
+        total = prompt_tokens + max_tokens
+        if total > self.max_seq_len:
+            raise LoomError(
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+                f"{total} tokens, beyond the model's context of {self.max_seq_len}; shorten the "
+                "prompt or lower max_tokens"
+            )
+        if total > self.capacity:
+            raise LoomError(
+                f"the prompt plus max_tokens ({total} tokens) exceeds the KV cache of "
+                f"{self.capacity} tokens; lower max_tokens or start the server with a larger cache"
+            )
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue sequences (all or none: a request's `n` choices are admitted together)."""
+        for seq in sequences:
+            self.check_fits(len(seq.prompt_ids), seq.params.max_tokens)
+        with self._lock:
+            if len(self.waiting) + len(sequences) > self.config.max_queue:
+                raise QueueFull(
+                    f"the server's queue is full ({len(self.waiting)} waiting); retry later"
+                )
+            self.waiting.extend(sequences)
+        self._wake.set()
+
+    def abort(self, sequences: list[Sequence]) -> None:
+        """Stop sequences whose client went away; their blocks are freed at the next step."""
+        with self._lock:
+            self._aborted.update(s for s in sequences if not s.finished)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loom-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as e:  # a failed step fails its sequences, never the server
+                logger.exception("engine step failed")
+                for seq in self.running + list(self.waiting):
+                    self._finish(seq, "error", f"{type(e).__name__}: {e}")
+                self.running.clear()
+                with self._lock:
+                    self.waiting.clear()
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._aborted)
+
+    def step(self) -> int:
+        """One scheduling round and forward pass; returns the number of tokens it ran."""
+        self._drop_aborted()
+        self._admit()
+        plan = self._schedule()
+        if plan:
+            batch, samplers = self._pack(plan)
+            logits = self.runner.forward(batch)
+            for seq, n in plan:
+                seq.computed += n
+            for row, seq in enumerate(samplers):
+                self._sample(seq, logits[row])
+            self.running = [s for s in self.running if not s.finished]
+        tokens = sum(n for _, n in plan)
+        if self.metrics is not None:
+            used = self.allocator.num_blocks - self.allocator.num_free
+            self.metrics.step(len(self.running), len(self.waiting), used, tokens)
+        return tokens
+
+    def _drop_aborted(self) -> None:
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            if aborted:
+                self.waiting = deque(s for s in self.waiting if s not in aborted)
+        for seq in aborted:
+            self._finish(seq, "abort")
+        if aborted:
+            self.running = [s for s in self.running if s not in aborted]
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self.waiting and len(self.running) < self.config.max_batch:
+                self.running.append(self.waiting.popleft())
+
+    def _blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.config.block_size)
+
+    def _preempt(self, victim: Sequence) -> None:
+        """Free a sequence's cache and queue it first; it is recomputed from its tokens."""
+        self.allocator.free(victim.blocks)
+        victim.blocks, victim.computed = [], 0
+        self.running.remove(victim)
+        with self._lock:
+            self.waiting.appendleft(victim)
+        self.preemptions += 1
+        if self.metrics is not None:
+            self.metrics.preempted()
+        logger.debug("KV cache full: preempted a sequence of %d tokens", len(victim.ids))
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to run) for this step, with cache blocks allocated for them."""
+        decoding = [s for s in self.running if s.computed == len(s.ids) - 1]
+        prefilling = [s for s in self.running if s.computed < len(s.ids) - 1]
+        budget = max(self.config.step_tokens - len(decoding), 0)
+        wanted: list[tuple[Sequence, int]] = [(s, 1) for s in decoding]
+        for seq in prefilling:
+            if budget == 0:
+                break
+            n = min(len(seq.ids) - seq.computed, budget)
+            wanted.append((seq, n))
+            budget -= n
+        plan: list[tuple[Sequence, int]] = []
+        for seq, n in wanted:
+            if seq not in self.running:  # preempted to make room for an earlier one
+                continue
+            need = self._blocks_for(seq.computed + n) - len(seq.blocks)
+            while need > self.allocator.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                plan = [(s, k) for s, k in plan if s is not victim]
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            if need > 0:
+                seq.blocks += self.allocator.allocate(need)
+            plan.append((seq, n))
+        return plan
+
+    def _pack(self, plan: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
+        bs = self.config.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_at: list[int] = []
+        samplers: list[Sequence] = []
+        adapters: list[int] = []
+        decode_rows: list[int] = []
+        decode_seqs: list[Sequence] = []
+        chunks: list[PrefillChunk] = []
+        for seq, n in plan:
+            start = len(tokens)
+            ids = seq.ids
+            for pos in range(seq.computed, seq.computed + n):
+                tokens.append(ids[pos])
+                positions.append(pos)
+                slots.append(seq.blocks[pos // bs] * bs + pos % bs)
+            adapters += [seq.adapter] * n
+            if seq.computed + n == len(ids):  # its last known token: sample the next one
+                logits_at.append(start + n - 1)
+                samplers.append(seq)
+            if n == 1 and seq.computed > 0:
+                decode_rows.append(start)
+                decode_seqs.append(seq)
+            else:
+                chunks.append(
+                    PrefillChunk(
+                        start,
+                        n,
+                        seq.computed,
+                        torch.tensor(seq.blocks[: self._blocks_for(seq.computed + n)]),
+                    )
+                )
+        width = max((len(s.blocks) for s in decode_seqs), default=0)
+        decode_blocks = torch.tensor(
+            [s.blocks + [0] * (width - len(s.blocks)) for s in decode_seqs], dtype=torch.long
+        ).view(len(decode_seqs), width)
+        layout = StepLayout(
+            write_slots=torch.tensor(slots),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long),
+            decode_blocks=decode_blocks,
+            decode_lengths=torch.tensor([s.computed + 1 for s in decode_seqs], dtype=torch.long),
+            chunks=chunks,
+        )
+        batch = StepBatch(
+            tokens=torch.tensor([tokens]),
+            positions=torch.tensor(positions),
+            logits_at=torch.tensor(logits_at, dtype=torch.long),
+            layout=layout,
+            adapters=torch.tensor(adapters) if any(a >= 0 for a in adapters) else None,
+        )
+        return batch, samplers
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+        p = seq.params
+        token = int(sample_next(logits[None], p.temperature, 0, p.top_p, seq.generator)[0])
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.first_token(seq.first_token_at - seq.arrived)
+        if token in self.stop_ids:
+            self._finish(seq, "stop")
+            return
+        seq.output_ids.append(token)
+        seq.pending_ids.append(token)
+        if p.logprobs is not None:
+            seq.pending_logprobs.append(self._logprob(logits, token, p.logprobs))
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=False)
+        for stop in p.stop:
+            at = text.find(stop, max(len(seq.text) - len(stop), 0))
+            if at >= 0:
+                seq.text = text[:at]
+                self._finish(seq, "stop")
+                return
+        seq.text = text
+        if len(seq.output_ids) >= p.max_tokens or len(seq.ids) >= self.max_seq_len:
+            self._finish(seq, "length")
+            return
+        # Hold back an unfinished UTF-8 character and what could be the start of a stop string.
+        ready = len(text.rstrip("\ufffd"))
+        ready -= max((len(s) for s in p.stop), default=1) - 1
+        if ready > seq.sent:
+            self._emit(seq, seq.text[seq.sent : ready])
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        best = torch.topk(logp, top) if top else None
+        alternatives = (
+            {self.tokenizer.decode([int(i)]): float(v) for v, i in zip(*best, strict=True)}
+            if best is not None
+            else {}
+        )
+        return TokenLogprob(self.tokenizer.decode([token]), float(logp[token]), alternatives)
+
+    def _emit(self, seq: Sequence, text: str, finish_reason: str | None = None) -> None:
+        seq.sent += len(text)
+        event = SequenceEvent(
+            text,
+            seq.pending_ids,
+            seq.pending_logprobs,
+            finish_reason,
+            len(seq.prompt_ids),
+            len(seq.output_ids),
+        )
+        seq.pending_ids, seq.pending_logprobs = [], []
+        seq.on_event(event)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq.blocks:
+            self.allocator.free(seq.blocks)
+            seq.blocks = []
+        if self.metrics is not None:
+            self.metrics.finished(
+                reason, time.perf_counter() - seq.arrived, len(seq.prompt_ids), len(seq.output_ids)
+            )
+        text = seq.text[seq.sent :] if reason != "error" else ""
+        if error is not None:
+            logger.warning("sequence failed: %s", error)
+        self._emit(seq, text, reason)

@@ -1,0 +1,144 @@
+"""A paged key/value cache: memory in fixed-size blocks, handed to sequences as they grow.
+
+A sequence holds a list of block ids (its block table) instead of a slab sized for the longest
+possible sequence, so the memory of a short answer is free for other requests and a finished
+sequence's blocks go straight back to the pool. One engine step packs many sequences in one row
+of tokens; `StepLayout` says where each token's keys go and which keys each query sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loom.errors import LoomError
+
+
+class BlockAllocator:
+    """The pool of free block ids."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise LoomError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise LoomError(f"{n} KV blocks asked for, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+@dataclass
+class PrefillChunk:
+    """`length` prompt tokens starting at row index `start`, after `context` cached tokens;
+    `blocks` [n] are the sequence's blocks covering context + length."""
+
+    start: int
+    length: int
+    context: int
+    blocks: torch.Tensor
+
+
+@dataclass
+class StepLayout:
+    """Where the tokens of one packed row live in the cache, shared by every layer.
+
+    `write_slots` [T]: the cache slot of each token's key/value. Decoding sequences (one query
+    each) are attended together: `decode_rows` [B] their row indices, `decode_blocks` [B, n]
+    their block tables (padded), `decode_lengths` [B] how many keys each sees. Prompt chunks
+    are attended one by one (a causal mask offset by the cached context)."""
+
+    write_slots: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_blocks: torch.Tensor
+    decode_lengths: torch.Tensor
+    chunks: list[PrefillChunk]
+
+    def to(self, device: torch.device) -> StepLayout:
+        return StepLayout(
+            self.write_slots.to(device),
+            self.decode_rows.to(device),
+            self.decode_blocks.to(device),
+            self.decode_lengths.to(device),
+            [PrefillChunk(c.start, c.length, c.context, c.blocks.to(device)) for c in self.chunks],
+        )
+
+
+class PagedKVCache:
+    """Keys and values of all layers as [blocks, block_size, kv_heads, head_dim] per layer.
+
+    `kv_heads` is what this process holds (under tensor parallelism, its share of the heads).
+    Set `layout` before each forward pass; `attend` is called by every attention layer."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (n_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+        self.layout: StepLayout | None = None
+
+    @staticmethod
+    def bytes_per_block(
+        n_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype_bytes: int
+    ) -> int:
+        return 2 * n_layers * block_size * kv_heads * head_dim * dtype_bytes
+
+    def _gather(self, store: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Blocks [..., n] of one layer's store → [..., kv_heads, n·block_size, head_dim]."""
+        got = store[blocks]  # [..., n, block_size, kv_heads, head_dim]
+        got = got.flatten(-4, -3)  # [..., n·block_size, kv_heads, head_dim]
+        return got.transpose(-3, -2)
+
+    def attend(
+        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        layout = self.layout
+        assert layout is not None, "set the cache's layout before the forward pass"
+        keys, values = self.keys[layer_id], self.values[layer_id]
+        flat_keys, flat_values = keys.view(-1, *keys.shape[2:]), values.view(-1, *keys.shape[2:])
+        # q, k, v: [1, heads, T, head_dim]; the cache stores [slot, kv_heads, head_dim].
+        flat_keys.index_copy_(0, layout.write_slots, k[0].transpose(0, 1))
+        flat_values.index_copy_(0, layout.write_slots, v[0].transpose(0, 1))
+        out = torch.empty_like(q)
+        if layout.decode_rows.numel():
+            rows = layout.decode_rows
+            dq = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
+            dk = self._gather(keys, layout.decode_blocks)  # [B, kv_heads, L, head_dim]
+            dv = self._gather(values, layout.decode_blocks)
+            seen = torch.arange(dk.shape[2], device=q.device) < layout.decode_lengths[:, None]
+            att = F.scaled_dot_product_attention(
+                dq, dk, dv, attn_mask=seen[:, None, None, :], enable_gqa=True
+            )
+            out[0, :, rows] = att.squeeze(2).transpose(0, 1)
+        for chunk in layout.chunks:
+            end = chunk.context + chunk.length
+            ck = self._gather(keys, chunk.blocks)[:, :end].unsqueeze(0)
+            cv = self._gather(values, chunk.blocks)[:, :end].unsqueeze(0)
+            cq = q[:, :, chunk.start : chunk.start + chunk.length]
+            mask = None
+            if chunk.context:  # query i (at context + i) sees keys up to context + i
+                q_pos = torch.arange(chunk.context, end, device=q.device)
+                mask = q_pos[:, None] >= torch.arange(end, device=q.device)[None, :]
+            out[:, :, chunk.start : chunk.start + chunk.length] = F.scaled_dot_product_attention(
+                cq, ck, cv, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
+        return out
