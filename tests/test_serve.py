@@ -61,7 +61,7 @@ def hf_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=512,
     )
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(folder)
@@ -157,6 +157,7 @@ def test_models_health_metrics_and_api_key(server: Server) -> None:
     assert server.metric('loom_requests_total{endpoint="/v1/completions",status="200"}') >= 1
     assert server.metric("loom_time_to_first_token_seconds_count") >= 1
     assert server.metric("loom_generation_tokens_total") >= 1
+    assert server.metric("loom_request_latency_seconds_count") >= 1
 
 
 def test_greedy_equals_transformers_and_loom_generate(
@@ -327,8 +328,8 @@ def test_bad_requests_are_refused_while_good_ones_succeed(server: Server) -> Non
     bad: list[tuple[object, int, str]] = [
         ({**good, "model": "gpt-9"}, 400, "not served here"),
         ({**good, "max_tokens": -1}, 422, "max_tokens"),
-        ({**good, "max_tokens": 10**9}, 400, "context of 128"),
-        ({**good, "prompt": "word " * 400}, 400, "context of 128"),
+        ({**good, "max_tokens": 10**9}, 400, "context of 512"),
+        ({**good, "prompt": "word " * 1200}, 400, "context of 512"),
         ({**good, "temperature": "hot"}, 422, "temperature"),
         ({**good, "n": 1000}, 422, "n"),
         ({**good, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
@@ -375,9 +376,22 @@ def test_a_client_that_disconnects_stops_its_generation(server: Server) -> None:
         headers={"Authorization": f"Bearer {KEY}"},
     ) as response:
         next(response.iter_lines())
+    wait_for_aborts(server, before + 1)
+    # A plain (not streamed) request whose client gives up is stopped too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server.url + "/v1/completions",
+            json={"model": "tiny-llama", "prompt": list(range(1, 400)), "max_tokens": 100, "n": 16},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=0.2,  # the 16 answers would take seconds
+        )
+    wait_for_aborts(server, before + 17)
+
+
+def wait_for_aborts(server: Server, count: float) -> None:
     deadline = time.monotonic() + 30
-    while server.metric('loom_finished_sequences_total{reason="abort"}') == before:
-        assert time.monotonic() < deadline, "the abandoned sequence was not aborted"
+    while server.metric('loom_finished_sequences_total{reason="abort"}') < count:
+        assert time.monotonic() < deadline, "the abandoned sequences were not aborted"
         time.sleep(0.1)
 
 

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 
 from loom.errors import LoomError
@@ -109,6 +110,49 @@ def _unsupported(req: _Request) -> None:
             raise APIError(400, f"{name} is not supported by loom serve; leave it at 0", name)
 
 
+class AuthorizeAndCount:
+    """ASGI middleware: the API key check, and request counts and latencies per endpoint
+    (measured to the last byte, so a stream counts its whole duration). Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, which hides client disconnects from the endpoints."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServeMetrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        began = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and path != "/health":
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                    refusal = JSONResponse(
+                        error_body(
+                            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                            "invalid_request_error",
+                            code="invalid_api_key",
+                        ),
+                        status_code=401,
+                    )
+                    await refusal(scope, receive, send_and_note)
+                    return
+            await self.app(scope, receive, send_and_note)
+        finally:
+            if path.startswith("/v1/"):
+                self.metrics.requests.labels(path, str(status)).inc()
+                self.metrics.request_latency.labels(path).observe(time.perf_counter() - began)
+
+
 def create_app(
     engine: Engine,
     served: ServedModel,
@@ -145,27 +189,7 @@ def create_app(
             message = f"the request body is not valid JSON in UTF-8 ({message})"
         return JSONResponse(error_body(message, "invalid_request_error"), status_code=e.status_code)
 
-    @app.middleware("http")
-    async def authorize_and_count(request: Request, call_next: Callable) -> Response:
-        path = request.url.path
-        began = time.perf_counter()
-        if api_key is not None and path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.requests.labels(path, "401").inc()
-                return JSONResponse(
-                    error_body(
-                        "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                        "invalid_request_error",
-                        code="invalid_api_key",
-                    ),
-                    status_code=401,
-                )
-        response = await call_next(request)
-        if path.startswith("/v1/"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-            metrics.request_latency.labels(path).observe(time.perf_counter() - began)
-        return response
+    app.add_middleware(AuthorizeAndCount, api_key=api_key, metrics=metrics)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -314,23 +338,25 @@ def create_app(
         logprobs: list[list] = [[] for _ in sequences]
         reasons: list[str | None] = [None] * len(sequences)
         completion_tokens = 0
+
+        async def watch() -> None:
+            """Stop the generation when the client goes away (checked every 0.1 s)."""
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.1)
+            engine.abort(sequences)
+
+        watcher = asyncio.create_task(watch())
         try:
             while any(r is None for r in reasons):
-                try:
-                    index, event = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        engine.abort(sequences)
-                        return {}
-                    continue
+                index, event = await queue.get()
                 texts[index] += event.text
                 logprobs[index] += event.logprobs
                 if event.finish_reason is not None:
                     reasons[index] = event.finish_reason
                     completion_tokens += event.completion_tokens
-        except asyncio.CancelledError:
+        finally:  # done, or cancelled: nothing more is generated either way
+            watcher.cancel()
             engine.abort(sequences)
-            raise
         failed = [r for r in reasons if r in ("error", "abort")]
         if failed:
             raise APIError(500, "generation failed in the engine; see the server log")
