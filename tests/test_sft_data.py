@@ -187,7 +187,7 @@ def test_chatml_fallback_warns_and_renders_chatml(
     loom_logs.clear()
     explicit = ChatTemplate.from_tokenizer_dir(smol, "chatml")  # chosen: no warning
     assert explicit.is_builtin_chatml and not loom_logs.records
-    with pytest.raises(LoomError, match="--template none renders no conversations"):
+    with pytest.raises(LoomError, match="data.template=none renders no conversations"):
         ChatTemplate.from_tokenizer_dir(smol, "none").render(CONVERSATION)
     with pytest.raises(LoomError, match="is not one of auto, chatml, none"):
         ChatTemplate.from_tokenizer_dir(smol, "llama")

@@ -81,7 +81,7 @@ def _config_template(config: dict[str, Any], file: Path) -> str | None:
             return named["default"]
         raise LoomError(
             f"{file}: chat_template has templates named {sorted(map(str, named))} but none named "
-            "'default'; add one, or pass --template chatml to use the built-in ChatML template"
+            "'default'; add one, or set data.template=chatml to use the built-in ChatML template"
         )
     raise LoomError(
         f"{file}: chat_template must be a string or a list of {{name, template}}, "
@@ -128,7 +128,7 @@ def _compile(source: str, where: str) -> Any:
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise LoomError(
             f"the chat template from {where} is not valid Jinja2 (line {e.lineno}: {e.message}); "
-            "fix it, or pass --template chatml to use the built-in ChatML template"
+            "fix it, or set data.template=chatml to use the built-in ChatML template"
         ) from None
 
 
@@ -166,7 +166,7 @@ class ChatTemplate:
         tokenizer_config.json's chat_template, else built-in ChatML with a warning), the built-in
         ChatML ("chatml"), or none ("none")."""
         if mode not in TEMPLATE_MODES:
-            raise LoomError(f"--template {mode!r} is not one of {', '.join(TEMPLATE_MODES)}")
+            raise LoomError(f"data.template={mode!r} is not one of {', '.join(TEMPLATE_MODES)}")
         path = Path(folder)
         if not path.is_dir():
             raise LoomError(f"tokenizer folder {path} does not exist")
@@ -189,8 +189,9 @@ class ChatTemplate:
             return cls(source, f"{config_file} chat_template", special)
         logger.warning(
             "the tokenizer in %s has no chat template (no chat_template.jinja, no chat_template "
-            "in tokenizer_config.json): using the built-in ChatML template; pass --template chatml "
-            "to choose it explicitly, or add the model's own template to the tokenizer folder",
+            "in tokenizer_config.json): using the built-in ChatML template (fine-tuning: set "
+            "data.template=chatml to choose it explicitly); add the model's own template to the "
+            "tokenizer folder to use it instead",
             path,
         )
         return cls(CHATML_TEMPLATE, "built-in ChatML (fallback)", special)
@@ -199,8 +200,8 @@ class ChatTemplate:
         """The conversation as text, as transformers' apply_chat_template(tokenize=False)."""
         if self._compiled is None:
             raise LoomError(
-                "--template none renders no conversations: give prompt/completion records, "
-                "or use --template auto or chatml for chat records"
+                "data.template=none renders no conversations: give prompt/completion records, "
+                "or use data.template=auto or chatml for chat records"
             )
         import jinja2
 

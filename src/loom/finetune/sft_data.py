@@ -366,7 +366,7 @@ def _render(
                 f"conversation's beginning as a prefix of the whole (at message {turn}), so the "
                 "assistant replies cannot be located; such templates rewrite earlier turns (for "
                 "example drop the reasoning of past replies) or add text only when later turns "
-                "exist. Use one assistant reply per record, or pass --template chatml"
+                "exist. Use one assistant reply per record, or set data.template=chatml"
             )
         spans.append((len(before), len(through)))
     return _Rendered(line, full, spans)
@@ -395,7 +395,7 @@ def _read(
         if template.is_raw and needs_template(value):
             raise LoomError(
                 f"{path} line {line}: chat records (a messages list) need a chat template, but "
-                "--template none was given; use --template auto or chatml, or give prompt/"
+                "data.template=none was given; use data.template=auto or chatml, or give prompt/"
                 "completion records"
             )
         parsed.append((line, value))
@@ -426,7 +426,7 @@ def _eos_text(template: ChatTemplate, tokenizer: Tokenizer, folder: Path) -> str
         if text is not None and tokenizer.token_to_id(text) is not None:
             return text
     raise LoomError(
-        f"--template none appends the end-of-sequence token, but the tokenizer in {folder} has "
+        f"data.template=none appends the end-of-sequence token, but the tokenizer in {folder} has "
         f'none: set "eos_token" in {folder / "tokenizer_config.json"} to a token of its vocabulary'
     )
 
@@ -628,7 +628,7 @@ def _render_all(
     if not out and first_rejection is not None:
         raise LoomError(
             f"the chat template rejected every record of {path} (first: {first_rejection}); "
-            "fix the records, or pass --template chatml"
+            "fix the records, or set data.template=chatml"
         )
     return out
 
