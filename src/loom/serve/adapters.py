@@ -93,13 +93,16 @@ def attach_adapters(model: nn.Module, adapters: dict[str, str]) -> dict[str, int
     return names
 
 
-def select_adapters(model: nn.Module, adapters: torch.Tensor | None) -> None:
+def adapter_layers(model: nn.Module) -> list[MultiLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+
+
+def select_adapters(layers: list[MultiLoRALinear], adapters: torch.Tensor | None) -> None:
     """Route rows to adapters for the next forward pass (`adapters` [T]: index, -1 for none)."""
     groups: list[tuple[int, torch.Tensor]] = []
     if adapters is not None:
         for index in adapters.unique().tolist():
             if index >= 0:
                 groups.append((index, (adapters == index).nonzero().squeeze(1)))
-    for module in model.modules():
-        if isinstance(module, MultiLoRALinear):
-            module.groups = [(i, rows) for i, rows in groups if i < len(module.scalings)]
+    for layer in layers:
+        layer.groups = [(i, rows) for i, rows in groups if i < len(layer.scalings)]

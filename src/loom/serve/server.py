@@ -60,12 +60,20 @@ class LocalRunner:
     """Runs the whole model in this process."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+        from loom.serve.adapters import adapter_layers
+
         self.model = model
         self.cache = cache
         self.device = model.rope_cos.device
+        self.adapter_layers = adapter_layers(model)
 
     @torch.no_grad()
     def forward(self, batch: StepBatch) -> torch.Tensor:
+        if self.adapter_layers:
+            from loom.serve.adapters import select_adapters
+
+            adapters = None if batch.adapters is None else batch.adapters.to(self.device)
+            select_adapters(self.adapter_layers, adapters)
         return run_step(self.model, self.cache, batch, self.device)
 
 
@@ -73,10 +81,7 @@ def run_step(
     model: Transformer, cache: PagedKVCache, batch: StepBatch, device: torch.device
 ) -> torch.Tensor:
     """One packed forward pass; logits [rows, vocab] on the CPU in fp32 for sampling."""
-    from loom.serve.adapters import select_adapters
-
     cache.layout = batch.layout.to(device)
-    select_adapters(model, None if batch.adapters is None else batch.adapters.to(device))
     logits = model(
         batch.tokens.to(device),
         kv_cache=cache,
