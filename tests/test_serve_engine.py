@@ -21,7 +21,8 @@ from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.serve.adapters import attach_adapters
 from loom.serve.engine import Engine, EngineConfig, SamplingParams, Sequence, SequenceEvent
 from loom.serve.kv_cache import PagedKVCache
-from loom.serve.server import LocalRunner
+from loom.serve.quantize import is_quantized
+from loom.serve.server import LocalRunner, ServeOptions, build_engine
 
 CFG = ModelConfig(
     vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=256
@@ -217,3 +218,19 @@ def test_lora_adapters_are_chosen_per_sequence_in_one_batch(
         assert seq.output_ids == hf_greedy(references[w], prompt), w
         changed += w != "base" and seq.output_ids != hf_greedy(base, prompt)
     assert changed >= 2  # the adapters really change the answers
+
+    # int8 serving keeps the adapters: every projection is int8, the adapted ones too, and an
+    # adapter's answer stays close to the fp32 one.
+    int8_engine, _, runner = build_engine(
+        tmp_path / "base",
+        ServeOptions(kv_cache_mb=4, quantize="int8", adapters={"a": str(tmp_path / "a")}),
+        tmp_path / "scratch",
+    )
+    names = [n for n, _ in runner.model.named_modules() if n.endswith(("_proj", "lm_head"))]
+    assert names and all(is_quantized(runner.model.get_submodule(n).weight) for n in names)
+    assert any(type(runner.model.get_submodule(n)).__name__ == "MultiLoRALinear" for n in names)
+    int8_seq = greedy(prompts[0], 8, adapter=0)
+    int8_engine.submit([int8_seq])
+    run_all(int8_engine)
+    assert hf_greedy(base, prompts[0])[0] != seqs[0].output_ids[0]  # the adapter matters here
+    assert int8_seq.output_ids[:3] == seqs[0].output_ids[:3]

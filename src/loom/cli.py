@@ -159,6 +159,12 @@ def build_parser() -> _Parser:
     )
     ev.add_argument("--max-tokens", type=int, default=32, metavar="N", help="generation length")
     ev.add_argument("--seed", type=int, default=0, help="few-shot example choice")
+    ev.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8 weight-only linear layers (torchao), to measure their quality cost",
+    )
 
     gen = commands.add_parser("generate", help="sample text from a trained model")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="run folder or checkpoint folder")
@@ -168,6 +174,37 @@ def build_parser() -> _Parser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=None)
+    srv = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with continuous batching",
+        description="MODEL: an HF model folder, a .gguf file, or a Loom run folder or checkpoint "
+        "(a LoRA run is served merged). Endpoints: /v1/models, /v1/completions, "
+        "/v1/chat/completions, /health, /metrics. The API key may also come from $LOOM_API_KEY.",
+    )
+    srv.add_argument("model", metavar="MODEL")
+    srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    srv.add_argument("--served-name", default=None, help="model name (default: folder name)")
+    srv.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    srv.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429")
+    srv.add_argument(
+        "--step-tokens", type=int, default=256, help="tokens per forward pass (prefill chunks)"
+    )
+    srv.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    srv.add_argument(
+        "--kv-cache-mb", type=int, default=None, help="default 1024 on CPU, 80%% of free GPU memory"
+    )
+    srv.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    srv.add_argument("--quantize", choices=["int8"], default=None, help="weight-only (torchao)")
+    srv.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter (PEFT folder or Loom LoRA run) as model NAME; repeatable",
+    )
+    srv.add_argument("--tp", type=int, default=1, help="tensor-parallel workers (local)")
     return parser
 
 
@@ -379,9 +416,37 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
             seq_len=args.seq_len,
             max_tokens=args.max_tokens,
             seed=args.seed,
+            quantize=args.quantize,
         )
         record, results = evaluate(args.model, args.tasks, opts)
         print(json.dumps(record, indent=2) if args.json else render(results))
+    elif args.command == "serve":
+        from loom.serve.server import ServeOptions, serve
+
+        adapters = {}
+        for item in args.adapter:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise LoomError(f"--adapter {item!r}: write NAME=PATH")
+            adapters[name] = path
+        serve(
+            args.model,
+            ServeOptions(
+                host=args.host,
+                port=args.port,
+                api_key=args.api_key,
+                served_name=args.served_name,
+                max_batch=args.max_batch,
+                max_queue=args.max_queue,
+                step_tokens=args.step_tokens,
+                block_size=args.block_size,
+                kv_cache_mb=args.kv_cache_mb,
+                dtype=args.dtype,
+                quantize=args.quantize,
+                adapters=adapters,
+                tp=args.tp,
+            ),
+        )
     elif args.command == "generate":
         from loom.eval.generate import generate_text
 

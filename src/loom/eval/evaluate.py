@@ -40,6 +40,7 @@ class EvalOptions:
     max_tokens: int = 32
     seed: int = 0
     batch_tokens: int = 4096
+    quantize: str | None = None  # "int8": int8 weight-only weights (loom.serve.quantize)
 
 
 @dataclass
@@ -322,6 +323,8 @@ def _check(opts: EvalOptions) -> None:
         raise LoomError(f"--max-tokens {opts.max_tokens} must be ≥ 1")
     if opts.seq_len is not None and opts.seq_len < 1:
         raise LoomError(f"--seq-len {opts.seq_len} must be ≥ 1")
+    if opts.quantize not in (None, "int8"):
+        raise LoomError(f"--quantize {opts.quantize}: the only choice is int8 (or leave it out)")
 
 
 def _task_names(paths: list[str]) -> list[str]:
@@ -353,6 +356,12 @@ def evaluate(
         step = int(read_state(checkpoint)["step"])
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer_dir = load_model(src, torch.float32, Path(scratch), device)
+        if opts.quantize == "int8":
+            from loom.finetune.lora import merge_lora
+            from loom.serve.quantize import quantize_int8_weight_only
+
+            merge_lora(model)  # a LoRA run's adapters: fold them in, then quantize the sum
+            quantize_int8_weight_only(model)
         tokenizer = load_tokenizer(tokenizer_dir)
         results = []
         for task in tasks:
@@ -371,6 +380,7 @@ def evaluate(
             "seq_len": opts.seq_len,
             "max_tokens": opts.max_tokens,
             "seed": opts.seed,
+            "quantize": opts.quantize,
         }
         with open(run_dir / EVAL_LOG, "a") as fh:
             fh.write(json.dumps(logged) + "\n")

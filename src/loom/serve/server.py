@@ -154,12 +154,12 @@ def load_served_model(
     if any(True for _ in lora_layers(model)):
         merged = merge_lora(model)
         logger.info("merged the LoRA adapters of %d layers into the base weights", merged)
-    names = attach_adapters(model, opts.adapters) if opts.adapters else {}
     model.to(dtype).eval()
-    if opts.quantize == "int8":
+    if opts.quantize == "int8":  # before the adapters, which stay in `dtype` beside the int8
         from loom.serve.quantize import quantize_int8_weight_only
 
         quantize_int8_weight_only(model)
+    names = attach_adapters(model, opts.adapters) if opts.adapters else {}
     return model, tokenizer_dir, names
 
 
