@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -233,7 +236,6 @@ def serve(model_path: str | Path, opts: ServeOptions) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         engine, served, runner = build_engine(src, opts, Path(scratch), metrics)
         app = create_app(engine, served, metrics, api_key)
-        engine.start()
         logger.info(
             "serving %s%s on http://%s:%d/v1 (KV cache %d blocks of %d tokens, batch ≤ %d%s)",
             served.name,
@@ -245,10 +247,28 @@ def serve(model_path: str | Path, opts: ServeOptions) -> None:
             opts.max_batch,
             f", {opts.tp} tensor-parallel workers" if opts.tp > 1 else "",
         )
+        # HTTP in a thread, the engine in the main thread; SIGTERM / Ctrl-C stop both.
+        http = uvicorn.Server(
+            uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning")
+        )
+        http_thread = threading.Thread(target=http.run, name="loom-http", daemon=True)
+        signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+        http_thread.start()
+        while not http.started:
+            if not http_thread.is_alive():
+                raise LoomError(
+                    f"could not listen on {opts.host}:{opts.port} (is the port in use?); "
+                    "pass another --port"
+                )
+            time.sleep(0.05)
+        logger.info("ready")
         try:
-            uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")
+            engine.run_forever()
+        except KeyboardInterrupt:
+            pass
         finally:
-            engine.stop()
+            http.should_exit = True
+            http_thread.join(timeout=10)
             close = getattr(runner, "close", None)
             if close is not None:
                 close()
