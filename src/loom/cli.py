@@ -174,6 +174,13 @@ def build_parser() -> _Parser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=None)
+    rep = commands.add_parser(
+        "report",
+        help="write a self-contained HTML report of a run or pipeline folder",
+        description="RUN_DIR: a training or fine-tuning run folder, or a pipeline folder "
+        "(pipeline.json). Writes RUN_DIR/report.html (figures embedded) and prints its path.",
+    )
+    rep.add_argument("run_dir", metavar="RUN_DIR")
     srv = commands.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP server with continuous batching",
@@ -420,6 +427,10 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
         )
         record, results = evaluate(args.model, args.tasks, opts)
         print(json.dumps(record, indent=2) if args.json else render(results))
+    elif args.command == "report":
+        from loom.report import write_report
+
+        print(write_report(Path(args.run_dir)))
     elif args.command == "serve":
         from loom.serve.server import ServeOptions, serve
 
