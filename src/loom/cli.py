@@ -174,6 +174,29 @@ def build_parser() -> _Parser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=None)
+    run = commands.add_parser(
+        "run",
+        help="run a pipeline: data, tokenizer, pretrain, finetune, eval, export, serve",
+        description="Run the stages of a pipeline TOML into <run_dir>/<stage>/; re-running skips "
+        "stages that are done and unchanged and resumes an interrupted one. The planner's "
+        "prediction for every training stage is printed first.",
+    )
+    run.add_argument("pipeline", metavar="PIPELINE", help="pipeline TOML file")
+    run.add_argument(
+        "--run_dir",
+        "--run-dir",
+        dest="run_dir",
+        default=None,
+        metavar="DIR",
+        help="the run folder (default: the pipeline's run_dir)",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the stages and the planner's predictions, run nothing",
+    )
+    status = commands.add_parser("status", help="the stages of a pipeline run folder")
+    status.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `loom run`")
     rep = commands.add_parser(
         "report",
         help="write a self-contained HTML report of a run or pipeline folder",
@@ -427,6 +450,14 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
         )
         record, results = evaluate(args.model, args.tasks, opts)
         print(json.dumps(record, indent=2) if args.json else render(results))
+    elif args.command == "run":
+        from loom.pipeline import run_pipeline
+
+        run_pipeline(args.pipeline, args.run_dir, dry_run=args.dry_run)
+    elif args.command == "status":
+        from loom.pipeline import print_status
+
+        print_status(args.run_dir)
     elif args.command == "report":
         from loom.report import write_report
 

@@ -190,7 +190,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _duration(seconds: Any) -> str:
+def human_duration(seconds: Any) -> str:
+    """`12.3 s`, `4 min 5 s`, `2 h 10 min`, `3.5 days`; `—` for nothing or not a number."""
     if not _finite(seconds):
         return "—"
     s = float(seconds)
@@ -448,7 +449,7 @@ def _summary_section(page: Page, run: RunData, prefix: str, title: str) -> None:
         rows.append(("skipped steps", skipped[-1]))
     g = run.goodput or {}
     if _finite(g.get("goodput")):
-        rows.append(("goodput", f"{100 * g['goodput']:.1f} % of {_duration(g.get('wall_s'))}"))
+        rows.append(("goodput", f"{100 * g['goodput']:.1f} % of {human_duration(g.get('wall_s'))}"))
     body = _table(("", "value"), rows)
     body += f'<p class="muted">folder: {_e(page.where(run.folder) or ".")}</p>'
     page.add(f"{prefix}summary", f"{title}: summary", body)
@@ -584,7 +585,7 @@ def _goodput_section(page: Page, run: RunData, prefix: str, title: str) -> None:
                 ax.set_yticks([])
                 ax.set_xlabel("seconds of wall time")
                 shown = f"goodput {100 * share:.1f} % of " if share is not None else ""
-                ax.set_title(f"{shown}{_duration(wall)} of wall time", fontsize=11)
+                ax.set_title(f"{shown}{human_duration(wall)} of wall time", fontsize=11)
                 fig.legend(fontsize=8, loc="outside right center")
 
             alt = f"{title}: wall time by use; " + ", ".join(
@@ -597,11 +598,11 @@ def _goodput_section(page: Page, run: RunData, prefix: str, title: str) -> None:
                     "goodput (productive / wall)",
                     f"{100 * share:.1f} %" if share is not None else "—",
                 ),
-                ("wall time", _duration(wall)),
+                ("wall time", human_duration(wall)),
                 ("attempts", attempts if isinstance(attempts, int) else "—"),
                 ("restarts", g.get("restarts", "—")),
             ]
-            rows += [(f"{label} time", _duration(v)) for label, v, _ in parts]
+            rows += [(f"{label} time", human_duration(v)) for label, v, _ in parts]
             for key, label in (
                 ("recomputed_steps", "recomputed steps"),
                 ("skipped_steps", "skipped steps"),
@@ -838,7 +839,7 @@ def _shards_section(page: Page, manifest: dict[str, Any], prefix: str, title: st
     if isinstance(tok, dict) and tok.get("vocab_size"):
         facts.append(f"vocabulary {tok['vocab_size']:,} tokens")
     if _finite(manifest.get("seconds")):
-        facts.append(f"took {_duration(manifest['seconds'])}")
+        facts.append(f"took {human_duration(manifest['seconds'])}")
     dropped = manifest.get("documents", {}).get("dropped")
     if isinstance(dropped, int) and dropped:
         facts.append(f"{dropped:,} input records dropped")
@@ -861,7 +862,7 @@ def _stage_section(page: Page, stages: list[dict[str, Any]]) -> None:
             if isinstance(figures, dict)
             else ""
         )
-        rows.append((s.get("name", "?"), badge, _duration(s.get("seconds")), shown))
+        rows.append((s.get("name", "?"), badge, human_duration(s.get("seconds")), shown))
     body = _table(("stage", "status", "duration", "key figures"), rows)
     timed = [
         (str(s.get("name", "?")), float(s["seconds"]), str(s.get("status")))
@@ -880,7 +881,7 @@ def _stage_section(page: Page, stages: list[dict[str, Any]]) -> None:
             ax.set_xlabel("seconds")
             ax.grid(axis="x", alpha=0.3)
 
-        alt = "stage durations: " + ", ".join(f"{n} {_duration(v)}" for n, v, _ in timed)
+        alt = "stage durations: " + ", ".join(f"{n} {human_duration(v)}" for n, v, _ in timed)
         body += _figure(draw, alt, size=(FIG_SIZE[0], 0.8 + 0.35 * len(timed)))
     page.add("stages", "Pipeline stages", body)
 

@@ -1,0 +1,330 @@
+"""`loom run` / `loom status`: real stages on tiny settings (no mocks). One pipeline run is
+shared by the tests that read it; they run in file order and the last one changes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loom.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pipeline_text(corpus: Path, steps: int = 8, extra: str = "", **train: object) -> str:
+    """A pipeline on the test corpus: data (512-token tokenizer), a 2-layer model, eval, export."""
+    train_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in train.items())
+    return f"""
+[data]
+[[data.sources]]
+name = "code"
+paths = ["{corpus}/*.py"]
+[data.filters]
+disable = ["min_words", "mean_word_length", "alpha_words", "symbol_word_ratio", "stop_words",
+           "duplicate_lines", "duplicate_line_chars", "duplicate_paragraphs",
+           "duplicate_paragraph_chars", "top_2gram_chars", "top_3gram_chars", "top_4gram_chars",
+           "duplicate_5gram_chars", "duplicate_6gram_chars", "duplicate_7gram_chars",
+           "duplicate_8gram_chars", "duplicate_9gram_chars", "duplicate_10gram_chars"]
+[data.dedup]
+near = false
+[data.output]
+val_fraction = 0.1
+[data.executor]
+workers = 1
+
+[tokenizer]
+vocab_size = 512
+
+[pretrain]
+config = "{ROOT}/configs/tiny.toml"
+[pretrain.model]
+vocab_size = 512
+dim = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_hidden = 128
+max_seq_len = 128
+[pretrain.train]
+steps = {steps}
+batch_size = 4
+micro_batch_size = 0
+seq_len = 32
+eval_interval = 0
+eval_batches = 2
+precision = "fp32"
+{train_lines}
+[pretrain.checkpoint]
+interval = 4
+[pretrain.metrics]
+log_interval = 1
+progress = "plain"
+tensorboard = false
+
+[eval]
+limit = 4
+seq_len = 32
+
+[export]
+format = "hf"
+{extra}"""
+
+
+def write(folder: Path, text: str, run_dir: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pipe.toml"
+    path.write_text(f'run_dir = "{run_dir}"\n{text}')
+    return path
+
+
+def stages(run_dir: Path) -> dict[str, dict]:
+    return {s["name"]: s for s in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
+
+
+@pytest.fixture(scope="module")
+def shared(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(pipeline file, run folder) of one complete run."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    run_dir = tmp / "run"
+    path = write(tmp, pipeline_text(corpus_dir), run_dir)
+    assert main(["run", str(path)]) == 0
+    return path, run_dir
+
+
+def test_a_pipeline_runs_end_to_end(shared: tuple[Path, Path]) -> None:
+    _, run_dir = shared
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    assert [s["name"] for s in state["stages"]] == [
+        "data",
+        "tokenizer",
+        "pretrain",
+        "eval",
+        "export",
+    ]
+    for s in state["stages"]:
+        assert s["status"] == "done" and s["seconds"] >= 0 and s["dir"] == s["name"]
+        assert (run_dir / s["dir"]).is_dir() and len(s["fingerprint"]) == 64
+    by = stages(run_dir)
+    assert by["data"]["figures"]["documents_kept"] == 40 and by["data"]["figures"]["tokens"] > 0
+    assert by["tokenizer"]["figures"]["vocab_size"] == 512
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    pre = by["pretrain"]["figures"]
+    assert pre["steps"] == 8 and pre["tokens"] == 8 * 4 * 32
+    assert pre["final_loss"] > 0 and pre["final_val_loss"] > 0 and 0 < pre["goodput"] <= 1
+    assert by["eval"]["figures"]["data perplexity"] > 1
+    assert json.loads((run_dir / "eval" / "eval.jsonl").read_text())["tasks"]["data"]
+    assert (run_dir / "export" / "config.json").is_file()
+    plan = state["plan"]["pretrain"]  # the `loom plan --json` shape the report reads
+    assert plan["fits"] and plan["memory_gib"]["total"] > 0 and plan["tokens_per_s"] > 0
+    assert (run_dir / "report.html").is_file()
+
+
+def test_running_again_skips_every_stage(
+    shared: tuple[Path, Path], loom_logs: pytest.LogCaptureFixture
+) -> None:
+    path, run_dir = shared
+    watched = [
+        run_dir / "data" / "manifest.json",
+        run_dir / "tokenizer" / "tokenizer.json",
+        run_dir / "pretrain" / "metrics.jsonl",
+        run_dir / "eval" / "eval.jsonl",
+        run_dir / "export" / "model.safetensors",
+    ]
+    before = [p.stat().st_mtime_ns for p in watched]
+    assert main(["run", str(path)]) == 0
+    assert [p.stat().st_mtime_ns for p in watched] == before
+    skipped = [r.getMessage() for r in loom_logs.records if ": skipped (done" in r.getMessage()]
+    assert [m.split(":")[0] for m in skipped] == [
+        "stage data",
+        "stage tokenizer",
+        "stage pretrain",
+        "stage eval",
+        "stage export",
+    ]
+    assert all(s["status"] == "done" for s in stages(run_dir).values())
+
+
+def test_status_prints_every_stage(
+    shared: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, run_dir = shared
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for name in ("data", "tokenizer", "pretrain", "eval", "export"):
+        assert name in out
+    assert out.count("done") == 5 and "final_loss" in out
+
+
+def test_status_without_a_pipeline_is_one_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", str(tmp_path)]) == 2
+    assert "pipeline.json does not exist" in capsys.readouterr().err
+
+
+def test_changing_pretrain_reruns_it_and_what_follows(
+    shared: tuple[Path, Path], corpus_dir: Path, loom_logs: pytest.LogCaptureFixture
+) -> None:
+    path, run_dir = shared
+    old = stages(run_dir)
+    data_mtime = (run_dir / "data" / "manifest.json").stat().st_mtime_ns
+    write(path.parent, pipeline_text(corpus_dir, steps=12), run_dir)
+    assert main(["run", str(path)]) == 0
+    new = stages(run_dir)
+    for name in ("data", "tokenizer"):
+        assert new[name]["fingerprint"] == old[name]["fingerprint"]
+    for name in ("pretrain", "eval", "export"):
+        assert new[name]["fingerprint"] != old[name]["fingerprint"]
+        assert new[name]["status"] == "done"
+    assert new["pretrain"]["figures"]["steps"] == 12
+    assert (run_dir / "data" / "manifest.json").stat().st_mtime_ns == data_mtime
+    messages = [r.getMessage() for r in loom_logs.records]
+    assert sum(": skipped (done" in m for m in messages) == 2
+    assert any("stage pretrain: config or inputs changed" in m for m in messages)
+
+
+def test_adding_a_finetune_stage_reruns_only_what_reads_it(
+    shared: tuple[Path, Path], corpus_dir: Path
+) -> None:
+    """LoRA on prompt/completion pairs from module docstrings; eval and export move to it."""
+    import ast
+
+    path, run_dir = shared
+    pairs = []
+    for module in sorted(corpus_dir.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(module.read_text()))
+        if doc:
+            pairs.append({"prompt": f"What is {module.stem}?", "completion": doc[:200]})
+    sft = path.parent / "sft.jsonl"
+    sft.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    finetune = (
+        '\n[finetune]\n[finetune.data]\npath = "sft.jsonl"\n[finetune.train]\nsteps = 3\n'
+        "batch_size = 2\nseq_len = 64\neval_interval = 0\neval_batches = 1\n"
+        '[finetune.metrics]\nprogress = "plain"\ntensorboard = false\n'
+    )
+    old = stages(run_dir)
+    write(path.parent, pipeline_text(corpus_dir, steps=12, extra=finetune), run_dir)
+    assert main(["run", str(path)]) == 0
+    new = stages(run_dir)
+    assert list(new) == ["data", "tokenizer", "pretrain", "finetune", "eval", "export"]
+    for name in ("data", "tokenizer", "pretrain"):
+        assert new[name]["fingerprint"] == old[name]["fingerprint"]
+    for name in ("eval", "export"):
+        assert new[name]["fingerprint"] != old[name]["fingerprint"]
+    assert new["finetune"]["status"] == "done" and new["finetune"]["figures"]["steps"] == 3
+    assert "finetune" in json.loads((run_dir / "pipeline.json").read_text())["plan"]
+    assert (run_dir / "export" / "model.safetensors").is_file()  # LoRA merged on export
+
+
+def test_an_interrupted_run_resumes(
+    corpus_dir: Path, tmp_path: Path, loom_logs: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    text = pipeline_text(corpus_dir, steps=400).replace("interval = 4", "interval = 20")
+    text = text.replace("log_interval = 1", "log_interval = 20")
+    path = write(tmp_path, text, run_dir)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loom", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = run_dir / "pretrain" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), "the pretrain stage wrote no checkpoint before the deadline"
+    killed = stages(run_dir)
+    assert killed["data"]["status"] == "done" and killed["pretrain"]["status"] == "running"
+    data_mtime = (run_dir / "data" / "manifest.json").stat().st_mtime_ns
+
+    assert main(["run", str(path)]) == 0
+    messages = [r.getMessage() for r in loom_logs.records]
+    assert any("stage data: skipped" in m for m in messages)
+    assert any("resumed from" in m for m in messages)
+    assert (run_dir / "data" / "manifest.json").stat().st_mtime_ns == data_mtime
+    done = stages(run_dir)
+    assert all(s["status"] == "done" for s in done.values())
+    assert done["pretrain"]["figures"]["steps"] == 400
+
+
+def test_dry_run_prints_predictions_and_runs_nothing(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    serve = "\n[serve]\nport = 8123\n"  # validated, never started
+    path = write(tmp_path, pipeline_text(corpus_dir, extra=serve), tmp_path / "unused")
+    run_dir = tmp_path / "dry"
+    assert main(["run", str(path), f"--run_dir={run_dir}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrain:" in out and "predicted peak memory" in out and "tokens/s" in out
+    assert "dry run" in out and "serve" in out
+    assert not run_dir.exists() and not (tmp_path / "unused").exists()
+
+
+def test_an_infeasible_plan_stops_before_anything_runs(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = pipeline_text(corpus_dir).replace(
+        "[pretrain.model]\nvocab_size = 512\ndim = 64\nn_layers = 2\nn_heads = 4\n"
+        "n_kv_heads = 2\nffn_hidden = 128\nmax_seq_len = 128\n",
+        '[pretrain.model]\npreset = "llama3-405b"\n',
+    )
+    path = write(tmp_path, text, tmp_path / "run")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[pretrain]" in err and "predicted to need" in err and "train.force=true" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("", "[pretrian]\n"), "unknown section or key 'pretrian'; did you mean pretrain?"),
+        (("tiny.toml", "missing.toml"), "[pretrain] config = "),
+        (("[eval]\nlimit = 4", "[eval]\nlimit = 4\nbogus = 1"), "[eval] unknown config key bogus"),
+        (("", "[serve]\nport = 0\n"), "[serve] --port 0 must be in 1..65535"),
+        (("val_fraction = 0.1", "val_fraction = 0.1\ndir = 'x'"), "output.dir is set"),
+    ],
+)
+def test_bad_config_is_one_error_and_runs_nothing(
+    corpus_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: tuple[str, str],
+    message: str,
+) -> None:
+    text = pipeline_text(corpus_dir)
+    old, new = change
+    text = text + new if not old else text.replace(old, new, 1)
+    path = write(tmp_path, text, tmp_path / "run")
+    assert main(["run", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_without_its_input_names_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, f'[pretrain]\nconfig = "{ROOT}/configs/tiny.toml"\n', tmp_path / "r")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[pretrain] data.path is not set" in err and "add a [data] section" in err
+
+
+def test_the_shipped_tiny_pipeline_is_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """configs/pipeline-tiny.toml (stdlib via ${STDLIB}) validates and fits; nothing runs."""
+    config = ROOT / "configs" / "pipeline-tiny.toml"
+    assert main(["run", str(config), f"--run_dir={tmp_path / 'run'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrain:" in out and "200 steps" in out
+    assert not (tmp_path / "run").exists()
