@@ -218,7 +218,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`make demo` in miniature: the same module with a handful of steps."""
     proc = ok(run("-m", "loom.demo", "--steps", "4", "--out", str(tmp_path / "demo"), cwd=tmp_path))
     assert "$ loom generate" in proc.stdout and "validation loss:" in proc.stdout
-    assert (tmp_path / "demo" / "run" / "checkpoints" / "step-4").is_dir()
+    assert (tmp_path / "demo" / "pretrain" / "checkpoints" / "step-4").is_dir()
+    assert (tmp_path / "demo" / "report.html").is_file()
+    assert (tmp_path / "demo" / "export" / "config.json").is_file()
 
 
 @pytest.mark.parametrize(

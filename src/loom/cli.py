@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return torchrun(argv[1:])
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        takes_overrides = args.command in ("train", "finetune") or (
+        takes_overrides = args.command in ("train", "finetune", "run") or (
             getattr(args, "action", "") == "prepare"
         )
         if extra and not takes_overrides:
@@ -453,7 +453,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
     elif args.command == "run":
         from loom.pipeline import run_pipeline
 
-        run_pipeline(args.pipeline, args.run_dir, dry_run=args.dry_run)
+        run_pipeline(args.pipeline, args.run_dir, dry_run=args.dry_run, overrides=extra)
     elif args.command == "status":
         from loom.pipeline import print_status
 

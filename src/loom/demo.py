@@ -1,4 +1,6 @@
-"""`make demo`: tokenizer -> shards -> pretraining -> sampling, on CPU, on the standard library.
+"""`make demo`: the one-stop pipeline on CPU, on the Python standard library: data (clean,
+dedup, train the tokenizer, shards) -> tokenizer -> pretrain -> eval -> export, then a sample
+from the model and the stage table. The report's path is printed by `loom run`.
 
 Runs the same `loom` commands a user would type (printed as they run) into `demo-run/`.
 """
@@ -9,14 +11,13 @@ import argparse
 import shlex
 import shutil
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 from loom.cli import main as loom
 from loom.train.metrics import read_metrics
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
+PIPELINE = Path(__file__).resolve().parents[2] / "configs" / "pipeline-tiny.toml"
 
 
 def step(*args: str) -> None:
@@ -29,11 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo-run", help="folder for everything the demo writes")
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: configs/tiny.toml)"
+        "--steps", type=int, default=None, help="pretraining steps (default: the pipeline's)"
     )
     args = parser.parse_args(argv)
-    if not CONFIG.is_file():
-        sys.exit(f"demo needs {CONFIG}; run it from a Loom checkout")
+    if not PIPELINE.is_file():
+        sys.exit(f"demo needs {PIPELINE}; run it from a Loom checkout")
     out = Path(args.out)
     marker = out / ".loom-demo"
     if out.exists() and any(out.iterdir()) and not marker.exists():
@@ -41,39 +42,20 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     marker.touch()
-    corpus = f"{sysconfig.get_paths()['stdlib']}/*.py"
     started = time.perf_counter()
 
-    step(
-        "tokenizer",
-        "train",
-        "--input",
-        corpus,
-        "--vocab-size",
-        "8192",
-        "--out",
-        str(out / "tokenizer"),
-    )
-    step(
-        "data",
-        "tokenize",
-        "--input",
-        corpus,
-        "--tokenizer",
-        str(out / "tokenizer"),
-        "--out",
-        str(out / "data"),
-    )
-    overrides = [f"--data.path={out / 'data'}", f"--run_dir={out / 'run'}"]
+    overrides = [f"--run_dir={out}"]
     if args.steps:
-        overrides.append(f"--train.steps={args.steps}")
-    step("train", str(CONFIG), *overrides)
+        overrides.append(f"--pretrain.train.steps={args.steps}")
+    step("run", str(PIPELINE), *overrides)
     prompt = "def read_config(path):"
-    step("generate", str(out / "run"), "--prompt", prompt, "--max-tokens", "80", "--seed", "0")
+    step("generate", str(out / "pretrain"), "--prompt", prompt, "--max-tokens", "80", "--seed", "0")
+    step("status", str(out))
 
-    val = [(r["step"], r["val_loss"]) for r in read_metrics(out / "run") if "val_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in read_metrics(out / "pretrain") if "val_loss" in r]
     print("\nvalidation loss:  " + "  ".join(f"step {s}: {v:.3f}" for s, v in val))
     print(f"demo finished in {time.perf_counter() - started:.0f} s; everything is in {out}/")
+    print(f"report: {out / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import re
 import shutil
 import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,12 +207,15 @@ def _need(section: str, key: str, source: str, have: bool) -> None:
         )
 
 
-def load_pipeline(path: str | Path, run_dir: str | None = None) -> Pipeline:
-    """Read and validate every section (each stage's own config validation included)."""
-    from loom.config import read_toml
+def load_pipeline(
+    path: str | Path, run_dir: str | None = None, overrides: Sequence[str] = ()
+) -> Pipeline:
+    """Read and validate every section (each stage's own config validation included);
+    `overrides` as on every command line: `--pretrain.train.steps=50`."""
+    from loom.config import read_with_overrides
 
     path = Path(path)
-    raw = read_toml(path)
+    raw = read_with_overrides(path, overrides)
     base = path.resolve().parent
     known = ["run_dir", *STAGES]
     for key in raw:
@@ -584,9 +587,14 @@ def write_state(run_dir: Path, state: dict[str, Any]) -> None:
 # -- running ----------------------------------------------------------------------------------
 
 
-def run_pipeline(path: str | Path, run_dir: str | None = None, dry_run: bool = False) -> Path:
+def run_pipeline(
+    path: str | Path,
+    run_dir: str | None = None,
+    dry_run: bool = False,
+    overrides: Sequence[str] = (),
+) -> Path:
     """Validate, predict, then run (or skip/resume) every stage; returns the run folder."""
-    pipe = load_pipeline(path, run_dir)
+    pipe = load_pipeline(path, run_dir, overrides)
     plans = {s.name: predict(s, pipe) for s in pipe.stages if s.name in TRAINING}
     previous = {s.get("name"): s for s in read_state(pipe.run_dir)["stages"] if isinstance(s, dict)}
     print(f"pipeline {pipe.path} → {pipe.run_dir}")
