@@ -16,7 +16,7 @@ from loom.errors import LoomError
 from loom.planner import published
 from loom.planner.cost import DEFAULT_CALIBRATION
 from loom.planner.search import evaluate, plan
-from loom.planner.spec import Strategy, parse_spec
+from loom.planner.spec import Strategy, _gpu_key, parse_spec
 
 RECORDS = published.load_records()
 
@@ -253,3 +253,20 @@ def test_predicted_activations_within_15_percent_of_measured(
     strategy = Strategy(micro_batch=batch, recompute=recompute, precision=precision)
     predicted = activations(model_from_config(cfg, seq), strategy)
     assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("h100", "h100"),
+        ("h100-80gb", "h100"),
+        ("h100-sxm", "h100"),
+        ("NVIDIA H100 80GB HBM3", "h100"),  # torch.cuda.get_device_name()
+        ("h100-pcie", "h100-pcie"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+        ("a100-sxm4-80gb", "a100"),
+    ],
+)
+def test_gpu_names_as_people_and_drivers_write_them(name: str, key: str) -> None:
+    assert _gpu_key(name) == key

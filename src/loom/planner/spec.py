@@ -173,13 +173,13 @@ def gpu_hardware(name: str, devices: int, **overrides: Any) -> Hardware:
 
 
 def _gpu_key(name: str) -> str | None:
-    lowered = name.lower().replace("_", "-")
+    lowered = name.lower().replace("_", "-").replace(" ", "-").removeprefix("nvidia-")
     if lowered in GPU_TABLE:
         return lowered
     for key in sorted(GPU_TABLE, key=len, reverse=True):  # "a100-sxm4-80gb" -> a100
         stem = key.split("-")[0]
         if lowered.startswith(stem) and ("40gb" in lowered) == ("40gb" in key):
-            if "pcie" in lowered and key == "h100":
+            if ("pcie" in lowered) != ("pcie" in key):  # "h100-sxm-80gb" is not the PCIe card
                 continue
             return key
     return None
