@@ -491,3 +491,15 @@ def test_two_tensor_parallel_workers_answer_like_one_process(server: Server, hf_
     finally:
         log = srv.stop()
     assert "2 tensor-parallel workers" in log
+
+
+def test_a_taken_port_is_a_clear_error(server: Server, hf_dir: Path) -> None:
+    taken = subprocess.run(
+        [sys.executable, "-m", "loom", "serve", str(hf_dir), "--port", str(server.port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert taken.returncode != 0
+    assert "could not listen on 127.0.0.1" in taken.stderr and "--port" in taken.stderr
+    assert httpx.get(server.url + "/health").status_code == 200  # the first one is unharmed

@@ -236,17 +236,6 @@ def serve(model_path: str | Path, opts: ServeOptions) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         engine, served, runner = build_engine(src, opts, Path(scratch), metrics)
         app = create_app(engine, served, metrics, api_key)
-        logger.info(
-            "serving %s%s on http://%s:%d/v1 (KV cache %d blocks of %d tokens, batch ≤ %d%s)",
-            served.name,
-            f" and adapters {', '.join(served.adapters)}" if served.adapters else "",
-            opts.host,
-            opts.port,
-            engine.config.num_blocks,
-            opts.block_size,
-            opts.max_batch,
-            f", {opts.tp} tensor-parallel workers" if opts.tp > 1 else "",
-        )
         # HTTP in a thread, the engine in the main thread; SIGTERM / Ctrl-C stop both.
         http = uvicorn.Server(
             uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning")
@@ -261,7 +250,17 @@ def serve(model_path: str | Path, opts: ServeOptions) -> None:
                     "pass another --port"
                 )
             time.sleep(0.05)
-        logger.info("ready")
+        logger.info(
+            "serving %s%s on http://%s:%d/v1 (KV cache %d blocks of %d tokens, batch ≤ %d%s)",
+            served.name,
+            f" and adapters {', '.join(served.adapters)}" if served.adapters else "",
+            opts.host,
+            opts.port,
+            engine.config.num_blocks,
+            opts.block_size,
+            opts.max_batch,
+            f", {opts.tp} tensor-parallel workers" if opts.tp > 1 else "",
+        )
         try:
             engine.run_forever()
         except KeyboardInterrupt:
