@@ -140,3 +140,26 @@ def tiny_config(data_dir: Path, tmp_path: Path) -> Callable[..., object]:
         return load_config(None, [*base, *overrides])
 
     return make
+
+
+def save_tiny_llama(folder: Path, tokenizer_dir: Path, max_positions: int = 128) -> object:
+    """A random 2-layer `transformers` Llama (seed 0) saved in `folder` with the test
+    tokenizer's files; returns the model."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=TEST_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    return model

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sysconfig
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import TEST_VOCAB
+from conftest import save_tiny_llama
 
 from loom.cli import main as loom
 from loom.data.tokenizer import EOS
@@ -36,20 +35,7 @@ PROMPTS = ["def main():\n", "import ", "x = 1\ny ="]
 def hf_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama saved by transformers, with the test tokenizer."""
     folder = tmp_path_factory.mktemp("hf-eval")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=TEST_VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    for file in tokenizer_dir.iterdir():
-        shutil.copy(file, folder / file.name)
+    save_tiny_llama(folder, tokenizer_dir)
     return folder
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import openai
 import pytest
 import torch
 import transformers
-from conftest import TEST_VOCAB
+from conftest import save_tiny_llama
 
 from loom.data.tokenizer import EOS
 from loom.eval.generate import generate, load_for_generation
@@ -53,20 +52,7 @@ def hf_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A tiny random Llama saved by transformers, with the test tokenizer, a ChatML template
     and a generation config whose end of text is the tokenizer's."""
     folder = tmp_path_factory.mktemp("served") / "tiny-llama"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=TEST_VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    for file in tokenizer_dir.iterdir():
-        shutil.copy(file, folder / file.name)
+    save_tiny_llama(folder, tokenizer_dir, max_positions=512)
     (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     eos = tokenizer.convert_tokens_to_ids(EOS)

@@ -6,13 +6,12 @@ sequences give their blocks back; LoRA adapters chosen per sequence match `peft`
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import TEST_VOCAB
+from conftest import TEST_VOCAB, save_tiny_llama
 from tokenizers import Tokenizer, models
 
 from loom.eval.generate import generate
@@ -170,20 +169,7 @@ def test_lora_adapters_are_chosen_per_sequence_in_one_batch(
 ) -> None:
     import peft
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=TEST_VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    base = transformers.LlamaForCausalLM(config).eval()
-    base.save_pretrained(tmp_path / "base")
-    for file in tokenizer_dir.iterdir():
-        shutil.copy(file, tmp_path / "base" / file.name)
+    base = save_tiny_llama(tmp_path / "base", tokenizer_dir)
     references = {}
     for name, targets in (("a", ["q_proj", "v_proj"]), ("b", ["o_proj", "down_proj", "up_proj"])):
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
