@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,13 @@ for var, sub in {
     os.environ[var] = str(_CACHE_ROOT / sub)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

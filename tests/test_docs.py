@@ -8,7 +8,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from loom.cli import build_parser
 
@@ -65,12 +65,6 @@ def parse_steps(lines: list[str]) -> list[tuple[str, int, list[str]]]:
         marker = EXIT_MARKER.search(command.splitlines()[-1])
         out.append((command, int(marker.group(1)) if marker else 0, fragments))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def page_env() -> dict[str, str]:

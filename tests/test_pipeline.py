@@ -79,6 +79,25 @@ format = "hf"
 {extra}"""
 
 
+def finetune_section(corpus: Path, folder: Path, steps: int, extra: str = "") -> str:
+    """A LoRA `[finetune]` stage on prompt/completion pairs from the corpus' module docstrings
+    (written to FOLDER/sft.jsonl)."""
+    import ast
+
+    pairs = []
+    for module in sorted(corpus.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(module.read_text()))
+        if doc:
+            pairs.append({"prompt": f"What is {module.stem}?", "completion": doc[:200]})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sft.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return (
+        f'\n[finetune]\n[finetune.data]\npath = "sft.jsonl"\n[finetune.train]\nsteps = {steps}\n'
+        "batch_size = 2\nseq_len = 64\neval_interval = 0\neval_batches = 1\n"
+        '[finetune.metrics]\nprogress = "plain"\ntensorboard = false\n' + extra
+    )
+
+
 def write(folder: Path, text: str, run_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pipe.toml"
@@ -196,22 +215,9 @@ def test_adding_a_finetune_stage_reruns_only_what_reads_it(
     shared: tuple[Path, Path], corpus_dir: Path
 ) -> None:
     """LoRA on prompt/completion pairs from module docstrings; eval and export move to it."""
-    import ast
-
     path, run_dir = shared
-    pairs = []
-    for module in sorted(corpus_dir.glob("*.py")):
-        doc = ast.get_docstring(ast.parse(module.read_text()))
-        if doc:
-            pairs.append({"prompt": f"What is {module.stem}?", "completion": doc[:200]})
-    sft = path.parent / "sft.jsonl"
-    sft.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    finetune = (
-        '\n[finetune]\n[finetune.data]\npath = "sft.jsonl"\n[finetune.train]\nsteps = 3\n'
-        "batch_size = 2\nseq_len = 64\neval_interval = 0\neval_batches = 1\n"
-        '[finetune.metrics]\nprogress = "plain"\ntensorboard = false\n'
-    )
     old = stages(run_dir)
+    finetune = finetune_section(corpus_dir, path.parent, steps=3)
     write(path.parent, pipeline_text(corpus_dir, steps=12, extra=finetune), run_dir)
     assert main(["run", str(path)]) == 0
     new = stages(run_dir)
@@ -256,6 +262,141 @@ def test_an_interrupted_run_resumes(
     done = stages(run_dir)
     assert all(s["status"] == "done" for s in done.values())
     assert done["pretrain"]["figures"]["steps"] == 400
+
+
+def worker_pids(marker: str) -> list[int]:
+    """Processes whose command line names MARKER (a multi-process stage's stage.toml)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_in_next_stage(
+    proc: subprocess.Popen, run_dir: Path, killed: list[str], kept: dict[str, Path]
+) -> str | None:
+    """Watch pipeline.json; mark each finished stage's folder (a stage done again loses its
+    folder, and the mark with it); SIGKILL the run in the first running stage not killed in yet
+    (a training stage once it has a checkpoint). Returns that stage, or "serve" once serving."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"loom run exited with {proc.returncode} before serving"
+        try:
+            state = stages(run_dir)
+        except (OSError, ValueError):
+            time.sleep(0.01)
+            continue
+        for name, s in state.items():
+            if s["status"] == "done" and name not in kept:
+                kept[name] = run_dir / name / ".kept"
+                kept[name].write_text(name)
+        running = [n for n, s in state.items() if s["status"] == "running"]
+        if running and running[0] == "serve":
+            return "serve"
+        if running and running[0] not in killed:
+            name = running[0]
+            if (
+                name in ("pretrain", "finetune")
+                and not (run_dir / name / "checkpoints" / "latest").exists()
+            ):
+                time.sleep(0.01)
+                continue
+            if name == "pretrain":  # only `loom run` itself: its 2 workers must die with it
+                assert len(worker_pids(str(run_dir / name / "stage.toml"))) == 2
+                os.kill(proc.pid, signal.SIGKILL)
+            else:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return name
+        time.sleep(0.01)
+    raise AssertionError("no new stage ran within 300 s")
+
+
+def test_killing_the_run_in_each_stage_redoes_no_finished_stage(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL `loom run` once in each stage it is seen running, then run it again, until it
+    serves: finished stages are never run again, training (a 2-process pretrain stage, whose
+    workers die with `loom run`; a LoRA fine-tune) resumes from its checkpoints, and the last
+    run serves the exported model over the OpenAI API until SIGTERM ends it cleanly."""
+    import httpx
+    import openai
+    from conftest import free_port
+
+    port = free_port()
+    serve = f"\n[serve]\nport = {port}\nmax_batch = 4\n"
+    finetune = finetune_section(corpus_dir, tmp_path, steps=40)
+    finetune += "[finetune.checkpoint]\ninterval = 5\n"
+    text = pipeline_text(corpus_dir, steps=60, extra=finetune + serve)
+    text = text.replace(
+        "[eval]", "[pretrain.launch]\nnproc = 2\n[pretrain.parallel]\ndp_shard = 2\n\n[eval]"
+    )
+    run_dir = tmp_path / "run"
+    path = write(tmp_path, text, run_dir)
+    killed: list[str] = []
+    kept: dict[str, Path] = {}
+    logs = []
+    for attempt in range(len(STAGES) + 1):
+        log = tmp_path / f"attempt-{attempt}.log"
+        logs.append(log)
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "loom", "run", str(path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            where = kill_in_next_stage(proc, run_dir, killed, kept)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        if where == "serve":
+            break
+        killed.append(where)
+        if where == "pretrain":
+            deadline = time.monotonic() + 5  # at once; they would train on for seconds
+            while worker_pids(str(run_dir / "pretrain" / "stage.toml")):
+                assert time.monotonic() < deadline, "pretrain workers outlived loom run"
+                time.sleep(0.1)
+    else:
+        raise AssertionError(f"never reached serve; killed in {killed}")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the serve stage never became healthy"
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        answer = client.completions.create(model=model, prompt="import os\n", max_tokens=8)
+        assert answer.usage.completion_tokens == 8 and answer.choices[0].text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # data, pretrain and fine-tuning take long enough to be caught running every time
+    assert {"data", "pretrain", "finetune"} <= set(killed), killed
+    final = stages(run_dir)
+    assert all(s["status"] == "done" for s in final.values()), final
+    for name, mark in kept.items():
+        assert mark.is_file(), f"stage {name} was run again after it had finished"
+    assert final["pretrain"]["figures"]["steps"] == 60
+    assert final["finetune"]["figures"]["steps"] == 40
+    after_kill = {w: logs[i + 1].read_text() for i, w in enumerate(killed)}
+    for name in ("pretrain", "finetune"):
+        assert f"stage {name}: resuming in" in after_kill[name]
+        assert "resumed from" in after_kill[name]
 
 
 def test_dry_run_prints_predictions_and_runs_nothing(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import openai
 import pytest
 import torch
 import transformers
-from conftest import save_tiny_llama
+from conftest import free_port, save_tiny_llama
 
 from loom.data.tokenizer import EOS
 from loom.eval.generate import generate, load_for_generation
@@ -39,12 +38,6 @@ PROMPTS = [
     "for i in range(10):\n",
     "# a comment\n",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,10 @@ Each stage reuses the command it stands for and writes into `<run_dir>/<stage>/`
   (`gpu` as `loom plan --gpu` names it, `gpus` in all, `nodes`, `gpu_mem_gb`); the prediction
   is then made for that hardware and the stage's own `[parallel]` layout, so `--dry-run` on a
   laptop predicts the cluster, and a real run refuses to start where that hardware is absent.
+  On a machine that has it, the stage trains on all its GPUs (as `loom train --nproc`).
+- `[pretrain.launch]` / `[finetune.launch]` (optional): `nproc` local worker processes
+  (default: `[hardware] gpus`, else 1 = in the `loom run` process) and `max_restarts`, as
+  `loom train --nproc N --max-restarts K` (torchrun's elastic agent, gloo on CPU).
 - `[eval]`: `tasks = [...]` (default: the data stage's shards = perplexity on its validation
   split) and the `loom eval` options; the model defaults to the last training stage.
 - `[export]`: `format = "hf"` (`loom convert`); `[serve]`: `loom serve` options (blocks; last).
@@ -32,8 +36,8 @@ State lives in `<run_dir>/pipeline.json`. A stage's fingerprint is the sha256 of
 config (absolute paths) and the fingerprints of the stages it reads, so a changed stage runs
 again and so does everything after it; a done stage with the same fingerprint is skipped; a
 stage found running (killed) or failed resumes — training from its newest checkpoint, data
-prepare from its finished tasks, the other stages start over. Training runs in this process
-(no `--nproc`).
+prepare from its finished tasks, the other stages start over. Workers of a multi-process stage
+die with the `loom run` process, so a killed pipeline leaves none behind.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ TRAINING = ("pretrain", "finetune")
 RESUMABLE = ("data", "pretrain", "finetune")  # resume in their folder; others start over
 # serve always runs (it blocks until stopped; "done" only means it was stopped cleanly)
 STATE_FILE = "pipeline.json"
+LAUNCH_CONFIG = "stage.toml"  # a multi-process stage's resolved config, which its workers read
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -165,6 +170,45 @@ class HardwareSection:
         return f"{self.gpus} × {self.gpu}{per_node}"
 
 
+@dataclass
+class LaunchSection:
+    """`[pretrain.launch]` / `[finetune.launch]`: train the stage on `nproc` local worker
+    processes through torchrun's elastic agent, as `loom train --nproc N --max-restarts K`."""
+
+    nproc: int = 0  # 0: [hardware] gpus when that table is set, else 1 (this process)
+    max_restarts: int = 0
+
+
+def _launch(section: str, raw: dict[str, Any], hardware: HardwareSection | None) -> LaunchSection:
+    """Pop and validate the stage's `launch` table; `nproc` resolved to a process count."""
+    from loom.config import tree_from_dict
+
+    table = raw.pop("launch", {})
+    if not isinstance(table, dict):
+        raise LoomError(f"[{section}.launch] must be a section (a TOML table), got {table!r}")
+    try:
+        launch = tree_from_dict(LaunchSection, table)
+    except LoomError as e:
+        raise LoomError(f"[{section}.launch] {e}") from None
+    if launch.nproc < 0 or launch.max_restarts < 0:
+        raise LoomError(
+            f"[{section}.launch] nproc = {launch.nproc}, max_restarts = {launch.max_restarts}: "
+            "give 0 or more (nproc 0: [hardware] gpus, else 1)"
+        )
+    if hardware is not None and launch.nproc and launch.nproc != hardware.gpus:
+        raise LoomError(
+            f"[{section}.launch] nproc = {launch.nproc} but [{section}.hardware] gpus = "
+            f"{hardware.gpus}: the stage trains on the GPUs its hardware names; remove nproc"
+        )
+    if hardware is not None and hardware.nodes > 1 and launch.nproc:
+        raise LoomError(
+            f"[{section}.launch] starts workers on this machine only; [{section}.hardware] "
+            f"has {hardware.nodes} nodes (launch those with `loom torchrun`)"
+        )
+    launch.nproc = launch.nproc or (hardware.gpus if hardware is not None else 1)
+    return launch
+
+
 def _hardware(section: str, raw: dict[str, Any]) -> HardwareSection | None:
     """Pop and validate the stage's `hardware` table (the training config does not know it)."""
     from loom.config import tree_from_dict
@@ -192,9 +236,10 @@ class Stage:
     inputs: list[str] = field(default_factory=list)  # names of the stages it reads from
     model: str = ""  # eval/export/serve: the model folder
     fingerprint: str = ""
-    # training stages: the target hardware; not in the fingerprint (it changes the prediction,
-    # not what is trained)
+    # training stages: the target hardware and the local processes; not in the fingerprint
+    # (they change the prediction and the launch, not what is trained)
     hardware: HardwareSection | None = None
+    launch: LaunchSection = field(default_factory=LaunchSection)
 
 
 @dataclass
@@ -440,6 +485,7 @@ def _pretrain_stage(
 
     _forced("pretrain", section, "run_dir", str(folder))
     hardware = _hardware("pretrain", section)
+    launch = _launch("pretrain", section, hardware)
     merged = _base_config("pretrain", section, base)
     data = merged.setdefault("data", {})
     explicit = isinstance(section.get("data"), dict) and (
@@ -461,7 +507,7 @@ def _pretrain_stage(
         cfg = config_from_dict(merged)
     except LoomError as e:
         raise LoomError(f"[pretrain] {e}") from None
-    return Stage("pretrain", folder, cfg, inputs, hardware=hardware)
+    return Stage("pretrain", folder, cfg, inputs, hardware=hardware, launch=launch)
 
 
 def _finetune_stage(
@@ -472,6 +518,7 @@ def _finetune_stage(
 
     _forced("finetune", section, "run_dir", str(folder))
     hardware = _hardware("finetune", section)
+    launch = _launch("finetune", section, hardware)
     merged = _base_config("finetune", section, base)
     model = merged.setdefault("model", {})
     pretrain = next((s for s in earlier if s.name == "pretrain"), None)
@@ -504,7 +551,7 @@ def _finetune_stage(
         validate_finetune(checked)
     except LoomError as e:
         raise LoomError(f"[finetune] {e}") from None
-    return Stage("finetune", folder, cfg, inputs, hardware=hardware)
+    return Stage("finetune", folder, cfg, inputs, hardware=hardware, launch=launch)
 
 
 def _model_stage(
@@ -614,26 +661,30 @@ def predict(stage: Stage, pipe: Pipeline) -> dict[str, Any]:
     if stage.hardware is not None:
         return _predict_on(stage.name, stage.hardware, cfg, extra)
     device = select_device(cfg.train.device)
+    world = stage.launch.nproc
     if cfg.parallel.auto:
-        cfg = auto_layout(cfg, 1, device)
-    dims = resolve(cfg, 1)
+        cfg = auto_layout(cfg, world, device)
     try:
+        dims = resolve(cfg, world)
         check_fits(cfg, dims, device, force=cfg.train.force, **extra)
     except LoomError as e:
-        raise LoomError(f"[{stage.name}] {e}") from None
+        where = f" on {world} processes ([{stage.name}.launch] nproc)" if world > 1 else ""
+        raise LoomError(f"[{stage.name}]{where} {e}") from None
     precision = cfg.train.precision
     flops, source = peak_flops(device, precision)
     tflops = flops / 1e12 if flops else 1.0
     hw = dataclasses.replace(
-        local_hardware(device, 1), peak_tflops={"bf16": tflops, "fp32": tflops, "fp8": tflops}
+        local_hardware(device, world), peak_tflops={"bf16": tflops, "fp32": tflops, "fp8": tflops}
     )
     strategy = dataclasses.replace(strategy_for(cfg, dims), **extra)
     plan = evaluate(model_from_config(cfg.model, cfg.train.seq_len), hw, strategy)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
     out = summary(plan, tokens)
     out["model_params"] = cfg.model.num_params()
-    out["devices"] = 1
+    out["devices"] = world
     out["device"] = f"{hw.name} ({source})" if device.type == "cpu" else hw.name
+    if world > 1:
+        out["device"] = f"{world} processes × {out['device']}"
     out["device_memory_gib"] = round(hw.memory_gb * 1e9 / 2**30, 3)
     out["steps"] = cfg.train.steps
     out["training_tokens"] = tokens
@@ -806,7 +857,7 @@ def local_gpus() -> list[str]:
 
 def check_hardware_here(name: str, target: HardwareSection) -> None:
     """Refuse to start a stage meant for other hardware: its prediction, layout and batch are
-    the target's, and the pipeline trains in this one process."""
+    the target's."""
     gpus = local_gpus()
     family = target.planner(name).name.split("-")[0]  # h100-pcie -> h100; "cpu"/"custom" kept
     matching = [g for g in gpus if family in g.lower().replace(" ", "-")]
@@ -817,13 +868,6 @@ def check_hardware_here(name: str, target: HardwareSection) -> None:
     if target.nodes > 1 or len(matching) < target.gpus:
         raise LoomError(
             f"[{name}] hardware asks for {target.words()}; this machine has {have}; {fix}"
-        )
-    if target.gpus > 1:
-        raise LoomError(
-            f"[{name}] hardware asks for {target.words()}, which this machine has, but `loom "
-            f"run` trains in one process; run this stage's config with `loom "
-            f"{'train' if name == 'pretrain' else 'finetune'} --nproc {target.gpus}`, or "
-            f"remove [{name}.hardware] to run it here on one device"
         )
 
 
@@ -880,30 +924,50 @@ def _run_tokenizer(stage: Stage) -> dict[str, Any]:
     return {"vocab_size": tok["vocab_size"], "hash": str(tok["hash"]).split(":")[-1][:16]}
 
 
+def _train(stage: Stage) -> tuple[int | None, str | None, float | None]:
+    """Train the stage in this process, or on `[launch] nproc` workers (as `loom train
+    --nproc`): (last step, or None to read it from the metrics; the signal that stopped it
+    before train.steps; goodput, or None to read it from goodput.json)."""
+    from loom.config import save_config
+    from loom.parallel.launch import launch
+
+    if stage.launch.nproc == 1 and not stage.launch.max_restarts:
+        if stage.name == "pretrain":
+            from loom.train.trainer import train as run
+        else:
+            from loom.finetune.trainer import finetune as run
+        result = run(stage.config)
+        return result.step, result.stopped_by, result.goodput.get("goodput")
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    config = stage.dir / LAUNCH_CONFIG
+    save_config(stage.config, config)
+    module = "loom.train" if stage.name == "pretrain" else "loom.finetune"
+    workers = stage.launch
+    stopped_by = launch(str(config), [], workers.nproc, stage.dir, workers.max_restarts, module)
+    return None, stopped_by, None
+
+
 def _run_training(stage: Stage) -> dict[str, Any]:
     from loom.train.metrics import read_metrics
 
-    if stage.name == "pretrain":
-        from loom.train.trainer import train as run
-    else:
-        from loom.finetune.trainer import finetune as run
-    result = run(stage.config)
-    if result.stopped_by:
+    step, stopped_by, goodput = _train(stage)
+    records = read_metrics(stage.dir)
+    if step is None:  # the last step is always logged
+        step = max((r["step"] for r in records if "step" in r), default=0)
+    if stopped_by:
         raise LoomError(
-            f"stage {stage.name} was stopped by {result.stopped_by} after step {result.step} "
+            f"stage {stage.name} was stopped by {stopped_by} after step {step} "
             "with a checkpoint saved; run the same command to continue"
         )
-    records = read_metrics(stage.dir)
     losses = [r for r in records if "loss" in r]
     vals = [r for r in records if "val_loss" in r]
     t = stage.config.train
     figures: dict[str, Any] = {
-        "steps": result.step,
+        "steps": step,
         "final_loss": losses[-1]["loss"] if losses else None,
         "final_val_loss": vals[-1]["val_loss"] if vals else None,
-        "tokens": result.step * t.batch_size * t.seq_len,
+        "tokens": step * t.batch_size * t.seq_len,
     }
-    goodput = result.goodput.get("goodput")
     if goodput is None and (stage.dir / "goodput.json").is_file():
         g = json.loads((stage.dir / "goodput.json").read_text())
         goodput = g.get("productive_s", 0.0) / max(g["last_seen"] - g["started"], 1e-9)

@@ -3,7 +3,10 @@ and small helpers to combine per-rank numbers."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -26,8 +29,21 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
     """Join the job torchrun started (once per process); gloo on CPU, NCCL for CUDA tensors."""
     if dist.is_initialized():
         return
+    die_with_launcher()
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def die_with_launcher() -> None:
+    """Have Linux kill this worker when the process that started it (torchrun's agent: `loom
+    train --nproc`, `loom run`) dies, so a killed launch leaves no worker training on into the
+    run folder that the next launch resumes in."""
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os._exit(1)
 
 
 def shutdown() -> None:

@@ -49,9 +49,9 @@ def launch(
     run_dir: Path,
     max_restarts: int = 0,
     module: str = "loom.train",
-) -> None:
+) -> str | None:
     """Start `python -m MODULE CONFIG OVERRIDES` on N local workers (loom.train or
-    loom.finetune)."""
+    loom.finetune); the name of the signal that stopped them early, or None."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -77,12 +77,14 @@ def launch(
         raise LoomError(describe_failures(e, run_dir)) from None
     except SignalException as e:
         # The workers got the signal too: each finished its step and saved a checkpoint.
+        name = signal.Signals(e.sigval).name
         logger.warning(
             "stopped by %s; the workers saved a checkpoint; run the same command to continue",
-            signal.Signals(e.sigval).name,
+            name,
         )
-        return
+        return name
     logger.info("all %d workers finished; run folder %s", nproc, run_dir)
+    return None
 
 
 def describe_failures(error: object, run_dir: Path) -> str:
