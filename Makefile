@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # torch for CPU machines; a machine whose venv already has torch (e.g. CUDA) keeps its own.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: demo finetune-demo test lint install install-dev clean
+.PHONY: demo finetune-demo test lint install install-dev chromium clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,20 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) -m loom.demo
 
-test: install-dev
+# tests/test_report.py renders the report in Debian's chromium: as root with apt-get, install it
+# when it is missing (`apt-get update` only if the install fails without it).
+chromium:
+	@command -v chromium >/dev/null && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "error: the tests need Debian's chromium package: sudo apt-get install chromium" >&2; \
+		exit 1; \
+	fi; \
+	echo "installing Debian's chromium (apt-get install chromium)"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+test: install-dev chromium
 	$(PY) -m pytest -q
 
 lint: install-dev

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.image import imread
+from playwright.sync_api import sync_playwright
 
 from loom.cli import main as loom
 from loom.config import Config
@@ -42,6 +43,48 @@ CHOICES = [
     {"context": "def add(a, b):\n  return", "choices": [" a + b", " a - b", " None"], "answer": 0},
     {"context": "import os\nimport", "choices": [" sys", " os", " json"], "answer": 2},
     {"context": "for i in", "choices": [" range(10):", " x:", " ()"], "answer": 0},
+]
+# The sections of a run folder's report, and those of them that are a figure (the rest: tables).
+RUN_SECTIONS = ("summary", "loss", "lr", "throughput", "memory", "goodput", "eval")
+RUN_FIGURES = ("loss", "lr", "throughput", "memory", "goodput")
+# The pipeline fixture's report: its sections, and the one figure each figure section holds
+# (stage durations, the data funnel, each training run's figures, pretrain's plan vs measured).
+PIPELINE_SECTIONS = (
+    "stages",
+    "data-funnel",
+    "data-shards",
+    "pretrain-summary",
+    "pretrain-loss",
+    "pretrain-lr",
+    "pretrain-throughput",
+    "pretrain-memory",
+    "pretrain-goodput",
+    "pretrain-eval",
+    "pretrain-predicted",
+    "finetune-summary",
+    "finetune-loss",
+    "finetune-lr",
+    "finetune-goodput",
+    "eval-eval",
+)
+PIPELINE_FIGURES = (
+    "stages",
+    "data-funnel",
+    *(f"pretrain-{name}" for name in RUN_FIGURES),
+    "pretrain-predicted",
+    *(f"finetune-{name}" for name in RUN_FIGURES),
+)
+# Headless Debian chromium on a machine without network: no sandbox (root in CI), no GPU, and
+# none of the background fetches that would flood refused connections.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -229,25 +272,7 @@ def test_pipeline_report_is_self_contained_and_shows_the_runs_numbers(
         else:
             assert value.startswith("#") and value[1:] in ids, value
 
-    expected = [
-        "stages",
-        "data-funnel",
-        "data-shards",
-        "pretrain-summary",
-        "pretrain-loss",
-        "pretrain-lr",
-        "pretrain-throughput",
-        "pretrain-memory",
-        "pretrain-goodput",
-        "pretrain-eval",
-        "pretrain-predicted",
-        "finetune-summary",
-        "finetune-loss",
-        "finetune-lr",
-        "finetune-goodput",
-        "eval-eval",
-    ]
-    for anchor in expected:
+    for anchor in PIPELINE_SECTIONS:
         section(page, anchor)
 
     figures = images(page)
@@ -323,7 +348,7 @@ def test_pipeline_report_is_self_contained_and_shows_the_runs_numbers(
 
     # The run folder alone is a report of its own.
     alone = write_report(pipeline / "pretrain").read_text()
-    for anchor in ("summary", "loss", "lr", "throughput", "memory", "goodput", "eval"):
+    for anchor in RUN_SECTIONS:
         section(alone, anchor)
     assert 'id="notes"' not in alone
 
@@ -364,3 +389,59 @@ def test_a_bad_run_dir_is_one_error_line(
     with pytest.raises(LoomError, match="neither a run folder .* nor a pipeline folder"):
         write_report(tmp_path / "other")
     assert not (tmp_path / "other" / "report.html").exists()
+
+
+def test_report_renders_in_headless_chromium(
+    pipeline: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The written report.html opened from disk in a real browser: every section is there, and
+    every figure decodes and is drawn as something other than a blank box."""
+    chromium = shutil.which("chromium")
+    assert chromium, "no chromium on PATH: install Debian's chromium package (make test does)"
+    assert loom(["report", str(pipeline)]) == 0
+    report = pipeline / "report.html"
+    assert capsys.readouterr().out.strip() == str(report)
+
+    requested: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(report.as_uri(), wait_until="load")
+            title = page.title()
+            h1 = page.locator("h1").inner_text()
+            headings = page.eval_on_selector_all(
+                "section[id]",
+                "all => Object.fromEntries(all.map(s => [s.id, s.querySelector('h2')?.innerText]))",
+            )
+            shown = page.eval_on_selector_all(
+                "img",
+                """all => all.map(img => ({
+                    section: img.closest('section')?.id,
+                    complete: img.complete,
+                    width: img.naturalWidth,
+                    height: img.naturalHeight,
+                    drawn: img.getBoundingClientRect().width * img.getBoundingClientRect().height,
+                }))""",
+            )
+            shots = [img.screenshot() for img in page.locator("img").all()]
+        finally:
+            browser.close()
+
+    assert title == h1 == f"Loom report: {pipeline.name}"
+    assert all(url.startswith(("file:", "data:")) for url in requested), requested
+    for anchor in (*PIPELINE_SECTIONS, *PIPELINE_FIGURES, "finetune-finetune-data"):
+        assert headings.get(anchor), f"section {anchor} is missing or has no heading"
+    assert "notes" in headings
+
+    assert [img["section"] for img in shown] == list(PIPELINE_FIGURES)
+    assert len(shots) == len(PIPELINE_FIGURES)
+    for img, shot in zip(shown, shots, strict=True):
+        where = img["section"]
+        assert img["complete"] and img["width"] > 0 and img["height"] > 0, f"{where}: not decoded"
+        assert img["drawn"] > 0, f"{where}: laid out with no area"
+        pixels = imread(io.BytesIO(shot), format="png")[2:-2, 2:-2, :3]  # inside the border
+        colours = np.unique(pixels.reshape(-1, 3), axis=0)
+        inked = (pixels < 0.9).any(axis=-1).mean()
+        assert len(colours) > 10 and inked > 0.01, f"{where}: drawn blank ({len(colours)} colours)"
