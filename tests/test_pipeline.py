@@ -610,24 +610,31 @@ def test_a_stage_for_absent_hardware_stops_before_anything_runs(
 def test_a_stage_on_its_target_hardware_runs_and_records_the_plan(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With one H100 here (pretended), the one-GPU stage runs; pipeline.json's plan is the
-    H100's (the training itself runs on this machine's CPU)."""
+    """With two H100s here (pretended), the two-GPU stage trains on two worker processes, as
+    `loom train --nproc 2` would; pipeline.json's plan is the H100s' (the workers train on
+    this machine's CPU)."""
     import loom.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "local_gpus", lambda: ["NVIDIA H100 80GB HBM3"])
+    monkeypatch.setattr(pipeline, "local_gpus", lambda: ["NVIDIA H100 80GB HBM3"] * 2)
     text = pipeline_text(data_dir, steps=2)
     text = text[text.index("[pretrain]") : text.index("[eval]")]
-    text += f'[pretrain.data]\npath = "{data_dir}"\n' + HARDWARE.format(gpus=1)
+    text += f'[pretrain.data]\npath = "{data_dir}"\n' + HARDWARE.format(gpus=2)
+    text += "[pretrain.parallel]\ndp_shard = 2\n"
     text = text.replace('precision = "fp32"', 'precision = "fp32"\ndevice = "cpu"')
     run_dir = tmp_path / "run"
     assert main(["run", str(write(tmp_path, text, run_dir))]) == 0
     state = json.loads((run_dir / "pipeline.json").read_text())
     plan = state["plan"]["pretrain"]
-    assert plan["hardware"] == {"gpu": "h100", "gpus": 1, "nodes": 1, "gpu_mem_gb": 0.0} | {
+    assert plan["hardware"] == {"gpu": "h100", "gpus": 2, "nodes": 1, "gpu_mem_gb": 0.0} | {
         "planner_gpu": "h100"
     }
-    assert plan["devices"] == 1 and plan["device_memory_gib"] == 74.506
+    assert plan["devices"] == 2 and plan["device_memory_gib"] == 74.506
     assert stages(run_dir)["pretrain"]["status"] == "done"
+    assert stages(run_dir)["pretrain"]["figures"]["steps"] == 2
+    # the config the workers read, and the progress note each of the two ranks kept
+    assert (run_dir / "pretrain" / "stage.toml").is_file()
+    notes = sorted(p.name for p in (run_dir / "pretrain" / ".ranks").iterdir())
+    assert notes == ["rank-0.json", "rank-1.json"]
 
 
 @pytest.mark.parametrize(
@@ -644,6 +651,17 @@ def test_a_stage_on_its_target_hardware_runs_and_records_the_plan(
         (
             HARDWARE.format(gpus=8) + "[pretrain.parallel]\nauto = true\n",
             "parallel.auto picks a layout for the machine it runs on",
+        ),
+        (
+            HARDWARE.format(gpus=8) + "[pretrain.launch]\nnproc = 2\n",
+            "[pretrain.launch] nproc = 2 but [pretrain.hardware] gpus = 8",
+        ),
+        ("\n[pretrain.launch]\nnproc = -1\n", "[pretrain.launch] nproc = -1, max_restarts = 0"),
+        ("\n[pretrain.launch]\nprocs = 2\n", "[pretrain.launch] unknown config key procs"),
+        (
+            "\n[pretrain.launch]\nnproc = 3\n",
+            "[pretrain] on 3 processes ([pretrain.launch] nproc) train.micro_batch_size=4 "
+            "sequences do not split over 3 data-parallel ranks",
         ),
     ],
 )
