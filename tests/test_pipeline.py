@@ -16,6 +16,7 @@ import pytest
 
 from loom.cli import main
 from loom.pipeline import STAGES
+from loom.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -635,6 +636,11 @@ def test_a_stage_on_its_target_hardware_runs_and_records_the_plan(
     assert (run_dir / "pretrain" / "stage.toml").is_file()
     notes = sorted(p.name for p in (run_dir / "pretrain" / ".ranks").iterdir())
     assert notes == ["rank-0.json", "rank-1.json"]
+    for record in read_metrics(run_dir / "pretrain"):  # memory per rank, for the report
+        ranks = record["peak_mem_gib_per_rank"]
+        assert len(ranks) == 2 and min(ranks) > 0 and record["peak_mem_gib"] == max(ranks)
+    report = (run_dir / "report.html").read_text()
+    assert "peak_mem_gib rank 0" in report and "peak_mem_gib rank 1" in report
 
 
 @pytest.mark.parametrize(

@@ -523,7 +523,8 @@ def _memory_section(page: Page, run: RunData, prefix: str, title: str) -> None:
             if isinstance(value, list):
                 for rank, v in enumerate(value):
                     if _finite(v):
-                        xs, ys = lines.setdefault(f"{key} rank {rank}", ([], []))
+                        name = f"{key.removesuffix('_per_rank')} rank {rank}"
+                        xs, ys = lines.setdefault(name, ([], []))
                         xs.append(step)
                         ys.append(float(v))
             elif _finite(value):

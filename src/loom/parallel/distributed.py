@@ -65,6 +65,15 @@ def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return value
 
 
+def per_rank(value: float) -> list[float]:
+    """Every rank's `value`, in rank order (`[value]` on one process)."""
+    if not dist.is_initialized():
+        return [value]
+    slots = torch.zeros(world_size(), dtype=torch.float64)
+    slots[rank()] = value
+    return all_reduce(slots).tolist()
+
+
 def broadcast_object(obj: object) -> object:
     """Rank 0's `obj` on every rank."""
     if not dist.is_initialized():

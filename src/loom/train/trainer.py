@@ -457,10 +457,8 @@ class Trainer:
                         step_seconds = time.perf_counter() - step_start
                         elapsed = time.perf_counter() - interval_start
                         tokens_per_s = interval_tokens / elapsed
-                        peak = self._guarded(
-                            lambda: distributed.all_reduce(
-                                torch.tensor(peak_memory_gib(self.device)), op="max"
-                            ),
+                        per_rank = self._guarded(
+                            lambda: distributed.per_rank(peak_memory_gib(self.device)),
                             f"logging step {self.step}",
                         )
                         record: dict[str, Any] = {
@@ -472,10 +470,12 @@ class Trainer:
                             "mfu": self.flops_per_token * tokens_per_s / self.peak_flops
                             if self.peak_flops
                             else 0.0,
-                            "peak_mem_gib": float(peak),
+                            "peak_mem_gib": max(per_rank),
                             "tokens": self.tokens_seen,
                             "skipped_steps": self.guard.skipped,
                         }
+                        if len(per_rank) > 1:
+                            record["peak_mem_gib_per_rank"] = per_rank
                         if ledger is not None:
                             record["goodput"] = ledger.goodput
                             record["checkpoint_s"] = ledger.checkpoint_s
