@@ -99,6 +99,118 @@ def test_qlora_70b_fits_two_24gb_cards_lora_only_offloaded_full_not_at_all() -> 
         answer("full")
 
 
+# Llama-3-70B counted by hand: 80 blocks of q, k, v, o (8 KV heads of 128), a SwiGLU MLP and
+# two norms; untied embedding and head over 128,256 tokens; the final norm.
+L70, H70, KV70, F70, V70 = 80, 8192, 1024, 28672, 128256
+NORMS_70B = L70 * 2 * H70 + H70  # not split by tensor parallelism
+PARAMS_70B = L70 * (2 * H70 * H70 + 2 * H70 * KV70 + 3 * H70 * F70) + NORMS_70B + 2 * V70 * H70
+NF4 = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, an int8 scale per 64, an fp32 per 256 scales
+
+
+def lora_70b(rank: int) -> int:
+    """r · (d_in + d_out) for q, k, v, o, gate, up and down in every block."""
+    h, kv, f = H70, KV70, F70
+    return L70 * rank * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + f) + (f + h))
+
+
+def test_70b_counted_by_hand_is_the_preset() -> None:
+    spec = parse_spec({"model": "llama3-70b", "hardware": {"gpu": "h100", "n_gpus": 1}})
+    assert PARAMS_70B == spec.model.params() == 70_553_706_496
+
+
+# QLoRA: Loom runs it in one process; over several devices the planner assumes FSDP shards NF4.
+@pytest.mark.parametrize("method,base_bytes", [("lora", 4.0), ("qlora", NF4)])
+def test_fsdp_shards_a_finetuning_runs_frozen_base(method: str, base_bytes: float) -> None:
+    """Loom applies fully_shard to the whole model: frozen weights are sharded like any other,
+    only the adapters have gradients and Adam state (fp32 weights, grads, 2 moments)."""
+    spec = parse_spec({"model": "llama3-70b", "hardware": {"gpu": "h100", "n_gpus": 16}})
+    m, hw = spec.model, spec.hardware
+    common = {"dp": 16, "global_batch": 16, "finetune": method, "lora_rank": 16}
+    ddp = evaluate(m, hw, Strategy(zero_stage=0, **common)).memory
+    fsdp = evaluate(m, hw, Strategy(zero_stage=3, **common)).memory
+    adapters = lora_70b(16)
+    assert ddp.params == pytest.approx(PARAMS_70B * base_bytes + adapters * 4)
+    assert fsdp.params == pytest.approx((PARAMS_70B * base_bytes + adapters * 4) / 16)
+    assert fsdp.grads == pytest.approx(adapters * 4 / 16)
+    assert fsdp.optimizer == pytest.approx(adapters * 8 / 16)
+    assert ddp.grads == pytest.approx(adapters * 4) and ddp.optimizer == pytest.approx(adapters * 8)
+    # FSDP still gathers every block's (frozen) weights in bf16: the running one and the next.
+    block_bf16 = (PARAMS_70B - 2 * V70 * H70 - H70) / L70 * 2
+    assert fsdp.other > 1e9 + 2 * block_bf16
+
+
+def test_70b_lora_tp4_fsdp16_fits_64_h100() -> None:
+    raw = {
+        "model": {"preset": "llama3-70b", "seq_len": 4096},
+        "hardware": {"gpu": "h100", "n_gpus": 64},
+        "strategy": {
+            "tp": 4,
+            "dp": 16,
+            "sp": True,
+            "zero_stage": 3,
+            "recompute": "full",
+            "micro_batch": 8,
+            "global_batch": 256,
+            "finetune": "lora",
+            "lora_rank": 16,
+        },
+    }
+    best, _ = plan(parse_spec(raw))
+    # Tensor parallelism splits all but the norms; FSDP shards the rest of the fp32 base.
+    base = ((PARAMS_70B - NORMS_70B) / 4 + NORMS_70B) * 4 / 16
+    adapters = lora_70b(16) / 4
+    assert best.memory.params == pytest.approx(base + adapters * 4 / 16)
+    assert best.memory.params < 4.5e9  # not the 70.7 GB of an unsharded fp32 quarter
+    assert best.fits and best.memory.total < 80e9
+    full, _ = plan(parse_spec({**raw, "strategy": {**raw["strategy"], "finetune": "full"}}))
+    assert best.memory.total < full.memory.total  # same base, no full gradients or Adam state
+
+
+def test_loom_lora_70b_on_fsdp_64_fits_as_train_checks_it() -> None:
+    """The layout `loom finetune` runs for LoRA (tp 1, FSDP over all 64), through the path
+    `loom train` / `loom run` take: the config and its resolved dims."""
+    from dataclasses import replace
+
+    from loom.config import Config
+    from loom.models.presets import get_preset
+    from loom.parallel.dims import ParallelDims
+    from loom.planner.memory import fits
+    from loom.planner.spec import gpu_hardware
+    from loom.planner.training import predicted_memory
+
+    base = Config()
+    cfg = replace(
+        base,
+        model=get_preset("llama3-70b"),
+        train=replace(base.train, seq_len=4096, batch_size=256, micro_batch_size=256),
+        memory=replace(base.memory, recompute="full"),
+    )
+    dims = ParallelDims(pp=1, dp_replicate=1, dp_shard=64, tp=1, stages_per_rank=1, microbatches=1)
+    hw = gpu_hardware("h100", 64)
+    memory = predicted_memory(cfg, dims, hw, finetune="lora", lora_rank=16)
+    assert memory.params == pytest.approx((PARAMS_70B * 4 + lora_70b(16) * 4) / 64)
+    assert fits(memory, hw)
+
+
+def test_lora_gathers_every_weight_but_reduces_only_adapter_gradients() -> None:
+    """ZeRO-3 all-gathers the frozen base forward and backward for every micro-batch; the
+    gradient reduction moves the adapters' gradients only."""
+    from loom.planner.cost import Calibration, step_time
+
+    spec = parse_spec({"model": "llama3-70b", "hardware": {"gpu": "h100", "n_gpus": 16}})
+    m, hw = spec.model, spec.hardware
+    cal = Calibration(dp_overlap=0.0, collective_latency_s=0.0, hop_latency_s=0.0)
+    link = hw.inter_node_gbps * 1e9 * cal.link_efficiency  # 16 ranks span two nodes
+    dp, micro = 16, 2
+    common = {"dp": dp, "zero_stage": 3, "global_batch": dp * micro, "recompute": "full"}
+    full = step_time(m, hw, Strategy(**common), cal)
+    lora = step_time(m, hw, Strategy(finetune="lora", **common), cal)
+    gather = 2 * micro * (dp - 1) / dp * PARAMS_70B * 2 / link  # bf16, forward and backward
+    assert lora.data_parallel > gather > 0
+    reduce_full, reduce_lora = full.data_parallel - gather, lora.data_parallel - gather
+    assert reduce_full / reduce_lora == pytest.approx(PARAMS_70B / lora_70b(16))
+
+
 def test_memory_terms_follow_sharding() -> None:
     spec = parse_spec({"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 8}})
     m, hw = spec.model, spec.hardware

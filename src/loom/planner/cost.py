@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from loom.planner.memory import BYTES, params_per_device, state_bytes
+from loom.planner.memory import BYTES, lora_params, params_per_device, state_bytes
 from loom.planner.spec import Hardware, ModelShape, Strategy
 
 
@@ -204,9 +204,10 @@ def step_time(
         pipeline = 2 * v * (m + s.pp - 1) * p2p
 
     # Data parallelism over the replicas' links: gradients reduced once per step, overlapping
-    # the last micro-batch's backward; ZeRO-3 also gathers weights for every micro-batch.
+    # the last micro-batch's backward; ZeRO-3 also gathers weights for every micro-batch. With
+    # LoRA / QLoRA only the adapters' gradients are reduced, but every weight is gathered.
     psi = params_per_device(model, s)
-    trainable = psi if s.finetune == "full" else 0.02 * psi
+    trainable = psi if s.finetune == "full" else lora_params(model, s)
     weight_bytes, grad_bytes, _ = state_bytes(s)
     dp_ranks = s.dp * s.cp
     spans_nodes = (

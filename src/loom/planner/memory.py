@@ -64,13 +64,37 @@ def model_state_bytes(params: float, s: Strategy) -> tuple[float, float, float]:
     )
 
 
-def lora_params(model: ModelShape, s: Strategy) -> float:
-    """Trainable LoRA parameters per device: r · (d_in + d_out) for every targeted linear."""
+def lora_params_per_layer(model: ModelShape, s: Strategy) -> float:
+    """Trainable LoRA parameters of one block on one device: r · (d_in + d_out) for every
+    targeted linear, split by tensor parallelism."""
     h, f = model.hidden, model.ffn_hidden
     per_layer = s.lora_rank * (
         (h + model.q_dim) + 2 * (h + model.kv_dim) + (model.q_dim + h) + 2 * (h + f) + (f + h)
     )
-    return model.layers / s.pp * per_layer / s.tp
+    return per_layer / s.tp
+
+
+def lora_params(model: ModelShape, s: Strategy) -> float:
+    """Trainable LoRA parameters per device: those of its share of the blocks."""
+    return model.layers / s.pp * lora_params_per_layer(model, s)
+
+
+def adapter_state_bytes(model: ModelShape, psi: float, s: Strategy) -> tuple[float, float, float]:
+    """LoRA / QLoRA: weights, gradients and optimizer bytes per device, where `psi` is the base
+    parameters on that device (already divided by tensor and pipeline parallelism).
+
+    The frozen base is NF4 for QLoRA; else 16-bit, except that Loom keeps it in fp32. Loom
+    applies FSDP2 (`fully_shard`) to the whole model after adding the adapters, and FSDP shards
+    every parameter of a block, trainable or frozen: under ZeRO stage 3 each device keeps
+    1/dp of the base, as in full training. Only the adapters have gradients and Adam state,
+    sharded by the ZeRO stage like any trained weight. (Loom runs QLoRA in one process; over
+    several devices the planner assumes FSDP shards the NF4 base like any weight, which
+    torchao's NF4 tensors support.)
+    """
+    base_bytes = NF4_BYTES if s.finetune == "qlora" else 4.0 if s.framework == "loom" else 2.0
+    base = psi * base_bytes / (s.dp if s.zero_stage >= 3 else 1)
+    weights, grads, optim = model_state_bytes(lora_params(model, s), s)
+    return base + weights, grads, optim
 
 
 def params_per_device(model: ModelShape, s: Strategy) -> float:
@@ -195,12 +219,7 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
             # gradient whole on every tensor-parallel rank (measured, tests/test_parallel.py).
             grads += model.vocab * model.hidden * (1 - 1 / s.tp) * state_bytes(s)[1]
     else:
-        # Frozen base weights: NF4 for QLoRA; else 16-bit, except that Loom keeps them in fp32.
-        base_bytes = 4.0 if s.framework == "loom" else 2.0
-        weights = psi * (NF4_BYTES if s.finetune == "qlora" else base_bytes)
-        trainable = lora_params(model, s)
-        weights += trainable * 4
-        grads, optim = trainable * 4, trainable * 8
+        weights, grads, optim = adapter_state_bytes(model, psi, s)
     host = 0.0
     if s.offload == "optimizer":
         host, optim = optim, 0.0
@@ -209,9 +228,13 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     acts = activations(model, s)
     buffers = 0.0
     if s.zero_stage >= 3 or s.offload == "params":
-        # Gathered weights (and their gradients) of the running block and the prefetched one.
-        block = model.layer_params() / s.tp * BYTES[s.precision if s.precision != "fp8" else "bf16"]
-        buffers = 2 * block * 2
+        # Gathered weights of the running block and the prefetched one (frozen or not: FSDP
+        # gathers a LoRA run's base like any weight), and their unsharded gradients before the
+        # reduce-scatter (with adapters, only the adapters have gradients).
+        width = BYTES[s.precision if s.precision != "fp8" else "bf16"]
+        block = model.layer_params() / s.tp * width
+        trained = block if s.finetune == "full" else lora_params_per_layer(model, s) * width
+        buffers = 2 * (block + trained)
     other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
     return Memory(weights, grads, optim, acts, other, host)
 
