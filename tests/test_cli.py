@@ -257,3 +257,13 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pat
     ]
     train(load_config(None, overrides))
     return run
+
+
+def test_torchrun_help_names_loom_torchrun(capsys: pytest.CaptureFixture[str]) -> None:
+    """`loom torchrun` is torchrun's own parser, named after the command a user typed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["torchrun", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: loom torchrun [-h] [--nnodes NNODES]")
+    assert "--max-restarts" in out

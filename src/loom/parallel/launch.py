@@ -35,10 +35,13 @@ RESTARTABLE_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 def torchrun(args: list[str]) -> int:
     """torchrun with `args`, restartable on gloo."""
-    from torch.distributed.run import main
+    from torch.distributed.elastic.multiprocessing.errors import record
+    from torch.distributed.run import get_args_parser, run
 
     os.environ.update(RESTARTABLE_STORE)
-    main(args)
+    parser = get_args_parser()
+    parser.prog = "loom torchrun"  # argparse would name the program after sys.argv[0]: loom
+    record(run)(parser.parse_args(args))  # as torchrun's own main
     return 0
 
 
