@@ -300,3 +300,34 @@ def test_tokenizer_training_needs_text_and_a_sane_size() -> None:
         train_bpe(iter([]), 300)
     with pytest.raises(LoomError, match="larger than the supported"):
         train_bpe(["text"], 5_000_000_000)
+
+
+def test_an_empty_split_is_reported(
+    tmp_path: Path, tokenizer_dir: Path, loom_logs: pytest.LogCaptureFixture
+) -> None:
+    """Three documents and a 5 % validation share: which split each lands in is a hash of its
+    id; found here by the same hash, so the test knows an empty validation split comes."""
+    names = [f"doc-{i}" for i in range(100)]
+    train_only = [n for n in names if not is_validation(n, 0, 0.05)][:3]
+    val_only = [n for n in names if is_validation(n, 0, 0.99)][:3]
+    for case, ids, fraction, message in (
+        ("no-val", train_only, 0.05, "no document fell into the validation split"),
+        ("no-train", val_only, 0.99, "all 3 document(s) fell into the validation split"),
+    ):
+        src = tmp_path / case
+        src.mkdir()
+        (src / "a.jsonl").write_text(
+            "".join(json.dumps({"text": f"text of {i}", "id": i}) + "\n" for i in ids)
+        )
+        loom_logs.clear()
+        manifest = tokenize_to_shards(
+            TokenizeOptions(
+                inputs=[f"{src}/*"],
+                tokenizer=str(tokenizer_dir),
+                out=str(tmp_path / f"{case}-out"),
+                val_fraction=fraction,
+            )
+        )
+        assert manifest["documents"]["kept"] == 3
+        warnings = [r.getMessage() for r in loom_logs.records if r.levelname == "WARNING"]
+        assert any(message in w and "--val-fraction" in w for w in warnings), warnings

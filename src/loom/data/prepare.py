@@ -51,6 +51,7 @@ from loom.data.tasks import (
     read_docs,
     tokenize_kept,
 )
+from loom.data.tokenize import warn_on_empty_split
 from loom.data.tokenizer import (
     EOS,
     eos_id,
@@ -191,6 +192,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         manifest["splits"]["train"]["tokens"],
         len(manifest["splits"]["train"]["shards"]),
     )
+    warn_on_empty_split(manifest, "output.val_fraction")
     return manifest
 
 

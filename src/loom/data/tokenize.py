@@ -47,6 +47,29 @@ def is_validation(doc_id: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
+def warn_on_empty_split(manifest: dict[str, Any], option: str) -> None:
+    """An empty split is legal but surprising: say so, and what to change (`option`)."""
+    splits, fraction = manifest["splits"], manifest["val_fraction"]
+    documents = splits["train"]["documents"] + splits["val"]["documents"]
+    if fraction > 0 and splits["val"]["documents"] == 0:
+        logger.warning(
+            "no document fell into the validation split (%s=%g of %d document(s), chosen by a "
+            "hash of each id): training on this folder reports no val_loss; raise %s or add "
+            "documents",
+            option,
+            fraction,
+            documents,
+            option,
+        )
+    if splits["train"]["documents"] == 0:
+        logger.warning(
+            "all %d document(s) fell into the validation split: training on this folder has "
+            "nothing to train on; lower %s or add documents",
+            documents,
+            option,
+        )
+
+
 def tokenize_to_shards(opts: TokenizeOptions) -> dict[str, Any]:
     """Run the job; returns the manifest it wrote."""
     if not 0 <= opts.val_fraction < 1:
@@ -128,6 +151,7 @@ def tokenize_to_shards(opts: TokenizeOptions) -> dict[str, Any]:
     )
     for reason, n in drops.by_reason.items():
         logger.warning("dropped %d record(s): %s (per file in %s)", n, reason, out / MANIFEST)
+    warn_on_empty_split(manifest, "--val-fraction")
     return manifest
 
 
