@@ -567,16 +567,35 @@ def test_the_70b_pipeline_fits_its_64_gpus(
     assert used < capacity < 80 and not run_dir.exists()
 
 
-def test_the_smollm2_pipeline_is_valid(
+def test_the_smollm2_pipeline_fine_tunes_and_serves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """${SMOLLM2_GGUF} (built in) and $PYDOC; serve is validated, never started."""
+    """configs/pipeline-smollm2.toml as shipped (${SMOLLM2_GGUF} built in, $PYDOC given), with
+    2 fine-tuning steps: the dry run predicts its 30 steps; the real run tunes, evaluates,
+    exports the merged model and serves it, and the served greedy answer to a chat question is
+    `transformers`' greedy answer from the exported folder."""
+    import httpx
+    import openai
+    import transformers
+    from conftest import free_port
+
     pydoc = tmp_path / "pydoc"
     pydoc.mkdir()
-    turn = [{"role": "user", "content": "What does len do?"}]
-    record = json.dumps({"messages": [*turn, {"role": "assistant", "content": "Counts."}]})
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What does {name} do?"},
+                {"role": "assistant", "content": doc},
+            ]
+        }
+        for name, doc in (
+            ("len", "Return the number of items in a container."),
+            ("abs", "Return the absolute value of the argument."),
+            ("sum", "Return the sum of a start value and an iterable of numbers."),
+        )
+    ]
     for name in ("train", "val"):
-        (pydoc / f"{name}.jsonl").write_text(record + "\n")
+        (pydoc / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.setenv("PYDOC", str(pydoc))
     config = ROOT / "configs" / "pipeline-smollm2.toml"
     run_dir = tmp_path / "run"
@@ -586,6 +605,50 @@ def test_the_smollm2_pipeline_is_valid(
     for name in ("finetune", "eval", "export", "serve"):
         assert f"  {name:<10} run" in out
     assert not run_dir.exists()
+
+    port = free_port()
+    command = [sys.executable, "-m", "loom", "run", str(config), f"--run_dir={run_dir}"]
+    command += ["--finetune.train.steps=2", "--finetune.train.eval_interval=0"]
+    command += ["--finetune.train.batch_size=2", "--eval.limit=2", f"--serve.port={port}"]
+    log = tmp_path / "run.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the serve stage never became healthy"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        question = [{"role": "user", "content": "What does len do?"}]
+        answer = client.chat.completions.create(
+            model="smollm2-135m-pydoc", messages=question, max_tokens=12, temperature=0
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = stages(run_dir)
+    assert list(done) == ["finetune", "eval", "export", "serve"]
+    assert all(s["status"] == "done" for s in done.values())
+    assert done["finetune"]["figures"]["steps"] == 2
+    assert done["eval"]["figures"]["LICENSE.txt perplexity"] > 1
+
+    export = run_dir / "export"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    model = transformers.AutoModelForCausalLM.from_pretrained(export)
+    prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    expected = tokenizer.decode(greedy, skip_special_tokens=True)
+    assert expected.strip()
+    assert answer.choices[0].message.content == expected
+    assert answer.usage.prompt_tokens == ids.shape[1]
 
 
 def test_a_stage_for_absent_hardware_stops_before_anything_runs(
