@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from loom.errors import LoomError
 from loom.log import logger
@@ -67,6 +67,7 @@ RESUMABLE = ("data", "pretrain", "finetune")  # resume in their folder; others s
 # serve always runs (it blocks until stopped; "done" only means it was stopped cleanly)
 STATE_FILE = "pipeline.json"
 LAUNCH_CONFIG = "stage.toml"  # a multi-process stage's resolved config, which its workers read
+T = TypeVar("T")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -181,15 +182,7 @@ class LaunchSection:
 
 def _launch(section: str, raw: dict[str, Any], hardware: HardwareSection | None) -> LaunchSection:
     """Pop and validate the stage's `launch` table; `nproc` resolved to a process count."""
-    from loom.config import tree_from_dict
-
-    table = raw.pop("launch", {})
-    if not isinstance(table, dict):
-        raise LoomError(f"[{section}.launch] must be a section (a TOML table), got {table!r}")
-    try:
-        launch = tree_from_dict(LaunchSection, table)
-    except LoomError as e:
-        raise LoomError(f"[{section}.launch] {e}") from None
+    launch = _pop_table(section, raw, "launch", LaunchSection) or LaunchSection()
     if launch.nproc < 0 or launch.max_restarts < 0:
         raise LoomError(
             f"[{section}.launch] nproc = {launch.nproc}, max_restarts = {launch.max_restarts}: "
@@ -211,19 +204,26 @@ def _launch(section: str, raw: dict[str, Any], hardware: HardwareSection | None)
 
 def _hardware(section: str, raw: dict[str, Any]) -> HardwareSection | None:
     """Pop and validate the stage's `hardware` table (the training config does not know it)."""
+    hw = _pop_table(section, raw, "hardware", HardwareSection)
+    if hw is not None:
+        hw.validate(section)
+    return hw
+
+
+def _pop_table(section: str, raw: dict[str, Any], name: str, cls: type[T]) -> T | None:
+    """`[SECTION.NAME]`, a pipeline-only table the stage's own config does not know, taken out
+    of `raw` and read as `cls` (None when absent)."""
     from loom.config import tree_from_dict
 
-    table = raw.pop("hardware", None)
+    table = raw.pop(name, None)
     if table is None:
         return None
     if not isinstance(table, dict):
-        raise LoomError(f"[{section}.hardware] must be a section (a TOML table), got {table!r}")
+        raise LoomError(f"[{section}.{name}] must be a section (a TOML table), got {table!r}")
     try:
-        hw = tree_from_dict(HardwareSection, table)
+        return tree_from_dict(cls, table)
     except LoomError as e:
-        raise LoomError(f"[{section}.hardware] {e}") from None
-    hw.validate(section)
-    return hw
+        raise LoomError(f"[{section}.{name}] {e}") from None
 
 
 @dataclass
