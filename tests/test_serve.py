@@ -422,8 +422,9 @@ def test_full_queue_answers_429_and_the_key_comes_from_the_environment(limited: 
         client = openai.AsyncOpenAI(base_url=limited.url + "/v1", api_key="from-env", max_retries=0)
         return await asyncio.gather(
             *[
+                # 400 tokens (≈ 0.6 s each): all 8 arrive while the first is still running
                 client.completions.create(
-                    model="tiny-llama", prompt="a", max_tokens=100, temperature=0
+                    model="tiny-llama", prompt="a", max_tokens=400, temperature=0
                 )
                 for _ in range(8)
             ],
