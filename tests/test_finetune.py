@@ -295,6 +295,8 @@ def test_bad_input_is_refused_before_training(base: Path, pydoc: Path, tmp_path:
         config(base, pydoc, run, "--parallel.tp=2")
     with pytest.raises(LoomError, match="qlora runs in one process"):
         config(base, pydoc, run, "--finetune.method=qlora", "--parallel.dp_shard=2")
+    with pytest.raises(LoomError, match="memory.offload=none or finetune.method=lora"):
+        config(base, pydoc, run, "--finetune.method=qlora", "--memory.offload=params")
     with pytest.raises(LoomError, match="exceeds the base model's context of 256"):
         FinetuneTrainer(config(base, pydoc, run, "--train.seq_len=512"))
     # Malformed lines are counted in the run's data report, the good ones train.

@@ -82,19 +82,25 @@ def test_search_finds_a_fitting_layout_for_405b_on_16k_gpus() -> None:
     assert 0.2 < best.mfu < 0.7 and 20 < best.days(15.6e12) < 400
 
 
-def test_qlora_70b_fits_two_24gb_cards_lora_only_offloaded_full_not_at_all() -> None:
-    def answer(finetune: str) -> object:
+def test_70b_on_24gb_cards_qlora_on_one_device_lora_offloaded_full_not_at_all() -> None:
+    def answer(finetune: str, gpu: str = "rtx4090", n_gpus: int = 2) -> object:
         raw = {
             "model": {"preset": "llama3-70b", "seq_len": 1024},
-            "hardware": {"gpu": "rtx4090", "n_gpus": 2},
+            "hardware": {"gpu": gpu, "n_gpus": n_gpus},
             "search": {"finetune": finetune, "global_batch": 8},
         }
         return plan(parse_spec(raw))
 
-    best, _ = answer("qlora")
-    assert best.fits and best.memory.total <= 24e9 and best.strategy.offload == "none"
-    lora, _ = answer("lora")  # a 140 GB bf16 base: only with the weights in host memory
+    # loom finetune runs QLoRA in one process, and FSDP's host offload does not take NF4.
+    with pytest.raises(LoomError, match="runs QLoRA in one process.*--gpus 1"):
+        answer("qlora")
+    with pytest.raises(LoomError, match="does not fit on one 24 GB rtx4090"):
+        answer("qlora", n_gpus=1)  # ~37 GB of NF4 projections alone
+    best, _ = answer("qlora", gpu="h100", n_gpus=1)
+    assert best.fits and best.memory.total <= 80e9 and best.strategy.offload == "none"
+    lora, _ = answer("lora")  # a 282 GB fp32 base: only with the weights in host memory
     assert lora.fits and lora.strategy.offload == "params" and lora.memory.host > 60e9
+    assert (lora.strategy.tp, lora.strategy.pp, lora.strategy.dp) == (1, 1, 2)
     with pytest.raises(LoomError, match=r"needs ≥ \d+ of these devices"):
         answer("full")
 
@@ -118,19 +124,17 @@ def test_70b_counted_by_hand_is_the_preset() -> None:
     assert PARAMS_70B == spec.model.params() == 70_553_706_496
 
 
-# QLoRA: Loom runs it in one process; over several devices the planner assumes FSDP shards NF4.
-@pytest.mark.parametrize("method,base_bytes", [("lora", 4.0), ("qlora", NF4)])
-def test_fsdp_shards_a_finetuning_runs_frozen_base(method: str, base_bytes: float) -> None:
+def test_fsdp_shards_a_lora_runs_frozen_base() -> None:
     """Loom applies fully_shard to the whole model: frozen weights are sharded like any other,
     only the adapters have gradients and Adam state (fp32 weights, grads, 2 moments)."""
     spec = parse_spec({"model": "llama3-70b", "hardware": {"gpu": "h100", "n_gpus": 16}})
     m, hw = spec.model, spec.hardware
-    common = {"dp": 16, "global_batch": 16, "finetune": method, "lora_rank": 16}
+    common = {"dp": 16, "global_batch": 16, "finetune": "lora", "lora_rank": 16}
     ddp = evaluate(m, hw, Strategy(zero_stage=0, **common)).memory
     fsdp = evaluate(m, hw, Strategy(zero_stage=3, **common)).memory
     adapters = lora_70b(16)
-    assert ddp.params == pytest.approx(PARAMS_70B * base_bytes + adapters * 4)
-    assert fsdp.params == pytest.approx((PARAMS_70B * base_bytes + adapters * 4) / 16)
+    assert ddp.params == pytest.approx(PARAMS_70B * 4 + adapters * 4)
+    assert fsdp.params == pytest.approx((PARAMS_70B * 4 + adapters * 4) / 16)
     assert fsdp.grads == pytest.approx(adapters * 4 / 16)
     assert fsdp.optimizer == pytest.approx(adapters * 8 / 16)
     assert ddp.grads == pytest.approx(adapters * 4) and ddp.optimizer == pytest.approx(adapters * 8)
@@ -139,7 +143,31 @@ def test_fsdp_shards_a_finetuning_runs_frozen_base(method: str, base_bytes: floa
     assert fsdp.other > 1e9 + 2 * block_bf16
 
 
-def test_70b_lora_tp4_fsdp16_fits_64_h100() -> None:
+def test_qlora_stores_the_projections_in_nf4_and_the_rest_as_it_was() -> None:
+    """QLoRA quantizes the adapted linears (every projection of every block); the embedding,
+    the head and the norms stay fp32 in Loom, bf16 in a Megatron-style framework."""
+    spec = parse_spec({"model": "llama3-70b", "hardware": {"gpu": "h100", "n_gpus": 1}})
+    m, hw = spec.model, spec.hardware
+    projections = L70 * (2 * H70 * H70 + 2 * H70 * KV70 + 3 * H70 * F70)
+    dense = PARAMS_70B - projections
+    assert dense == NORMS_70B + 2 * V70 * H70
+    adapters = lora_70b(16)
+    for framework, dense_bytes, adapter_bytes in (("loom", 4, 4), ("megatron", 2, 2)):
+        s = Strategy(finetune="qlora", lora_rank=16, framework=framework)
+        memory = evaluate(m, hw, s).memory
+        expected = projections * NF4 + dense * dense_bytes + adapters * adapter_bytes
+        assert memory.params == pytest.approx(expected)
+    with pytest.raises(LoomError, match="offload=none or use finetune=lora"):
+        parse_spec(
+            {
+                "model": "llama3-70b",
+                "hardware": {"gpu": "h100", "n_gpus": 1},
+                "strategy": {"finetune": "qlora", "offload": "optimizer"},
+            }
+        )
+
+
+def test_70b_lora_tp4_fsdp16_on_64_h100_is_megatron_style_not_loom() -> None:
     raw = {
         "model": {"preset": "llama3-70b", "seq_len": 4096},
         "hardware": {"gpu": "h100", "n_gpus": 64},
@@ -155,14 +183,19 @@ def test_70b_lora_tp4_fsdp16_fits_64_h100() -> None:
             "lora_rank": 16,
         },
     }
-    best, _ = plan(parse_spec(raw))
-    # Tensor parallelism splits all but the norms; FSDP shards the rest of the fp32 base.
-    base = ((PARAMS_70B - NORMS_70B) / 4 + NORMS_70B) * 4 / 16
+    with pytest.raises(LoomError, match="data parallel only.*set tp=1"):  # loom finetune's rule
+        parse_spec(raw)
+    megatron = {**raw, "strategy": {**raw["strategy"], "framework": "megatron"}}
+    best, _ = plan(parse_spec(megatron))
+    # Tensor parallelism splits all but the norms; FSDP shards the rest of the bf16 base.
+    base = ((PARAMS_70B - NORMS_70B) / 4 + NORMS_70B) * 2 / 16
     adapters = lora_70b(16) / 4
-    assert best.memory.params == pytest.approx(base + adapters * 4 / 16)
-    assert best.memory.params < 4.5e9  # not the 70.7 GB of an unsharded fp32 quarter
+    assert best.memory.params == pytest.approx(base + adapters * 2 / 16)
+    assert best.memory.params < 2.5e9  # not the 35 GB of an unsharded bf16 quarter
     assert best.fits and best.memory.total < 80e9
-    full, _ = plan(parse_spec({**raw, "strategy": {**raw["strategy"], "finetune": "full"}}))
+    full, _ = plan(
+        parse_spec({**megatron, "strategy": {**megatron["strategy"], "finetune": "full"}})
+    )
     assert best.memory.total < full.memory.total  # same base, no full gradients or Adam state
 
 

@@ -120,6 +120,11 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             "finetune.method=qlora runs in one process (NF4 weights are not sharded yet); "
             "launch without --nproc and leave [parallel] at its defaults"
         )
+    if cfg.finetune.method == "qlora" and cfg.memory.offload == "params":
+        raise LoomError(
+            "finetune.method=qlora keeps the NF4 base on the device: FSDP's memory.offload=params "
+            "does not take NF4 weights; set memory.offload=none or finetune.method=lora"
+        )
 
 
 def training_config(cfg: FinetuneConfig, model: ModelConfig) -> Config:

@@ -83,16 +83,19 @@ def adapter_state_bytes(model: ModelShape, psi: float, s: Strategy) -> tuple[flo
     """LoRA / QLoRA: weights, gradients and optimizer bytes per device, where `psi` is the base
     parameters on that device (already divided by tensor and pipeline parallelism).
 
-    The frozen base is NF4 for QLoRA; else 16-bit, except that Loom keeps it in fp32. Loom
-    applies FSDP2 (`fully_shard`) to the whole model after adding the adapters, and FSDP shards
-    every parameter of a block, trainable or frozen: under ZeRO stage 3 each device keeps
-    1/dp of the base, as in full training. Only the adapters have gradients and Adam state,
-    sharded by the ZeRO stage like any trained weight. (Loom runs QLoRA in one process; over
-    several devices the planner assumes FSDP shards the NF4 base like any weight, which
-    torchao's NF4 tensors support.)
+    The frozen base is 16-bit, except that Loom keeps it in fp32; QLoRA stores the blocks'
+    projections (the adapted linears) as NF4 and leaves the embedding, head and norms as they
+    are. Loom applies FSDP2 (`fully_shard`) to the whole model after adding the adapters, and
+    FSDP shards every parameter of a block, trainable or frozen: under ZeRO stage 3 each device
+    keeps 1/dp of the base, as in full training. Only the adapters have gradients and Adam
+    state, sharded by the ZeRO stage like any trained weight.
     """
-    base_bytes = NF4_BYTES if s.finetune == "qlora" else 4.0 if s.framework == "loom" else 2.0
-    base = psi * base_bytes / (s.dp if s.zero_stage >= 3 else 1)
+    dense_bytes = 4.0 if s.framework == "loom" else 2.0
+    base = psi * dense_bytes
+    if s.finetune == "qlora":
+        projections = model.layers / s.pp * model.matmul_params_per_layer() / s.tp
+        base -= projections * (dense_bytes - NF4_BYTES)
+    base /= s.dp if s.zero_stage >= 3 else 1
     weights, grads, optim = model_state_bytes(lora_params(model, s), s)
     return base + weights, grads, optim
 

@@ -9,7 +9,14 @@ from dataclasses import dataclass, replace
 from loom.errors import LoomError
 from loom.planner.cost import DEFAULT_CALIBRATION, Calibration, StepTime, step_time
 from loom.planner.memory import GB, Memory, estimate, fits
-from loom.planner.spec import Hardware, ModelShape, PlanSpec, Strategy, check_strategy
+from loom.planner.spec import (
+    Hardware,
+    ModelShape,
+    PlanSpec,
+    Strategy,
+    check_strategy,
+    finetune_refusal,
+)
 
 DEFAULT_BATCH_TOKENS = 4e6  # sequences per step when none is given: about 4M tokens
 
@@ -95,23 +102,23 @@ def candidates(
                 ):
                     if per_replica % mb or (zero and dp == 1):
                         continue
-                    out.append(
-                        replace(
-                            base,
-                            tp=tp,
-                            pp=pp,
-                            dp=dp,
-                            cp=1,
-                            sp=tp > 1,
-                            micro_batch=mb,
-                            global_batch=global_batch,
-                            virtual_stages=v,
-                            schedule=schedule,
-                            recompute=recompute,
-                            zero_stage=zero,
-                            offload="none",
-                        )
+                    layout = replace(
+                        base,
+                        tp=tp,
+                        pp=pp,
+                        dp=dp,
+                        cp=1,
+                        sp=tp > 1,
+                        micro_batch=mb,
+                        global_batch=global_batch,
+                        virtual_stages=v,
+                        schedule=schedule,
+                        recompute=recompute,
+                        zero_stage=zero,
+                        offload="none",
                     )
+                    if not finetune_refusal(layout):
+                        out.append(layout)
     return out
 
 
@@ -134,7 +141,7 @@ def search(spec: PlanSpec, cal: Calibration = DEFAULT_CALIBRATION, keep: int = 1
                     s, offload=offload, zero_stage=3 if offload == "params" else s.zero_stage
                 )
                 memory = estimate(model, hw, moved)
-                if fits(memory, hw):
+                if fits(memory, hw) and not finetune_refusal(moved):
                     fitting.append(_plan(model, hw, moved, memory, cal))
     fitting.sort(key=lambda p: (-p.tokens_per_s, p.memory.total))
     return fitting[:keep]
@@ -162,6 +169,12 @@ def nothing_fits(spec: PlanSpec) -> LoomError:
             "the data-parallel degree must divide it; use a batch with more factors of two "
             "(e.g. a power of two) or another device count"
         )
+    if spec.base.framework == "loom" and spec.base.finetune == "qlora":  # one device only
+        return LoomError(
+            f"QLoRA of {model.params() / 1e9:.1f}B parameters does not fit on one "
+            f"{hw.memory_gb:g} GB {hw.name} (loom finetune runs QLoRA in one process); use a "
+            "device with more memory, finetune=lora over several devices, or a smaller model"
+        )
     for factor in (2, 4, 8, 16, 32, 64, 128, 256):
         bigger = replace(hw, devices=hw.devices * factor)
         if search(replace(spec, hardware=bigger), keep=1):
@@ -182,6 +195,10 @@ def plan(spec: PlanSpec, cal: Calibration = DEFAULT_CALIBRATION) -> tuple[Plan, 
         check_strategy(spec.model, spec.hardware, spec.strategy)
         result = evaluate(spec.model, spec.hardware, spec.strategy, cal)
         return result, [result]
+    widest = replace(spec.base, tp=1, pp=1, cp=1, dp=spec.hardware.devices)
+    refusal = finetune_refusal(widest)
+    if refusal:
+        raise LoomError(refusal)
     ranked = search(spec, cal)
     if not ranked:
         raise nothing_fits(spec)  # raises itself when the batch is the problem

@@ -374,6 +374,32 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
             f"strategy.tp={s.tp} spans more than one node ({hw.devices_per_node} devices); "
             "keep tp within a node"
         )
+    refusal = finetune_refusal(s)
+    if refusal:
+        raise LoomError(f"strategy: {refusal}")
+
+
+def finetune_refusal(s: Strategy) -> str | None:
+    """Why `loom finetune` would refuse this LoRA / QLoRA layout, or None: the planner offers
+    only layouts Loom runs (Megatron-style frameworks also run adapters tensor parallel)."""
+    if s.framework != "loom" or s.finetune == "full":
+        return None
+    if s.finetune == "qlora" and s.devices > 1:
+        return (
+            "loom finetune runs QLoRA in one process (NF4 weights are not sharded yet); plan "
+            "it on one device (--gpus 1 / hardware.n_gpus=1) or use finetune=lora"
+        )
+    if s.finetune == "qlora" and s.offload != "none":
+        return (
+            "loom finetune keeps QLoRA's NF4 base on the device (FSDP's offload to host memory "
+            "does not take NF4 weights); set offload=none or use finetune=lora"
+        )
+    if s.tp > 1 or s.pp > 1 or s.cp > 1:
+        return (
+            f"loom finetune trains {s.finetune.upper()} adapters data parallel only (FSDP "
+            "shards the frozen base); set tp=1, pp=1 and cp=1"
+        )
+    return None
 
 
 def _recompute_word(text: str) -> str:
