@@ -186,23 +186,26 @@ class FinetuneTrainer(Trainer):
         def init(name: str, tensor: torch.Tensor) -> None:
             init_lora_parameter_(name, tensor, seed)  # base weights: loaded next
 
+        qlora = self.method == "qlora"
+        if qlora and self.dims.world_size > 1:
+            raise LoomError(
+                "finetune.method=qlora runs in one process (NF4 weights are not sharded "
+                "yet); launch without --nproc, or use finetune.method=lora"
+            )
         base, _ = load_model(self.base_path, torch.float32, Path(self._scratch.name))
         merge_lora(base)  # a LoRA run as the base: its adapters are part of the base now
         weights = base.state_dict()
-        model = self._parallel_copy(mesh, weights, adapt if ft.uses_lora else None, init)
+        # QLoRA: the fp32 copy stays in host memory; only NF4 weights reach the device.
+        adapted = adapt if ft.uses_lora else None
+        model = self._parallel_copy(mesh, weights, adapted, init, on_host=qlora)
         if self.method == "dpo" and not ft.dpo.lora:
             self.reference = self._parallel_copy(mesh, weights, None, init)
             for part in self.reference.parts:
                 part.requires_grad_(False)
         del base, weights
-        if self.method == "qlora":
-            if self.dims.world_size > 1:
-                raise LoomError(
-                    "finetune.method=qlora runs in one process (NF4 weights are not sharded "
-                    "yet); launch without --nproc, or use finetune.method=lora"
-                )
-            count = sum(quantize_base_nf4(part) for part in model.parts)
-            logger.info("QLoRA: %d projections stored as NF4", count)
+        if qlora:
+            count = sum(quantize_base_nf4(part, self.device) for part in model.parts)
+            logger.info("QLoRA: %d projections stored as NF4 on %s", count, self.device)
         self._log_parameters(model)
         return model
 
@@ -212,9 +215,12 @@ class FinetuneTrainer(Trainer):
         weights: dict[str, torch.Tensor],
         adapt: Any,
         init: Any,
+        on_host: bool = False,
     ) -> ParallelModel:
         """The model in this run's layout, holding the base weights (sliced to the shards)."""
-        model = parallelize(self.cfg, self.dims, mesh, self.device, cross_entropy, adapt, init)
+        model = parallelize(
+            self.cfg, self.dims, mesh, self.device, cross_entropy, adapt, init, on_host
+        )
         for part in model.parts:
             for name, param in part.named_parameters():
                 name = clean_name(name)

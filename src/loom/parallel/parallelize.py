@@ -172,12 +172,14 @@ def parallelize(
     loss_fn: LossFn,
     adapt: Callable[[nn.Module], None] | None = None,
     init: ParamInit | None = None,
+    on_host: bool = False,
 ) -> ParallelModel:
     """This rank's model parts, sharded, initialised from `train.seed`, ready for an optimizer.
 
     Fine-tuning passes `adapt` (applied to each part on the meta device before any
     parallelism, e.g. LoRA) and `init` (fills each parameter instead of the pretraining
-    initialisation; the base weights are loaded afterwards)."""
+    initialisation; the base weights are loaded afterwards). `on_host` leaves the parameters
+    in host memory for the caller to move (QLoRA quantizes each weight on its way there)."""
     p, t, memory = cfg.parallel, cfg.train, cfg.memory
     param_dtype = DTYPES[
         p.mixed_precision.param_dtype if p.mixed_precision.param_dtype != "auto" else t.precision
@@ -233,7 +235,8 @@ def parallelize(
         elif use_ddp:
             assert mesh is not None
             apply_ddp(part, mesh["dp_replicate"])
-        materialize(part, cfg, device, offloaded=memory.offload == "params", init=init)
+        offloaded = memory.offload == "params" or on_host
+        materialize(part, cfg, device, offloaded=offloaded, init=init)
 
     model = ParallelModel(
         parts=parts,
