@@ -231,6 +231,12 @@ def test_qlora_stores_the_base_in_nf4_and_trains_the_adapters(
         assert error < 0.15, name
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
+    # MFU counts 4 FLOPs per frozen matmul weight (no weight gradients), 6 per adapter weight.
+    per_block = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128  # q, k, v, o, gate, up, down
+    matmul = 2 * per_block + 49152 * 64  # the tied embedding is the output projection
+    adapters = 2 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    attention = 12 * 2 * 64 * SEQ
+    assert trainer.flops_per_token == 4 * matmul + attention + 6 * adapters
     result = trainer.run()
     assert all(math.isfinite(v) for v in result.train_losses.values())
     assert losses(tmp_path / "q")[6] < losses(tmp_path / "q")[1]

@@ -244,6 +244,36 @@ def test_lora_gathers_every_weight_but_reduces_only_adapter_gradients() -> None:
     assert reduce_full / reduce_lora == pytest.approx(PARAMS_70B / lora_70b(16))
 
 
+def test_lora_backward_skips_the_frozen_weights_gradients() -> None:
+    """A frozen weight's backward computes the input gradient only: one matmul pass instead of
+    two per block and for the output projection; the rank-16 adapters train in full. QLoRA
+    also dequantizes every NF4 projection (read 4 bits + scales, write bf16) forward and
+    backward. Shape effects off (half_size 0) so each matmul costs its FLOPs at one rate."""
+    from loom.planner.cost import Calibration, step_time
+
+    spec = parse_spec({"model": "llama3-70b", "hardware": {"gpu": "h100", "n_gpus": 1}})
+    m, hw = spec.model, spec.hardware
+    cal = Calibration(half_size=0.0)
+    rate = hw.peak_tflops["bf16"] * 1e12 * cal.matmul_efficiency
+    tokens = m.seq_len  # one sequence per step
+    common = {"micro_batch": 1, "global_batch": 1, "recompute": "none", "lora_rank": 16}
+    full, lora, qlora = (
+        step_time(m, hw, Strategy(finetune=kind, **common), cal)
+        for kind in ("full", "lora", "qlora")
+    )
+    block = 2 * H70 * H70 + 2 * H70 * KV70 + 3 * H70 * F70
+    weight_grads = 2 * tokens * (L70 * block + V70 * H70) / rate
+    adapters = 3 * 2 * tokens * lora_70b(16) / rate
+    assert full.compute - lora.compute == pytest.approx(weight_grads - adapters)
+    dequantize = 2 * L70 * block * (NF4 + 2) / (hw.hbm_gbps * 1e9)
+    assert qlora.compute - lora.compute == pytest.approx(dequantize)
+    assert 2 / 3 < lora.compute / full.compute < 0.75  # matmuls dominate at 70B
+    attention = 12 * L70 * H70 * m.seq_len
+    matmul = L70 * block + V70 * H70
+    assert full.model_flops == pytest.approx(tokens * (6 * matmul + attention))
+    assert lora.model_flops == pytest.approx(tokens * (4 * matmul + attention + 6 * lora_70b(16)))
+
+
 def test_memory_terms_follow_sharding() -> None:
     spec = parse_spec({"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 8}})
     m, hw = spec.model, spec.hardware

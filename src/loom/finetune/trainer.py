@@ -171,6 +171,16 @@ class FinetuneTrainer(Trainer):
         kind = "qlora" if self.method == "qlora" else "lora"
         return {"finetune": kind, "lora_rank": self.ft.lora.rank}
 
+    def _flops_per_token(self) -> float:
+        """LoRA / QLoRA: the frozen base's backward skips its weight gradients (4·N), the
+        adapters train in full (6 per parameter). DPO and full fine-tuning count as pretraining."""
+        if self.method not in ("lora", "qlora"):
+            return super()._flops_per_token()
+        adapters = sum(
+            p.numel() for part in self.model.parts for p in part.parameters() if p.requires_grad
+        )
+        return self.cfg.model.flops_per_token(self.cfg.train.seq_len, frozen=True) + 6 * adapters
+
     def _save_config(self) -> None:
         (self.run_dir / "config.toml").write_text(tomli_w.dumps(config_to_dict(self.ft)))
         (self.run_dir / "data_report.json").write_text(json.dumps(self.report.to_dict(), indent=2))

@@ -69,18 +69,19 @@ class ModelConfig:
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layers * per_layer + embeddings + d
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, frozen: bool = False) -> float:
         """Training FLOPs per token: 6·N_matmul + 12·L·(heads·head_dim)·seq_len.
 
         N_matmul counts every weight used in a matmul (the output projection included, the
         input embedding lookup excluded); the second term is attention's QKᵀ and AV products
-        over the full sequence (PaLM's convention, not halved for the causal mask).
+        over the full sequence (PaLM's convention, not halved for the causal mask). With the
+        weights `frozen` (adapter training) backward skips their gradients: 4·N_matmul.
         """
         n_matmul = self.num_params() - self.dim * (2 * self.n_layers + 1)  # minus norms
         if not self.tie_embeddings:
             n_matmul -= self.vocab_size * self.dim  # input embedding is a lookup
         attention = 12 * self.n_layers * self.n_heads * self.attn_head_dim * seq_len
-        return 6 * n_matmul + attention
+        return (4 if frozen else 6) * n_matmul + attention
 
 
 class KVCache(Protocol):

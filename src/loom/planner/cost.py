@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from loom.planner.memory import BYTES, lora_params, params_per_device, state_bytes
+from loom.planner.memory import (
+    BYTES,
+    NF4_BYTES,
+    lora_params,
+    lora_params_per_layer,
+    params_per_device,
+    state_bytes,
+)
 from loom.planner.spec import Hardware, ModelShape, Strategy
 
 
@@ -111,10 +118,15 @@ def layer_forward_flops(model: ModelShape, tokens: float) -> float:
     return 2 * tokens * model.matmul_params_per_layer() + attention
 
 
-def model_flops_per_token(model: ModelShape) -> float:
-    """6·N_matmul + 12·L·H·Q·T: training FLOPs per token without recomputation (PaLM)."""
+def model_flops_per_token(model: ModelShape, s: Strategy) -> float:
+    """6·N_matmul + 12·L·H·Q·T: training FLOPs per token without recomputation (PaLM). LoRA /
+    QLoRA: 4·N_matmul (the frozen weights get no gradients) + 6 per adapter parameter."""
     n = model.layers * model.matmul_params_per_layer() + model.vocab * model.hidden
-    return 6 * n + 12 * model.layers * model.q_dim * model.seq_len
+    attention = 12 * model.layers * model.q_dim * model.seq_len
+    if s.finetune == "full":
+        return 6 * n + attention
+    adapters = model.layers * lora_params_per_layer(model, s) * s.tp
+    return 4 * n + attention + 6 * adapters
 
 
 def step_time(
@@ -162,7 +174,21 @@ def step_time(
     if model.arch == "gpt":  # softmax, dropout and masking over the s × s scores
         elementwise_time += 6 * heads * seq * seq * width / (hw.hbm_gbps * 1e9)
     forward = forward_gemms + attention + elementwise_time
-    backward = 2 * (forward_gemms + attention) + 2 * elementwise_time
+    # Backward: input gradients (one more pass of every matmul) and, for trained weights,
+    # weight gradients (another). LoRA / QLoRA: the base is frozen, so only input gradients;
+    # the rank-r adapters run forward and backward in full, at a rank-limited efficiency.
+    frozen = s.finetune != "full"
+    backward = (1 if frozen else 2) * forward_gemms + 2 * attention + 2 * elementwise_time
+    if frozen:
+        rank_shape = s.lora_rank / (s.lora_rank + cal.half_size)
+        adapter = 2 * tokens * lora_params_per_layer(model, s) / (peak * cal.matmul_efficiency)
+        forward += adapter / rank_shape
+        backward += 2 * adapter / rank_shape
+    if s.finetune == "qlora":
+        # Every NF4 projection is dequantized (read 4-bit codes, write 16-bit) per pass.
+        dequantize = model.matmul_params_per_layer() / t * (NF4_BYTES + width)
+        forward += dequantize / (hw.hbm_gbps * 1e9)
+        backward += dequantize / (hw.hbm_gbps * 1e9)
     recompute = {
         "none": 0.0,
         "full": forward,
@@ -181,7 +207,7 @@ def step_time(
     tp_layer = (4 + (2 if s.recompute == "full" else 0)) * per_collective
 
     layers_per_stage = model.layers / s.pp
-    logits = 3 * cost.gemm(tokens, model.vocab / t, h)
+    logits = (2 if frozen else 3) * cost.gemm(tokens, model.vocab / t, h)
     loss = 6 * tokens * model.vocab / t * 4 / (hw.hbm_gbps * 1e9)
     head = logits + loss
     # The busiest stage is the last one: its layers plus the output projection and the loss.
@@ -234,7 +260,7 @@ def step_time(
     optimizer = shard * 32 / (hw.hbm_gbps * 1e9) if s.offload == "none" else 0.0
 
     tokens_per_step = s.global_batch * model.seq_len
-    model_flops = model_flops_per_token(model) * tokens_per_step
+    model_flops = model_flops_per_token(model, s) * tokens_per_step
     recompute_flops = {
         "none": 0.0,
         "full": layer_forward_flops(model, 1.0),

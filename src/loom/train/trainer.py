@@ -201,7 +201,7 @@ class Trainer:
             logger.info("resumed from %s (step %d)", self.resume_from, self.step)
         self.peak_flops, peak_source = peak_flops(self.device, t.precision)
         self.peak_flops *= world
-        self.flops_per_token = cfg.model.flops_per_token(t.seq_len)
+        self.flops_per_token = self._flops_per_token()
         logger.info(
             "model %s: %.2fM parameters, %.3g FLOPs/token; layout %s; peak %.3g FLOP/s (%s)",
             cfg.model.preset,
@@ -219,6 +219,10 @@ class Trainer:
     def _planner_strategy(self) -> dict[str, object]:
         """What the planner is told beyond the config (fine-tuning: the adapters)."""
         return {}
+
+    def _flops_per_token(self) -> float:
+        """The FLOPs a step must do per token, the numerator of MFU (see `loom plan`)."""
+        return self.cfg.model.flops_per_token(self.cfg.train.seq_len)
 
     def _open_data(self) -> None:
         """Check the token shards and set up the loaders, the data's identity and tokenizer."""
