@@ -138,9 +138,19 @@ def test_fsdp_shards_a_lora_runs_frozen_base() -> None:
     assert fsdp.grads == pytest.approx(adapters * 4 / 16)
     assert fsdp.optimizer == pytest.approx(adapters * 8 / 16)
     assert ddp.grads == pytest.approx(adapters * 4) and ddp.optimizer == pytest.approx(adapters * 8)
-    # FSDP still gathers every block's (frozen) weights in bf16: the running one and the next.
+    # FSDP still gathers every block's (frozen) weights in bf16: the running one and the next,
+    # with their adapters' unsharded gradients; Loom's root group (embedding, final norm,
+    # head) stays gathered through the step. Then 1 GB of context and 5 % fragmentation.
     block_bf16 = (PARAMS_70B - 2 * V70 * H70 - H70) / L70 * 2
-    assert fsdp.other > 1e9 + 2 * block_bf16
+    adapter_bf16 = adapters / L70 * 2
+    root_bf16 = (2 * V70 * H70 + H70) * 2
+    tensors = fsdp.params + fsdp.grads + fsdp.optimizer + fsdp.activations
+    expected = 1e9 + 2 * (block_bf16 + adapter_bf16) + root_bf16 + 0.05 * tensors
+    assert fsdp.other == pytest.approx(expected)
+    full = evaluate(m, hw, Strategy(zero_stage=3, dp=16, global_batch=16)).memory
+    tensors = full.params + full.grads + full.optimizer + full.activations
+    expected = 1e9 + 4 * block_bf16 + 2 * root_bf16 + 0.05 * tensors  # and their gradients
+    assert full.other == pytest.approx(expected)
 
 
 def test_qlora_stores_the_projections_in_nf4_and_the_rest_as_it_was() -> None:
@@ -227,7 +237,7 @@ def test_loom_lora_70b_on_fsdp_64_fits_as_train_checks_it() -> None:
 
 def test_lora_gathers_every_weight_but_reduces_only_adapter_gradients() -> None:
     """ZeRO-3 all-gathers the frozen base forward and backward for every micro-batch; the
-    gradient reduction moves the adapters' gradients only."""
+    gradient reduce-scatter moves the adapters' gradients only."""
     from loom.planner.cost import Calibration, step_time
 
     spec = parse_spec({"model": "llama3-70b", "hardware": {"gpu": "h100", "n_gpus": 16}})
@@ -241,6 +251,8 @@ def test_lora_gathers_every_weight_but_reduces_only_adapter_gradients() -> None:
     gather = 2 * micro * (dp - 1) / dp * PARAMS_70B * 2 / link  # bf16, forward and backward
     assert lora.data_parallel > gather > 0
     reduce_full, reduce_lora = full.data_parallel - gather, lora.data_parallel - gather
+    # ZeRO-3 reduce-scatters fp32 gradients: each rank sends (dp − 1)/dp of them once.
+    assert reduce_full == pytest.approx((dp - 1) / dp * PARAMS_70B * 4 / link)
     assert reduce_full / reduce_lora == pytest.approx(PARAMS_70B / lora_70b(16))
 
 

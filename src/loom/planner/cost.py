@@ -240,7 +240,10 @@ def step_time(
         t * dp_ranks * (s.pp if t * s.pp < hw.devices_per_node else 1) > hw.devices_per_node
     )
     dp_link = hw.inter_node_gbps if spans_nodes else hw.intra_node_gbps
-    reduce = cost.collective(trainable * min(grad_bytes, 4), dp_ranks, 2, dp_link)
+    # ZeRO-3 reduce-scatters the gradients (its weights are gathered below); otherwise an
+    # all-reduce, or ZeRO-1/2's reduce-scatter plus all-gather of the updated weights.
+    factor = 1 if s.zero_stage >= 3 else 2
+    reduce = cost.collective(trainable * min(grad_bytes, 4), dp_ranks, factor, dp_link)
     gather = 0.0
     if s.zero_stage >= 3:
         gathered = psi * BYTES[s.precision if s.precision != "fp8" else "bf16"]

@@ -105,13 +105,16 @@ def params_per_device(model: ModelShape, s: Strategy) -> float:
     stage) or the head (last stage); tensor parallelism splits all but the norms."""
     replicated = model.replicated_params_per_layer()
     per_layer = (model.layer_params() - replicated) / s.tp + replicated
-    layers = model.layers / s.pp * per_layer
+    return model.layers / s.pp * per_layer + outer_params_per_device(model, s)
+
+
+def outer_params_per_device(model: ModelShape, s: Strategy) -> float:
+    """The parameters outside the blocks on the most loaded device: embedding and head (with
+    the final norm) on one stage, the larger of the two under pipeline parallelism."""
     norm = 2 * model.hidden if model.arch == "gpt" else model.hidden
     embedding = model.embedding_params() / s.tp
     head = (model.head_params() - norm) / s.tp + norm
-    if s.pp == 1:
-        return layers + embedding + head
-    return layers + max(embedding, head)
+    return embedding + head if s.pp == 1 else max(embedding, head)
 
 
 def activation_bytes_per_layer(model: ModelShape, s: Strategy) -> float:
@@ -238,6 +241,11 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
         block = model.layer_params() / s.tp * width
         trained = block if s.finetune == "full" else lora_params_per_layer(model, s) * width
         buffers = 2 * (block + trained)
+        if s.framework == "loom":
+            # Loom's root group (embedding, final norm, head) stays gathered from forward to
+            # the end of backward, with its unsharded gradients when it trains.
+            outer = outer_params_per_device(model, s) * width
+            buffers += 2 * outer if s.finetune == "full" else outer
     other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
     return Memory(weights, grads, optim, acts, other, host)
 
