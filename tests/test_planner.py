@@ -235,6 +235,35 @@ def test_loom_lora_70b_on_fsdp_64_fits_as_train_checks_it() -> None:
     assert fits(memory, hw)
 
 
+def test_hsdp_shards_within_its_group_as_loom_train_runs_it() -> None:
+    """HSDP (`parallel.dp_replicate` × `dp_shard`) keeps 1/dp_shard of the states on each rank,
+    not 1/dp: 2 replicas of 8-way shards hold twice what 16-way FSDP holds."""
+    from dataclasses import replace
+
+    from loom.config import Config
+    from loom.models.presets import get_preset
+    from loom.parallel.dims import ParallelDims
+    from loom.planner.spec import gpu_hardware
+    from loom.planner.training import predicted_memory
+
+    spec = parse_spec({"model": "llama3-70b", "hardware": {"gpu": "h100", "n_gpus": 16}})
+    m, hw = spec.model, spec.hardware
+    fsdp = evaluate(m, hw, Strategy(dp=16, zero_stage=3, global_batch=16)).memory
+    hsdp = evaluate(m, hw, Strategy(dp=16, dp_shard=8, zero_stage=3, global_batch=16)).memory
+    assert fsdp.params == pytest.approx(PARAMS_70B * 4 / 16)
+    assert hsdp.params == pytest.approx(PARAMS_70B * 4 / 8)
+    assert hsdp.optimizer == pytest.approx(PARAMS_70B * 8 / 8)
+    base = Config()
+    cfg = replace(
+        base,
+        model=get_preset("llama3-70b"),
+        train=replace(base.train, seq_len=m.seq_len, batch_size=16, micro_batch_size=16),
+    )
+    dims = ParallelDims(pp=1, dp_replicate=2, dp_shard=8, tp=1, stages_per_rank=1, microbatches=1)
+    trained = predicted_memory(cfg, dims, gpu_hardware("h100", 16))
+    assert trained.params == pytest.approx(PARAMS_70B * 4 / 8)
+
+
 def test_lora_gathers_every_weight_but_reduces_only_adapter_gradients() -> None:
     """ZeRO-3 all-gathers the frozen base forward and backward for every micro-batch; the
     gradient reduce-scatter moves the adapters' gradients only."""

@@ -241,13 +241,20 @@ def step_time(
     )
     dp_link = hw.inter_node_gbps if spans_nodes else hw.intra_node_gbps
     # ZeRO-3 reduce-scatters the gradients (its weights are gathered below); otherwise an
-    # all-reduce, or ZeRO-1/2's reduce-scatter plus all-gather of the updated weights.
-    factor = 1 if s.zero_stage >= 3 else 2
-    reduce = cost.collective(trainable * min(grad_bytes, 4), dp_ranks, factor, dp_link)
+    # all-reduce, or ZeRO-1/2's reduce-scatter plus all-gather of the updated weights. HSDP
+    # reduce-scatters within its shard group, then all-reduces the shard across the replicas.
+    grads = trainable * min(grad_bytes, 4)
+    if s.zero_stage >= 3:
+        shard, replicas = s.shard_ranks * s.cp, s.dp // s.shard_ranks
+        reduce = cost.collective(grads, shard, 1, dp_link)
+        reduce += cost.collective(grads / shard, replicas, 2, dp_link)
+    else:
+        shard = dp_ranks
+        reduce = cost.collective(grads, dp_ranks, 2, dp_link)
     gather = 0.0
     if s.zero_stage >= 3:
         gathered = psi * BYTES[s.precision if s.precision != "fp8" else "bf16"]
-        gather = 2 * m * cost.collective(gathered, dp_ranks, 1, dp_link)
+        gather = 2 * m * cost.collective(gathered, shard, 1, dp_link)
         gather = max(0.0, gather - cal.dp_overlap * compute)
     hidden = cal.dp_overlap * (backward * layers_per_stage)
     data_parallel = max(0.0, reduce - hidden) + gather
@@ -259,8 +266,8 @@ def step_time(
     elif s.offload == "params":
         offload = trainable * (grad_bytes + weight_bytes) / host_link + trainable * 16 / 2e9
         offload += 2 * m * psi * 2 / host_link
-    shard = trainable / (s.dp if s.zero_stage >= 1 else 1)
-    optimizer = shard * 32 / (hw.hbm_gbps * 1e9) if s.offload == "none" else 0.0
+    owned = trainable / (s.shard_ranks if s.zero_stage >= 1 else 1)
+    optimizer = owned * 32 / (hw.hbm_gbps * 1e9) if s.offload == "none" else 0.0
 
     tokens_per_step = s.global_batch * model.seq_len
     model_flops = model_flops_per_token(model, s) * tokens_per_step

@@ -56,7 +56,7 @@ def model_state_bytes(params: float, s: Strategy) -> tuple[float, float, float]:
     """Weights, gradients and optimizer bytes per device for `params` parameters on that
     device (already divided by tensor and pipeline parallelism), sharded by the ZeRO stage."""
     weight, grad, optim = state_bytes(s)
-    dp = s.dp
+    dp = s.shard_ranks
     return (
         params * weight / (dp if s.zero_stage >= 3 else 1),
         params * grad / (dp if s.zero_stage >= 2 else 1),
@@ -95,7 +95,7 @@ def adapter_state_bytes(model: ModelShape, psi: float, s: Strategy) -> tuple[flo
     if s.finetune == "qlora":
         projections = model.layers / s.pp * model.matmul_params_per_layer() / s.tp
         base -= projections * (dense_bytes - NF4_BYTES)
-    base /= s.dp if s.zero_stage >= 3 else 1
+    base /= s.shard_ranks if s.zero_stage >= 3 else 1
     weights, grads, optim = model_state_bytes(lora_params(model, s), s)
     return base + weights, grads, optim
 

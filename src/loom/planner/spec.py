@@ -110,10 +110,16 @@ class Strategy:
     )
     finetune: str = "full"  # full | lora | qlora
     lora_rank: int = 16
+    dp_shard: int = 0  # ZeRO shards over this many of the dp ranks (HSDP: fewer); 0 = all
 
     @property
     def devices(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def shard_ranks(self) -> int:
+        """The data-parallel ranks ZeRO / FSDP shards over; HSDP replicates these groups."""
+        return self.dp_shard or self.dp
 
     @property
     def microbatches(self) -> int:

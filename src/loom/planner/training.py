@@ -44,6 +44,7 @@ def strategy_for(cfg: Config, dims: ParallelDims) -> Strategy:
         dp=dims.dp,
         sp=dims.tp > 1 and p.sequence_parallel,
         zero_stage=3 if fsdp else 0,
+        dp_shard=dims.dp_shard if fsdp else 0,  # HSDP: replicas of dp_shard-way shards
         recompute=cfg.memory.recompute,
         micro_batch=max(1, micro // dims.dp // dims.microbatches),
         global_batch=t.batch_size,
