@@ -315,6 +315,26 @@ def test_lora_backward_skips_the_frozen_weights_gradients() -> None:
     assert lora.model_flops == pytest.approx(tokens * (4 * matmul + attention + 6 * lora_70b(16)))
 
 
+def test_pipeline_bubbles_by_schedule() -> None:
+    """1F1B idles pp − 1 micro-batch times per step; interleaving over v chunks divides that
+    by v; a zero-bubble schedule keeps a third of it (ZB-H1) with at least pp micro-batches,
+    two thirds with fewer."""
+    from loom.planner.cost import step_time
+
+    spec = parse_spec({"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 8}})
+    m, hw = spec.model, spec.hardware
+    common = {"pp": 8, "global_batch": 16}
+    bubble = {
+        name: step_time(m, hw, Strategy(schedule=name, virtual_stages=v, **common)).bubble
+        for name, v in (("1F1B", 1), ("Interleaved1F1B", 2), ("ZeroBubble", 1))
+    }
+    assert bubble["1F1B"] > 0
+    assert bubble["Interleaved1F1B"] == pytest.approx(bubble["1F1B"] / 2)
+    assert bubble["ZeroBubble"] == pytest.approx(bubble["1F1B"] / 3)
+    one = step_time(m, hw, Strategy(schedule="ZeroBubble", pp=8, global_batch=1))
+    assert one.bubble == pytest.approx(2 * bubble["ZeroBubble"])  # 1 micro-batch, 8 stages
+
+
 def test_memory_terms_follow_sharding() -> None:
     spec = parse_spec({"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 8}})
     m, hw = spec.model, spec.hardware

@@ -220,7 +220,13 @@ def step_time(
     pipeline = 0.0
     if s.pp > 1:
         v = s.virtual_stages if s.schedule == "Interleaved1F1B" else 1
-        fraction = 0.0 if s.schedule == "ZeroBubble" else (s.pp - 1) / v
+        # 1F1B idles (pp − 1) micro-batch times, interleaving divides that by v. Zero-bubble
+        # schedules move the weight gradients (about a third of a micro-batch's work) into it:
+        # ZB-H1 (Qi et al. 2023) keeps (pp − 1)(F + B − W), a third, once every stage has as
+        # many micro-batches as stages; with fewer only the last W overlaps: two thirds.
+        fraction = (s.pp - 1) / v
+        if s.schedule == "ZeroBubble":
+            fraction = (s.pp - 1) / 3 if m >= s.pp else 2 * (s.pp - 1) / 3
         bubble = fraction * per_microbatch
         pp_link = (
             hw.inter_node_gbps if t * s.cp * s.pp > hw.devices_per_node else hw.intra_node_gbps
