@@ -4,6 +4,7 @@ shared by the tests that read it; they run in file order and the last one change
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -568,7 +569,10 @@ def test_the_70b_pipeline_fits_its_64_gpus(
 
 
 def test_the_smollm2_pipeline_fine_tunes_and_serves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    smollm2_gguf: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """configs/pipeline-smollm2.toml as shipped (${SMOLLM2_GGUF} built in, $PYDOC given), with
     2 fine-tuning steps: the dry run predicts its 30 steps; the real run tunes, evaluates,
@@ -638,6 +642,17 @@ def test_the_smollm2_pipeline_fine_tunes_and_serves(
     assert all(s["status"] == "done" for s in done.values())
     assert done["finetune"]["figures"]["steps"] == 2
     assert done["eval"]["figures"]["LICENSE.txt perplexity"] > 1
+    # The .gguf was read directly: weights dequantized, tokenizer and chat template rebuilt,
+    # the adapters saved for that file. An instruction-tuned model already answers in chat
+    # format: a low loss from the first step (a random model of this vocabulary starts near
+    # ln 49152 ≈ 10.8).
+    tuned = run_dir / "finetune"
+    assert (tuned / "tokenizer" / "chat_template.jinja").is_file()
+    saved = json.loads((tuned / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(smollm2_gguf.resolve())
+    records = [json.loads(x) for x in (tuned / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses and all(math.isfinite(x) for x in losses) and losses[0] < 4
 
     export = run_dir / "export"
     tokenizer = transformers.AutoTokenizer.from_pretrained(export)
