@@ -143,6 +143,7 @@ def test_a_pipeline_runs_end_to_end(shared: tuple[Path, Path]) -> None:
     assert pre["final_loss"] > 0 and pre["final_val_loss"] > 0 and 0 < pre["goodput"] <= 1
     assert by["eval"]["figures"]["data perplexity"] > 1
     assert json.loads((run_dir / "eval" / "eval.jsonl").read_text())["tasks"]["data"]
+    assert not (run_dir / "pretrain" / "eval.jsonl").exists()  # the finished stage is as it was
     assert (run_dir / "export" / "config.json").is_file()
     plan = state["plan"]["pretrain"]  # the `loom plan --json` shape the report reads
     assert plan["fits"] and plan["memory_gib"]["total"] > 0 and plan["tokens_per_s"] > 0

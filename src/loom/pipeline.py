@@ -988,7 +988,8 @@ def _run_eval(stage: Stage) -> dict[str, Any]:
         batch_tokens=c.batch_tokens,
         quantize=c.quantize or None,
     )
-    record, results = evaluate(stage.model, c.tasks, opts)
+    # The record goes to this stage's folder only: the evaluated stage's stays as it finished.
+    record, results = evaluate(stage.model, c.tasks, opts, append_to_run=False)
     stage.dir.mkdir(parents=True, exist_ok=True)
     logged = {**record, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (stage.dir / EVAL_LOG).write_text(json.dumps(logged) + "\n")

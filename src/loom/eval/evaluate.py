@@ -337,8 +337,10 @@ def evaluate(
     task_paths: list[str],
     opts: EvalOptions | None = None,
     device: torch.device | None = None,
+    append_to_run: bool = True,
 ) -> tuple[dict[str, Any], list[TaskResult]]:
-    """Load the model once, run every task; a Loom run's record is appended to eval.jsonl."""
+    """Load the model once, run every task; a Loom run's record is appended to its eval.jsonl
+    unless not `append_to_run` (`loom run` keeps it in the eval stage's own folder)."""
     from loom.models.sources import find_checkpoint, load_model
     from loom.train.checkpoint import read_state
 
@@ -372,7 +374,7 @@ def evaluate(
         "model": str(model_path),
         "tasks": {r.name: r.to_dict() for r in results},
     }
-    if run_dir is not None:
+    if run_dir is not None and append_to_run:
         logged = {**record, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step}
         logged["options"] = {
             "few_shot": opts.few_shot,
