@@ -68,6 +68,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
             "optimizer.decay_steps=10 is shorter than train.steps=20",
         ),
         (["train.steps=3"], "must look like --section.key=value"),
+        (["--memory.offload=optimizer"], "memory.offload=optimizer is not built yet"),
     ],
 )
 def test_bad_values_name_key_and_fix(overrides: list[str], message: str) -> None:

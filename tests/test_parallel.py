@@ -66,7 +66,6 @@ LAYOUTS: dict[int, dict[str, list[str]]] = {
         "fsdp2": [],
         "fsdp2_bf16": ["--train.precision=bf16"],
         "fsdp2_offload_params": ["--memory.offload=params"],
-        "fsdp2_offload_optimizer": ["--memory.offload=optimizer"],
         "fsdp2_recompute_full": ["--memory.recompute=full"],
         "fsdp2_recompute_selective": ["--memory.recompute=selective"],
         "fsdp2_recompute_every2": ["--memory.recompute=full", "--memory.recompute_every=2"],

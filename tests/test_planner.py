@@ -172,7 +172,7 @@ def test_qlora_stores_the_projections_in_nf4_and_the_rest_as_it_was() -> None:
             {
                 "model": "llama3-70b",
                 "hardware": {"gpu": "h100", "n_gpus": 1},
-                "strategy": {"finetune": "qlora", "offload": "optimizer"},
+                "strategy": {"finetune": "qlora", "offload": "params"},
             }
         )
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 import tomli_w
 
 from loom.errors import LoomError
-from loom.models.llama import ModelConfig
+from loom.models.config import ModelConfig
 from loom.models.presets import get_preset
 
 T = TypeVar("T")
@@ -145,7 +145,7 @@ class ParallelConfig:
 class MemoryConfig:
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_every: int = 1  # apply recomputation to every k-th layer only
-    offload: Literal["none", "optimizer", "params"] = "none"
+    offload: Literal["none", "optimizer", "params"] = "none"  # optimizer: not built yet
 
 
 @dataclass
@@ -461,6 +461,12 @@ def validate(cfg: Config) -> None:
             raise LoomError(f"data.mix[{i}] needs a path and a weight > 0")
     if cfg.memory.recompute_every < 1:
         raise LoomError(f"memory.recompute_every={cfg.memory.recompute_every} must be at least 1")
+    if cfg.memory.offload == "optimizer":
+        raise LoomError(
+            "memory.offload=optimizer is not built yet (the optimizer state would stay on the "
+            "device); use memory.offload=params (FSDP keeps parameters, gradients and optimizer "
+            "state in host memory) or memory.offload=none"
+        )
     r, c = cfg.resilience, cfg.checkpoint
     _positive(
         {"resilience.max_bad_steps": r.max_bad_steps, "resilience.spike_window": r.spike_window}

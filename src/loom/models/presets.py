@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loom.errors import LoomError
-from loom.models.llama import ModelConfig, RopeScaling
+from loom.models.config import ModelConfig, RopeScaling
 
 
 @dataclass(frozen=True)

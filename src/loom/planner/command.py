@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
 from loom.errors import LoomError
@@ -50,37 +49,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as a spec: parse_spec reads both the same way."""
     if not args.model or not args.gpu or not args.gpus:
         raise LoomError("loom plan needs --spec FILE, or --model, --gpu and --gpus")
-    model: dict[str, Any] = {"preset": args.model}
-    if args.seq_len:
-        model["seq_len"] = args.seq_len
     hardware: dict[str, Any] = {"gpu": args.gpu, "n_gpus": args.gpus}
     if args.mem_gb:
         hardware["gpu_mem_gb"] = args.mem_gb
-    raw: dict[str, Any] = {"model": model, "hardware": hardware}
-    if args.tokens:
-        raw["training"] = {"tokens": args.tokens}
+    raw: dict[str, Any] = {"model": args.model, "hardware": hardware}
+    training = {
+        "tokens": args.tokens,
+        "seq_len": args.seq_len,
+        "global_batch_tokens": args.global_batch_tokens,
+    }
+    training = {k: v for k, v in training.items() if v is not None}
+    if training:
+        raw["training"] = training
     fixed = {key: getattr(args, flag) for flag, key in STRATEGY_FLAGS.items()}
     fixed = {k: v for k, v in fixed.items() if v is not None}
     choices = {key: getattr(args, flag) for flag, key in CHOICE_FLAGS.items()}
     choices = {k: v for k, v in choices.items() if v is not None}
-    if args.global_batch_tokens:
-        seq = args.seq_len or parse_spec(raw).model.seq_len
-        choices["global_batch"] = batch_sequences(args.global_batch_tokens / seq)
     if fixed:
         raw["strategy"] = {**fixed, **choices}
     elif choices:
         raw["search"] = choices
     return raw
-
-
-def batch_sequences(sequences: float) -> int:
-    """Round a batch given in tokens to sequences that split over many data-parallel degrees:
-    a multiple of 256 (16e6 tokens of 8192 -> 2048 sequences), or a power of two below."""
-    if sequences >= 256:
-        return 256 * max(1, round(sequences / 256))
-    return 2 ** max(0, round(math.log2(max(sequences, 1))))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -17,7 +17,14 @@ from typing import Any
 from loom.planner.cost import DEFAULT_CALIBRATION, Calibration
 from loom.planner.memory import activation_bytes_per_layer, model_state_bytes
 from loom.planner.search import Plan, evaluate
-from loom.planner.spec import ModelShape, PlanSpec, Strategy, parse_spec
+from loom.planner.spec import (
+    MODEL_KEYS,
+    STRATEGY_KEYS,
+    ModelShape,
+    PlanSpec,
+    Strategy,
+    parse_spec,
+)
 
 DEFAULT_RECORDS = Path(__file__).resolve().parents[3] / "reference" / "published_runs.json"
 
@@ -39,13 +46,17 @@ def load_records(path: Path = DEFAULT_RECORDS) -> dict[str, dict[str, Any]]:
 
 
 def record_spec(record: dict[str, Any], **strategy: Any) -> PlanSpec:
-    model = dict(record["model"])
+    """The spec of a record: its shape and layout fields (the descriptive ones, such as
+    params_stated or the optimizer's name, stay out), on A100s."""
+    model = {k: v for k, v in record["model"].items() if k in MODEL_KEYS}
     model["arch"] = "gpt"
     model["vocab"] = model.get("vocab") or 51200
     model["kv_heads"] = model.get("kv_heads") or model["heads"]
     model["ffn_hidden"] = model.get("ffn_hidden") or 4 * model["hidden"]
-    raw = {k: v for k, v in (record.get("strategy") or {}).items() if v is not None}
+    layout = (record.get("strategy") or {}).items()
+    raw = {k: v for k, v in layout if v is not None and k in STRATEGY_KEYS}
     raw.update(micro_batch=raw.get("micro_batch", 1), framework="megatron", precision="fp16")
+    raw.update(flash_attention=False)  # 2021-22: attention as batched matmuls + softmax
     raw.pop("zero_stage", None)
     raw.update(strategy)
     hardware = {"gpu": "a100", "n_gpus": record["hardware"]["n_gpus"]}

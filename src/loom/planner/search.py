@@ -136,7 +136,8 @@ def search(spec: PlanSpec, cal: Calibration = DEFAULT_CALIBRATION, keep: int = 1
             offloadable.append(s)
     if not fitting:
         for s in offloadable:
-            for offload in ("optimizer", "params"):
+            # Loom has not built optimizer-state offload yet; Megatron / DeepSpeed offer it.
+            for offload in ("params",) if s.framework == "loom" else ("optimizer", "params"):
                 moved = replace(
                     s, offload=offload, zero_stage=3 if offload == "params" else s.zero_stage
                 )

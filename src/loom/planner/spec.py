@@ -1,19 +1,20 @@
 """What the planner is asked: model shape, hardware, an optional strategy and training length.
 
 The JSON schema is that of the records in shared/reference/published_runs.json (`model`,
-`hardware`, `strategy`, `training`), so a published run can be fed in as it is. Every field is
-checked here, before any estimate, and errors name the field and the fix.
+`hardware`, `strategy`, `training`); published.py picks a record's fields into it. Every field
+is checked here, before any estimate: an unknown key is refused (a typo would otherwise be
+silently ignored), and errors name the field and the fix.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from loom.errors import LoomError, read_json
-from loom.models.llama import ModelConfig
+from loom.models.config import ModelConfig
 from loom.models.presets import PRESETS, get_preset
 
 
@@ -88,6 +89,7 @@ class Hardware:
     matmul_efficiency: float | None = None  # measured ceiling (calibration); None = default
     matmul_half_size: float | None = None  # measured (calibration); None = default
     attention_efficiency: dict[str, float] | None = None  # of the matmul rate, per precision
+    clock: float = 1.0  # sustained fraction of the datasheet peak (power-capped parts: less)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,13 @@ class Strategy:
     finetune: str = "full"  # full | lora | qlora
     lora_rank: int = 16
     dp_shard: int = 0  # ZeRO shards over this many of the dp ranks (HSDP: fewer); 0 = all
+    compile: bool = False  # torch.compile fuses the elementwise kernels
+    flash_attention: bool = True  # false: unfused attention over the full square (2021-22 GPT)
+
+    @property
+    def fused_kernels(self) -> bool:
+        """Fused elementwise kernels: torch.compile, or Megatron's (Transformer Engine)."""
+        return self.compile or self.framework == "megatron"
 
     @property
     def devices(self) -> int:
@@ -193,6 +202,41 @@ def _gpu_key(name: str) -> str | None:
 
 # -- parsing -----------------------------------------------------------------------------------
 
+# The keys each section of a spec knows: one table per section, from the dataclasses where the
+# names are the same.
+RENAMED = {"pipeline_schedule": "schedule"}  # strategy key (published records) -> field
+MODEL_KEYS = ("preset", *(f.name for f in fields(ModelShape)))
+HARDWARE_FIELDS = {  # spec key -> Hardware field, for the per-device numbers a spec overrides
+    "gpu_mem_gb": "memory_gb",
+    "intra_node_gbps": "intra_node_gbps",
+    "inter_node_gbps": "inter_node_gbps",
+    "host_mem_gb": "host_memory_gb",
+    "host_link_gbps": "host_link_gbps",
+}
+HARDWARE_KEYS = ("gpu", "n_gpus", "peak_tflops", "gpus_per_node", *HARDWARE_FIELDS)
+STRATEGY_KEYS = (*(f.name for f in fields(Strategy)), *RENAMED)
+# The fields the search keeps as given (search.candidates); it chooses the others itself.
+SEARCH_KEYS = (
+    "cp",
+    "micro_batch",
+    "recompute",
+    "zero_stage",
+    "global_batch",
+    "precision",
+    "framework",
+    "finetune",
+    "lora_rank",
+)
+TRAINING_KEYS = ("tokens", "seq_len", "global_batch_tokens")
+SPEC_KEYS = ("model", "hardware", "strategy", "search", "training")
+
+
+def check_keys(raw: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
+    """Refuse a key this part of the spec does not know (a typo would be silently ignored)."""
+    for key in raw:
+        if key not in known:
+            raise LoomError(f"{where}.{key} is not a known key; known: {', '.join(known)}")
+
 
 def model_from_config(cfg: ModelConfig, seq_len: int) -> ModelShape:
     return ModelShape(
@@ -209,17 +253,34 @@ def model_from_config(cfg: ModelConfig, seq_len: int) -> ModelShape:
     )
 
 
-def parse_model(raw: Any) -> ModelShape:
+def parse_model(raw: Any, seq_len: int | None = None) -> ModelShape:
+    """A preset name, {preset, seq_len?} or the whole shape; `seq_len` (training.seq_len) is
+    the sequence length when the model does not give one (a different one is refused)."""
     if isinstance(raw, str):
         if raw not in PRESETS:
             raise LoomError(f"model {raw!r} is not a preset; use one of {', '.join(PRESETS)}")
         cfg = get_preset(raw)
-        return model_from_config(cfg, min(cfg.max_seq_len, 8192))
+        return model_from_config(cfg, seq_len or min(cfg.max_seq_len, 8192))
     if not isinstance(raw, dict):
         raise LoomError("spec.model must be a preset name or an object with layers, hidden, ...")
+    check_keys(raw, "spec.model", MODEL_KEYS)
+    if raw.get("seq_len") is not None:
+        given = _int(raw, "seq_len", "model")
+        if seq_len is not None and given != seq_len:
+            raise LoomError(
+                f"spec.model.seq_len={given} and spec.training.seq_len={seq_len} disagree; "
+                "give the sequence length once"
+            )
+        seq_len = given
     if "preset" in raw:
-        shape = parse_model(raw["preset"])
-        return replace(shape, seq_len=int(raw.get("seq_len", shape.seq_len)))
+        shape_keys = sorted(set(raw) - {"preset", "seq_len"})
+        if shape_keys:
+            raise LoomError(
+                f"spec.model.{shape_keys[0]} is not used with spec.model.preset; give a preset "
+                "(and seq_len), or the whole shape without a preset"
+            )
+        return parse_model(raw["preset"], seq_len)
+    raw = {**raw, "seq_len": seq_len}
     required = ("layers", "hidden", "heads", "seq_len")
     missing = [k for k in required if raw.get(k) in (None, "")]
     if missing:
@@ -241,13 +302,14 @@ def parse_model(raw: Any) -> ModelShape:
         seq_len=_int(raw, "seq_len", "model"),
         arch=arch,
         tied=bool(raw.get("tied", arch == "gpt")),
+        head_dim=_int(raw, "head_dim", "model") if raw.get("head_dim") is not None else 0,
     )
     if shape.ffn_hidden <= 0:
         raise LoomError("spec.model.ffn_hidden is needed for a Llama-style model")
-    if shape.heads % shape.kv_heads or shape.hidden % shape.heads:
+    if shape.heads % shape.kv_heads or (not shape.head_dim and shape.hidden % shape.heads):
         raise LoomError(
             f"spec.model: kv_heads={shape.kv_heads} must divide heads={shape.heads} and heads "
-            f"must divide hidden={shape.hidden}"
+            f"must divide hidden={shape.hidden} (or give head_dim)"
         )
     return shape
 
@@ -255,15 +317,13 @@ def parse_model(raw: Any) -> ModelShape:
 def parse_hardware(raw: Any) -> Hardware:
     if not isinstance(raw, dict):
         raise LoomError("spec.hardware must be an object with gpu (or peak_tflops) and n_gpus")
+    check_keys(raw, "spec.hardware", HARDWARE_KEYS)
     devices = _int(raw, "n_gpus", "hardware")
-    overrides = {
-        "memory_gb": _opt_float(raw, "gpu_mem_gb"),
-        "devices_per_node": raw.get("gpus_per_node"),
-        "intra_node_gbps": _opt_float(raw, "intra_node_gbps"),
-        "inter_node_gbps": _opt_float(raw, "inter_node_gbps"),
-        "host_memory_gb": _opt_float(raw, "host_mem_gb"),
-        "host_link_gbps": _opt_float(raw, "host_link_gbps"),
+    overrides: dict[str, Any] = {
+        field_name: _opt_float(raw, key) for key, field_name in HARDWARE_FIELDS.items()
     }
+    if raw.get("gpus_per_node") is not None:
+        overrides["devices_per_node"] = _int(raw, "gpus_per_node", "hardware")
     peak = raw.get("peak_tflops")
     if raw.get("gpu") == "this":
         from loom.planner.calibrate import this_machine
@@ -294,9 +354,11 @@ RECOMPUTE_WORDS = {"none": "none", "selective": "selective", "full": "full"}
 def parse_strategy(raw: Any, devices: int, defaults: Strategy | None = None) -> Strategy:
     if not isinstance(raw, dict):
         raise LoomError("spec.strategy must be an object (tp, pp, dp, micro_batch, ...)")
+    check_keys(raw, "spec.strategy", STRATEGY_KEYS)
     base = defaults or Strategy()
     values: dict[str, Any] = {}
-    for key in ("tp", "pp", "cp", "micro_batch", "global_batch", "virtual_stages", "lora_rank"):
+    whole = ("tp", "pp", "cp", "micro_batch", "global_batch", "virtual_stages", "lora_rank")
+    for key in (*whole, "dp_shard"):
         if raw.get(key) is not None:
             values[key] = _int(raw, key, "strategy")
     if raw.get("zero_stage") is not None:
@@ -346,10 +408,16 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
             f"strategy.tp={s.tp} must divide the {model.heads} attention heads (and the "
             f"{model.kv_heads} KV heads, or be a multiple of them)"
         )
-    if model.layers % (s.pp * s.virtual_stages):
+    if model.layers < s.pp * s.virtual_stages:
         raise LoomError(
-            f"strategy: pp × virtual_stages = {s.pp * s.virtual_stages} does not divide "
-            f"{model.layers} layers"
+            f"strategy: pp × virtual_stages = {s.pp * s.virtual_stages} stages for "
+            f"{model.layers} layers leaves a stage empty; use at most {model.layers} stages"
+        )
+    if s.cp > 1 and model.seq_len % (2 * s.cp):
+        raise LoomError(
+            f"strategy.cp={s.cp}: context parallelism splits each sequence into 2 × cp chunks "
+            f"(balanced causal attention); seq_len={model.seq_len} must be a multiple of "
+            f"{2 * s.cp}"
         )
     if s.global_batch % (s.dp * s.micro_batch):
         raise LoomError(
@@ -362,6 +430,18 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
         raise LoomError(f"strategy.recompute={s.recompute!r} must be none, selective or full")
     if s.offload not in ("none", "optimizer", "params"):
         raise LoomError(f"strategy.offload={s.offload!r} must be none, optimizer or params")
+    if s.offload == "optimizer" and s.framework == "loom":
+        raise LoomError(
+            "strategy.offload=optimizer is not built in Loom yet (loom train would keep the "
+            "optimizer state on the device); use offload=params (FSDP keeps parameters, "
+            "gradients and optimizer state in host memory), or framework=megatron to plan a "
+            "Megatron / DeepSpeed run"
+        )
+    if s.dp_shard and s.dp % s.dp_shard:
+        raise LoomError(
+            f"strategy.dp_shard={s.dp_shard} must divide dp={s.dp} (HSDP shards within groups "
+            "of dp_shard ranks); or give 0 to shard over all of dp"
+        )
     if s.precision not in hw.peak_tflops:
         raise LoomError(
             f"strategy.precision={s.precision!r}: the hardware has peaks for "
@@ -448,29 +528,73 @@ def _opt_float(raw: dict[str, Any], key: str) -> float | None:
 def parse_spec(raw: Any) -> PlanSpec:
     if not isinstance(raw, dict):
         raise LoomError("the spec must be a JSON object with model and hardware")
+    check_keys(raw, "spec", SPEC_KEYS)
     for key in ("model", "hardware"):
         if key not in raw:
             raise LoomError(f"the spec lacks {key!r}; see `loom plan --help`")
-    model = parse_model(raw["model"])
-    hardware = parse_hardware(raw["hardware"])
-    strategy = None
-    if raw.get("strategy"):
-        strategy = parse_strategy(raw["strategy"], hardware.devices)
-        check_strategy(model, hardware, strategy)
     training = raw.get("training") or {}
-    tokens = training.get("tokens") if isinstance(training, dict) else None
-    if tokens is not None and (not isinstance(tokens, int | float) or tokens <= 0):
-        raise LoomError(f"spec.training.tokens must be a positive number, got {tokens!r}")
+    if not isinstance(training, dict):
+        raise LoomError("spec.training must be an object (tokens, seq_len, global_batch_tokens)")
+    check_keys(training, "spec.training", TRAINING_KEYS)
+    seq_len = _int(training, "seq_len", "training") if "seq_len" in training else None
+    if seq_len == 0:
+        raise LoomError("spec.training.seq_len must be at least 1")
+    tokens = _positive(training, "tokens")
+    batch_tokens = _positive(training, "global_batch_tokens")
+    model = parse_model(raw["model"], seq_len)
+    hardware = parse_hardware(raw["hardware"])
+    strategy_raw = raw.get("strategy") or None
+    search = raw.get("search") or {}
+    if not isinstance(search, dict):
+        raise LoomError('spec.search must be an object (e.g. {"finetune": "lora"})')
+    check_keys(search, "spec.search", SEARCH_KEYS)
+    if strategy_raw and search:
+        raise LoomError(
+            "the spec gives both strategy (a fixed layout) and search (fields of a search); "
+            "give one"
+        )
+    if batch_tokens is not None:
+        batch = batch_sequences(batch_tokens / model.seq_len)
+        section = "strategy" if strategy_raw else "search"
+        given = (strategy_raw if isinstance(strategy_raw, dict) else search).get("global_batch")
+        if given is not None and given != batch:
+            raise LoomError(
+                f"spec.{section}.global_batch={given} and spec.training.global_batch_tokens="
+                f"{batch_tokens:g} ({batch} sequences of {model.seq_len}) disagree; give one"
+            )
+        if strategy_raw and isinstance(strategy_raw, dict):
+            strategy_raw = {**strategy_raw, "global_batch": batch}
+        else:
+            search = {**search, "global_batch": batch}
+    strategy = None
+    if strategy_raw:
+        strategy = parse_strategy(strategy_raw, hardware.devices)
+        check_strategy(model, hardware, strategy)
     base = strategy or Strategy()
     fixed: frozenset[str] = frozenset()
-    if not strategy and isinstance(raw.get("search"), dict):
-        search = raw["search"]
-        base = parse_strategy({**search, "dp": 1, "tp": 1, "pp": 1}, 1)
-        fixed = frozenset(RENAMED.get(k, k) for k in search if k not in ("tp", "pp", "dp"))
-    return PlanSpec(model, hardware, strategy, float(tokens) if tokens else None, base, fixed)
+    if not strategy and search:
+        cp = _int(search, "cp", "search") if "cp" in search else 1
+        base = parse_strategy({**search, "dp": 1, "tp": 1, "pp": 1}, cp)
+        fixed = frozenset(search)
+    return PlanSpec(model, hardware, strategy, tokens, base, fixed)
 
 
-RENAMED = {"pipeline_schedule": "schedule"}
+def batch_sequences(sequences: float) -> int:
+    """Round a batch given in tokens to sequences that split over many data-parallel degrees:
+    a multiple of 256 (16e6 tokens of 8192 -> 2048 sequences), or a power of two below."""
+    if sequences >= 256:
+        return 256 * max(1, round(sequences / 256))
+    return 2 ** max(0, round(math.log2(max(sequences, 1))))
+
+
+def _positive(raw: dict[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value <= 0:
+        raise LoomError(f"spec.training.{key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def load_spec(path: str | Path) -> PlanSpec:
