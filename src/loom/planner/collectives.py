@@ -1,0 +1,96 @@
+"""The collectives Loom's real code issues in one optimizer step, as the planner predicts them.
+
+For the most loaded rank (the one holding the first pipeline stage), per optimizer step: FSDP2
+all-gathers each block's weights (this rank's tensor-parallel share, in the compute dtype)
+before its forward and again before its backward when it resharded after forward, and the
+root group (embedding, final norm, head) once; it reduce-scatters every group's gradients in
+the reduce dtype after each backward; HSDP then all-reduces the reduced shard across replicas.
+Tensor parallelism with sequence parallelism all-gathers the sequence-sharded activations
+before attention and the MLP and reduce-scatters their outputs (the reverse in backward; full
+recomputation repeats the forward's). Pipeline stages send activations forward and their
+gradients back once per micro-batch. DDP all-reduces all gradients after each backward.
+`bytes` is the size of the unsharded tensor of each call (all-gather output, reduce-scatter
+input), summed: `loom train --simulate` reports the same for Loom's real code.
+
+Scalars (the loss mean, the gradient norm, vocabulary-parallel loss statistics) are left out:
+they are a few bytes per call. Pure Python: the planner must not need torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.planner.spec import Hardware, ModelShape, Strategy
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8 runs matmuls only; tensors are bf16
+REDUCE_BYTES = 4.0  # Loom reduces gradients in fp32 (parallel.mixed_precision.reduce_dtype)
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str  # all_gather | reduce_scatter | all_reduce | send | recv | broadcast | all_to_all
+    group: str  # mesh dimension: dp_shard, dp_replicate, tp, pp, cp
+    count: int  # calls per optimizer step on one rank
+    bytes: float  # summed size of the unsharded tensor of each call
+
+
+def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective]:
+    """What one optimizer step of rank 0 moves, by kind and mesh dimension."""
+    del hw  # where the bytes go, not how fast: the cost model times them
+    out: list[Collective] = []
+    fsdp = s.zero_stage >= 3 or s.offload == "params"
+    accum = s.global_batch // (s.dp * s.micro_batch * _pipeline_microbatches(s))
+    chunks = _pipeline_microbatches(s)  # micro-batches per schedule run
+    layers = model.layers // s.pp  # this rank's blocks (all its stages together)
+    compute = BYTES[s.precision]
+    tokens = s.micro_batch * model.seq_len / s.cp  # per pipeline micro-batch
+    # The activations between blocks: 16-bit when FSDP casts the weights, fp32 under autocast
+    # (the residual stream stays fp32).
+    width = compute if fsdp else 4
+
+    replicated = model.replicated_params_per_layer()
+    block = (model.layer_params() - replicated) / s.tp + replicated
+    embedding = model.embedding_params() / s.tp
+    head = (model.head_params() - model.hidden) / s.tp + model.hidden
+    outer = embedding + (head if s.pp == 1 else 0.0)  # rank 0: the embedding, and the head
+    if fsdp:
+        # The schedule (pipelines) or the trainer (accumulation) runs forward per micro-batch.
+        forwards = accum * chunks
+        groups = layers + 1
+        # Blocks reshard after forward (parallel.fsdp_reshard_after_forward, the default) and
+        # are gathered again for backward; the root group stays gathered.
+        gathers = forwards * (groups + layers)
+        gathered = forwards * (2 * layers * block + outer)
+        out.append(Collective("all_gather", "dp_shard", gathers, gathered * compute))
+        reduces = forwards * groups
+        grads = forwards * (layers * block + outer) * REDUCE_BYTES
+        out.append(Collective("reduce_scatter", "dp_shard", reduces, grads))
+        if s.dp > s.shard_ranks:
+            out.append(Collective("all_reduce", "dp_replicate", reduces, grads / s.shard_ranks))
+    elif s.dp > 1:
+        grads = (layers * block + outer) * REDUCE_BYTES
+        out.append(Collective("all_reduce", "dp_replicate", accum * chunks, grads * accum))
+    if s.tp > 1 and s.sp:
+        # Per block, forward and backward each all-gather twice and reduce-scatter twice (full
+        # recomputation repeats the forward's); the embedding's output and the head's input
+        # add one of each on the stages that hold them.
+        per_block = 4 + (2 if s.recompute == "full" else 0)
+        ends = 2 if s.pp == 1 else 1
+        calls = accum * chunks * (per_block * layers + ends)
+        volume = calls * tokens * model.hidden * width
+        out.append(Collective("all_gather", "tp", calls, volume))
+        out.append(Collective("reduce_scatter", "tp", calls, volume))
+    if s.pp > 1:
+        stages = s.virtual_stages
+        # Rank 0 holds stages 0, pp, 2·pp, ...: each sends its output on (all do: the last
+        # stage is another rank's) and all but stage 0 send their input's gradient back.
+        calls = accum * chunks * (2 * stages - 1)
+        volume = calls * tokens * model.hidden * width
+        out.append(Collective("send", "pp", calls, volume))
+        out.append(Collective("recv", "pp", calls, volume))
+    return out
+
+
+def _pipeline_microbatches(s: Strategy) -> int:
+    """Micro-batches of one schedule run: Loom's default is one per stage."""
+    return s.pp * s.virtual_stages if s.pp > 1 else 1

@@ -1,0 +1,375 @@
+"""One rank of an N-rank training job, simulated on fake tensors and a fake process group.
+
+`loom train CONFIG --simulate N [--rank R]` resolves the layout exactly as N real processes
+would, builds the real model and applies the real parallel layout (FSDP/HSDP, TP+SP, pipeline
+stages, recompute, float8, offload) under `FakeTensorMode` with torch's `fake` distributed
+backend, and runs one optimizer step through the trainer's own code: micro-batch loop (or
+pipeline schedule), loss, backward, clipping and AdamW. Fake tensors hold no data, so a 405B
+model on 16,384 ranks runs on a laptop; what comes out is that rank's peak memory by category
+(the planner's keys) and the bytes each collective moves, to be compared with `loom plan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from loom.config import Config
+from loom.errors import LoomError
+from loom.parallel.dims import MESH_DIMS, ParallelDims, resolve
+from loom.parallel.parallelize import ParallelModel, parallelize
+from loom.planner.collectives import Collective
+from loom.train.optim import Optimizers
+
+GIB = 2**30
+c10d = torch.ops.c10d
+functional = torch.ops._c10d_functional
+
+# The collective ops (in-place c10d and functional) and the kind each one is.
+_KINDS: dict[Any, str] = {
+    c10d._allgather_base_.default: "all_gather",
+    c10d.allgather_.default: "all_gather",
+    c10d.allgather_into_tensor_coalesced_.default: "all_gather",
+    c10d._reduce_scatter_base_.default: "reduce_scatter",
+    c10d.reduce_scatter_.default: "reduce_scatter",
+    c10d.reduce_scatter_tensor_coalesced_.default: "reduce_scatter",
+    c10d.allreduce_.default: "all_reduce",
+    c10d.allreduce_coalesced_.default: "all_reduce",
+    c10d.broadcast_.default: "broadcast",
+    c10d.send.default: "send",
+    c10d.recv_.default: "recv",
+    c10d.alltoall_.default: "all_to_all",
+    c10d.alltoall_base_.default: "all_to_all",
+    functional.all_gather_into_tensor.default: "all_gather",
+    functional.reduce_scatter_tensor.default: "reduce_scatter",
+    functional.all_reduce.default: "all_reduce",
+    functional.all_reduce_.default: "all_reduce",
+    functional.broadcast.default: "broadcast",
+    functional.all_to_all_single.default: "all_to_all",
+}
+
+
+@dataclass
+class SimulationResult:
+    world_size: int
+    rank: int
+    layout: dict[str, Any]
+    memory_gib: dict[str, float]
+    collectives: list[Collective]
+    param_bytes: int = 0  # this rank's persistent parameter bytes (its shards)
+    unsharded_params: list[str] = field(default_factory=list)  # left whole by the layout
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "layout": self.layout,
+            "memory_gib": self.memory_gib,
+            "collectives": [asdict(c) for c in self.collectives],
+        }
+
+
+def _nbytes(t: Any) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    if isinstance(t, list | tuple):
+        return sum(_nbytes(x) for x in t)
+    return 0
+
+
+class _CommCounter(TorchDispatchMode):
+    """Counts every collective this rank issues, by kind and mesh dimension, with the bytes of
+    the unsharded tensor of each call (all-gather output, reduce-scatter input, all-reduce
+    tensor, send/recv tensor)."""
+
+    def __init__(self, group_dims: dict[str, str]) -> None:
+        super().__init__()
+        self.group_dims = group_dims  # process-group name -> mesh dimension
+        self.counts: dict[tuple[str, str], list[int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if any(t is DTensor for t in types):
+            return NotImplemented
+        kind = _KINDS.get(func)
+        if kind is not None:
+            self._record(func, kind, args)
+        return func(*args, **(kwargs or {}))
+
+    def _record(self, func: Any, kind: str, args: tuple[Any, ...]) -> None:
+        if func.namespace == "_c10d_functional":
+            tensor, group = args[0], args[-1]
+            volume = _nbytes(tensor)
+            if kind == "all_gather":
+                volume *= args[1]  # group size
+        else:
+            boxed = next(a for a in args if isinstance(a, torch.ScriptObject))
+            group = dist.ProcessGroup.unbox(boxed).group_name
+            if kind == "all_gather":
+                volume = _nbytes(args[0])  # output
+            elif kind == "reduce_scatter":
+                volume = _nbytes(args[1])  # input
+            else:
+                volume = _nbytes(args[0])
+        name = self.group_dims.get(str(group), "world")
+        entry = self.counts.setdefault((kind, name), [0, 0])
+        entry[0] += 1
+        entry[1] += volume
+
+    def collectives(self) -> list[Collective]:
+        return [
+            Collective(kind, group, count, volume)
+            for (kind, group), (count, volume) in sorted(self.counts.items())
+        ]
+
+
+def _group_dims(mesh: DeviceMesh) -> dict[str, str]:
+    """Process-group name -> mesh dimension name (and the flattened HSDP group)."""
+    names = {}
+    for dim in MESH_DIMS:
+        names[mesh.get_group(dim).group_name] = dim
+    return names
+
+
+@contextmanager
+def _fake_world(world_size: int, rank: int) -> Iterator[None]:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise LoomError("--simulate needs a fresh process; a process group is already running")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def _real_meshes() -> Iterator[None]:
+    """DeviceMesh computes a rank's coordinates with data-dependent tensor ops; FSDP builds
+    meshes (TP × DP) while the fake mode is on. Build those from real tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    original = DeviceMesh.__init__
+
+    def init(self: DeviceMesh, *args: Any, **kwargs: Any) -> None:
+        with unset_fake_temporarily():
+            original(self, *args, **kwargs)
+
+    DeviceMesh.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DeviceMesh.__init__ = original  # type: ignore[method-assign]
+
+
+def check_request(world_size: int, rank: int) -> None:
+    if world_size < 1:
+        raise LoomError(f"--simulate {world_size}: the world size must be at least 1")
+    if not 0 <= rank < world_size:
+        raise LoomError(f"--rank {rank} is not a rank of {world_size}; use 0 to {world_size - 1}")
+
+
+def layout_of(dims: ParallelDims, rank: int) -> dict[str, Any]:
+    """The layout's degrees and this rank's coordinate on each mesh dimension."""
+    coords, rest = {}, rank
+    for name in reversed(MESH_DIMS):
+        size = getattr(dims, name)
+        coords[name] = rest % size
+        rest //= size
+    return {
+        **{name: getattr(dims, name) for name in MESH_DIMS},
+        "stages_per_rank": dims.stages_per_rank,
+        "microbatches": dims.microbatches,
+        "coordinates": {name: coords[name] for name in MESH_DIMS},
+    }
+
+
+def simulate(
+    cfg: Config,
+    world_size: int,
+    rank: int = 0,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> SimulationResult:
+    """Run one training step of rank `rank` of a `world_size`-rank job on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from loom.train.trainer import cross_entropy
+
+    check_request(world_size, rank)
+    if cfg.parallel.auto:
+        raise LoomError(
+            "--simulate runs the layout in [parallel]; set parallel.auto=false and give the "
+            "degrees (loom plan finds them)"
+        )
+    if cfg.train.compile:
+        raise LoomError("--simulate does not run torch.compile; set train.compile=false")
+    dims = resolve(cfg, world_size)
+    if dims.pp > 1:
+        raise LoomError(
+            f"parallel.pp={dims.pp}: pipeline schedules are not simulated (torch's schedules "
+            "agree on stage shapes through point-to-point messages whose contents the fake "
+            "process group does not carry); simulate the layout with parallel.pp=1"
+        )
+    device = torch.device("cpu")
+    with _fake_world(world_size, rank):
+        mesh = dims.build_mesh(device.type)
+        with FakeTensorMode(allow_non_fake_inputs=True), _real_meshes():
+            model = parallelize(cfg, dims, mesh, device, loss_fn or cross_entropy)
+            optimizers = Optimizers(model.parts, cfg.optimizer, cfg.train.steps)
+            unsharded = _unsharded_parameters(model, dims)
+            param_bytes = sum(_local_bytes(p) for part in model.parts for p in part.parameters())
+            # A first step creates the optimizer's state: the tracked step is a steady one.
+            _step(cfg, model, optimizers)
+            memory, collectives = _tracked_step(cfg, model, optimizers, mesh)
+    return SimulationResult(
+        world_size,
+        rank,
+        layout_of(dims, rank),
+        memory,
+        collectives,
+        param_bytes,
+        unsharded,
+    )
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def _unsharded_parameters(model: ParallelModel, dims: ParallelDims) -> list[str]:
+    """Parameters this rank holds whole although the layout has ranks to split them over."""
+    if dims.dp_shard * dims.tp == 1:
+        return []
+    return [
+        name
+        for part in model.parts
+        for name, p in part.named_parameters()
+        if not isinstance(p, DTensor) or all(pl.is_replicate() for pl in p.placements)
+    ]
+
+
+def _step(cfg: Config, model: ParallelModel, optimizers: Optimizers) -> None:
+    """The trainer's step: micro-batches, clipping, AdamW (fake batches of the real shape)."""
+    t = cfg.train
+    micro = t.micro_batch_size or t.batch_size
+    local = micro // model.dims.dp
+    accum = t.grad_accum_steps
+    for part in model.parts:
+        part.train()
+    for _ in range(accum):
+        tokens = torch.zeros(local, t.seq_len, dtype=torch.long)
+        model.forward_backward(tokens, tokens, 1.0 / accum)
+    model.clip_grad_norm_(cfg.optimizer.grad_clip or float("inf"))
+    optimizers.step()
+
+
+def _tracked_step(
+    cfg: Config, model: ParallelModel, optimizers: Optimizers, mesh: DeviceMesh
+) -> tuple[dict[str, float], list[Collective]]:
+    params = [p for part in model.parts for p in part.parameters()]
+    tracker = _peak_tracker(params)
+    tracker.track_external(*model.parts, *optimizers.optimizers)
+    counter = _CommCounter(_group_dims(mesh))
+    with tracker, counter:
+        _step(cfg, model, optimizers)
+    return tracker.categories(sum(_local_bytes(p) for p in params)), counter.collectives()
+
+
+def _peak_tracker(params: list[torch.Tensor]) -> Any:
+    """torch's MemTracker, run over several micro-batches, noting which of this rank's own
+    gradient shards are alive at the peak."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+
+    class PeakTracker(MemTracker):
+        grads_at_peak = 0
+
+        def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
+            # Each micro-batch (and pipeline micro-batch) calls the model again: start its
+            # module statistics afresh; the peak over the step is kept.
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                del self.memory_tracking[module]
+            super()._pre_fw_hook(module, inputs)
+
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            before = dict(self._peak_mem)
+            super()._update_peak_stats(peak_state)
+            if self._peak_mem != before:
+                self.grads_at_peak = sum(_local_bytes(p.grad) for p in params if p.grad is not None)
+
+        def categories(self, param_bytes: int) -> dict[str, float]:
+            """The planner's keys: persistent shards as params / grads / optimizer, saved
+            tensors as activations, the rest (gathered weights and gradients, buffers,
+            communication buffers, temporaries of backward) as other."""
+            snap = next(iter(self.get_tracker_snapshot("peak").values()))
+            total = snap[_TOTAL_KEY]
+            optimizer = snap[_MemRefType.OPT]
+            activations = snap[_MemRefType.ACT]
+            grads = self.grads_at_peak
+            other = total - param_bytes - grads - optimizer - activations
+            values = {
+                "params": param_bytes,
+                "grads": grads,
+                "optimizer": optimizer,
+                "activations": activations,
+                "other": other,
+                "total": total,
+            }
+            return {k: v / GIB for k, v in values.items()}
+
+    return PeakTracker()
+
+
+def planner_prediction(cfg: Config, world_size: int) -> tuple[dict[str, float], list[Collective]]:
+    """The planner's memory (GiB, tensors only) and collectives for the same layout.
+
+    The planner's `other` also holds a fixed allowance for the CUDA context and NCCL
+    (CONTEXT_BYTES) and the caching allocator's fragmentation, which fake tensors cannot see:
+    both are taken out here, so that the two compare like with like."""
+    from loom.planner.collectives import collectives
+    from loom.planner.memory import CONTEXT_BYTES, FRAGMENTATION
+    from loom.planner.spec import model_from_config
+    from loom.planner.training import local_hardware, predicted_memory, strategy_for
+
+    dims = resolve(cfg, world_size)
+    hw = local_hardware(torch.device("cpu"), world_size)
+    memory = predicted_memory(cfg, dims, hw)
+    states = memory.params + memory.grads + memory.optimizer + memory.activations
+    other = memory.other - CONTEXT_BYTES - FRAGMENTATION * states
+    values = {
+        "params": memory.params,
+        "grads": memory.grads,
+        "optimizer": memory.optimizer,
+        "activations": memory.activations,
+        "other": other,
+        "total": states + other,
+    }
+    model = model_from_config(cfg.model, cfg.train.seq_len)
+    predicted = collectives(model, hw, strategy_for(cfg, dims))
+    return {k: v / GIB for k, v in values.items()}, predicted
+
+
+def print_simulation(cfg: Config, world_size: int, rank: int, as_json: bool) -> None:
+    """`loom train CONFIG --simulate N`: the simulated rank's memory and collectives."""
+    import json
+
+    result = simulate(cfg, world_size, rank)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    layout = result.layout
+    degrees = " × ".join(f"{k} {layout[k]}" for k in MESH_DIMS if layout[k] > 1) or "1 rank"
+    coords = ", ".join(f"{k} {v}" for k, v in layout["coordinates"].items())
+    print(f"rank {rank} of {world_size} ({degrees}; coordinates {coords}), one step:")
+    print("peak memory (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in result.memory_gib.items()))
+    print(f"{'collective':<16}{'group':<14}{'calls':>8}{'GiB':>12}")
+    for c in result.collectives:
+        print(f"{c.kind:<16}{c.group:<14}{c.count:>8}{c.bytes / GIB:>12.4f}")
