@@ -104,6 +104,15 @@ def build_parser() -> _Parser:
             help="with --nproc: restart all workers up to K times after a failure; each start "
             "resumes from the newest complete checkpoint",
         )
+    train.add_argument(
+        "--simulate",
+        type=int,
+        metavar="N",
+        help="run one step of one rank of an N-rank job on fake tensors and a fake process "
+        "group: its peak memory by category and the bytes of each collective",
+    )
+    train.add_argument("--rank", type=int, default=0, metavar="R", help="with --simulate")
+    train.add_argument("--json", action="store_true", help="with --simulate: print JSON")
 
     commands.add_parser(
         "torchrun",
@@ -389,6 +398,11 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
             from loom.train.trainer import train as run
 
             cfg: Any = load_config(args.config, extra)
+            if args.simulate is not None:
+                from loom.train.simulate import print_simulation
+
+                print_simulation(cfg, args.simulate, args.rank, args.json)
+                return
         else:
             from loom.finetune.config import load_finetune_config
             from loom.finetune.trainer import finetune as run
