@@ -7,7 +7,7 @@ root group (embedding, final norm, head) once; it reduce-scatters every group's 
 the reduce dtype after each backward; HSDP then all-reduces the reduced shard across replicas.
 Tensor parallelism with sequence parallelism all-gathers the sequence-sharded activations
 before attention and the MLP and reduce-scatters their outputs (the reverse in backward; full
-recomputation repeats the forward's). Pipeline stages send activations forward and their
+recomputation repeats most of the forward's). Pipeline stages send activations forward and their
 gradients back once per micro-batch. DDP all-reduces all gradients after each backward.
 `bytes` is the size of the unsharded tensor of each call (all-gather output, reduce-scatter
 input), summed: `loom train --simulate` reports the same for Loom's real code.
@@ -71,15 +71,15 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
         grads = (layers * block + outer) * REDUCE_BYTES
         out.append(Collective("all_reduce", "dp_replicate", accum * chunks, grads * accum))
     if s.tp > 1 and s.sp:
-        # Per block, forward and backward each all-gather twice and reduce-scatter twice (full
-        # recomputation repeats the forward's); the embedding's output and the head's input
-        # add one of each on the stages that hold them.
-        per_block = 4 + (2 if s.recompute == "full" else 0)
+        # Per block, forward and backward each all-gather twice and reduce-scatter twice; the
+        # embedding's output and the head's input add one of each on the stages holding them.
+        # Recomputation (selective too: collectives are not among the ops it keeps) runs the
+        # block's forward again up to its last saved tensor: two all-gathers, one reduce-scatter.
         ends = 2 if s.pp == 1 else 1
-        calls = accum * chunks * (per_block * layers + ends)
-        volume = calls * tokens * model.hidden * width
-        out.append(Collective("all_gather", "tp", calls, volume))
-        out.append(Collective("reduce_scatter", "tp", calls, volume))
+        again = s.recompute != "none"
+        for kind, per_block in (("all_gather", 4 + 2 * again), ("reduce_scatter", 4 + again)):
+            calls = accum * chunks * (per_block * layers + ends)
+            out.append(Collective(kind, "tp", calls, calls * tokens * model.hidden * width))
     if s.pp > 1:
         stages = s.virtual_stages
         # Rank 0 holds stages 0, pp, 2·pp, ...: each sends its output on (all do: the last

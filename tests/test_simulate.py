@@ -1,0 +1,159 @@
+"""`loom train --simulate`: one rank of a large job on fake tensors, against the planner.
+
+Each simulation runs Loom's real model, layout and training step, so these tests catch
+layout bugs that only show at scale (a parameter left whole, a collective on the wrong mesh
+dimension) on a machine without GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loom.config import Config, load_config
+from loom.errors import LoomError
+from loom.models.llama import build_model
+from loom.train.simulate import SimulationResult, planner_prediction, simulate
+
+REPO = Path(__file__).resolve().parents[1]
+LOOM_TRAIN_TINY = [sys.executable, "-m", "loom", "train", str(REPO / "configs" / "tiny.toml")]
+TINY = [
+    "--model.preset=tiny",
+    "--model.tie_embeddings=false",
+    "--train.seq_len=128",
+    "--train.batch_size=16",
+    "--train.micro_batch_size=8",
+    "--train.precision=bf16",
+    "--train.device=cpu",
+]
+
+
+def tiny(*overrides: str) -> Config:
+    return load_config(None, [*TINY, *overrides])
+
+
+def shard_bytes(cfg: Config, tp: int, dp_shard: int) -> float:
+    """fp32 bytes of one rank's shards: tensor parallelism splits all but the norm weights
+    (copied), FSDP splits everything over its ranks."""
+    with torch.device("meta"):
+        named = list(build_model(cfg.model).named_parameters())
+    norms = sum(p.numel() for name, p in named if "norm" in name)
+    total = sum(p.numel() for _, p in named)
+    return 4 * ((total - norms) / tp + norms) / dp_shard
+
+
+def keyed(result: SimulationResult) -> dict[tuple[str, str], tuple[int, float]]:
+    return {(c.kind, c.group): (c.count, c.bytes) for c in result.collectives}
+
+
+def check_against_planner(cfg: Config, world: int, result: SimulationResult) -> None:
+    """Every collective the planner predicts happens, as often and moving the same bytes
+    (within 10%); the ones it leaves out are scalars; the model states agree."""
+    memory, predicted = planner_prediction(cfg, world)
+    simulated = keyed(result)
+    for c in predicted:
+        count, volume = simulated.pop((c.kind, c.group))
+        assert count == c.count, (c, count)
+        assert abs(volume - c.bytes) <= 0.10 * volume, (c, volume)
+    assert sum(volume for _, volume in simulated.values()) < 1e-3 * sum(
+        c.bytes for c in predicted
+    ), simulated
+    for key in ("params", "optimizer"):
+        assert memory[key] == pytest.approx(result.memory_gib[key], rel=0.10), key
+
+
+def test_tp_and_fsdp_on_8_ranks_shard_every_parameter() -> None:
+    cfg = tiny("--parallel.tp=2", "--parallel.dp_shard=4")
+    result = simulate(cfg, 8)
+    assert result.layout["tp"] == 2 and result.layout["dp_shard"] == 4
+    assert result.unsharded_params == []
+    assert result.param_bytes == shard_bytes(cfg, tp=2, dp_shard=4)
+    assert set(keyed(result)) >= {
+        ("all_gather", "dp_shard"),
+        ("reduce_scatter", "dp_shard"),
+        ("all_gather", "tp"),
+        ("reduce_scatter", "tp"),
+    }
+    assert not any(c.group in ("dp_replicate", "pp", "world") for c in result.collectives)
+    check_against_planner(cfg, 8, result)
+
+
+def test_70b_widths_on_1024_ranks_hsdp_with_tp() -> None:
+    """The 70B preset's real widths (two of its 80 blocks, to keep the test short) on 1,024
+    ranks: 4 replicas × 32 shards × tp 8, full recomputation."""
+    args = [
+        "--model.preset=llama3-70b",
+        "--model.n_layers=2",
+        "--train.seq_len=8192",
+        "--train.precision=bf16",
+        "--train.device=cpu",
+        "--train.batch_size=128",
+        "--train.micro_batch_size=128",
+        "--parallel.dp_replicate=4",
+        "--parallel.tp=8",
+        "--memory.recompute=full",
+    ]
+    cfg = load_config(None, args)
+    result = simulate(cfg, 1024, rank=1023)
+    assert result.layout["dp_shard"] == 32
+    assert result.layout["coordinates"] == {"pp": 0, "dp_replicate": 3, "dp_shard": 31, "tp": 7}
+    assert result.unsharded_params == []
+    # FSDP pads dimensions that do not split evenly: within 1%.
+    assert result.param_bytes == pytest.approx(shard_bytes(cfg, tp=8, dp_shard=32), rel=0.01)
+    assert ("all_reduce", "dp_replicate") in keyed(result)  # HSDP: across the replicas
+    check_against_planner(cfg, 1024, result)
+
+
+def test_pure_tensor_parallel_leaves_the_norms_whole() -> None:
+    """Without FSDP, tensor parallelism copies the norm weights to every rank: the check that
+    finds parameters left whole names exactly those."""
+    result = simulate(tiny("--parallel.tp=2", "--parallel.dp_shard=1"), 2)
+    assert result.unsharded_params
+    assert all("norm" in name for name in result.unsharded_params)
+
+
+def test_a_layout_that_does_not_divide_is_refused_before_any_compute() -> None:
+    with pytest.raises(LoomError, match="parallel.tp=8 must divide model.n_heads=8 and model.n_kv"):
+        simulate(tiny("--parallel.tp=8"), 8)
+    with pytest.raises(LoomError, match="--rank 8 is not a rank of 8"):
+        simulate(tiny(), 8, rank=8)
+    with pytest.raises(LoomError, match="pipeline schedules are not simulated"):
+        simulate(tiny("--parallel.pp=2"), 8)
+
+
+def test_cli_prints_json_that_compares_with_the_planner_key_by_key() -> None:
+    proc = subprocess.run(
+        [*LOOM_TRAIN_TINY, "--simulate", "8", "--rank", "3", "--json", "--parallel.dp_shard=8"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["world_size"] == 8 and out["rank"] == 3
+    assert out["layout"]["coordinates"]["dp_shard"] == 3
+    assert set(out["memory_gib"]) == {
+        "params",
+        "grads",
+        "optimizer",
+        "activations",
+        "other",
+        "total",
+    }
+    kinds = {(c["kind"], c["group"]) for c in out["collectives"]}
+    assert {("all_gather", "dp_shard"), ("reduce_scatter", "dp_shard")} <= kinds
+    bad = subprocess.run(
+        [*LOOM_TRAIN_TINY, "--simulate", "6", "--parallel.dp_shard=4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: the layout needs")
