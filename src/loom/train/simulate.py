@@ -229,6 +229,12 @@ def simulate(
             # A first step creates the optimizer's state: the tracked step is a steady one.
             _step(cfg, model, optimizers)
             memory, collectives = _tracked_step(cfg, model, optimizers, mesh)
+    if cfg.memory.offload == "params":
+        # The fake run has one device (the CPU): FSDP's offloaded shards, their gradients and
+        # AdamW's state live in host memory on a GPU, so they leave the device's total.
+        host = memory["params"] + memory["grads"] + memory["optimizer"]
+        memory = {**memory, "params": 0.0, "grads": 0.0, "optimizer": 0.0}
+        memory["total"] -= host
     return SimulationResult(
         world_size,
         rank,
