@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loom.errors import LoomError
-from loom.planner import published
+from loom.planner import published, validation
 from loom.planner.cost import DEFAULT_CALIBRATION
 from loom.planner.search import evaluate, plan
 from loom.planner.spec import Strategy, _gpu_key, parse_spec
@@ -21,30 +21,72 @@ from loom.planner.spec import Strategy, _gpu_key, parse_spec
 RECORDS = published.load_records()
 
 
-def test_the_one_fitted_constant_comes_from_one_record() -> None:
-    assert published.fit_matmul_efficiency(RECORDS) == DEFAULT_CALIBRATION.matmul_efficiency
+VALIDATION = validation.load_cases()
+HELD_OUT = [c for c in VALIDATION if not c.fitted and c.scored]
 
 
-def test_megatron_table1_throughput_within_10_percent_median() -> None:
-    rows = [r for r in published.megatron_throughput(RECORDS) if r.record != published.FIT_RECORD]
-    assert len(rows) == 9
-    assert statistics.median(abs(r.error) for r in rows) <= 0.10
-    assert max(abs(r.error) for r in rows) <= 0.15
+def test_validation_set_is_broad_and_split_before_fitting() -> None:
+    """At least 60 published runs from at least 4 sources and 3 GPU generations, FSDP-style and
+    Megatron-style, up to 128K tokens; a third of each source is fitted on, never a record the
+    accuracy is reported on."""
+    assert len(VALIDATION) >= 60
+    assert len({c.source for c in VALIDATION}) >= 4
+    generations = {c.spec.hardware.name[:4] for c in VALIDATION}
+    assert {"a100", "h100", "h200"} <= generations
+    strategies = [c.spec.strategy for c in VALIDATION if c.spec.strategy is not None]
+    assert any(s.zero_stage == 3 and s.tp == 1 and s.pp == 1 for s in strategies)
+    assert any(s.tp > 1 and s.pp > 1 for s in strategies)
+    assert max(c.spec.model.seq_len for c in VALIDATION) >= 128 * 1024
+    fitted = [c for c in VALIDATION if c.fitted]
+    assert 0.25 < len(fitted) / len(VALIDATION) < 0.4
+    assert {c.source for c in fitted} == {c.source for c in VALIDATION}
+    assert not {c.id for c in fitted} & {c.id for c in HELD_OUT}
 
 
-def test_korthikanti_table5_iteration_times_within_15_percent() -> None:
-    rows = published.korthikanti_times(RECORDS)
-    assert len(rows) == 8
-    assert max(abs(r.error) for r in rows) <= 0.15
+def test_held_out_throughput_within_10_percent_median_none_above_35() -> None:
+    """The issue's target, on the records the calibration was not fitted on."""
+    rows = validation.results(HELD_OUT)
+    median, worst = validation.summary(rows)
+    assert len(rows) >= 60
+    assert median <= 0.10, median
+    assert worst <= 0.35, max(rows, key=lambda r: abs(r.error))
 
 
-def test_korthikanti_activation_formulas_exactly() -> None:
+def test_calibration_is_the_fit_on_the_fit_records() -> None:
+    """DEFAULT_CALIBRATION's fitted constants are what fitting the fit records gives (rounded
+    for the source): refitting from them moves none by more than 5%."""
+    fitted = [c for c in VALIDATION if c.fitted]
+    refit = validation.fit_calibration(fitted)
+    for name in validation.FITTED:
+        default, again = getattr(DEFAULT_CALIBRATION, name), getattr(refit, name)
+        assert again == pytest.approx(default, rel=0.05, abs=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        published.megatron_throughput(RECORDS),
+        published.korthikanti_times(RECORDS),
+        published.training_days(RECORDS),
+    ],
+    ids=["megatron-table1", "korthikanti-table5", "narayanan-days"],
+)
+def test_older_published_runs_held_out_too(rows: list[published.Row]) -> None:
+    """Megatron-LM 2021 and Korthikanti 2022 (shared/reference): no constant is fitted on them."""
+    errors = [abs(r.error) for r in rows]
+    assert statistics.median(errors) <= 0.10
+    assert max(errors) <= 0.35
+
+
+def test_regression_korthikanti_activation_formulas_transcribed() -> None:
+    """A transcription check, not validation: the memory model restates the paper's formulas."""
     rows = published.korthikanti_activations()
     assert len(rows) == 6
     assert all(r.predicted == pytest.approx(r.published, rel=1e-12) for r in rows)
 
 
-def test_zero_table1_model_states_within_2_percent() -> None:
+def test_regression_zero_table1_model_states_transcribed() -> None:
+    """A transcription check, not validation: ZeRO's Table 1 is its own formula, printed."""
     rows = published.zero_memory(RECORDS)
     assert len(rows) == 54
     for row in rows:
@@ -56,12 +98,6 @@ def test_zero_table1_model_states_within_2_percent() -> None:
         printed = row.published
         digits = len(str(printed).split(".")[1]) if "." in str(printed) else 0
         assert abs(row.predicted - printed) <= max(0.02 * printed, 0.5 * 10**-digits)
-
-
-def test_training_time_estimates_within_5_percent() -> None:
-    rows = published.training_days(RECORDS)
-    assert [r.record for r in rows] == ["meg21_time_gpt3_175B", "meg21_time_1T"]
-    assert all(abs(r.error) <= 0.05 for r in rows)
 
 
 def test_search_finds_a_fitting_layout_for_405b_on_16k_gpus() -> None:
@@ -265,19 +301,22 @@ def test_hsdp_shards_within_its_group_as_loom_train_runs_it() -> None:
 
 
 def test_lora_gathers_every_weight_but_reduces_only_adapter_gradients() -> None:
-    """ZeRO-3 all-gathers the frozen base forward and backward for every micro-batch; the
-    gradient reduce-scatter moves the adapters' gradients only."""
+    """ZeRO-3 all-gathers the frozen base layer by layer, forward and backward, for every
+    micro-batch; the gradient reduce-scatter moves the adapters' gradients only."""
     from loom.planner.cost import Calibration, step_time
 
     spec = parse_spec({"model": "llama3-70b", "hardware": {"gpu": "h100", "n_gpus": 16}})
     m, hw = spec.model, spec.hardware
     cal = Calibration(dp_overlap=0.0, collective_latency_s=0.0, hop_latency_s=0.0)
-    link = hw.inter_node_gbps * 1e9 * cal.link_efficiency  # 16 ranks span two nodes
+    # 16 ranks span two nodes, 8 in each: the ring runs over 8 network cards at once.
+    link = min(hw.intra_node_gbps, 8 * hw.inter_node_gbps) * 1e9 * cal.link_efficiency
     dp, micro = 16, 2
     common = {"dp": dp, "zero_stage": 3, "global_batch": dp * micro, "recompute": "full"}
     full = step_time(m, hw, Strategy(**common), cal)
     lora = step_time(m, hw, Strategy(finetune="lora", **common), cal)
-    gather = 2 * micro * (dp - 1) / dp * PARAMS_70B * 2 / link  # bf16, forward and backward
+    per_layer = (dp - 1) / dp * PARAMS_70B * 2 / m.layers / link  # bf16
+    # Forward and backward for every micro-batch, and the first layer's, which nothing hides.
+    gather = (2 * micro * m.layers + 1) * per_layer
     assert lora.data_parallel > gather > 0
     reduce_full, reduce_lora = full.data_parallel - gather, lora.data_parallel - gather
     # ZeRO-3 reduce-scatters fp32 gradients: each rank sends (dp − 1)/dp of them once.
@@ -308,7 +347,9 @@ def test_lora_backward_skips_the_frozen_weights_gradients() -> None:
     assert full.compute - lora.compute == pytest.approx(weight_grads - adapters)
     dequantize = 2 * L70 * block * (NF4 + 2) / (hw.hbm_gbps * 1e9)
     assert qlora.compute - lora.compute == pytest.approx(dequantize)
-    assert 2 / 3 < lora.compute / full.compute < 0.75  # matmuls dominate at 70B
+    # The skipped weight-gradient matmuls are a third of full training's matmuls; attention and
+    # elementwise work are the same in both.
+    assert 2 / 3 < lora.compute / full.compute < 0.85
     attention = 12 * L70 * H70 * m.seq_len
     matmul = L70 * block + V70 * H70
     assert full.model_flops == pytest.approx(tokens * (6 * matmul + attention))

@@ -76,7 +76,7 @@ def lora_params_per_layer(model: ModelShape, s: Strategy) -> float:
 
 def lora_params(model: ModelShape, s: Strategy) -> float:
     """Trainable LoRA parameters per device: those of its share of the blocks."""
-    return model.layers / s.pp * lora_params_per_layer(model, s)
+    return max(rank_layers(model.layers, s.pp, s.virtual_stages)) * lora_params_per_layer(model, s)
 
 
 def adapter_state_bytes(model: ModelShape, psi: float, s: Strategy) -> tuple[float, float, float]:
@@ -93,11 +93,23 @@ def adapter_state_bytes(model: ModelShape, psi: float, s: Strategy) -> tuple[flo
     dense_bytes = 4.0 if s.framework == "loom" else 2.0
     base = psi * dense_bytes
     if s.finetune == "qlora":
-        projections = model.layers / s.pp * model.matmul_params_per_layer() / s.tp
+        layers = max(rank_layers(model.layers, s.pp, s.virtual_stages))
+        projections = layers * model.matmul_params_per_layer() / s.tp
         base -= projections * (dense_bytes - NF4_BYTES)
     base /= s.shard_ranks if s.zero_stage >= 3 else 1
     weights, grads, optim = model_state_bytes(lora_params(model, s), s)
     return base + weights, grads, optim
+
+
+def rank_layers(layers: int, pp: int, virtual_stages: int = 1) -> list[int]:
+    """Layers each pipeline rank holds as `loom train` splits them
+    (loom.parallel.pipeline.stage_layer_ranges): pp · v stages, stage i starting at layer
+    ⌊L·i / (pp·v)⌋, and rank r holding stages r, r + pp, ... When pp · v does not divide L
+    (Llama 3 405B: 126 layers on 16 stages) some stages hold one layer more."""
+    stages = pp * virtual_stages
+    bounds = [layers * i // stages for i in range(stages + 1)]
+    sizes = [bounds[i + 1] - bounds[i] for i in range(stages)]
+    return [sum(sizes[r::pp]) for r in range(pp)]
 
 
 def params_per_device(model: ModelShape, s: Strategy) -> float:
@@ -105,7 +117,9 @@ def params_per_device(model: ModelShape, s: Strategy) -> float:
     stage) or the head (last stage); tensor parallelism splits all but the norms."""
     replicated = model.replicated_params_per_layer()
     per_layer = (model.layer_params() - replicated) / s.tp + replicated
-    return model.layers / s.pp * per_layer + outer_params_per_device(model, s)
+    return max(rank_layers(model.layers, s.pp, s.virtual_stages)) * per_layer + (
+        outer_params_per_device(model, s)
+    )
 
 
 def outer_params_per_device(model: ModelShape, s: Strategy) -> float:
@@ -197,7 +211,7 @@ def layers_in_flight(model: ModelShape, s: Strategy) -> float:
     """Layer-activations the first pipeline stage holds at its peak, in units of one layer for
     one micro-batch (Korthikanti et al.: 1F1B keeps L layers' worth whatever p is)."""
     m = s.microbatches
-    per_stage = model.layers / s.pp
+    per_stage = max(rank_layers(model.layers, s.pp, s.virtual_stages))
     if s.pp == 1:
         return per_stage
     if s.schedule == "GPipe":

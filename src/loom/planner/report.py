@@ -14,6 +14,7 @@ BOTTLENECK_WORDS = {
     "tensor_parallel": "tensor-parallel communication",
     "data_parallel": "data-parallel communication (gradient reduction, FSDP gathers)",
     "pipeline": "pipeline point-to-point traffic",
+    "context_parallel": "context-parallel K/V traffic",
     "offload": "offload traffic to host memory",
     "optimizer": "the optimizer step",
     "overhead": "fixed per-step overhead",
@@ -90,7 +91,8 @@ def why(best: Plan, ranked: list[Plan]) -> str:
 
 def describe(plan: Plan) -> str:
     s = plan.strategy
-    words = [f"tp{s.tp} pp{s.pp} dp{s.dp}", f"mb{s.micro_batch}", f"zero{s.zero_stage}"]
+    degrees = f"tp{s.tp} pp{s.pp} dp{s.dp}" + (f" cp{s.cp}" if s.cp > 1 else "")
+    words = [degrees, f"mb{s.micro_batch}", f"zero{s.zero_stage}"]
     if s.virtual_stages > 1:
         words.append(f"v{s.virtual_stages}")
     if s.pp > 1:

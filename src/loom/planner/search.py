@@ -66,8 +66,11 @@ def candidates(
     global_batch: int,
     fixed: frozenset[str] = frozenset(),
 ) -> list[Strategy]:
-    """Every layout of `hw.devices` devices this model and batch allow (context parallel 1);
-    fields named in `fixed` keep `base`'s value."""
+    """Every layout of `hw.devices` devices this model and batch allow; fields named in `fixed`
+    keep `base`'s value. Pipelines may split the layers unevenly (as `loom train` does), context
+    parallelism splits sequences of at least 2,048 tokens per rank into 2 · cp chunks. The
+    recompute modes come last, least recomputation first, so a search can stop at the first
+    one that fits."""
     devices = hw.devices
     tps = [
         t
@@ -77,37 +80,46 @@ def candidates(
         and model.heads % t == 0
         and (model.kv_heads % t == 0 or t % model.kv_heads == 0)
     ]
+    cps = [
+        c
+        for c in (1, 2, 4, 8, 16, 32)
+        if model.seq_len % (2 * c) == 0 and (c == 1 or model.seq_len // c >= 2048)
+    ]
+    if "cp" in fixed:
+        cps = [base.cp]
+    micro = (base.micro_batch,) if "micro_batch" in fixed else (1, 2, 4, 8)
+    modes = (base.recompute,) if "recompute" in fixed else ("none", "selective", "full")
     out: list[Strategy] = []
-    for tp in tps:
-        for pp in _divisors(model.layers):
-            if devices % (tp * pp):
-                continue
-            dp = devices // (tp * pp)
+    for tp, cp in itertools.product(tps, cps):
+        if devices % (tp * cp):
+            continue
+        for pp in _divisors(devices // (tp * cp)):
+            if pp > model.layers:
+                break
+            dp = devices // (tp * cp * pp)
             if global_batch % dp:
                 continue
             per_replica = global_batch // dp
-            for v in (1, 2, 3, 4) if pp > 1 else (1,):
-                if model.layers % (pp * v):
+            zeros = (base.zero_stage,) if "zero_stage" in fixed else ((0,) if dp == 1 else (1, 3))
+            for v in VIRTUAL_STAGES if pp > 1 else (1,):
+                if pp * v > model.layers:
                     continue
                 schedules = (
                     ["1F1B"]
                     if pp == 1
                     else (["Interleaved1F1B"] if v > 1 else ["1F1B", "ZeroBubble"])
                 )
-                micro = (base.micro_batch,) if "micro_batch" in fixed else (1, 2, 4, 8)
-                modes = (base.recompute,) if "recompute" in fixed else ("none", "selective", "full")
-                zeros = (base.zero_stage,) if "zero_stage" in fixed else (0, 1, 3)
-                for mb, schedule, recompute, zero in itertools.product(
-                    micro, schedules, modes, zeros
+                for mb, schedule, zero, recompute in itertools.product(
+                    micro, schedules, zeros, modes
                 ):
-                    if per_replica % mb or (zero and dp == 1):
+                    if per_replica % mb:
                         continue
                     layout = replace(
                         base,
                         tp=tp,
                         pp=pp,
                         dp=dp,
-                        cp=1,
+                        cp=cp,
                         sp=tp > 1,
                         micro_batch=mb,
                         global_batch=global_batch,
@@ -122,15 +134,22 @@ def candidates(
     return out
 
 
+VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)
+
+
 def search(spec: PlanSpec, cal: Calibration = DEFAULT_CALIBRATION, keep: int = 10) -> list[Plan]:
     """Plans that fit, fastest first; offload is tried only for layouts that do not fit."""
     model, hw = spec.model, spec.hardware
     global_batch = _global_batch(spec)
     fitting: list[Plan] = []
     offloadable: list[Strategy] = []
+    fitted: set[Strategy] = set()  # layouts that fit with less recomputation
     for s in candidates(model, hw, spec.base, global_batch, spec.fixed):
+        if replace(s, recompute="none") in fitted:
+            continue  # less recomputation fits, and is faster
         memory = estimate(model, hw, s)
         if fits(memory, hw):
+            fitted.add(replace(s, recompute="none"))
             fitting.append(_plan(model, hw, s, memory, cal))
         elif memory.total > hw.memory_gb * GB:
             offloadable.append(s)
@@ -157,7 +176,30 @@ def _global_batch(spec: PlanSpec) -> int:
 def _plan(model: ModelShape, hw: Hardware, s: Strategy, memory: Memory, cal: Calibration) -> Plan:
     time = step_time(model, hw, s, cal)
     peak = hw.peak_tflops[s.precision] * 1e12
-    return Plan(s, memory, time, fits(memory, hw), hw.devices, peak, model.seq_len)
+    result = Plan(s, memory, time, fits(memory, hw), hw.devices, peak, model.seq_len)
+    check_physics(result)
+    return result
+
+
+class PhysicsError(AssertionError):
+    """A prediction no hardware can realise: a bug in the model, never an answer to print."""
+
+
+def check_physics(plan: Plan) -> None:
+    """Every time and memory term is finite and non-negative, the step takes time, and neither
+    the model FLOPs (MFU) nor the FLOPs the hardware executes (with recomputation) run faster
+    than the devices' peak."""
+    t = plan.time
+    terms = {**t.breakdown(), **{f"memory.{k}": v for k, v in plan.memory.gib().items()}}
+    bad = {k: v for k, v in terms.items() if not (math.isfinite(v) and v >= 0)}
+    if bad or t.total <= 0:
+        raise PhysicsError(f"{plan.strategy}: impossible terms {bad or {'total': t.total}}")
+    executed = t.hardware_flops / t.total / plan.devices
+    if not 0 < plan.mfu <= 1 or executed > plan.peak_flops:
+        raise PhysicsError(
+            f"{plan.strategy}: MFU {plan.mfu:.3f}, executed {executed / 1e12:.1f} TFLOP/s per "
+            f"device against a peak of {plan.peak_flops / 1e12:.1f}"
+        )
 
 
 def nothing_fits(spec: PlanSpec) -> LoomError:

@@ -89,7 +89,10 @@ class Hardware:
     matmul_efficiency: float | None = None  # measured ceiling (calibration); None = default
     matmul_half_size: float | None = None  # measured (calibration); None = default
     attention_efficiency: dict[str, float] | None = None  # of the matmul rate, per precision
-    clock: float = 1.0  # sustained fraction of the datasheet peak (power-capped parts: less)
+    clock: float = 1.0  # sustained fraction of the datasheet peak
+    power_limit_w: float = 0.0  # a power cap below the part's TDP lowers its clocks; 0 = none
+    tdp_w: float = 0.0
+    new_tensor_instructions: bool = False  # Hopper / Blackwell: generic kernels fall short
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,12 @@ class Strategy:
     @property
     def fused_kernels(self) -> bool:
         """Fused elementwise kernels: torch.compile, or Megatron's (Transformer Engine)."""
-        return self.compile or self.framework == "megatron"
+        return self.compile or self.vendor_kernels
+
+    @property
+    def vendor_kernels(self) -> bool:
+        """Megatron-style frameworks run NVIDIA's own attention and fused kernels."""
+        return self.framework == "megatron"
 
     @property
     def devices(self) -> int:
@@ -156,11 +164,17 @@ GPU_TABLE: dict[str, tuple[dict[str, float], float, float, float]] = {
     "h100-pcie": ({"bf16": 756.0, "fp16": 756.0, "fp8": 1513.0, "fp32": 378.0}, 80, 300, 2000),
     "h200": ({"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 494.5}, 141, 450, 4800),
     "b200": ({"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "fp32": 1100.0}, 180, 900, 8000),
+    "gb200": ({"bf16": 2500.0, "fp16": 2500.0, "fp8": 5000.0, "fp32": 1250.0}, 186, 900, 8000),
+    "gb300": ({"bf16": 2500.0, "fp16": 2500.0, "fp8": 5000.0, "fp32": 1250.0}, 288, 900, 8000),
     "mi300x": ({"bf16": 1307.4, "fp16": 1307.4, "fp8": 2614.9, "fp32": 653.7}, 192, 448, 5300),
     "v100": ({"fp16": 125.0, "bf16": 125.0, "fp32": 15.7}, 32, 150, 900),
     "rtx4090": ({"bf16": 165.2, "fp16": 165.2, "fp8": 330.3, "fp32": 82.6}, 24, 32, 1008),
     "l40s": ({"bf16": 362.0, "fp16": 362.0, "fp8": 733.0, "fp32": 183.0}, 48, 32, 864),
 }
+
+
+# Board power the datasheet peaks are quoted at (W), for parts run under a lower power cap.
+TDP_W = {"a100": 400.0, "a100-40gb": 400.0, "h100": 700.0, "h200": 700.0, "b200": 1000.0}
 
 
 def gpu_hardware(name: str, devices: int, **overrides: Any) -> Hardware:
@@ -183,6 +197,10 @@ def gpu_hardware(name: str, devices: int, **overrides: Any) -> Hardware:
         values.update(devices_per_node=4, inter_node_gbps=12.5)
     if key == "h100" or key == "h200" or key == "b200":
         values.update(inter_node_gbps=50.0, host_link_gbps=50.0)  # 400 Gb/s per GPU
+    if key in ("gb200", "gb300"):  # NVL72: one NVLink domain of 72 GPUs
+        values.update(devices_per_node=72, inter_node_gbps=50.0, host_link_gbps=50.0)
+    values["tdp_w"] = TDP_W.get(key, 0.0)
+    values["new_tensor_instructions"] = key.startswith(("h100", "h200", "b200", "gb"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Hardware(**values)
 
