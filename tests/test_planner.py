@@ -7,6 +7,7 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,114 @@ def test_search_finds_a_fitting_layout_for_405b_on_16k_gpus() -> None:
     )
     assert all(p.memory.total <= 80e9 for p in ranked)
     assert 0.2 < best.mfu < 0.7 and 20 < best.days(15.6e12) < 400
+    # Uneven pipeline splits are searched (126 layers on 4, 8 or 16 stages), and no winner
+    # idles a third of its step in the bubble with one micro-batch per replica.
+    assert any(p.strategy.pp > 2 for p in ranked)
+    assert best.time.bubble < 0.2 * best.time.total
+    assert all(p.strategy.cp == 1 for p in ranked)  # loom train has no context parallelism
+
+
+def test_uneven_pipeline_splits_as_loom_train_makes_them() -> None:
+    """The planner's layers per pipeline rank are those of loom.parallel.pipeline's split, and
+    the busiest rank sets the step time and the memory."""
+    from loom.parallel.dims import ParallelDims
+    from loom.parallel.pipeline import stage_layer_ranges, stages_of_rank
+    from loom.planner.memory import rank_layers
+
+    for layers, pp, v in ((126, 16, 1), (70, 12, 1), (126, 8, 2), (32, 4, 3), (80, 16, 4)):
+        dims = ParallelDims(
+            pp=pp, dp_replicate=1, dp_shard=1, tp=1, stages_per_rank=v, microbatches=pp
+        )
+        ranges = stage_layer_ranges(layers, pp * v, [])
+        loom = [
+            sum(
+                len(ranges[i])
+                for i in stages_of_rank(r, dims, "Interleaved1F1B" if v > 1 else "1F1B")
+            )
+            for r in range(pp)
+        ]
+        assert rank_layers(layers, pp, v) == loom
+    spec = parse_spec(
+        {
+            "model": "llama3-405b",
+            "hardware": {"gpu": "h100", "n_gpus": 1024},
+            "strategy": {"tp": 8, "pp": 16, "micro_batch": 1, "global_batch": 128},
+        }
+    )
+    even = parse_spec(
+        {
+            "model": "llama3-405b",
+            "hardware": {"gpu": "h100", "n_gpus": 1008},
+            "strategy": {"tp": 8, "pp": 14, "micro_batch": 1, "global_batch": 72},
+        }
+    )
+    p16, p14 = (evaluate(s.model, s.hardware, s.strategy) for s in (spec, even))
+    # 126 / 16: the busiest rank holds 8 layers, 126 / 14 gives 9 to each.
+    assert max(rank_layers(126, 16)) == 8
+    assert p16.memory.params < p14.memory.params * 8 / 9 * 1.01
+
+
+def test_pipeline_bubble_with_fewer_micro_batches_than_stages() -> None:
+    """With m < pp a micro-batch still crosses all pp stages: interleaving cannot hide that."""
+    from loom.planner.cost import step_time
+
+    spec = parse_spec({"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 8}})
+    m, hw = spec.model, spec.hardware
+    one = step_time(m, hw, Strategy(pp=8, global_batch=1))
+    interleaved = step_time(
+        m, hw, Strategy(pp=8, global_batch=1, virtual_stages=4, schedule="Interleaved1F1B")
+    )
+    # One micro-batch: (pp − 1) micro-batch times idle, whatever v is.
+    assert interleaved.bubble == pytest.approx(one.bubble, rel=0.05)
+    many = step_time(
+        m, hw, Strategy(pp=8, global_batch=32, virtual_stages=4, schedule="Interleaved1F1B")
+    )
+    assert many.bubble / many.compute < one.bubble / one.compute / 8
+
+
+def test_context_parallelism_is_costed_and_never_beats_physics() -> None:
+    """cp splits each sequence: attention FLOPs per rank fall by cp (local queries against all
+    keys), K/V all-gathers appear, and even at 256K tokens MFU stays below 1."""
+    from loom.planner.cost import step_time
+
+    raw = {
+        "model": {"preset": "llama3-8b", "seq_len": 262144},
+        "hardware": {"gpu": "h100", "n_gpus": 8},
+    }
+    spec = parse_spec(raw)
+    m, hw = spec.model, spec.hardware
+    common = {"framework": "pytorch", "recompute": "full", "zero_stage": 3}
+    plans = {
+        cp: evaluate(m, hw, Strategy(cp=cp, dp=8 // cp, global_batch=8 // cp, **common))
+        for cp in (1, 2, 4, 8)
+    }
+    for p in plans.values():
+        assert 0 < p.mfu < 1
+    # Each rank computes 1/cp of a sequence: matmuls and attention (its queries against every
+    # key, causal) both fall by cp.
+    for cp in (2, 4, 8):
+        assert plans[cp].time.compute == pytest.approx(plans[1].time.compute / cp, rel=0.05)
+    slow_link = replace(hw, intra_node_gbps=1.0)
+    exposed = step_time(m, slow_link, Strategy(cp=8, global_batch=1, **common))
+    assert exposed.context_parallel > 0
+    with pytest.raises(LoomError, match="no context parallelism"):
+        parse_spec({**raw, "strategy": {"cp": 2}})
+    searched = plan(parse_spec({**raw, "search": {"framework": "pytorch", "global_batch": 8}}))
+    assert searched[0].strategy.cp > 1
+
+
+def test_a_prediction_faster_than_the_hardware_is_an_error_not_an_answer() -> None:
+    """The physics check fails loudly: here a layout nobody validated (no micro-batch per
+    replica) would take no time."""
+    from loom.planner.search import PhysicsError
+
+    spec = parse_spec({"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 16}})
+    broken = Strategy(dp=16, global_batch=8)  # 8 sequences over 16 replicas: 0 micro-batches
+    with pytest.raises(PhysicsError):
+        evaluate(spec.model, spec.hardware, broken)
+    # ...while every layout the search offers passes it.
+    _, ranked = plan(spec)
+    assert all(0 < p.mfu <= 1 for p in ranked)
 
 
 def test_70b_on_24gb_cards_qlora_on_one_device_lora_offloaded_full_not_at_all() -> None:

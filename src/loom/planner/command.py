@@ -9,7 +9,7 @@ from typing import Any
 from loom.errors import LoomError
 from loom.planner.report import print_table, to_json
 from loom.planner.search import plan
-from loom.planner.spec import load_spec, parse_spec
+from loom.planner.spec import FRAMEWORKS, load_spec, parse_spec
 
 STRATEGY_FLAGS = {
     "tp": "tp",
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", choices=("none", "optimizer", "params"))
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp8", "fp32"))
     parser.add_argument("--finetune", choices=("full", "lora", "qlora"))
-    parser.add_argument("--framework", choices=("loom", "megatron"))
+    parser.add_argument("--framework", choices=FRAMEWORKS)
 
 
 def spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -343,11 +343,15 @@ def step_time(
     pipeline = 0.0
     if s.pp > 1:
         v = s.virtual_stages if s.schedule == "Interleaved1F1B" else 1
-        # 1F1B idles (pp − 1) micro-batch times, interleaving divides that by v. Zero-bubble
-        # schedules move the weight gradients (about a third of a micro-batch's work) into it:
-        # ZB-H1 (Qi et al. 2023) keeps (pp − 1)(F + B − W), a third, once every stage has as
-        # many micro-batches as stages; with fewer only the last W overlaps: two thirds.
-        fraction = (s.pp - 1) / v
+        # 1F1B idles (pp − 1) micro-batch times, interleaving divides that by v (Narayanan et
+        # al.) — once there are at least pp micro-batches. With m < pp a micro-batch still
+        # visits all pp · v chunks one after another (pp micro-batch times in all) and the
+        # others follow a chunk behind: (pp − m) + (m − 1) / v idle micro-batch times.
+        # Zero-bubble schedules move the weight gradients (about a third of a micro-batch's
+        # work) into it: ZB-H1 (Qi et al. 2023) keeps (pp − 1)(F + B − W), a third, once
+        # every stage has as many micro-batches as stages; with fewer only the last W
+        # overlaps: two thirds.
+        fraction = max(m, s.pp) - m + (min(m, s.pp) - 1) / v
         if s.schedule == "ZeroBubble":
             fraction = (s.pp - 1) / 3 if m >= s.pp else 2 * (s.pp - 1) / 3
         bubble = fraction * per_microbatch

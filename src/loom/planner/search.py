@@ -87,6 +87,8 @@ def candidates(
     ]
     if "cp" in fixed:
         cps = [base.cp]
+    elif base.framework == "loom":
+        cps = [1]  # loom train has no context parallelism yet
     micro = (base.micro_batch,) if "micro_batch" in fixed else (1, 2, 4, 8)
     modes = (base.recompute,) if "recompute" in fixed else ("none", "selective", "full")
     out: list[Strategy] = []

@@ -110,9 +110,11 @@ class Strategy:
     schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | ZeroBubble
     offload: str = "none"  # none | optimizer | params
     precision: str = "bf16"  # compute precision: bf16 | fp8 | fp32
-    framework: str = (
-        "loom"  # loom: fp32 params, grads and Adam; megatron: 16-bit params/grads + 12 B
-    )
+    # loom: what loom train runs (fp32 params, grads and Adam, eager kernels); pytorch: another
+    # PyTorch FSDP trainer (torchtitan, llm-foundry) with the same states and kernels and
+    # layouts Loom does not run yet (context parallelism); megatron: 16-bit params/grads + 12 B
+    # of fp32 master and Adam, NVIDIA's fused kernels.
+    framework: str = "loom"
     finetune: str = "full"  # full | lora | qlora
     lora_rank: int = 16
     dp_shard: int = 0  # ZeRO shards over this many of the dp ranks (HSDP: fewer); 0 = all
@@ -455,6 +457,11 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
             "gradients and optimizer state in host memory), or framework=megatron to plan a "
             "Megatron / DeepSpeed run"
         )
+    if s.cp > 1 and s.framework == "loom":
+        raise LoomError(
+            f"strategy.cp={s.cp}: loom train has no context parallelism yet; set cp=1, or "
+            "framework=pytorch (torchtitan-style) or megatron to plan a run of another trainer"
+        )
     if s.dp_shard and s.dp % s.dp_shard:
         raise LoomError(
             f"strategy.dp_shard={s.dp_shard} must divide dp={s.dp} (HSDP shards within groups "
@@ -465,8 +472,10 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
             f"strategy.precision={s.precision!r}: the hardware has peaks for "
             f"{', '.join(hw.peak_tflops)}"
         )
-    if s.framework not in ("loom", "megatron"):
-        raise LoomError(f"strategy.framework={s.framework!r} must be loom or megatron")
+    if s.framework not in FRAMEWORKS:
+        raise LoomError(
+            f"strategy.framework={s.framework!r} must be one of {', '.join(FRAMEWORKS)}"
+        )
     if s.finetune not in ("full", "lora", "qlora"):
         raise LoomError(f"strategy.finetune={s.finetune!r} must be full, lora or qlora")
     if s.schedule not in ("GPipe", "1F1B", "Interleaved1F1B", "ZeroBubble"):
@@ -481,6 +490,9 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
     refusal = finetune_refusal(s)
     if refusal:
         raise LoomError(f"strategy: {refusal}")
+
+
+FRAMEWORKS = ("loom", "pytorch", "megatron")
 
 
 def finetune_refusal(s: Strategy) -> str | None:

@@ -134,7 +134,7 @@ def record_spec(r: dict[str, Any]) -> PlanSpec:
     if hw.get("gpus_per_node") and not gpu.startswith("gb"):  # GB200/300: NVLink domain of 72
         overrides = {**overrides, "devices_per_node": hw["gpus_per_node"]}
     hardware = gpu_hardware(gpu, hw["n_gpus"], **overrides)
-    framework = "megatron" if r["framework"].startswith(MEGATRON_STYLE) else "loom"
+    framework = "megatron" if r["framework"].startswith(MEGATRON_STYLE) else "pytorch"
     known = {f.name for f in fields(Strategy)}
     values = {k: v for k, v in st.items() if k in known and v is not None}
     values.setdefault("micro_batch", 1)
