@@ -670,12 +670,26 @@ def predict(stage: Stage, pipe: Pipeline) -> dict[str, Any]:
     except LoomError as e:
         where = f" on {world} processes ([{stage.name}.launch] nproc)" if world > 1 else ""
         raise LoomError(f"[{stage.name}]{where} {e}") from None
-    precision = cfg.train.precision
-    flops, source = peak_flops(device, precision)
-    tflops = flops / 1e12 if flops else 1.0
-    hw = dataclasses.replace(
-        local_hardware(device, world), peak_tflops={"bf16": tflops, "fp32": tflops, "fp8": tflops}
-    )
+    hw = local_hardware(device, world)
+    if device.type == "cpu":
+        # A CPU's step is not a GPU's: its memory bandwidth, attention kernel and thin-matmul
+        # efficiency are measured (`loom plan --calibrate`'s profile, measured once if absent).
+        from loom.planner.calibrate import this_machine
+
+        m = cfg.model
+        shape = (
+            strategy_for(cfg, dims).micro_batch,
+            m.n_heads,
+            m.n_kv_heads,
+            cfg.train.seq_len,
+            m.attn_head_dim,
+        )
+        hw = dataclasses.replace(this_machine(world, True, shape), memory_gb=hw.memory_gb)
+        source = "measured profile"
+    else:
+        flops, source = peak_flops(device, cfg.train.precision)
+        tflops = flops / 1e12 if flops else 1.0
+        hw = dataclasses.replace(hw, peak_tflops={"bf16": tflops, "fp32": tflops, "fp8": tflops})
     strategy = dataclasses.replace(strategy_for(cfg, dims), **extra)
     plan = evaluate(model_from_config(cfg.model, cfg.train.seq_len), hw, strategy)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len

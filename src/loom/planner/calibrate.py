@@ -1,10 +1,12 @@
 """`loom plan --calibrate`: measure this machine and save a hardware profile.
 
-Measured: the best matmul rate per precision (the peak), the efficiency of matmuls of the
-shapes a small model uses (fitted as the planner's ceiling and half-size constants), memory
-bandwidth (a large elementwise add), and the bandwidth of an all-reduce between two local
-processes on the backend training would use (gloo on CPU, NCCL on GPUs). `--gpu this` in
-`loom plan`, and the planner in front of `loom train`, use the saved profile.
+Measured: the best sustained matmul rate per precision (the peak: warmed up, best of several
+timings of several shapes, the thin ones a small model uses included), the efficiency of each
+shape against it (fitted as the planner's half-size constant), the attention kernel's rate,
+memory bandwidth (a large elementwise add), and the bandwidth of an all-reduce between two
+local processes (gloo). `--gpu this` in `loom plan` uses the saved profile; the prediction in
+front of a CPU training run (`loom run`) uses it too, measuring it first (≈ 10 s, without the
+all-reduce for one process) when there is none for this CPU, thread count and torch.
 """
 
 from __future__ import annotations
@@ -19,15 +21,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from loom.errors import LoomError
 from loom.log import logger
 from loom.models.llama import ModelConfig
-from loom.planner.hardware import cache_dir, cpu_name, measure_matmul_flops
+from loom.planner.hardware import (
+    PEAK_SHAPES,
+    cache_dir,
+    cpu_name,
+    machine_key,
+    measure_matmul_flops,
+)
 from loom.planner.memory import GB
 from loom.planner.spec import Hardware
 
-SHAPES = [(256, 256, 256), (512, 512, 512), (2048, 256, 768), (2048, 768, 256), (1024, 1024, 1024)]
+SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 256, 256)]  # besides PEAK_SHAPES
 PROFILE = "hardware_profile.json"
 
 
@@ -43,15 +52,6 @@ def _best_seconds(fn: Any, repeats: int = 5) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def _shape_efficiency(dtype: torch.dtype, peak: float) -> list[tuple[tuple[int, int, int], float]]:
-    out = []
-    for m, n, k in SHAPES:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        seconds = _best_seconds(lambda a=a, b=b: torch.mm(a, b))
-        out.append(((m, n, k), 2 * m * n * k / seconds / peak))
-    return out
 
 
 def _fit_half_size(points: list[tuple[tuple[int, int, int], float]], ceiling: float) -> float:
@@ -99,42 +99,71 @@ def _collective_bandwidth() -> float:
         return float(Path(result).read_text())
 
 
-def _attention_efficiency(dtype: torch.dtype, peak: float) -> float:
-    """Causal attention forward + backward (what a block runs) as a fraction of `peak`."""
-    b, heads, seq, d = 8, 8, 256, 64
-    q, k, v = (torch.randn(b, heads, seq, d, dtype=dtype, requires_grad=True) for _ in range(3))
+# (batch, heads, KV heads, sequence, head dim) of the attention timed when no model is given.
+ATTENTION_SHAPE = (8, 8, 8, 256, 64)
+
+
+def _attention_efficiency(
+    dtype: torch.dtype, peak: float, shape: tuple[int, int, int, int, int] = ATTENTION_SHAPE
+) -> float:
+    """Causal attention forward + backward (what a block runs, GQA as Loom calls it) at
+    `shape` as a fraction of `peak`. Small heads and short sequences run far below the rate of
+    large ones on a CPU, so a prediction for a model measures the model's own shape."""
+    b, heads, kv_heads, seq, d = shape
+    q = torch.randn(b, heads, seq, d, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, kv_heads, seq, d, dtype=dtype, requires_grad=True) for _ in range(2))
 
     def run() -> None:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         out.sum().backward()
 
     flops = 3 * 4 * b * heads * seq * seq * d / 2  # QKᵀ and AV, lower triangle, fwd + 2× bwd
-    return flops / _best_seconds(run, repeats=3) / peak
+    return flops / _best_seconds(run, repeats=5) / peak
 
 
-def calibrate() -> dict[str, Any]:
+def attention_at(
+    shape: tuple[int, int, int, int, int], peak_tflops: dict[str, float]
+) -> dict[str, float]:
+    """Measured attention efficiency per precision at a model's own `shape`, cached in the
+    saved profile next to the default shape's."""
+    path = profile_path()
+    profile = json.loads(path.read_text())
+    key = "x".join(map(str, shape))
+    cached = profile.setdefault("attention_at", {})
+    if key not in cached:
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        cached[key] = {
+            name: round(_attention_efficiency(dtypes[name], peak * 1e12, shape), 3)
+            for name, peak in peak_tflops.items()
+            if name in dtypes
+        }
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(profile, indent=2))
+        os.replace(tmp, path)
+    return dict(cached[key])
+
+
+def calibrate(collective: bool = True) -> dict[str, Any]:
+    """Measure this machine and save the profile; `collective=False` skips the all-reduce
+    (a single process never runs one)."""
     threads = torch.get_num_threads()
-    logger.info("calibrating %s with %d threads (about a minute)", cpu_name(), threads)
-    peaks, ceilings, half_sizes, attention = {}, {}, {}, {}
+    logger.info("calibrating %s with %d threads (10 s to a minute)", cpu_name(), threads)
+    peaks, half_sizes, attention = {}, {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        big = measure_matmul_flops(dtype, repeats=10)
-        points = _shape_efficiency(dtype, big)
-        # The peak is the best rate seen at any shape (one 2048³ timing on a shared machine
-        # can come out low); shape efficiencies are relative to it.
-        best = max([1.0, *(e for _, e in points)])
-        peaks[name] = big * best
-        points = [(d, e / best) for d, e in points]
-        ceilings[name] = max(e for _, e in points)
-        half_sizes[name] = _fit_half_size(points, ceilings[name])
+        rates = {shape: measure_matmul_flops(dtype, [shape]) for shape in PEAK_SHAPES + SHAPES}
+        # The peak is the best sustained rate at any shape; shape efficiencies are relative to it.
+        peaks[name] = max(rates.values())
+        points = [(shape, rate / peaks[name]) for shape, rate in rates.items()]
+        half_sizes[name] = _fit_half_size(points, 1.0)
         attention[name] = _attention_efficiency(dtype, peaks[name])
     profile = {
         "name": f"this ({cpu_name()}, {threads} threads)",
-        # Per-precision matmul ceilings are folded into the peaks the planner uses.
-        "peak_tflops": {k: v * ceilings[k] / 1e12 for k, v in peaks.items()},
+        "key": machine_key(),
+        "peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
         "matmul_half_size": half_sizes["fp32"],
-        "attention_efficiency": {k: round(v / ceilings[k], 3) for k, v in attention.items()},
+        "attention_efficiency": {k: round(v, 3) for k, v in attention.items()},
         "memory_gbps": _memory_bandwidth(),
-        "collective_gbps": _collective_bandwidth(),
+        "collective_gbps": _collective_bandwidth() if collective else None,
         "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB,
         "threads": threads,
     }
@@ -145,26 +174,50 @@ def calibrate() -> dict[str, Any]:
     return profile
 
 
-def this_machine(devices: int) -> Hardware:
-    """The calibrated profile as planner hardware (one node of `devices` processes)."""
+def this_machine(
+    devices: int,
+    measure: bool = False,
+    attention_shape: tuple[int, int, int, int, int] | None = None,
+) -> Hardware:
+    """The calibrated profile as planner hardware: one node of `devices` processes sharing its
+    cores and memory, so each gets 1/devices of the measured rates. `measure`: calibrate first
+    when the saved profile is missing or was measured for another CPU, thread count or torch;
+    `attention_shape` (batch, heads, KV heads, seq, head dim): the model's attention, measured."""
     path = profile_path()
-    if not path.is_file():
+    p = json.loads(path.read_text()) if path.is_file() else None
+    stale = p is None or p.get("key") != machine_key()
+    if stale and measure:
+        p = calibrate(collective=devices > 1)
+    elif p is None:
         raise LoomError("--gpu this needs a profile of this machine; run `loom plan --calibrate`")
-    p = json.loads(path.read_text())
+    elif stale:
+        logger.warning(
+            "the profile in %s was measured for %s, not %s; run `loom plan --calibrate` again",
+            path,
+            p.get("key", "an older Loom"),
+            machine_key(),
+        )
+    assert p is not None
+    if devices > 1 and p["collective_gbps"] is None:
+        p = calibrate(collective=True)
+    attention = p["attention_efficiency"]
+    if attention_shape is not None:
+        attention = attention_at(attention_shape, p["peak_tflops"])
+    share = 1 / devices
     return Hardware(
         name=p["name"],
-        peak_tflops=p["peak_tflops"],
+        peak_tflops={k: v * share for k, v in p["peak_tflops"].items()},
         memory_gb=p["memory_gb"] / devices,
         devices=devices,
         devices_per_node=devices,
-        intra_node_gbps=p["collective_gbps"],
-        inter_node_gbps=p["collective_gbps"],
-        hbm_gbps=p["memory_gbps"],
+        intra_node_gbps=p["collective_gbps"] or 1.0,  # unused by one process
+        inter_node_gbps=p["collective_gbps"] or 1.0,
+        hbm_gbps=p["memory_gbps"] * share,
         host_memory_gb=p["memory_gb"],
-        host_link_gbps=p["memory_gbps"],
+        host_link_gbps=p["memory_gbps"] * share,
         matmul_efficiency=1.0,
         matmul_half_size=p["matmul_half_size"],
-        attention_efficiency=p["attention_efficiency"],
+        attention_efficiency=attention,
     )
 
 
