@@ -210,13 +210,16 @@ def test_loom_refuses_optimizer_offload_and_says_what_to_use(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(
-        LoomError, match="offload=optimizer is not built in Loom yet.*offload=params"
+        LoomError,
+        match="offload=optimizer with framework=loom: it is not built in Loom yet.*=params",
     ):
         parse_spec({**SEVENTY_B_ON_TWO_4090, "strategy": {"offload": "optimizer"}})
     flags = ["--model", "llama3-8b", "--gpu", "h100", "--gpus", "8", "--seq-len", "1024"]
     flags += ["--offload", "optimizer", "--recompute", "full"]
     code, _, err = plan_cli(capsys, *flags)
-    assert code == EXIT_BAD_INPUT and "offload=optimizer is not built in Loom yet" in err
+    assert code == EXIT_BAD_INPUT and "it is not built in Loom yet" in err
+    code, _, err = plan_cli(capsys, *flags, "--framework", "pytorch")
+    assert code == EXIT_BAD_INPUT and "PyTorch FSDP offloads all states together" in err
     code, _, _ = plan_cli(capsys, *flags, "--framework", "megatron")
     assert code == 0
     with pytest.raises(LoomError, match="memory.offload=optimizer is not built yet.*=params"):

@@ -157,8 +157,8 @@ def search(spec: PlanSpec, cal: Calibration = DEFAULT_CALIBRATION, keep: int = 1
             offloadable.append(s)
     if not fitting:
         for s in offloadable:
-            # Loom has not built optimizer-state offload yet; Megatron / DeepSpeed offer it.
-            for offload in ("params",) if s.framework == "loom" else ("optimizer", "params"):
+            # Only Megatron / DeepSpeed offload the optimizer state alone (Loom: not built yet).
+            for offload in ("optimizer", "params") if s.framework == "megatron" else ("params",):
                 moved = replace(
                     s, offload=offload, zero_stage=3 if offload == "params" else s.zero_stage
                 )

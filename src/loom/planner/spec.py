@@ -450,10 +450,11 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
         raise LoomError(f"strategy.recompute={s.recompute!r} must be none, selective or full")
     if s.offload not in ("none", "optimizer", "params"):
         raise LoomError(f"strategy.offload={s.offload!r} must be none, optimizer or params")
-    if s.offload == "optimizer" and s.framework == "loom":
+    if s.offload == "optimizer" and s.framework != "megatron":
         raise LoomError(
-            "strategy.offload=optimizer is not built in Loom yet (loom train would keep the "
-            "optimizer state on the device); use offload=params (FSDP keeps parameters, "
+            f"strategy.offload=optimizer with framework={s.framework}: it is not built in Loom "
+            "yet (loom train would keep the optimizer state on the device) and PyTorch FSDP "
+            "offloads all states together; use offload=params (FSDP keeps parameters, "
             "gradients and optimizer state in host memory), or framework=megatron to plan a "
             "Megatron / DeepSpeed run"
         )
