@@ -46,3 +46,26 @@ def test_cpu_peak_is_measured_once_then_read_from_cache(
     assert value == 123.0 and "measured CPU fp32" in source
     bf16 = cpu_matmul_flops(torch.bfloat16)  # another precision is another entry
     assert bf16 != 123.0 and len(json.loads(cache.read_text())) == 2
+
+
+def test_mfu_is_never_reported_against_a_peak_below_a_real_step(
+    tiny_config: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached peak far below what training achieves (a noisy measurement) is measured again
+    once a real step beats it: the logged MFU stays at most 1 and the cache is corrected."""
+    from loom.planner.hardware import _cache_key
+    from loom.train.trainer import train
+
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    cache = tmp_path / "cache" / "cpu_peak.json"
+    cache.write_text(json.dumps({_cache_key(torch.float32): 1e6}))  # 1 MFLOP/s: impossible
+    cfg = tiny_config("--train.steps=4", "--metrics.log_interval=2")  # type: ignore[operator]
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    per_token = cfg.model.flops_per_token(cfg.train.seq_len)  # type: ignore[attr-defined]
+    achieved = max(per_token * r["tokens_per_s"] for r in records)
+    assert records and all(0 < r["mfu"] <= 1 for r in records)
+    corrected = json.loads(cache.read_text())[_cache_key(torch.float32)]
+    assert corrected >= per_token * records[0]["tokens_per_s"] > 1e6
+    assert corrected >= 0.5 * achieved  # a later interval may run faster than the first

@@ -32,7 +32,7 @@ from loom.log import is_terminal, logger
 from loom.parallel import distributed
 from loom.parallel.dims import resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
-from loom.planner.hardware import peak_flops
+from loom.planner.hardware import peak_at_least, peak_flops
 from loom.planner.training import auto_layout, check_fits
 from loom.train.checkpoint import Checkpointer, read_state
 from loom.train.metrics import MetricsWriter, peak_memory_gib
@@ -201,6 +201,7 @@ class Trainer:
             logger.info("resumed from %s (step %d)", self.resume_from, self.step)
         self.peak_flops, peak_source = peak_flops(self.device, t.precision)
         self.peak_flops *= world
+        self.processes = world
         self.flops_per_token = self._flops_per_token()
         logger.info(
             "model %s: %.2fM parameters, %.3g FLOPs/token; layout %s; peak %.3g FLOP/s (%s)",
@@ -219,6 +220,16 @@ class Trainer:
     def _planner_strategy(self) -> dict[str, object]:
         """What the planner is told beyond the config (fine-tuning: the adapters)."""
         return {}
+
+    def _raise_peak_to(self, achieved: float) -> None:
+        """A step faster than the peak proves the peak mis-measured (a noisy moment on a shared
+        CPU): measure again, so MFU is never reported against a peak below a real step."""
+        if achieved > self.peak_flops > 0:
+            n = self.processes
+            per_process = peak_at_least(
+                self.device, self.cfg.train.precision, achieved / n, self.peak_flops / n
+            )
+            self.peak_flops = per_process * n
 
     def _flops_per_token(self) -> float:
         """The FLOPs a step must do per token, the numerator of MFU (see `loom plan`)."""
@@ -461,6 +472,7 @@ class Trainer:
                         step_seconds = time.perf_counter() - step_start
                         elapsed = time.perf_counter() - interval_start
                         tokens_per_s = interval_tokens / elapsed
+                        self._raise_peak_to(self.flops_per_token * tokens_per_s)
                         per_rank = self._guarded(
                             lambda: distributed.per_rank(peak_memory_gib(self.device)),
                             f"logging step {self.step}",
