@@ -232,6 +232,8 @@ HARDWARE_FIELDS = {  # spec key -> Hardware field, for the per-device numbers a 
     "inter_node_gbps": "inter_node_gbps",
     "host_mem_gb": "host_memory_gb",
     "host_link_gbps": "host_link_gbps",
+    "hbm_gbps": "hbm_gbps",
+    "power_limit_w": "power_limit_w",  # a cap below the part's TDP (clocks fall)
 }
 HARDWARE_KEYS = ("gpu", "n_gpus", "peak_tflops", "gpus_per_node", *HARDWARE_FIELDS)
 STRATEGY_KEYS = (*(f.name for f in fields(Strategy)), *RENAMED)
