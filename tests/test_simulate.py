@@ -19,7 +19,7 @@ import torch
 from loom.config import Config, load_config
 from loom.errors import LoomError
 from loom.models.llama import build_model
-from loom.train.simulate import SimulationResult, planner_prediction, simulate
+from loom.train.simulate import SimulationResult, planner_prediction, schedule_order, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 LOOM_TRAIN_TINY = [sys.executable, "-m", "loom", "train", str(REPO / "configs" / "tiny.toml")]
@@ -123,8 +123,6 @@ def test_a_layout_that_does_not_divide_is_refused_before_any_compute() -> None:
         simulate(tiny("--parallel.tp=8"), 8)
     with pytest.raises(LoomError, match="--rank 8 is not a rank of 8"):
         simulate(tiny(), 8, rank=8)
-    with pytest.raises(LoomError, match="pipeline schedules are not simulated"):
-        simulate(tiny("--parallel.pp=2"), 8)
 
 
 def test_cli_prints_json_that_compares_with_the_planner_key_by_key() -> None:
@@ -157,3 +155,59 @@ def test_cli_prints_json_that_compares_with_the_planner_key_by_key() -> None:
     )
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("error: the layout needs")
+
+
+def in_flight(order: list[tuple[str, int, int]]) -> int:
+    """The most micro-batches forwarded and not yet backpropagated at once."""
+    live, most = 0, 0
+    for op, _, _ in order:
+        live += 1 if op == "forward" else -1
+        most = max(most, live)
+    return most
+
+
+def test_schedule_orders_keep_the_1f1b_and_gpipe_micro_batches_in_flight() -> None:
+    for stage in range(4):
+        order = schedule_order("1F1B", 4, stage, [stage], 8)
+        assert in_flight(order) == 4 - stage
+        assert sorted(order) == sorted(
+            [(op, 0, mb) for op in ("forward", "backward") for mb in range(8)]
+        )
+    assert in_flight(schedule_order("1F1B", 4, 1, [1], 2)) == 2
+    assert in_flight(schedule_order("GPipe", 4, 3, [3], 8)) == 8
+    # Interleaved, rank 0 of 2 with stages 0 and 2: torch's warm-up, 2·1 + 2·1 + 1 forwards.
+    order = schedule_order("Interleaved1F1B", 2, 0, [0, 2], 4)
+    assert [op for op, _, _ in order[:6]] == ["forward"] * 5 + ["backward"]
+    assert order[5] == ("backward", 1, 0)  # the last chunk's first micro-batch comes back first
+
+
+PIPELINE = ("--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2")
+
+
+def test_1f1b_pipeline_on_8_ranks_first_and_last_stage() -> None:
+    """pp 2 × FSDP 2 × tp 2 on 8 ranks, 2 accumulation steps of 2 pipeline micro-batches: rank
+    3 holds the first stage (the planner's rank), rank 7 the last; each sends one activation
+    and receives one gradient per micro-batch (or the reverse), sequence-sharded by tp."""
+    cfg = tiny(*PIPELINE)
+    first = simulate(cfg, 8, rank=3)
+    assert first.layout["coordinates"] == {"pp": 0, "dp_replicate": 0, "dp_shard": 1, "tp": 1}
+    assert first.unsharded_params == []
+    check_against_planner(cfg, 8, first)
+    last = simulate(cfg, 8, rank=7)
+    assert last.layout["coordinates"]["pp"] == 1 and last.unsharded_params == []
+    # 4 sequences per rank split in 2, 128 / tp tokens of the bf16 residual stream
+    message = 2 * (128 // 2) * cfg.model.dim * 2
+    for result in (first, last):
+        assert keyed(result)[("send", "pp")] == (4, 4 * message)
+        assert keyed(result)[("recv", "pp")] == (4, 4 * message)
+    # The last stage holds the head and keeps its logits for backward: more activations.
+    assert last.param_bytes > first.param_bytes
+    assert last.memory_gib["activations"] > first.memory_gib["activations"]
+
+
+def test_interleaved_pipeline_on_8_ranks_against_the_planner() -> None:
+    cfg = tiny(*PIPELINE, "--parallel.schedule=Interleaved1F1B", "--train.micro_batch_size=16")
+    result = simulate(cfg, 8, rank=0)
+    assert result.layout["stages_per_rank"] == 2 and result.layout["microbatches"] == 4
+    assert keyed(result)[("send", "pp")][0] == 4 * 3  # stage 0 sends 1, stage 2 sends 2
+    check_against_planner(cfg, 8, result)

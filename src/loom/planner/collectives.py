@@ -54,16 +54,24 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
     head = (model.head_params() - model.hidden) / s.tp + model.hidden
     outer = embedding + (head if s.pp == 1 else 0.0)  # rank 0: the embedding, and the head
     if fsdp:
-        # The schedule (pipelines) or the trainer (accumulation) runs forward per micro-batch.
-        forwards = accum * chunks
         groups = layers + 1
-        # Blocks reshard after forward (parallel.fsdp_reshard_after_forward, the default) and
-        # are gathered again for backward; the root group stays gathered.
-        gathers = forwards * (groups + layers)
-        gathered = forwards * (2 * layers * block + outer)
+        if s.pp == 1:
+            # The trainer runs forward and backward per micro-batch. Blocks reshard after
+            # forward (parallel.fsdp_reshard_after_forward, the default) and are gathered again
+            # for backward; the root group stays gathered; gradients are reduced every time.
+            runs, block_gathers = accum, 2
+        else:
+            # Under a schedule (as torch's stages drive FSDP) blocks still reshard after each
+            # forward but stay gathered after a backward, and gradients are reduced once per
+            # run: a block is gathered for each of its micro-batches' forwards (in GPipe and
+            # 1F1B order, each forward that follows a backward finds it gathered, each
+            # backward that follows a forward does not) and once more: chunks + 1 times.
+            runs, block_gathers = accum, chunks + 1
+        gathers = runs * (1 + layers * block_gathers)
+        gathered = runs * (block_gathers * layers * block + outer)
         out.append(Collective("all_gather", "dp_shard", gathers, gathered * compute))
-        reduces = forwards * groups
-        grads = forwards * (layers * block + outer) * REDUCE_BYTES
+        reduces = runs * groups
+        grads = runs * (layers * block + outer) * REDUCE_BYTES
         out.append(Collective("reduce_scatter", "dp_shard", reduces, grads))
         if s.dp > s.shard_ranks:
             out.append(Collective("all_reduce", "dp_replicate", reduces, grads / s.shard_ranks))
@@ -85,7 +93,8 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
         # Rank 0 holds stages 0, pp, 2·pp, ...: each sends its output on (all do: the last
         # stage is another rank's) and all but stage 0 send their input's gradient back.
         calls = accum * chunks * (2 * stages - 1)
-        volume = calls * tokens * model.hidden * width
+        # With sequence parallelism a stage's output is its sequence shard.
+        volume = calls * tokens * model.hidden * width / (s.tp if s.sp else 1)
         out.append(Collective("send", "pp", calls, volume))
         out.append(Collective("recv", "pp", calls, volume))
     return out

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -149,6 +150,14 @@ def _fake_world(world_size: int, rank: int) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+        # DTensor caches sharding decisions and redistribution plans by layout; their entries
+        # hold this world's meshes, whose process groups are gone: a second simulation of
+        # the same layout (another rank) would find them.
+        from torch.distributed.tensor._redistribute import _gen_transform_infos
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+        _clear_sharding_prop_cache()
+        _gen_transform_infos.cache_clear()
 
 
 @contextmanager
@@ -212,12 +221,6 @@ def simulate(
     if cfg.train.compile:
         raise LoomError("--simulate does not run torch.compile; set train.compile=false")
     dims = resolve(cfg, world_size)
-    if dims.pp > 1:
-        raise LoomError(
-            f"parallel.pp={dims.pp}: pipeline schedules are not simulated (torch's schedules "
-            "agree on stage shapes through point-to-point messages whose contents the fake "
-            "process group does not carry); simulate the layout with parallel.pp=1"
-        )
     device = torch.device("cpu")
     with _fake_world(world_size, rank):
         mesh = dims.build_mesh(device.type)
@@ -227,8 +230,10 @@ def simulate(
             unsharded = _unsharded_parameters(model, dims)
             param_bytes = sum(_local_bytes(p) for part in model.parts for p in part.parameters())
             # A first step creates the optimizer's state: the tracked step is a steady one.
-            _step(cfg, model, optimizers)
-            memory, collectives = _tracked_step(cfg, model, optimizers, mesh)
+            pipeline = _pipeline_counter(cfg, model, mesh)
+            _step(cfg, model, optimizers, pipeline)
+            pipeline.reset()
+            memory, collectives = _tracked_step(cfg, model, optimizers, mesh, pipeline)
     if cfg.memory.offload == "params":
         # The fake run has one device (the CPU): FSDP's offloaded shards, their gradients and
         # AdamW's state live in host memory on a GPU, so they leave the device's total.
@@ -263,7 +268,7 @@ def _unsharded_parameters(model: ParallelModel, dims: ParallelDims) -> list[str]
     ]
 
 
-def _step(cfg: Config, model: ParallelModel, optimizers: Optimizers) -> None:
+def _step(cfg: Config, model: ParallelModel, optimizers: Optimizers, pipeline: _Pipeline) -> None:
     """The trainer's step: micro-batches, clipping, AdamW (fake batches of the real shape)."""
     t = cfg.train
     micro = t.micro_batch_size or t.batch_size
@@ -272,22 +277,174 @@ def _step(cfg: Config, model: ParallelModel, optimizers: Optimizers) -> None:
     for part in model.parts:
         part.train()
     for _ in range(accum):
-        tokens = torch.zeros(local, t.seq_len, dtype=torch.long)
-        model.forward_backward(tokens, tokens, 1.0 / accum)
+        if model.dims.pp > 1:
+            pipeline.run(local, 1.0 / accum)
+        else:
+            tokens = torch.zeros(local, t.seq_len, dtype=torch.long)
+            model.forward_backward(tokens, tokens, 1.0 / accum)
     model.clip_grad_norm_(cfg.optimizer.grad_clip or float("inf"))
     optimizers.step()
 
 
 def _tracked_step(
-    cfg: Config, model: ParallelModel, optimizers: Optimizers, mesh: DeviceMesh
+    cfg: Config,
+    model: ParallelModel,
+    optimizers: Optimizers,
+    mesh: DeviceMesh,
+    pipeline: _Pipeline,
 ) -> tuple[dict[str, float], list[Collective]]:
     params = [p for part in model.parts for p in part.parameters()]
     tracker = _peak_tracker(params)
     tracker.track_external(*model.parts, *optimizers.optimizers)
     counter = _CommCounter(_group_dims(mesh))
     with tracker, counter:
-        _step(cfg, model, optimizers)
-    return tracker.categories(sum(_local_bytes(p) for p in params)), counter.collectives()
+        _step(cfg, model, optimizers, pipeline)
+    return tracker.categories(sum(_local_bytes(p) for p in params)), [
+        *counter.collectives(),
+        *pipeline.collectives(),
+    ]
+
+
+@dataclass
+class _Pipeline:
+    """This rank's pipeline stages run by hand in the schedule's order, on fake tensors.
+
+    torch's schedule objects agree on stage shapes through point-to-point messages and a
+    data-dependent `.item()` that the fake process group cannot carry, so the order is
+    replayed here and the messages are counted instead of sent: a stage other than the first
+    receives its input (a fake activation that requires grad) and sends back its gradient; a
+    stage other than the last sends its output and backpropagates a fake output gradient.
+
+    Order, per schedule run of `microbatches` micro-batches (the operations are the unit the
+    peak depends on: a forward keeps its saved activations until its backward):
+    - GPipe: every forward, then every backward.
+    - 1F1B: min(pp − stage, microbatches) warm-up forwards, then one backward and one forward
+      while forwards remain, then the remaining backwards.
+    - Several stages per rank (interleaved, V): the forwards go through the rank's stages in
+      rounds of pp micro-batches (stage order), the backwards in reverse stage order; the
+      warm-up is torch's Interleaved1F1B one, (stages_per_rank − 1)·pp + 2·(pp − 1 − rank)
+      + 1 forwards, then one backward and one forward, then the remaining backwards. The V
+      schedules' zero-bubble splitting of backward is not modelled: a peak no lower than
+      theirs.
+    FSDP runs as under torch's stages: gradients are accumulated unsharded and not reduced
+    during the run, then each part reduces (and reshards) once at its end.
+    """
+
+    cfg: Config
+    model: ParallelModel
+    stage_ids: list[int]
+    pp_rank: int
+    sequence: int  # local sequence length of the activations between stages
+    dtype: torch.dtype
+    counts: dict[str, list[int]] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.counts = {}
+
+    def collectives(self) -> list[Collective]:
+        return [Collective(kind, "pp", n, v) for kind, (n, v) in sorted(self.counts.items())]
+
+    def _message(self, kind: str, t: torch.Tensor) -> None:
+        entry = self.counts.setdefault(kind, [0, 0])
+        entry[0] += 1
+        entry[1] += _nbytes(t)
+
+    def run(self, local_batch: int, scale: float) -> None:
+        model, dims = self.model, self.model.dims
+        size = local_batch // dims.microbatches
+        seq_len = self.cfg.train.seq_len
+        model._loss_scale = scale
+        last_stage = dims.num_stages - 1
+        fsdp = [p for p in model.parts if isinstance(p, FSDPModule)]
+        for part in fsdp:
+            part.set_is_last_backward(False)
+            part.set_reshard_after_backward(False)
+            part.set_requires_gradient_sync(False)
+        saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        with model._context(), model.autocast:
+            order = schedule_order(
+                self.cfg.parallel.schedule, dims.pp, self.pp_rank, self.stage_ids, dims.microbatches
+            )
+            for op, k, mb in order:
+                stage, part = self.stage_ids[k], model.parts[k]
+                if op == "forward":
+                    if stage == 0:
+                        inputs = torch.zeros(size, seq_len, dtype=torch.long)
+                    else:
+                        shape = (size, self.sequence, self.cfg.model.dim)
+                        inputs = torch.empty(shape, dtype=self.dtype, requires_grad=True)
+                        self._message("recv", inputs)
+                    out = part(inputs)
+                    if stage == last_stage:
+                        targets = torch.zeros(size, seq_len, dtype=torch.long)
+                        out = model._pipeline_loss(out, targets)
+                    else:
+                        self._message("send", out)
+                    saved[k, mb] = inputs, out
+                else:
+                    inputs, out = saved.pop((k, mb))
+                    if stage == last_stage:
+                        out.backward()
+                    else:
+                        grad = torch.empty_like(out)
+                        self._message("recv", grad)
+                        out.backward(grad)
+                    if stage != 0:
+                        self._message("send", inputs.grad)
+        for part in fsdp:
+            # What torch's stage does after the run (perform_reduce_grad).
+            part.set_is_last_backward(True)
+            part.set_reshard_after_backward(True)
+            part.set_requires_gradient_sync(True)
+            root = fully_shard.state(part)  # type: ignore[attr-defined]
+            for state in root._state_ctx.all_states:
+                for group in state._fsdp_param_groups:
+                    group.post_backward()
+            root._root_post_backward_final_callback()
+
+
+def schedule_order(
+    schedule: str, pp: int, pp_rank: int, stage_ids: list[int], microbatches: int
+) -> list[tuple[str, int, int]]:
+    """(forward | backward, index into `stage_ids`, micro-batch) in the order `_Pipeline` runs
+    them (see its docstring)."""
+    m, v = microbatches, len(stage_ids)
+    forwards = [(k, mb) for k in range(v) for mb in range(m)]
+    if v > 1:
+        forwards = [(k, mb) for _, k, mb in sorted((mb // pp, k, mb) for k, mb in forwards)]
+        warmup = (v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1
+    elif schedule == "GPipe":
+        warmup = m
+    else:
+        warmup = pp - stage_ids[0]
+    backwards = [(v - 1 - k, mb) for k, mb in forwards]
+    warmup = min(warmup, len(forwards))
+    ops = [("forward", k, mb) for k, mb in forwards[:warmup]]
+    pending = forwards[warmup:]
+    for k, mb in backwards:
+        ops.append(("backward", k, mb))
+        if pending:
+            ops.append(("forward", *pending.pop(0)))
+    return ops
+
+
+def _pipeline_counter(cfg: Config, model: ParallelModel, mesh: DeviceMesh) -> _Pipeline:
+    """The hand-run pipeline of this rank (empty without pipeline parallelism)."""
+    from loom.parallel.pipeline import stages_of_rank
+
+    dims = model.dims
+    pp_rank = mesh.get_local_rank("pp")
+    sp = dims.tp > 1 and cfg.parallel.sequence_parallel
+    fsdp_casts = any(isinstance(p, FSDPModule) for p in model.parts)
+    bf16 = cfg.train.precision == "bf16" and fsdp_casts
+    return _Pipeline(
+        cfg,
+        model,
+        stages_of_rank(pp_rank, dims, cfg.parallel.schedule) if dims.pp > 1 else [0],
+        pp_rank,
+        cfg.train.seq_len // (dims.tp if sp else 1),
+        torch.bfloat16 if bf16 else torch.float32,
+    )
 
 
 def _peak_tracker(params: list[torch.Tensor]) -> Any:
