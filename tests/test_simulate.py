@@ -19,7 +19,14 @@ import torch
 from loom.config import Config, load_config
 from loom.errors import LoomError
 from loom.models.llama import build_model
-from loom.train.simulate import SimulationResult, planner_prediction, schedule_order, simulate
+from loom.planner.spec import ModelShape, Strategy
+from loom.train.simulate import (
+    SimulationResult,
+    config_for_plan,
+    planner_prediction,
+    schedule_order,
+    simulate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LOOM_TRAIN_TINY = [sys.executable, "-m", "loom", "train", str(REPO / "configs" / "tiny.toml")]
@@ -211,3 +218,55 @@ def test_interleaved_pipeline_on_8_ranks_against_the_planner() -> None:
     assert result.layout["stages_per_rank"] == 2 and result.layout["microbatches"] == 4
     assert keyed(result)[("send", "pp")][0] == 4 * 3  # stage 0 sends 1, stage 2 sends 2
     check_against_planner(cfg, 8, result)
+
+
+def test_loom_plan_simulate_runs_the_planners_layout_and_prints_both(tmp_path: Path) -> None:
+    """`loom plan --simulate --json`: the planner's layout built as a Loom config (pp 2 × tp 2
+    × FSDP 2 here), simulated on rank 6 (the last stage), both sides in one JSON object."""
+    spec = {
+        "model": {
+            "layers": 4,
+            "hidden": 256,
+            "heads": 4,
+            "kv_heads": 4,
+            "ffn_hidden": 768,
+            "vocab": 8192,
+            "seq_len": 128,
+        },
+        "hardware": {"gpu": "h100", "n_gpus": 8},
+        "training": {"global_batch_tokens": 4096},
+        "strategy": {"tp": 2, "pp": 2, "dp": 2, "zero_stage": 3, "micro_batch": 2, "sp": True},
+    }
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "loom", "plan", "--spec", str(path), "--simulate"]
+    proc = subprocess.run(
+        [*command, "--json", "--rank", "6"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["simulated_layout"] == "tp2 pp2 dp2 mb2 zero3 1F1B"
+    simulated = out["simulated"]
+    assert simulated["world_size"] == 8
+    assert simulated["layout"]["coordinates"] == {
+        "pp": 1,
+        "dp_replicate": 0,
+        "dp_shard": 1,
+        "tp": 0,
+    }
+    assert simulated["layout"]["microbatches"] == 2  # 16 sequences: 2 steps of 2 × 2 × 2
+    planned = {(c["kind"], c["group"]): c["count"] for c in out["planner"]["collectives"]}
+    counted = {(c["kind"], c["group"]): c["count"] for c in simulated["collectives"]}
+    assert planned == {k: v for k, v in counted.items() if k in planned}
+    assert set(out["planner"]["memory_gib"]) == set(simulated["memory_gib"])
+
+
+def test_plan_layouts_loom_cannot_run_are_refused_by_name() -> None:
+    model = ModelShape(4, 256, 4, 4, 768, 8192, 128)
+    with pytest.raises(LoomError, match="strategy.cp=2 cannot be simulated: Loom has no context"):
+        config_for_plan(model, Strategy(tp=2, cp=2, dp=2, zero_stage=3, global_batch=8))
+    with pytest.raises(LoomError, match="strategy.framework=megatron cannot be simulated"):
+        config_for_plan(model, Strategy(dp=8, framework="megatron", global_batch=8))
+    cfg = config_for_plan(model, Strategy(tp=2, pp=2, dp=2, zero_stage=3, global_batch=16))
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp_shard) == (2, 2, 2)
+    assert cfg.train.micro_batch_size == 1 * 2 * 2  # per rank × dp × pipeline micro-batches

@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp8", "fp32"))
     parser.add_argument("--finetune", choices=("full", "lora", "qlora"))
     parser.add_argument("--framework", choices=FRAMEWORKS)
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="run one step of the layout on fake tensors and compare (imports torch)",
+    )
+    parser.add_argument("--rank", type=int, default=0, metavar="R", help="with --simulate")
 
 
 def spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,7 +89,15 @@ def run(args: argparse.Namespace) -> None:
         return
     spec = load_spec(args.spec) if args.spec else parse_spec(spec_from_flags(args))
     best, ranked = plan(spec)
-    if args.json:
+    if args.simulate:
+        from loom.train.simulate import print_plan_simulation  # torch only from here on
+
+        if not args.json:
+            print_table(spec, best, ranked)
+        print_plan_simulation(
+            spec, ranked, args.rank, to_json(spec, best, ranked) if args.json else None
+        )
+    elif args.json:
         print(json.dumps(to_json(spec, best, ranked), indent=2))
     else:
         print_table(spec, best, ranked)

@@ -25,9 +25,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from loom.config import Config
 from loom.errors import LoomError
+from loom.log import logger
 from loom.parallel.dims import MESH_DIMS, ParallelDims, resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
 from loom.planner.collectives import Collective
+from loom.planner.spec import ModelShape, Strategy
 from loom.train.optim import Optimizers
 
 GIB = 2**30
@@ -491,20 +493,13 @@ def _peak_tracker(params: list[torch.Tensor]) -> Any:
     return PeakTracker()
 
 
-def planner_prediction(cfg: Config, world_size: int) -> tuple[dict[str, float], list[Collective]]:
-    """The planner's memory (GiB, tensors only) and collectives for the same layout.
-
-    The planner's `other` also holds a fixed allowance for the CUDA context and NCCL
-    (CONTEXT_BYTES) and the caching allocator's fragmentation, which fake tensors cannot see:
-    both are taken out here, so that the two compare like with like."""
-    from loom.planner.collectives import collectives
+def _tensor_memory(memory: Any) -> dict[str, float]:
+    """A planner `Memory` in GiB, tensors only: its `other` also holds a fixed allowance for
+    the CUDA context and NCCL (CONTEXT_BYTES) and the caching allocator's fragmentation,
+    which fake tensors cannot see; both are taken out, so that the two compare like with
+    like."""
     from loom.planner.memory import CONTEXT_BYTES, FRAGMENTATION
-    from loom.planner.spec import model_from_config
-    from loom.planner.training import local_hardware, predicted_memory, strategy_for
 
-    dims = resolve(cfg, world_size)
-    hw = local_hardware(torch.device("cpu"), world_size)
-    memory = predicted_memory(cfg, dims, hw)
     states = memory.params + memory.grads + memory.optimizer + memory.activations
     other = memory.other - CONTEXT_BYTES - FRAGMENTATION * states
     values = {
@@ -515,9 +510,134 @@ def planner_prediction(cfg: Config, world_size: int) -> tuple[dict[str, float], 
         "other": other,
         "total": states + other,
     }
+    return {k: v / GIB for k, v in values.items()}
+
+
+def planner_prediction(cfg: Config, world_size: int) -> tuple[dict[str, float], list[Collective]]:
+    """The planner's memory (GiB, tensors only) and collectives for the same layout."""
+    from loom.planner.collectives import collectives
+    from loom.planner.spec import model_from_config
+    from loom.planner.training import local_hardware, predicted_memory, strategy_for
+
+    dims = resolve(cfg, world_size)
+    hw = local_hardware(torch.device("cpu"), world_size)
     model = model_from_config(cfg.model, cfg.train.seq_len)
     predicted = collectives(model, hw, strategy_for(cfg, dims))
-    return {k: v / GIB for k, v in values.items()}, predicted
+    return _tensor_memory(predicted_memory(cfg, dims, hw)), predicted
+
+
+def config_for_plan(model: ModelShape, s: Strategy) -> Config:
+    """The `loom train` config that runs the planner's layout `s` of `model`: the planner's
+    model and strategy fields, one by one, or a refusal naming the one Loom cannot run."""
+    from loom.config import load_config
+
+    refusals = {
+        "strategy.cp": (s.cp > 1, "Loom has no context parallelism yet"),
+        "strategy.framework": (s.framework == "megatron", "Loom does not run Megatron"),
+        "strategy.zero_stage": (s.zero_stage in (1, 2), "Loom runs ZeRO-3 (FSDP) or none"),
+        "strategy.finetune": (s.finetune != "full", "simulated pretraining steps only"),
+        "strategy.offload": (s.offload == "optimizer", "memory.offload=optimizer is not built"),
+        "strategy.precision": (s.precision == "fp16", "Loom trains in bf16 or fp32"),
+        "strategy.schedule": (s.schedule == "ZeroBubble", "pick 1F1B or Interleaved1F1B"),
+        "model.arch": (model.arch != "llama", "Loom builds Llama-style models"),
+    }
+    for name, (refused, why) in refusals.items():
+        if refused:
+            owner, field_name = name.split(".")
+            value = getattr(model if owner == "model" else s, field_name)
+            raise LoomError(f"--simulate: {name}={value} cannot be simulated: {why}")
+    chunks = s.pp * s.virtual_stages if s.pp > 1 else 1
+    micro = s.micro_batch * s.dp * chunks
+    fsdp = s.zero_stage >= 3 or s.offload == "params"
+    dp_shard = (s.dp_shard or s.dp) if fsdp else 1
+    overrides = {
+        "model.vocab_size": model.vocab,
+        "model.dim": model.hidden,
+        "model.n_layers": model.layers,
+        "model.n_heads": model.heads,
+        "model.n_kv_heads": model.kv_heads,
+        "model.head_dim": model.head_dim,
+        "model.ffn_hidden": model.ffn_hidden,
+        "model.max_seq_len": model.seq_len,
+        "model.tie_embeddings": str(model.tied).lower(),
+        "train.seq_len": model.seq_len,
+        "train.batch_size": s.global_batch,
+        "train.micro_batch_size": micro,
+        "train.precision": "fp32" if s.precision == "fp32" else "bf16",
+        "train.float8": str(s.precision == "fp8").lower(),
+        "train.device": "cpu",
+        "parallel.tp": s.tp,
+        "parallel.pp": s.pp,
+        "parallel.dp_shard": dp_shard,
+        "parallel.dp_replicate": s.dp // dp_shard,
+        "parallel.sequence_parallel": str(s.sp or s.tp == 1).lower(),
+        "memory.recompute": s.recompute,
+        "memory.offload": s.offload,
+    }
+    if s.pp > 1:
+        overrides["parallel.schedule"] = s.schedule
+        overrides["parallel.stages_per_rank"] = s.virtual_stages
+        overrides["parallel.microbatches"] = chunks
+    return load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
+
+
+def print_plan_simulation(
+    spec: Any, ranked: list[Any], rank: int, plan_json: dict[str, Any] | None = None
+) -> None:
+    """`loom plan ... --simulate`: the planner's memory and collectives for the best layout
+    Loom runs (the first of `ranked` that `config_for_plan` accepts) next to one simulated step
+    of it on `rank`; with `plan_json` (--json), one JSON object holding the plan, the
+    planner's tensors and collectives, and the simulation."""
+    import json
+
+    from loom.planner.collectives import collectives
+    from loom.planner.report import describe
+
+    refusals = []
+    for plan in ranked:
+        try:
+            cfg = config_for_plan(spec.model, plan.strategy)
+            break
+        except LoomError as e:
+            refusals.append(f"{describe(plan)}: {e}")
+    else:
+        raise LoomError(
+            f"{refusals[0]}; fix a layout Loom runs (e.g. --zero 3 or --zero 0, --cp 1)"
+        )
+    if refusals:
+        logger.info("skipped layouts Loom cannot run: %s", "; ".join(refusals))
+    s = plan.strategy
+    result = simulate(cfg, s.devices, rank)
+    memory = _tensor_memory(plan.memory)
+    predicted = collectives(spec.model, spec.hardware, s)
+    if plan_json is not None:
+        planner = {"memory_gib": memory, "collectives": [asdict(c) for c in predicted]}
+        out = {
+            "plan": plan_json,
+            "simulated_layout": describe(plan),
+            "planner": planner,
+            "simulated": result.to_json(),
+        }
+        print(json.dumps(out, indent=2))
+        return
+    print(f"{describe(plan)}: rank {rank} of {s.devices} simulated, one step")
+    print("memory (GiB; tensors only: the planner's CUDA context and fragmentation left out):")
+    print(f"{'':<14}" + "".join(f"{k:>12}" for k in memory))
+    print(f"{'planner':<14}" + "".join(f"{v:>12.2f}" for v in memory.values()))
+    print(f"{'simulated':<14}" + "".join(f"{v:>12.2f}" for v in result.memory_gib.values()))
+    planned = {(c.kind, c.group): c for c in predicted}
+    simulated = {(c.kind, c.group): c for c in result.collectives}
+    print(
+        f"{'collective':<16}{'group':<14}{'planner calls':>14}{'GiB':>10}"
+        f"{'simulated calls':>17}{'GiB':>10}"
+    )
+    for key in sorted(planned.keys() | simulated.keys()):
+        p, m = planned.get(key), simulated.get(key)
+        cells = [
+            f"{c.count if c else 0:>{w}}{(c.bytes if c else 0) / GIB:>10.3f}"
+            for c, w in ((p, 14), (m, 17))
+        ]
+        print(f"{key[0]:<16}{key[1]:<14}" + "".join(cells))
 
 
 def print_simulation(cfg: Config, world_size: int, rank: int, as_json: bool) -> None:
