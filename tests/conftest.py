@@ -171,3 +171,26 @@ def save_tiny_llama(folder: Path, tokenizer_dir: Path, max_positions: int = 128)
     for file in tokenizer_dir.iterdir():
         shutil.copy(file, folder / file.name)
     return model
+
+
+_GPU_SKIPPED: list[str] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu`-marked tests without CUDA (torch imported only when there are some)."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    _GPU_SKIPPED.extend(item.name for item in marked)
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason=f"no CUDA device: GPU test {item.name} not run"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the GPU tests that did not run, so a CPU-only green run says what it did not check."""
+    if _GPU_SKIPPED:
+        terminalreporter.write_line(f"GPU tests not run (no CUDA): {', '.join(_GPU_SKIPPED)}")
