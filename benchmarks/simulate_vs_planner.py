@@ -6,7 +6,8 @@ reports its peak memory by category and the bytes of every collective; the plann
 the same for the same config. The planner's `other` without its CUDA-context allowance and
 fragmentation (which fake tensors cannot see) is compared, so both count tensors only.
 
-    python benchmarks/simulate_vs_planner.py   # writes simulate_vs_planner
+    python benchmarks/simulate_vs_planner.py        # all layouts; writes simulate_vs_planner
+    python benchmarks/simulate_vs_planner.py 405B   # the layouts whose name has "405B"; prints
 """
 
 from __future__ import annotations
@@ -22,42 +23,57 @@ from loom.train.simulate import GIB, planner_prediction, simulate
 
 KEYS = ("params", "grads", "optimizer", "activations", "other", "total")
 
-# (name, world size, overrides): Llama-3 presets at 8,192 tokens, one sequence per rank.
-LAYOUTS: list[tuple[str, int, list[str]]] = [
-    ("8B FSDP", 8, ["parallel.dp_shard=8"]),
-    ("8B FSDP, accumulate 2", 8, ["parallel.dp_shard=8", "train.batch_size=16"]),
-    ("8B FSDP selective", 8, ["parallel.dp_shard=8", "memory.recompute=selective"]),
-    ("8B TP2+SP × FSDP4", 8, ["parallel.tp=2", "parallel.dp_shard=4"]),
-    ("8B TP4+SP × FSDP4 full", 16, ["parallel.tp=4", "parallel.dp_shard=4", "full"]),
-    ("8B FSDP offload", 8, ["parallel.dp_shard=8", "memory.offload=params", "full"]),
-    ("8B float8 FSDP", 8, ["parallel.dp_shard=8", "train.float8=true", "full"]),
-    ("8B HSDP 8 × 8", 64, ["parallel.dp_replicate=8", "parallel.dp_shard=8", "full"]),
-    ("70B TP8 × FSDP8 full", 64, ["parallel.tp=8", "parallel.dp_shard=8", "full"]),
-    ("70B TP8 × FSDP32 selective", 256, ["parallel.tp=8", "parallel.dp_shard=32", "sel"]),
-    ("70B FSDP128 full", 128, ["parallel.dp_shard=128", "full"]),
-    ("70B HSDP 4 × 32 × TP8", 1024, ["parallel.dp_replicate=4", "parallel.tp=8", "full"]),
-    ("405B TP8 × FSDP128 full", 1024, ["parallel.tp=8", "parallel.dp_shard=128", "full"]),
-    ("405B HSDP 16 × 128 × TP8", 16384, ["parallel.dp_replicate=16", "parallel.tp=8", "full"]),
+# (name, world size, overrides, blocks simulated): Llama-3 widths at 8,192 tokens, bf16. Fake
+# tensors cost a step's operations, not its bytes, so each model keeps its real widths with
+# fewer blocks (enough for one block or more per pipeline stage); the planner is asked about
+# the same reduced model, so the two sides compare like with like.
+LAYOUTS: list[tuple[str, int, list[str], int]] = [
+    ("8B FSDP", 8, ["parallel.dp_shard=8"], 32),
+    ("8B FSDP, accumulate 2", 8, ["parallel.dp_shard=8", "batch=16"], 32),
+    ("8B FSDP selective", 8, ["parallel.dp_shard=8", "sel"], 32),
+    ("8B TP2+SP × FSDP4", 8, ["parallel.tp=2", "parallel.dp_shard=4"], 32),
+    ("8B TP4+SP × FSDP4 full", 16, ["parallel.tp=4", "parallel.dp_shard=4", "full"], 32),
+    ("8B FSDP offload", 8, ["parallel.dp_shard=8", "memory.offload=params", "full"], 32),
+    ("8B HSDP 8 × 8", 64, ["parallel.dp_replicate=8", "parallel.dp_shard=8", "full"], 32),
+    ("8B PP2 1F1B × FSDP4", 8, ["parallel.pp=2", "parallel.dp_shard=4"], 32),
+    ("70B TP8 × FSDP8 full", 64, ["parallel.tp=8", "parallel.dp_shard=8", "full"], 16),
+    ("70B TP8 × PP4 1F1B × FSDP8 full", 256, ["parallel.tp=8", "parallel.pp=4", "full"], 16),
+    (
+        "70B TP8 × PP4 interleaved v2 × FSDP4",
+        128,
+        ["parallel.tp=8", "parallel.pp=4", "parallel.schedule=Interleaved1F1B", "full"],
+        16,
+    ),
+    ("70B HSDP 4 × 32 × TP8", 1024, ["parallel.dp_replicate=4", "parallel.tp=8", "full"], 16),
+    ("405B TP8 × FSDP128 full", 1024, ["parallel.tp=8", "parallel.dp_shard=128", "full"], 16),
+    ("405B TP8 × PP16 × FSDP128", 16384, ["parallel.tp=8", "parallel.pp=16", "full"], 16),
+    ("405B HSDP 16 × 128 × TP8", 16384, ["parallel.dp_replicate=16", "parallel.tp=8", "full"], 16),
 ]
 SHORT = {"full": "memory.recompute=full", "sel": "memory.recompute=selective"}
 PRESET = {"8B": "llama3-8b", "70B": "llama3-70b", "405B": "llama3-405b"}
 
 
-def layout_config(name: str, world: int, overrides: list[str]) -> Config:
-    """A preset at 8,192 tokens in bf16 with one sequence per data-parallel rank per step."""
-    args = [f"--{SHORT.get(o, o)}" for o in overrides]
-    dp = world // _degree(overrides, "tp") // _degree(overrides, "pp")
-    batch = next((int(o.split("=")[1]) for o in overrides if "batch_size" in o), dp)
+def layout_config(name: str, world: int, overrides: list[str], layers: int) -> Config:
+    """A preset's widths with `layers` blocks at 8,192 tokens in bf16, one sequence per
+    data-parallel rank per pipeline micro-batch (one per stage, Loom's default), accumulation
+    where a `batch=` override asks for more sequences."""
+    args = [f"--{SHORT.get(o, o)}" for o in overrides if not o.startswith("batch=")]
+    pp = _degree(overrides, "pp")
+    dp = world // _degree(overrides, "tp") // pp
+    stages = pp * (2 if "Interleaved" in " ".join(overrides) else 1) if pp > 1 else 1
+    micro = dp * stages
+    batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("batch=")), micro)
     base = [
         f"--model.preset={PRESET[name.split()[0]]}",
+        f"--model.n_layers={layers}",
         "--model.tie_embeddings=false",
         "--train.seq_len=8192",
         "--train.precision=bf16",
         "--train.device=cpu",
         f"--train.batch_size={batch}",
-        f"--train.micro_batch_size={dp}",
+        f"--train.micro_batch_size={micro}",
     ]
-    return load_config(None, [*base, *(a for a in args if "batch_size" not in a)])
+    return load_config(None, [*base, *args])
 
 
 def _degree(overrides: list[str], name: str) -> int:
@@ -68,21 +84,23 @@ def error(predicted: float, simulated: float) -> float:
     return (predicted - simulated) / simulated if simulated else 0.0
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
     rows, comm_rows, misses = [], [], []
-    for name, world, overrides in LAYOUTS:
-        cfg = layout_config(name, world, overrides)
+    for name, world, overrides, layers in LAYOUTS:
+        if only and not any(word in name for word in only):
+            continue
+        cfg = layout_config(name, world, overrides, layers)
         start = time.perf_counter()
         try:
             sim = simulate(cfg, world)
         except LoomError as e:
-            rows.append(f"| {name} | {world} | not simulated: {e} |" + " |" * 6)
+            rows.append(f"| {name} | {world} | {layers} | not simulated: {e} |" + " |" * 6)
             continue
         seconds = time.perf_counter() - start
         memory, predicted = planner_prediction(cfg, world)
         err = error(memory["total"], sim.memory_gib["total"])
         cells = " | ".join(f"{memory[k]:.2f} / {sim.memory_gib[k]:.2f}" for k in KEYS)
-        rows.append(f"| {name} | {world} | {cells} | {err:+.1%} | {seconds:.0f} s |")
+        rows.append(f"| {name} | {world} | {layers} | {cells} | {err:+.1%} | {seconds:.0f} s |")
         sim_bytes = sum(c.bytes for c in sim.collectives)
         plan_bytes = sum(c.bytes for c in predicted)
         comm_err = error(plan_bytes, sim_bytes)
@@ -98,13 +116,17 @@ def main() -> None:
         print(rows[-1], comm_rows[-1], sep="\n", flush=True)
     head = " | ".join(KEYS)
     body = [
-        "Rank 0 of each job, one optimizer step (the second: AdamW's state exists), Llama-3 "
-        "presets at 8,192 tokens, bf16, one sequence per data-parallel rank. Memory cells: "
-        "planner / simulated GiB; the planner's `other` without its CUDA-context allowance "
-        "and allocator fragmentation (fake tensors see neither).",
+        "Rank 0 of each job (the first pipeline stage), one optimizer step (the second: "
+        "AdamW's state exists), Llama-3 widths at 8,192 tokens, bf16, one sequence per "
+        "data-parallel rank and pipeline micro-batch (one micro-batch per stage). Fake tensors "
+        "cost operations, not bytes, so each model keeps its real widths with the number of "
+        "blocks in the `blocks` column (Llama-3 has 32, 80 and 126); the planner is asked about "
+        "the same reduced model. Memory cells: planner / simulated GiB; the planner's `other` "
+        "without its CUDA-context allowance and allocator fragmentation (fake tensors see "
+        "neither).",
         "",
-        f"| layout | ranks | {head} | total error | simulated in |",
-        "|---|---|" + "---|" * (len(KEYS) + 2),
+        f"| layout | ranks | blocks | {head} | total error | simulated in |",
+        "|---|---|---|" + "---|" * (len(KEYS) + 2),
         *rows,
         "",
         "Communication per step on rank 0 (summed unsharded bytes of every call, GiB):",
@@ -113,11 +135,11 @@ def main() -> None:
         "|---|---|---|---|---|",
         *comm_rows,
         "",
-        f"Beyond 10%: {', '.join(misses) if misses else 'none'}. Pipeline layouts are not "
-        "simulated (see `loom train --simulate` with parallel.pp > 1).",
+        f"Beyond 10% (memory total or communication): {', '.join(misses) or 'none'}.",
     ]
-    write_section("simulate_vs_planner", "\n".join(body))
+    if not only:
+        write_section("simulate_vs_planner", "\n".join(body))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

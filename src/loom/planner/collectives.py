@@ -39,8 +39,8 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
     del hw  # where the bytes go, not how fast: the cost model times them
     out: list[Collective] = []
     fsdp = s.zero_stage >= 3 or s.offload == "params"
-    accum = s.global_batch // (s.dp * s.micro_batch * _pipeline_microbatches(s))
-    chunks = _pipeline_microbatches(s)  # micro-batches per schedule run
+    accum = s.global_batch // (s.dp * s.micro_batch * pipeline_microbatches(s))
+    chunks = pipeline_microbatches(s)  # micro-batches per schedule run
     layers = model.layers // s.pp  # this rank's blocks (all its stages together)
     compute = BYTES[s.precision]
     tokens = s.micro_batch * model.seq_len / s.cp  # per pipeline micro-batch
@@ -100,6 +100,10 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
     return out
 
 
-def _pipeline_microbatches(s: Strategy) -> int:
-    """Micro-batches of one schedule run: Loom's default is one per stage."""
-    return s.pp * s.virtual_stages if s.pp > 1 else 1
+def pipeline_microbatches(s: Strategy) -> int:
+    """Micro-batches of one schedule run: Loom's default, one per stage, when the step's
+    micro-batches come in whole runs of that; else the whole step in one run."""
+    if s.pp == 1:
+        return 1
+    stages = s.pp * s.virtual_stages
+    return stages if s.microbatches % stages == 0 else s.microbatches

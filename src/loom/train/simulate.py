@@ -28,7 +28,7 @@ from loom.errors import LoomError
 from loom.log import logger
 from loom.parallel.dims import MESH_DIMS, ParallelDims, resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
-from loom.planner.collectives import Collective
+from loom.planner.collectives import Collective, pipeline_microbatches
 from loom.planner.spec import ModelShape, Strategy
 from loom.train.optim import Optimizers
 
@@ -546,7 +546,7 @@ def config_for_plan(model: ModelShape, s: Strategy) -> Config:
             owner, field_name = name.split(".")
             value = getattr(model if owner == "model" else s, field_name)
             raise LoomError(f"--simulate: {name}={value} cannot be simulated: {why}")
-    chunks = s.pp * s.virtual_stages if s.pp > 1 else 1
+    chunks = pipeline_microbatches(s)
     micro = s.micro_batch * s.dp * chunks
     fsdp = s.zero_stage >= 3 or s.offload == "params"
     dp_shard = (s.dp_shard or s.dp) if fsdp else 1
@@ -578,6 +578,10 @@ def config_for_plan(model: ModelShape, s: Strategy) -> Config:
         overrides["parallel.schedule"] = s.schedule
         overrides["parallel.stages_per_rank"] = s.virtual_stages
         overrides["parallel.microbatches"] = chunks
+        stages = s.pp * s.virtual_stages
+        if model.layers % stages:  # the planner's uneven split (rank_layers), as Loom takes it
+            bounds = [model.layers * i // stages for i in range(1, stages)]
+            overrides["parallel.split_points"] = ",".join(map(str, bounds))
     return load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
 
 
