@@ -102,14 +102,21 @@ def candidates(
             if global_batch % dp:
                 continue
             per_replica = global_batch // dp
-            zeros = (base.zero_stage,) if "zero_stage" in fixed else ((0,) if dp == 1 else (1, 3))
+            # loom train runs DDP or FSDP (ZeRO 0 or 3) and no zero-bubble schedule of its own.
+            loom = base.framework == "loom"
+            sharded = (0, 3) if loom else (1, 3)
+            zeros = (base.zero_stage,) if "zero_stage" in fixed else ((0,) if dp == 1 else sharded)
             for v in VIRTUAL_STAGES if pp > 1 else (1,):
                 if pp * v > model.layers:
                     continue
                 schedules = (
                     ["1F1B"]
                     if pp == 1
-                    else (["Interleaved1F1B"] if v > 1 else ["1F1B", "ZeroBubble"])
+                    else (
+                        ["Interleaved1F1B"]
+                        if v > 1
+                        else ["1F1B"] + ([] if loom else ["ZeroBubble"])
+                    )
                 )
                 for mb, schedule, zero, recompute in itertools.product(
                     micro, schedules, zeros, modes
