@@ -67,5 +67,6 @@ def test_mfu_is_never_reported_against_a_peak_below_a_real_step(
     achieved = max(per_token * r["tokens_per_s"] for r in records)
     assert records and all(0 < r["mfu"] <= 1 for r in records)
     corrected = json.loads(cache.read_text())[_cache_key(torch.float32)]
-    assert corrected >= per_token * records[0]["tokens_per_s"] > 1e6
+    assert corrected != 1e6  # the impossible figure was replaced
+    assert corrected >= per_token * records[0]["tokens_per_s"]  # not below what a step reached
     assert corrected >= 0.5 * achieved  # a later interval may run faster than the first

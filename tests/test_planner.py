@@ -656,3 +656,28 @@ def test_predicted_activations_within_15_percent_of_measured(
 )
 def test_gpu_names_as_people_and_drivers_write_them(name: str, key: str) -> None:
     assert _gpu_key(name) == key
+
+
+def test_spec_keys_for_kernels_and_power_change_the_answer() -> None:
+    """hardware.power_limit_w and hbm_gbps, strategy.compile and flash_attention each move the
+    predicted step the way the hardware would."""
+    base = {"model": "llama3-8b", "hardware": {"gpu": "h100", "n_gpus": 8}}
+    layout = {"zero_stage": 3, "micro_batch": 1, "global_batch": 8, "recompute": "full"}
+
+    def step(hardware: dict[str, object], **strategy: object) -> float:
+        spec = parse_spec(
+            {
+                **base,
+                "hardware": {**base["hardware"], **hardware},
+                "strategy": {**layout, **strategy},
+            }
+        )
+        assert spec.strategy is not None
+        return evaluate(spec.model, spec.hardware, spec.strategy).time.total
+
+    plain = step({})
+    assert step({"power_limit_w": 500}) > plain  # capped below the 700 W TDP: lower clocks
+    assert step({"power_limit_w": 700}) == pytest.approx(plain)  # at TDP: no change
+    assert step({"hbm_gbps": 1000}) > plain  # elementwise work is memory-bound
+    assert step({}, compile=True) < plain  # fused elementwise kernels
+    assert step({}, flash_attention=False) > plain  # attention over the full square, unfused

@@ -265,8 +265,11 @@ def step_time(
         attention = heads * 2 * 2 * seq * model.seq_len * head_dim / 2 / rate
         attention_backward = 2 * cal.attention_backward * attention
     else:  # QKᵀ and AV as batched matmuls over the full square, then softmax and masking
+        # (counted: scale, mask, softmax each read and write the scores, 6 passes; Megatron's
+        # fused scale-mask-softmax reads and writes them once, 2).
         attention = heads * 2 * attention_cost.gemm(seq, model.seq_len, head_dim)
-        attention += 6 * heads * seq * model.seq_len * half / (hw.hbm_gbps * 1e9)
+        softmax = (2 if fused else 6) * heads * seq * model.seq_len * half
+        attention += cost.memory_passes(softmax)
         attention_backward = 2 * attention
     passes = cal.elementwise_passes * h / (t if s.sp else 1) + cal.ffn_elementwise_passes * f / t
     elementwise = passes * tokens * half * (cal.fused_elementwise if fused else 1.0)

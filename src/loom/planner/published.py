@@ -104,6 +104,21 @@ def korthikanti_times(
     ]
 
 
+def korthikanti_layer_times(
+    records: dict[str, dict[str, Any]], cal: Calibration = DEFAULT_CALIBRATION
+) -> list[Row]:
+    """Table 4: forward + backward ms of one 22B block (22B, tp 8): the predicted step's compute
+    and tensor-parallel time with the block count one lower, subtracted."""
+    rows = []
+    for rid, r, spec, plan in _predicted(records, "kor22_T4_", cal):
+        assert spec.strategy is not None
+        fewer = replace(spec.model, layers=spec.model.layers - 1)
+        less = evaluate(fewer, spec.hardware, spec.strategy, cal).time
+        layer = plan.time.compute + plan.time.tensor_parallel - less.compute - less.tensor_parallel
+        rows.append(Row(rid, "ms per layer", layer * 1e3, r["measured"]["combined_ms_per_layer"]))
+    return rows
+
+
 def zero_memory(records: dict[str, dict[str, Any]]) -> list[Row]:
     """ZeRO Table 1: model-state GB per device for P_os, P_os+g, P_os+g+p."""
     rows = []

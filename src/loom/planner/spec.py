@@ -385,9 +385,11 @@ def parse_strategy(raw: Any, devices: int, defaults: Strategy | None = None) -> 
             values[key] = _int(raw, key, "strategy")
     if raw.get("zero_stage") is not None:
         values["zero_stage"] = _int(raw, "zero_stage", "strategy")
-    for key in ("sp",):
+    for key in ("sp", "compile", "flash_attention"):
         if raw.get(key) is not None:
-            values[key] = bool(raw[key])
+            if not isinstance(raw[key], bool):
+                raise LoomError(f"spec.strategy.{key} must be true or false, got {raw[key]!r}")
+            values[key] = raw[key]
     if raw.get("recompute") is not None:
         values["recompute"] = _recompute_word(str(raw["recompute"]))
     for key in ("schedule", "offload", "precision", "framework", "finetune"):
