@@ -83,7 +83,7 @@ def data_dir(
 @pytest.fixture
 def loom_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """caplog for the `loom` logger, which stops propagating once setup_logging has run."""
-    from loom.log import logger
+    from loom.core.log import logger
 
     propagate = logger.propagate
     logger.propagate = True

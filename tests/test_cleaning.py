@@ -21,7 +21,7 @@ from loom.data.filters import FilterConfig, QualityFilter, filter_names, validat
 from loom.data.hashing import MinHasher, shingles, split_words
 from loom.data.normalize import NormalizeConfig, normalize
 from loom.data.pii import PiiConfig, redact
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 PROSE = docstring_documents()[3][1]  # real English prose that passes the default filters
 VOCABULARY = sorted(

@@ -15,7 +15,7 @@ import transformers
 from conftest import TEST_VOCAB
 
 from loom.cli import main as loom
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.eval.generate import load_for_generation
 from loom.models.convert import convert
 from loom.models.hf import load_hf_model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.finetune.docstrings import build_docstring_dataset
 
 NAME = re.compile(r"`([\w.]+)`")

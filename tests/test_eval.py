@@ -17,7 +17,7 @@ from conftest import save_tiny_llama
 
 from loom.cli import main as loom
 from loom.data.tokenizer import EOS
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.eval.evaluate import EvalOptions, evaluate
 from loom.eval.tasks import load_task
 

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from loom.cli import main as loom
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.eval.generate import generate
 from loom.finetune.config import FinetuneConfig, load_finetune_config
 from loom.finetune.docstrings import build_docstring_dataset

@@ -20,7 +20,7 @@ from conftest import TINY_MODEL
 from run_layouts import roll_back
 
 from loom.config import Config, load_config
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.models.llama import build_model
 from loom.parallel.dims import resolve
 from loom.train.checkpoint import load_model_weights

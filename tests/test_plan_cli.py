@@ -14,7 +14,7 @@ import pytest
 
 from loom.cli import EXIT_BAD_INPUT, main
 from loom.config import load_config
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.planner.published import DEFAULT_RECORDS, load_records, record_spec
 from loom.planner.search import plan
 from loom.planner.spec import parse_spec

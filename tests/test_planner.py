@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.planner import published, validation
 from loom.planner.cost import DEFAULT_CALIBRATION
 from loom.planner.search import evaluate, plan

@@ -26,7 +26,7 @@ from loom.data.loader import TokenLoader
 from loom.data.prepare import load_prepare_config, prepare
 from loom.data.shards import TokenDataset
 from loom.data.tokenizer import load_tokenizer
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 
 @pytest.fixture(scope="session")

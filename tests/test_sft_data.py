@@ -16,7 +16,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.finetune.chat import CHATML_TEMPLATE, ChatTemplate
 from loom.finetune.sft_data import (
     IGNORE,

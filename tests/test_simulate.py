@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from loom.config import Config, load_config
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.models.llama import build_model
 from loom.planner.spec import ModelShape, Strategy
 from loom.train.simulate import (

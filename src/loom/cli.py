@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from loom.errors import LoomError
-from loom.log import logger, setup_logging
+from loom.core.errors import LoomError
+from loom.core.log import logger, setup_logging
 
 if TYPE_CHECKING:
     from loom.config import Config

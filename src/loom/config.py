@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import tomli_w
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.models.config import ModelConfig
 from loom.models.presets import get_preset
 

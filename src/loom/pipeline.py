@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.report import human_duration
 
 STAGES = ("data", "tokenizer", "pretrain", "finetune", "eval", "export", "serve")

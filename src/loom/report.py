@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 
 REPORT_FILE = "report.html"
 FIG_SIZE = (7.0, 3.2)  # inches; at 100 dpi a 700 × 320 px image

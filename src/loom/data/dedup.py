@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loom.data.hashing import MAX_HASH32, mix64
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 _STAR_ABOVE = 64  # buckets larger than this compare members with the first one only
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any, Literal
 
-from loom.errors import LoomError
-from loom.log import is_terminal, logger
+from loom.core.errors import LoomError
+from loom.core.log import is_terminal, logger
 
 Result = dict[str, Any]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from loom.data.hashing import ngram_hashes, split_words
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 STOP_WORDS = {
     "en": ["the", "be", "to", "of", "and", "that", "have", "with"],

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loom.data.shards import read_manifest
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 STAGES = ("read", "normalize", "filter", "pii", "exact_dedup", "near_dedup")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from loom.data.shards import SplitTokens
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 
 class SampleOrder:

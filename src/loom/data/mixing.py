@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loom.data.hashing import mix64
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 
 @dataclass

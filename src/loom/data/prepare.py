@@ -60,8 +60,8 @@ from loom.data.tokenizer import (
     tokenizer_hash,
     train_bpe,
 )
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 TextUnit = Literal["file", "line", "paragraph"]
 _BATCH_ROWS = 4096

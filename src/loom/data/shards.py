@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 FORMAT = "loom-token-shards/1"
 MANIFEST = "manifest.json"

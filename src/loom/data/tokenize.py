@@ -23,8 +23,8 @@ from loom.data.shards import (
     write_manifest,
 )
 from loom.data.tokenizer import eos_id, load_tokenizer, save_tokenizer, tokenizer_hash
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 
 BATCH_BYTES = 8 << 20  # documents are tokenized in batches of about this much text
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 EOS = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.data.tokenizer import EOS, load_tokenizer
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.models.llama import ModelConfig, Transformer
 from loom.models.sources import find_checkpoint, load_checkpoint_model
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loom.data.shards import is_shard_folder
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 
 Kind = Literal["perplexity", "multiple_choice", "generation"]
 

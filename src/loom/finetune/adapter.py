@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from loom.errors import LoomError, read_json
+from loom.core.errors import LoomError, read_json
 from loom.finetune.lora import LoRAConfig
 
 # PEFT names a Llama's parameter `model.layers.0...` under `base_model.model.`.

@@ -9,8 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 
 TemplateMode = Literal["auto", "chatml", "none"]
 TEMPLATE_MODES: tuple[str, ...] = ("auto", "chatml", "none")

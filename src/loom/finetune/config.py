@@ -17,7 +17,7 @@ from loom.config import (
     tree_from_dict,
     validate,
 )
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.finetune.lora import LoRAConfig
 from loom.models.llama import ModelConfig
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 
 # Pure-Python or always-built modules only, so every CPython has them.
 DEFAULT_MODULES: tuple[str, ...] = (

@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from loom.config import config_to_dict
 from loom.data.loader import SampleOrder
 from loom.data.tokenizer import load_tokenizer, tokenizer_hash
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.finetune.adapter import save_adapter
 from loom.finetune.config import FinetuneConfig, training_config
 from loom.finetune.lora import (
@@ -40,7 +40,7 @@ from loom.finetune.lora import (
     quantize_base_nf4,
 )
 from loom.finetune.sft_data import PairRows, Rows, build_preferences, build_sft
-from loom.log import logger
+from loom.core.log import logger
 from loom.models.convert import copy_tokenizer_files
 from loom.models.sources import describe, load_model
 from loom.parallel import distributed

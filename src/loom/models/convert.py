@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from loom.config import Config, save_config
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.models.hf import hf_config_dict, to_hf_state_dict
 from loom.models.llama import Transformer
 from loom.models.sources import load_model

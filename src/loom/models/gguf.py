@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.models.hf import materialize_buffers, set_parameter
 from loom.models.llama import ModelConfig, Transformer, build_model
 

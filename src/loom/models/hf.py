@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loom.errors import LoomError, read_json
+from loom.core.errors import LoomError, read_json
 from loom.models.llama import ModelConfig, RopeScaling, Transformer, build_model
 
 _PREFIX = "model."

@@ -6,7 +6,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.models.config import ModelConfig, RopeScaling
 
 

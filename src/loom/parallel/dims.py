@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from loom.config import Config
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 
 def convert_to_float8(model: nn.Module) -> None:

@@ -24,8 +24,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 
 RANKS_DIR = ".ranks"
 

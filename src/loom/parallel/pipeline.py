@@ -20,7 +20,7 @@ from torch.distributed.pipelining.schedules import (
     get_schedule_class,
 )
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.parallel.dims import V_SCHEDULES, ParallelDims
 

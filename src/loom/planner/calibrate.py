@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.models.llama import ModelConfig
 from loom.planner.hardware import (
     PEAK_SHAPES,

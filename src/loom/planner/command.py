@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.planner.report import print_table, to_json
 from loom.planner.search import plan
 from loom.planner.spec import FRAMEWORKS, load_spec, parse_spec

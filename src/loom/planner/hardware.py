@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from loom.log import logger
+from loom.core.log import logger
 
 
 @dataclass(frozen=True)

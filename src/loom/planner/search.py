@@ -6,7 +6,7 @@ import itertools
 import math
 from dataclasses import dataclass, replace
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.planner.cost import DEFAULT_CALIBRATION, Calibration, StepTime, step_time
 from loom.planner.memory import GB, Memory, estimate, fits
 from loom.planner.spec import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from loom.errors import LoomError, read_json
+from loom.core.errors import LoomError, read_json
 from loom.models.config import ModelConfig
 from loom.models.presets import PRESETS, get_preset
 

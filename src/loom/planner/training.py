@@ -8,8 +8,8 @@ from dataclasses import replace
 import torch
 
 from loom.config import Config
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.parallel.dims import ParallelDims, resolve
 from loom.planner.memory import GB, Memory, estimate
 from loom.planner.search import candidates, evaluate

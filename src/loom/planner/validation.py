@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.planner.cost import DEFAULT_CALIBRATION, Calibration, model_flops_per_token
 from loom.planner.search import VIRTUAL_STAGES, evaluate
 from loom.planner.spec import PlanSpec, Strategy, check_strategy, gpu_hardware, parse_model

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.finetune.adapter import CONFIG_FILE, load_adapter
 
 

@@ -25,9 +25,9 @@ from typing import Protocol
 import torch
 from tokenizers import Tokenizer
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 from loom.eval.generate import sample_next
-from loom.log import logger
+from loom.core.log import logger
 from loom.serve.kv_cache import BlockAllocator, PrefillChunk, StepLayout
 
 

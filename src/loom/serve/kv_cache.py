@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loom.errors import LoomError
+from loom.core.errors import LoomError
 
 
 class BlockAllocator:

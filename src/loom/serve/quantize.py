@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 
 MiB = 2**20
 

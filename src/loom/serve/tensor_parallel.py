@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from loom.errors import LoomError
-from loom.log import logger, setup_logging
+from loom.core.errors import LoomError
+from loom.core.log import logger, setup_logging
 from loom.models.llama import Transformer
 from loom.parallel.distributed import all_reduce, broadcast_object
 from loom.parallel.tensor import apply_tensor_parallel

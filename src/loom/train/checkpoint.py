@@ -49,8 +49,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.parallel.distributed import barrier, rank
 
 STATE_FILE = "trainer.json"

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from loom.log import logger
+from loom.core.log import logger
 
 
 def peak_memory_gib(device: torch.device) -> float:

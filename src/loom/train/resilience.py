@@ -34,8 +34,8 @@ from types import FrameType
 from typing import Any, TextIO
 
 from loom.config import ResilienceConfig
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 
 FAULTS_ENV = "LOOM_FAULTS"
 FAULT_KINDS = ("kill", "raise", "nan", "hang", "checkpoint")

@@ -24,8 +24,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from loom.config import Config
-from loom.errors import LoomError
-from loom.log import logger
+from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.parallel.dims import MESH_DIMS, ParallelDims, resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
 from loom.planner.collectives import Collective, pipeline_microbatches
