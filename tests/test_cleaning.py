@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from corpus import docstring_documents, jaccard
 
+from loom.core.errors import LoomError
 from loom.data.dedup import (
     DedupConfig,
     band_keys,
@@ -21,7 +22,6 @@ from loom.data.filters import FilterConfig, QualityFilter, filter_names, validat
 from loom.data.hashing import MinHasher, shingles, split_words
 from loom.data.normalize import NormalizeConfig, normalize
 from loom.data.pii import PiiConfig, redact
-from loom.core.errors import LoomError
 
 PROSE = docstring_documents()[3][1]  # real English prose that passes the default filters
 VOCABULARY = sorted(

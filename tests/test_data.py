@@ -11,12 +11,12 @@ import pytest
 import transformers
 from conftest import TEST_VOCAB
 
+from loom.core.errors import LoomError
 from loom.data.loader import TokenLoader
 from loom.data.readers import DropReport, expand_inputs, read_documents
 from loom.data.shards import TokenDataset
 from loom.data.tokenize import TokenizeOptions, is_validation, tokenize_to_shards
 from loom.data.tokenizer import EOS, load_tokenizer, tokenizer_hash
-from loom.core.errors import LoomError
 
 
 def test_tokenizer_is_lossless_and_loads_in_transformers(

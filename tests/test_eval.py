@@ -16,8 +16,8 @@ import transformers
 from conftest import save_tiny_llama
 
 from loom.cli import main as loom
-from loom.data.tokenizer import EOS
 from loom.core.errors import LoomError
+from loom.data.tokenizer import EOS
 from loom.eval.evaluate import EvalOptions, evaluate
 from loom.eval.tasks import load_task
 

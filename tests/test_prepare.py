@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from loom.core.errors import LoomError
 from loom.data.loader import TokenLoader
 from loom.data.prepare import load_prepare_config, prepare
 from loom.data.shards import TokenDataset
 from loom.data.tokenizer import load_tokenizer
-from loom.core.errors import LoomError
 
 
 @pytest.fixture(scope="session")

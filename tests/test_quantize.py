@@ -17,8 +17,8 @@ from conftest import TEST_VOCAB
 from torch import nn
 
 from loom.cli import main as loom
-from loom.data.tokenizer import load_tokenizer
 from loom.core.errors import LoomError
+from loom.data.tokenizer import load_tokenizer
 from loom.eval.evaluate import EvalOptions, evaluate, run_task
 from loom.eval.tasks import load_task
 from loom.finetune.lora import LoRAConfig, apply_lora, merge_lora

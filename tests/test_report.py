@@ -25,8 +25,8 @@ from playwright.sync_api import sync_playwright
 
 from loom.cli import main as loom
 from loom.config import Config
-from loom.data.prepare import load_prepare_config, prepare
 from loom.core.errors import LoomError
+from loom.data.prepare import load_prepare_config, prepare
 from loom.eval.evaluate import EvalOptions, evaluate
 from loom.finetune.config import load_finetune_config
 from loom.finetune.trainer import finetune

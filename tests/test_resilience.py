@@ -25,9 +25,9 @@ from conftest import TINY_MODEL
 from test_launch import finish, loom_train
 
 from loom.config import ResilienceConfig, load_config
+from loom.core.errors import LoomError
 from loom.data.loader import TokenLoader
 from loom.data.shards import TokenDataset
-from loom.core.errors import LoomError
 from loom.models.llama import build_model
 from loom.train.checkpoint import Checkpointer, load_model_weights, verify
 from loom.train.metrics import read_metrics

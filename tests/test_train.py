@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from loom.config import Config, OptimizerConfig, load_config
+from loom.core.errors import LoomError
 from loom.data.tokenize import TokenizeOptions, tokenize_to_shards
 from loom.data.tokenizer import save_tokenizer, train_bpe
-from loom.core.errors import LoomError
 from loom.train.checkpoint import Checkpointer
 from loom.train.metrics import read_metrics
 from loom.train.optim import lr_multiplier

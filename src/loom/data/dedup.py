@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loom.data.hashing import MAX_HASH32, mix64
 from loom.core.errors import LoomError
+from loom.data.hashing import MAX_HASH32, mix64
 
 _STAR_ABOVE = 64  # buckets larger than this compare members with the first one only
 

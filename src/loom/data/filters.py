@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loom.data.hashing import ngram_hashes, split_words
 from loom.core.errors import LoomError
+from loom.data.hashing import ngram_hashes, split_words
 
 STOP_WORDS = {
     "en": ["the", "be", "to", "of", "and", "that", "have", "with"],

@@ -8,8 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loom.data.shards import read_manifest
 from loom.core.errors import LoomError
+from loom.data.shards import read_manifest
 
 STAGES = ("read", "normalize", "filter", "pii", "exact_dedup", "near_dedup")
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from loom.data.shards import SplitTokens
 from loom.core.errors import LoomError
+from loom.data.shards import SplitTokens
 
 
 class SampleOrder:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loom.data.hashing import mix64
 from loom.core.errors import LoomError
+from loom.data.hashing import mix64
 
 
 @dataclass

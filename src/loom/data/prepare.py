@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from loom.config import load_tree
+from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.data.dedup import (
     DedupConfig,
     bands_rows,
@@ -60,8 +62,6 @@ from loom.data.tokenizer import (
     tokenizer_hash,
     train_bpe,
 )
-from loom.core.errors import LoomError
-from loom.core.log import logger
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.data.readers import Document, DropReport, expand_inputs, read_documents
 from loom.data.shards import (
     FORMAT,
@@ -23,8 +25,6 @@ from loom.data.shards import (
     write_manifest,
 )
 from loom.data.tokenizer import eos_id, load_tokenizer, save_tokenizer, tokenizer_hash
-from loom.core.errors import LoomError
-from loom.core.log import logger
 
 BATCH_BYTES = 8 << 20  # documents are tokenized in batches of about this much text
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from loom.data.tokenizer import EOS, load_tokenizer, tokenizer_hash
 from loom.core.errors import LoomError
-from loom.eval.tasks import Choice, Prompt, Task, load_task
 from loom.core.log import logger
+from loom.data.tokenizer import EOS, load_tokenizer, tokenizer_hash
+from loom.eval.tasks import Choice, Prompt, Task, load_task
 from loom.models.llama import Transformer
 
 EVAL_LOG = "eval.jsonl"

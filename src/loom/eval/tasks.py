@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loom.data.shards import is_shard_folder
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.data.shards import is_shard_folder
 
 Kind = Literal["perplexity", "multiple_choice", "generation"]
 

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from loom.data.tokenizer import EOS, load_tokenizer
 from loom.core.errors import LoomError
+from loom.core.log import logger
+from loom.data.tokenizer import EOS, load_tokenizer
 from loom.finetune.chat import (
     CHATML_END,
     CHATML_START,
@@ -29,7 +30,6 @@ from loom.finetune.chat import (
     Message,
     TemplateRejected,
 )
-from loom.core.log import logger
 
 IGNORE = -100  # target value for positions without loss (torch cross_entropy's ignore_index)
 OVERLONG_MODES: tuple[str, ...] = ("truncate", "drop")

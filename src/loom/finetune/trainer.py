@@ -26,9 +26,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 
 from loom.config import config_to_dict
+from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.data.loader import SampleOrder
 from loom.data.tokenizer import load_tokenizer, tokenizer_hash
-from loom.core.errors import LoomError
 from loom.finetune.adapter import save_adapter
 from loom.finetune.config import FinetuneConfig, training_config
 from loom.finetune.lora import (
@@ -40,7 +41,6 @@ from loom.finetune.lora import (
     quantize_base_nf4,
 )
 from loom.finetune.sft_data import PairRows, Rows, build_preferences, build_sft
-from loom.core.log import logger
 from loom.models.convert import copy_tokenizer_files
 from loom.models.sources import describe, load_model
 from loom.parallel import distributed

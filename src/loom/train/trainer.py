@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from loom.config import Config, config_to_dict, save_config
-from loom.data.loader import SampleOrder, TokenLoader
-from loom.data.shards import TokenDataset
 from loom.core.errors import LoomError
 from loom.core.log import is_terminal, logger
+from loom.data.loader import SampleOrder, TokenLoader
+from loom.data.shards import TokenDataset
 from loom.parallel import distributed
 from loom.parallel.dims import resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
