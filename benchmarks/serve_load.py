@@ -188,8 +188,8 @@ def build_requests(
 
 def check_template(requests: list[Request], hf_dir: Path) -> int:
     """How many prompts Loom's chat template and tokenizer turn into the same ids as HF's."""
+    from loom.core.chat import ChatTemplate
     from loom.data.tokenizer import load_tokenizer
-    from loom.finetune.chat import ChatTemplate
 
     template = ChatTemplate.from_tokenizer_dir(hf_dir)
     tokenizer = load_tokenizer(hf_dir)
@@ -649,8 +649,8 @@ def run_transformers(
 
 def server_stop_ids(hf_dir: Path) -> list[int]:
     """The ids `loom serve` stops on for this model (its own function, same folder)."""
+    from loom.core.chat import ChatTemplate
     from loom.data.tokenizer import load_tokenizer
-    from loom.finetune.chat import ChatTemplate
     from loom.serve.server import stop_token_ids
 
     tok = load_tokenizer(hf_dir)

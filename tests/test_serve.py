@@ -24,9 +24,9 @@ import torch
 import transformers
 from conftest import free_port, save_tiny_llama
 
+from loom.core.chat import CHATML_TEMPLATE
 from loom.data.tokenizer import EOS
 from loom.eval.generate import generate, load_for_generation
-from loom.finetune.chat import CHATML_TEMPLATE
 from loom.models.convert import convert
 
 KEY = "test-key"

@@ -16,8 +16,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
+from loom.core.chat import CHATML_TEMPLATE, ChatTemplate
 from loom.core.errors import LoomError
-from loom.finetune.chat import CHATML_TEMPLATE, ChatTemplate
 from loom.finetune.sft_data import (
     IGNORE,
     Rows,

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from loom.cli import main as loom
+from loom.core.chat import ChatTemplate
 from loom.data.tokenizer import load_tokenizer
 from loom.eval.generate import generate
-from loom.finetune.chat import ChatTemplate
 from loom.finetune.docstrings import build_docstring_dataset
 from loom.models.llama import Transformer
 from loom.models.sources import load_model

@@ -19,10 +19,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from loom.core.errors import LoomError
-from loom.core.log import logger
-from loom.data.tokenizer import EOS, load_tokenizer
-from loom.finetune.chat import (
+from loom.core.chat import (
     CHATML_END,
     CHATML_START,
     ROLES,
@@ -30,6 +27,9 @@ from loom.finetune.chat import (
     Message,
     TemplateRejected,
 )
+from loom.core.errors import LoomError
+from loom.core.log import logger
+from loom.data.tokenizer import EOS, load_tokenizer
 
 IGNORE = -100  # target value for positions without loss (torch cross_entropy's ignore_index)
 OVERLONG_MODES: tuple[str, ...] = ("truncate", "drop")

@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 
+from loom.core.chat import ChatTemplate
 from loom.core.errors import LoomError
-from loom.finetune.chat import ChatTemplate
 from loom.serve.engine import Engine, QueueFull, SamplingParams, Sequence, SequenceEvent
 from loom.serve.metrics import ServeMetrics
 
