@@ -133,8 +133,8 @@ class Contender:
 def loom_contender(method: str, root: Path, steps: int) -> Contender:
     import torch
 
+    from loom.core.lora import base_weight_bytes
     from loom.finetune.config import load_finetune_config
-    from loom.finetune.lora import base_weight_bytes
     from loom.finetune.trainer import FinetuneTrainer, RowLoader
 
     data = root / "data"

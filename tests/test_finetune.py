@@ -20,10 +20,10 @@ import transformers
 
 from loom.cli import main as loom
 from loom.core.errors import LoomError
+from loom.core.lora import base_weight_bytes, lora_layers
 from loom.eval.generate import generate
 from loom.finetune.config import FinetuneConfig, load_finetune_config
 from loom.finetune.docstrings import build_docstring_dataset
-from loom.finetune.lora import base_weight_bytes, lora_layers
 from loom.finetune.sft_data import Rows, build_sft
 from loom.finetune.trainer import FinetuneTrainer, finetune
 from loom.models.hf import load_hf_model

@@ -359,7 +359,7 @@ def evaluate(
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer_dir = load_model(src, torch.float32, Path(scratch), device)
         if opts.quantize == "int8":
-            from loom.finetune.lora import merge_lora
+            from loom.core.lora import merge_lora
             from loom.serve.quantize import quantize_int8_weight_only
 
             merge_lora(model)  # a LoRA run's adapters: fold them in, then quantize the sum

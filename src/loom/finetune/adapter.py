@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loom.core.errors import LoomError, read_json
-from loom.finetune.lora import LoRAConfig
+from loom.core.lora import LoRAConfig
 
 # PEFT names a Llama's parameter `model.layers.0...` under `base_model.model.`.
 PEFT_PREFIX = "base_model.model.model."

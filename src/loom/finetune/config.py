@@ -18,7 +18,7 @@ from loom.config import (
     validate,
 )
 from loom.core.errors import LoomError
-from loom.finetune.lora import LoRAConfig
+from loom.core.lora import LoRAConfig
 from loom.models.llama import ModelConfig
 
 Method = Literal["full", "lora", "qlora", "dpo"]

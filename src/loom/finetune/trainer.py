@@ -28,11 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from loom.config import config_to_dict
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.data.loader import SampleOrder
-from loom.data.tokenizer import load_tokenizer, tokenizer_hash
-from loom.finetune.adapter import save_adapter
-from loom.finetune.config import FinetuneConfig, training_config
-from loom.finetune.lora import (
+from loom.core.lora import (
     adapters_disabled,
     apply_lora,
     base_weight_bytes,
@@ -40,6 +36,10 @@ from loom.finetune.lora import (
     merge_lora,
     quantize_base_nf4,
 )
+from loom.data.loader import SampleOrder
+from loom.data.tokenizer import load_tokenizer, tokenizer_hash
+from loom.finetune.adapter import save_adapter
+from loom.finetune.config import FinetuneConfig, training_config
 from loom.finetune.sft_data import PairRows, Rows, build_preferences, build_sft
 from loom.models.convert import copy_tokenizer_files
 from loom.models.sources import describe, load_model

@@ -68,7 +68,7 @@ def convert(
 
 
 def _merge_adapters(model: Transformer, src: Path, merge: bool) -> None:
-    from loom.finetune.lora import lora_layers, merge_lora
+    from loom.core.lora import lora_layers, merge_lora
 
     has_adapters = any(True for _ in lora_layers(model))
     if merge and not has_adapters:

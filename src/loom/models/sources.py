@@ -75,7 +75,7 @@ def load_checkpoint_model(
     state = read_state(checkpoint)
     finetune = state.get("finetune", {})
     if finetune.get("lora"):
-        from loom.finetune.lora import LoRAConfig, apply_lora, merge_lora
+        from loom.core.lora import LoRAConfig, apply_lora, merge_lora
 
         base_path = Path(finetune["base"])
         if not base_path.exists():

@@ -31,7 +31,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters (each shared parameter once), quantized ones by their
-    packed storage. `loom.finetune.lora.base_weight_bytes` knows NF4 only; this counts any
+    packed storage. `loom.core.lora.base_weight_bytes` knows NF4 only; this counts any
     torchao tensor."""
     return sum(tensor_bytes(p.detach()) for p in model.parameters())
 
@@ -54,7 +54,7 @@ def quantize_int8_weight_only(model: nn.Module) -> int:
     LoRA layers are refused rather than skipped: their adapters would stay in full precision over
     a quantized base, a model that was never evaluated; fold them in with `merge_lora` first.
     """
-    from loom.finetune.lora import LoRALinear
+    from loom.core.lora import LoRALinear
 
     if any(p.is_meta for p in model.parameters()):
         raise LoomError(
@@ -65,7 +65,7 @@ def quantize_int8_weight_only(model: nn.Module) -> int:
     if lora:
         raise LoomError(
             f"the model holds {len(lora)} LoRA layer(s) (e.g. {lora[0]}); merge the adapters "
-            "into the base weights first (loom.finetune.lora.merge_lora, or loom convert --merge)"
+            "into the base weights first (loom.core.lora.merge_lora, or loom convert --merge)"
         )
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

@@ -147,7 +147,7 @@ def load_served_model(
 ) -> tuple[Transformer, Path, dict[str, int]]:
     """The model (LoRA runs merged, adapters attached, quantized if asked), its tokenizer
     folder, and the adapters' served names → indices."""
-    from loom.finetune.lora import lora_layers, merge_lora
+    from loom.core.lora import lora_layers, merge_lora
     from loom.models.sources import load_model
     from loom.serve.adapters import attach_adapters
 
