@@ -7,7 +7,7 @@ number of tokens: English prose (the standard library's docstrings) and Python
 code (the standard library's sources), in non-overlapping windows; plus, on the first windows of
 each text, the relative error of the logits and how often the greedy next token agrees.
 
-Memory: the exact bytes of the weights (`loom.serve.quantize.weight_bytes`: int8 codes, per-row
+Memory: the exact bytes of the weights (`loom.core.quantize.weight_bytes`: int8 codes, per-row
 scales and zero points). Speed: forward passes of both models in one process, alternating
 rounds (fp32, int8, int8, fp32, ...) so machine noise hits both alike, eager, no cache: a
 decode-like batch (16 sequences × 1 token) and a prefill-like one (1 × 512 tokens); tokens/s
@@ -34,11 +34,11 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from loom.core.quantize import is_quantized, quantize_int8_weight_only, weight_bytes
 from loom.data.tokenizer import load_tokenizer
 from loom.eval.evaluate import EvalOptions, evaluate
 from loom.models.llama import Transformer
 from loom.models.sources import load_model
-from loom.serve.quantize import is_quantized, quantize_int8_weight_only, weight_bytes
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 DECODE_BATCH, PREFILL_LEN, AGREEMENT_WINDOW = 16, 512, 512

@@ -14,13 +14,13 @@ import transformers
 from conftest import TEST_VOCAB, save_tiny_llama
 from tokenizers import Tokenizer, models
 
+from loom.core.quantize import is_quantized
 from loom.eval.generate import generate
 from loom.models.hf import load_hf_model
 from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.serve.adapters import attach_adapters
 from loom.serve.engine import Engine, EngineConfig, SamplingParams, Sequence, SequenceEvent
 from loom.serve.kv_cache import PagedKVCache
-from loom.serve.quantize import is_quantized
 from loom.serve.server import LocalRunner, ServeOptions, build_engine
 
 CFG = ModelConfig(

@@ -125,6 +125,19 @@ def test_pure_tensor_parallel_leaves_the_norms_whole() -> None:
     assert all("norm" in name for name in result.unsharded_params)
 
 
+def test_one_rank_with_tied_embeddings_simulates_the_whole_model() -> None:
+    """One rank holds plain (not DTensor) parameters, which `to_empty` could not swap under the
+    fake mode ("Couldn't swap Embedding.weight"); the tied embedding stays one parameter."""
+    cfg = load_config(REPO / "configs" / "tiny.toml", ["--train.device=cpu"])
+    assert cfg.model.tie_embeddings
+    result = simulate(cfg, 1)
+    assert result.collectives == []
+    assert result.param_bytes == shard_bytes(cfg, tp=1, dp_shard=1)
+    # AdamW: two fp32 moments per weight (and a step count per tensor)
+    assert result.memory_gib["optimizer"] == pytest.approx(2 * result.param_bytes / 2**30, rel=1e-3)
+    assert result.memory_gib["activations"] > 0
+
+
 def test_a_layout_that_does_not_divide_is_refused_before_any_compute() -> None:
     with pytest.raises(LoomError, match="parallel.tp=8 must divide model.n_heads=8 and model.n_kv"):
         simulate(tiny("--parallel.tp=8"), 8)

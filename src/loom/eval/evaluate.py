@@ -40,7 +40,7 @@ class EvalOptions:
     max_tokens: int = 32
     seed: int = 0
     batch_tokens: int = 4096
-    quantize: str | None = None  # "int8": int8 weight-only weights (loom.serve.quantize)
+    quantize: str | None = None  # "int8": int8 weight-only weights (loom.core.quantize)
 
 
 @dataclass
@@ -360,7 +360,7 @@ def evaluate(
         model, tokenizer_dir = load_model(src, torch.float32, Path(scratch), device)
         if opts.quantize == "int8":
             from loom.core.lora import merge_lora
-            from loom.serve.quantize import quantize_int8_weight_only
+            from loom.core.quantize import quantize_int8_weight_only
 
             merge_lora(model)  # a LoRA run's adapters: fold them in, then quantize the sum
             quantize_int8_weight_only(model)

@@ -159,7 +159,7 @@ def load_served_model(
         logger.info("merged the LoRA adapters of %d layers into the base weights", merged)
     model.to(dtype).eval()
     if opts.quantize == "int8":  # before the adapters, which stay in `dtype` beside the int8
-        from loom.serve.quantize import quantize_int8_weight_only
+        from loom.core.quantize import quantize_int8_weight_only
 
         quantize_int8_weight_only(model)
     names = attach_adapters(model, opts.adapters) if opts.adapters else {}

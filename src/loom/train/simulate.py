@@ -181,6 +181,39 @@ def _real_meshes() -> Iterator[None]:
         DeviceMesh.__init__ = original  # type: ignore[method-assign]
 
 
+@contextmanager
+def _assignable_params() -> Iterator[None]:
+    """`Module.to_empty` swaps (torch.utils.swap_tensors) each fake parameter for its new
+    one, which torch refuses: the fake mode keeps a weak reference to every fake parameter.
+    FSDP and tensor parallelism replace the parameters by DTensors, which swap; a part left
+    plain (one rank, DDP) gets its new parameters and buffers by assignment instead, as
+    `_apply` does for real tensors."""
+    original = torch.nn.Module.to_empty
+
+    def to_empty(self: torch.nn.Module, *, device: Any, recurse: bool = True) -> torch.nn.Module:
+        modules = list(self.modules() if recurse else [self])
+        if any(isinstance(p, DTensor) for m in modules for p in m._parameters.values()):
+            return original(self, device=device, recurse=recurse)
+        made: dict[int, torch.nn.Parameter] = {}  # tied weights stay one parameter
+        for m in modules:
+            for key, p in m._parameters.items():
+                if p is not None:
+                    if id(p) not in made:
+                        new = torch.empty_like(p, device=device)
+                        made[id(p)] = torch.nn.Parameter(new, p.requires_grad)
+                    m._parameters[key] = made[id(p)]
+            for key, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[key] = torch.empty_like(b, device=device)
+        return self
+
+    torch.nn.Module.to_empty = to_empty  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.to_empty = original  # type: ignore[method-assign]
+
+
 def check_request(world_size: int, rank: int) -> None:
     if world_size < 1:
         raise LoomError(f"--simulate {world_size}: the world size must be at least 1")
@@ -226,7 +259,7 @@ def simulate(
     device = torch.device("cpu")
     with _fake_world(world_size, rank):
         mesh = dims.build_mesh(device.type)
-        with FakeTensorMode(allow_non_fake_inputs=True), _real_meshes():
+        with FakeTensorMode(allow_non_fake_inputs=True), _real_meshes(), _assignable_params():
             model = parallelize(cfg, dims, mesh, device, loss_fn or cross_entropy)
             optimizers = Optimizers(model.parts, cfg.optimizer, cfg.train.steps)
             unsharded = _unsharded_parameters(model, dims)

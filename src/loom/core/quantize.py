@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.lora import LoRALinear
 
 MiB = 2**20
 
@@ -54,8 +55,6 @@ def quantize_int8_weight_only(model: nn.Module) -> int:
     LoRA layers are refused rather than skipped: their adapters would stay in full precision over
     a quantized base, a model that was never evaluated; fold them in with `merge_lora` first.
     """
-    from loom.core.lora import LoRALinear
-
     if any(p.is_meta for p in model.parameters()):
         raise LoomError(
             "cannot quantize a model on the meta device (no weights yet); load or initialise "
