@@ -34,11 +34,11 @@ from report import write_section  # benchmarks/ is on the path when a script in 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from corpus import jaccard
 
+from loom.core.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from loom.data.dedup import DedupConfig, band_keys, bands_rows, near_duplicate_of
 from loom.data.hashing import MinHasher, shingles
 from loom.data.prepare import load_prepare_config, prepare
 from loom.data.tasks import KEEP, TokenizeTask, tokenize_kept
-from loom.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from loom.core.quantize import is_quantized, quantize_int8_weight_only, weight_bytes
-from loom.data.tokenizer import load_tokenizer
+from loom.core.tokenizer import load_tokenizer
 from loom.eval.evaluate import EvalOptions, evaluate
 from loom.models.llama import Transformer
 from loom.models.sources import load_model

@@ -189,7 +189,7 @@ def build_requests(
 def check_template(requests: list[Request], hf_dir: Path) -> int:
     """How many prompts Loom's chat template and tokenizer turn into the same ids as HF's."""
     from loom.core.chat import ChatTemplate
-    from loom.data.tokenizer import load_tokenizer
+    from loom.core.tokenizer import load_tokenizer
 
     template = ChatTemplate.from_tokenizer_dir(hf_dir)
     tokenizer = load_tokenizer(hf_dir)
@@ -605,7 +605,7 @@ def run_transformers(
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from loom.data.tokenizer import load_tokenizer
+    from loom.core.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(hf_dir)  # decodes as the server does
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -650,7 +650,7 @@ def run_transformers(
 def server_stop_ids(hf_dir: Path) -> list[int]:
     """The ids `loom serve` stops on for this model (its own function, same folder)."""
     from loom.core.chat import ChatTemplate
-    from loom.data.tokenizer import load_tokenizer
+    from loom.core.tokenizer import load_tokenizer
     from loom.serve.server import stop_token_ids
 
     tok = load_tokenizer(hf_dir)

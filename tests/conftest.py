@@ -51,8 +51,8 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from loom.core.tokenizer import save_tokenizer, train_bpe
     from loom.data.readers import DropReport, expand_inputs, read_documents
-    from loom.data.tokenizer import save_tokenizer, train_bpe
 
     docs = read_documents(expand_inputs([f"{corpus_dir}/*.py"]), DropReport())
     out = tmp_path_factory.mktemp("tokenizer")

@@ -12,11 +12,11 @@ import transformers
 from conftest import TEST_VOCAB
 
 from loom.core.errors import LoomError
+from loom.core.tokenizer import EOS, load_tokenizer, tokenizer_hash
 from loom.data.loader import TokenLoader
 from loom.data.readers import DropReport, expand_inputs, read_documents
 from loom.data.shards import TokenDataset
 from loom.data.tokenize import TokenizeOptions, is_validation, tokenize_to_shards
-from loom.data.tokenizer import EOS, load_tokenizer, tokenizer_hash
 
 
 def test_tokenizer_is_lossless_and_loads_in_transformers(
@@ -294,7 +294,7 @@ def test_tampered_manifest_is_refused(
 
 
 def test_tokenizer_training_needs_text_and_a_sane_size() -> None:
-    from loom.data.tokenizer import train_bpe
+    from loom.core.tokenizer import train_bpe
 
     with pytest.raises(LoomError, match="no text to train"):
         train_bpe(iter([]), 300)

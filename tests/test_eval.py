@@ -17,7 +17,7 @@ from conftest import save_tiny_llama
 
 from loom.cli import main as loom
 from loom.core.errors import LoomError
-from loom.data.tokenizer import EOS
+from loom.core.tokenizer import EOS
 from loom.eval.evaluate import EvalOptions, evaluate
 from loom.eval.tasks import load_task
 
@@ -177,8 +177,8 @@ def test_bad_task_files(
     capsys: pytest.CaptureFixture[str],
     loom_logs: pytest.LogCaptureFixture,
 ) -> None:
+    from loom.core.tokenizer import save_tokenizer, train_bpe
     from loom.data.tokenize import TokenizeOptions, tokenize_to_shards
-    from loom.data.tokenizer import save_tokenizer, train_bpe
 
     unknown = write_jsonl(tmp_path / "odd.jsonl", [{"question": "?"}, {"foo": 1}])
     empty = tmp_path / "empty.txt"

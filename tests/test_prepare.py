@@ -23,10 +23,10 @@ import pytest
 import zstandard
 
 from loom.core.errors import LoomError
+from loom.core.tokenizer import load_tokenizer
 from loom.data.loader import TokenLoader
 from loom.data.prepare import load_prepare_config, prepare
 from loom.data.shards import TokenDataset
-from loom.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from loom.cli import main as loom
 from loom.core.errors import LoomError
 from loom.core.lora import LoRAConfig, apply_lora, merge_lora
 from loom.core.quantize import is_quantized, quantize_int8_weight_only, weight_bytes
-from loom.data.tokenizer import load_tokenizer
+from loom.core.tokenizer import load_tokenizer
 from loom.eval.evaluate import EvalOptions, evaluate, run_task
 from loom.eval.tasks import load_task
 from loom.models.llama import ModelConfig, Transformer, build_model

@@ -25,7 +25,7 @@ import transformers
 from conftest import free_port, save_tiny_llama
 
 from loom.core.chat import CHATML_TEMPLATE
-from loom.data.tokenizer import EOS
+from loom.core.tokenizer import EOS
 from loom.eval.generate import generate, load_for_generation
 from loom.models.convert import convert
 

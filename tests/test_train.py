@@ -15,8 +15,8 @@ import torch
 
 from loom.config import Config, OptimizerConfig, load_config
 from loom.core.errors import LoomError
+from loom.core.tokenizer import save_tokenizer, train_bpe
 from loom.data.tokenize import TokenizeOptions, tokenize_to_shards
-from loom.data.tokenizer import save_tokenizer, train_bpe
 from loom.train.checkpoint import Checkpointer
 from loom.train.metrics import read_metrics
 from loom.train.optim import lr_multiplier

@@ -357,8 +357,8 @@ def _launch(
 
 def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
     if args.command == "tokenizer":
+        from loom.core.tokenizer import save_tokenizer, train_bpe
         from loom.data.readers import DropReport, expand_inputs, read_documents
-        from loom.data.tokenizer import save_tokenizer, train_bpe
 
         drops = DropReport()
         texts = (d.text for d in read_documents(expand_inputs(args.input), drops, args.text_field))

@@ -28,6 +28,14 @@ import numpy as np
 from loom.config import load_tree
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.tokenizer import (
+    EOS,
+    eos_id,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_hash,
+    train_bpe,
+)
 from loom.data.dedup import (
     DedupConfig,
     bands_rows,
@@ -54,14 +62,6 @@ from loom.data.tasks import (
     tokenize_kept,
 )
 from loom.data.tokenize import warn_on_empty_split
-from loom.data.tokenizer import (
-    EOS,
-    eos_id,
-    load_tokenizer,
-    save_tokenizer,
-    tokenizer_hash,
-    train_bpe,
-)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 

@@ -164,7 +164,7 @@ class TokenDataset:
         return digest.hexdigest()[:16]
 
     def _check_tokenizer(self) -> None:
-        from loom.data.tokenizer import load_tokenizer, tokenizer_hash
+        from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 
         tokenizer = load_tokenizer(self.tokenizer_path)
         if (

@@ -27,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 import zstandard
 
+from loom.core.tokenizer import eos_id, load_tokenizer
 from loom.data.dedup import DedupConfig, band_keys
 from loom.data.filters import FilterConfig, QualityFilter
 from loom.data.hashing import MinHasher, shingles
@@ -35,7 +36,6 @@ from loom.data.pii import PiiConfig, redact
 from loom.data.readers import DropReport, TextUnit, read_file
 from loom.data.shards import token_dtype
 from loom.data.tokenize import is_validation
-from loom.data.tokenizer import eos_id, load_tokenizer
 
 DOCS_FILE = "docs.jsonl.zst"
 STATS_FILE = "stats.json"

@@ -14,6 +14,7 @@ import numpy as np
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.tokenizer import eos_id, load_tokenizer, save_tokenizer, tokenizer_hash
 from loom.data.readers import Document, DropReport, expand_inputs, read_documents
 from loom.data.shards import (
     FORMAT,
@@ -24,7 +25,6 @@ from loom.data.shards import (
     token_dtype,
     write_manifest,
 )
-from loom.data.tokenizer import eos_id, load_tokenizer, save_tokenizer, tokenizer_hash
 
 BATCH_BYTES = 8 << 20  # documents are tokenized in batches of about this much text
 

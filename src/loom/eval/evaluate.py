@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.data.tokenizer import EOS, load_tokenizer, tokenizer_hash
+from loom.core.tokenizer import EOS, load_tokenizer, tokenizer_hash
 from loom.eval.tasks import Choice, Prompt, Task, load_task
 from loom.models.llama import Transformer
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.core.errors import LoomError
-from loom.data.tokenizer import EOS, load_tokenizer
+from loom.core.tokenizer import EOS, load_tokenizer
 from loom.models.llama import ModelConfig, Transformer
 from loom.models.sources import find_checkpoint, load_checkpoint_model
 

@@ -21,7 +21,7 @@ import torch
 
 from loom.cli import main as loom
 from loom.core.chat import ChatTemplate
-from loom.data.tokenizer import load_tokenizer
+from loom.core.tokenizer import load_tokenizer
 from loom.eval.generate import generate
 from loom.finetune.docstrings import build_docstring_dataset
 from loom.models.llama import Transformer

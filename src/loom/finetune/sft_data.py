@@ -29,7 +29,7 @@ from loom.core.chat import (
 )
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.data.tokenizer import EOS, load_tokenizer
+from loom.core.tokenizer import EOS, load_tokenizer
 
 IGNORE = -100  # target value for positions without loss (torch cross_entropy's ignore_index)
 OVERLONG_MODES: tuple[str, ...] = ("truncate", "drop")

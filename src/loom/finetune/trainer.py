@@ -36,8 +36,8 @@ from loom.core.lora import (
     merge_lora,
     quantize_base_nf4,
 )
+from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 from loom.data.loader import SampleOrder
-from loom.data.tokenizer import load_tokenizer, tokenizer_hash
 from loom.finetune.adapter import save_adapter
 from loom.finetune.config import FinetuneConfig, training_config
 from loom.finetune.sft_data import PairRows, Rows, build_preferences, build_sft

@@ -100,7 +100,7 @@ def write_hf(model: Transformer, tokenizer_dir: Path, out: Path, dtype: str) -> 
 
 
 def write_loom(model: Transformer, tokenizer_dir: Path, out: Path, source: str) -> None:
-    from loom.data.tokenizer import load_tokenizer, tokenizer_hash
+    from loom.core.tokenizer import load_tokenizer, tokenizer_hash
     from loom.train.checkpoint import Checkpointer
 
     cfg = Config(run_dir=str(out), model=model.cfg)
@@ -144,6 +144,6 @@ def _token_id(folder: Path, token: object) -> int | None:
         token = token.get("content")
     if not isinstance(token, str) or not (folder / "tokenizer.json").is_file():
         return None
-    from loom.data.tokenizer import load_tokenizer
+    from loom.core.tokenizer import load_tokenizer
 
     return load_tokenizer(folder / "tokenizer.json").token_to_id(token)

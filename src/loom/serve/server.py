@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from loom.core.chat import ChatTemplate
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.data.tokenizer import EOS, load_tokenizer
+from loom.core.tokenizer import EOS, load_tokenizer
 from loom.models.llama import Transformer
 from loom.serve.engine import Engine, EngineConfig, EngineMetrics, ModelRunner, StepBatch
 from loom.serve.kv_cache import PagedKVCache
