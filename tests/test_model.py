@@ -7,7 +7,8 @@ import torch
 import transformers
 from torch import nn
 
-from loom.eval.generate import generate, sample_next
+from loom.core.sampling import sample_next
+from loom.eval.generate import generate
 from loom.models.hf import hf_config_dict, to_hf_state_dict
 from loom.models.llama import ModelConfig, RopeScaling, build_model
 from loom.models.presets import PRESETS, get_preset

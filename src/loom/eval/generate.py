@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.core.errors import LoomError
+from loom.core.sampling import sample_next
 from loom.core.tokenizer import EOS, load_tokenizer
 from loom.models.llama import ModelConfig, Transformer
 from loom.models.sources import find_checkpoint, load_checkpoint_model
@@ -39,31 +40,6 @@ class ContiguousKVCache:
             mask = q_pos >= torch.arange(end, device=k.device).unsqueeze(0)
         keys, values = self.keys[layer_id, :, :, :end], self.values[layer_id, :, :, :end]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Next token ids [batch] from logits [batch, vocab]; temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the first is kept).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.eval.generate import sample_next
+from loom.core.sampling import sample_next
 from loom.serve.kv_cache import BlockAllocator, PrefillChunk, StepLayout
 
 
