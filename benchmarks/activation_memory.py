@@ -23,12 +23,12 @@ from dataclasses import replace
 import torch
 from report import write_section  # benchmarks/ is on the path when a script in it runs
 
+from loom.core.loss import cross_entropy
 from loom.models.llama import ModelConfig, build_model
 from loom.parallel.recompute import apply_recompute
 from loom.planner.calibrate import measure_activations
 from loom.planner.memory import activation_bytes_per_layer
 from loom.planner.spec import Strategy, model_from_config
-from loom.train.trainer import cross_entropy
 
 MODES = ("none", "selective", "full")
 MIB = 2**20

@@ -18,6 +18,7 @@ import torch
 from report import write_section  # benchmarks/ is on the path when a script in it runs
 
 from loom.config import OptimizerConfig
+from loom.core.loss import cross_entropy
 from loom.models.llama import ModelConfig, build_model
 from loom.parallel.recompute import apply_recompute
 from loom.planner.calibrate import calibrate, measure_activations, this_machine
@@ -25,7 +26,6 @@ from loom.planner.memory import activations
 from loom.planner.search import evaluate
 from loom.planner.spec import Strategy, model_from_config
 from loom.train.optim import build_optimizer
-from loom.train.trainer import cross_entropy
 
 CFG = ModelConfig(
     vocab_size=8192,

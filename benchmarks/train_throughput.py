@@ -24,13 +24,13 @@ from report import write_section  # benchmarks/ is on the path when a script in 
 from torch import nn
 
 from loom.config import OptimizerConfig
+from loom.core.loss import cross_entropy
 from loom.models.hf import hf_config_dict, to_hf_state_dict
 from loom.models.llama import ModelConfig, build_model
 from loom.models.presets import get_preset
 from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_loss
 from loom.planner.hardware import peak_flops
 from loom.train.optim import build_optimizer
-from loom.train.trainer import cross_entropy
 
 BENCH_MODEL = ModelConfig(
     preset="bench-34m",

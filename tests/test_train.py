@@ -422,8 +422,8 @@ def test_seed_sets_the_data_order(tiny_config: MakeConfig, tmp_path: Path) -> No
 def test_validation_loss_is_computed_on_the_validation_split(
     tiny_config: MakeConfig, data_dir: Path
 ) -> None:
+    from loom.core.loss import cross_entropy
     from loom.data.shards import TokenDataset
-    from loom.train.trainer import cross_entropy
 
     trainer = Trainer(tiny_config("--train.eval_batches=2"))
     val = TokenDataset(data_dir).split("val")

@@ -634,6 +634,7 @@ def _fingerprint(pipe: Pipeline) -> None:
 def predict(stage: Stage, pipe: Pipeline) -> dict[str, Any]:
     """The planner's verdict for a training stage, as `loom train` consults it (check_fits
     raises its message when the layout does not fit), plus the `loom plan --json` summary."""
+    from loom.core.device import select_device
     from loom.finetune.config import training_config, with_base_architecture
     from loom.parallel.dims import resolve
     from loom.planner.hardware import peak_flops
@@ -641,7 +642,6 @@ def predict(stage: Stage, pipe: Pipeline) -> dict[str, Any]:
     from loom.planner.search import evaluate
     from loom.planner.spec import model_from_config
     from loom.planner.training import auto_layout, check_fits, local_hardware, strategy_for
-    from loom.train.trainer import select_device
 
     extra: dict[str, object] = {}
     if stage.name == "pretrain":

@@ -36,6 +36,7 @@ from loom.core.lora import (
     merge_lora,
     quantize_base_nf4,
 )
+from loom.core.loss import cross_entropy
 from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 from loom.data.loader import SampleOrder
 from loom.finetune.adapter import save_adapter
@@ -47,7 +48,7 @@ from loom.parallel import distributed
 from loom.parallel.parallelize import ParallelModel, parallelize, set_whole_parameter
 from loom.parallel.recompute import clean_name
 from loom.train.metrics import MetricsWriter
-from loom.train.trainer import Trainer, TrainResult, cross_entropy
+from loom.train.trainer import Trainer, TrainResult
 
 
 class RowLoader(SampleOrder):

@@ -228,9 +228,9 @@ def measure_activations(
     measured with torch's memory tracker on a Loom model with `recompute` applied."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    from loom.core.loss import cross_entropy
     from loom.models.llama import build_model
     from loom.parallel.recompute import apply_recompute
-    from loom.train.trainer import cross_entropy
 
     model = build_model(cfg, "cpu")
     model.init_weights()

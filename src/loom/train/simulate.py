@@ -245,7 +245,7 @@ def simulate(
     """Run one training step of rank `rank` of a `world_size`-rank job on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from loom.train.trainer import cross_entropy
+    from loom.core.loss import cross_entropy
 
     check_request(world_size, rank)
     if cfg.parallel.auto:

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from loom.config import Config, config_to_dict, save_config
+from loom.core.device import select_device
 from loom.core.errors import LoomError
 from loom.core.log import is_terminal, logger
+from loom.core.loss import cross_entropy
 from loom.data.loader import SampleOrder, TokenLoader
 from loom.data.shards import TokenDataset
 from loom.parallel import distributed
@@ -60,22 +61,6 @@ class TrainResult:
     tokens_per_s: float = 0.0
     stopped_by: str | None = None  # the signal that stopped the run before train.steps
     goodput: dict[str, float | int] = field(default_factory=dict)
-
-
-def select_device(name: str) -> torch.device:
-    """The CPU, or the GPU of this process (torchrun's LOCAL_RANK when launched by it)."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise LoomError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        if "LOCAL_RANK" in os.environ:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def check_resumable(
