@@ -25,9 +25,9 @@ from torch import nn
 
 from loom.config import OptimizerConfig
 from loom.core.loss import cross_entropy
+from loom.core.presets import get_preset
 from loom.models.hf import hf_config_dict, to_hf_state_dict
 from loom.models.llama import ModelConfig, build_model
-from loom.models.presets import get_preset
 from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_loss
 from loom.planner.hardware import peak_flops
 from loom.train.optim import build_optimizer

@@ -7,11 +7,11 @@ import torch
 import transformers
 from torch import nn
 
+from loom.core.presets import PRESETS, get_preset
 from loom.core.sampling import sample_next
 from loom.eval.generate import generate
 from loom.models.hf import hf_config_dict, to_hf_state_dict
 from loom.models.llama import ModelConfig, RopeScaling, build_model
-from loom.models.presets import PRESETS, get_preset
 
 # Parameter counts published by the model authors (model cards / safetensors metadata).
 PUBLISHED = {

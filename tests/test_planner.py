@@ -360,7 +360,7 @@ def test_loom_lora_70b_on_fsdp_64_fits_as_train_checks_it() -> None:
     from dataclasses import replace
 
     from loom.config import Config
-    from loom.models.presets import get_preset
+    from loom.core.presets import get_preset
     from loom.parallel.dims import ParallelDims
     from loom.planner.memory import fits
     from loom.planner.spec import gpu_hardware
@@ -386,7 +386,7 @@ def test_hsdp_shards_within_its_group_as_loom_train_runs_it() -> None:
     from dataclasses import replace
 
     from loom.config import Config
-    from loom.models.presets import get_preset
+    from loom.core.presets import get_preset
     from loom.parallel.dims import ParallelDims
     from loom.planner.spec import gpu_hardware
     from loom.planner.training import predicted_memory

@@ -19,8 +19,8 @@ from typing import Any, Literal, TypeVar
 import tomli_w
 
 from loom.core.errors import LoomError
-from loom.models.config import ModelConfig
-from loom.models.presets import get_preset
+from loom.core.model_config import ModelConfig
+from loom.core.presets import get_preset
 
 T = TypeVar("T")
 

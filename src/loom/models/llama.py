@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.models.config import ModelConfig as ModelConfig
-from loom.models.config import RopeScaling as RopeScaling
+from loom.core.model_config import ModelConfig as ModelConfig
+from loom.core.model_config import RopeScaling as RopeScaling
 
 
 class KVCache(Protocol):

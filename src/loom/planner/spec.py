@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from loom.core.errors import LoomError, read_json
-from loom.models.config import ModelConfig
-from loom.models.presets import PRESETS, get_preset
+from loom.core.model_config import ModelConfig
+from loom.core.presets import PRESETS, get_preset
 
 
 @dataclass(frozen=True)

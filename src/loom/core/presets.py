@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loom.core.errors import LoomError
-from loom.models.config import ModelConfig, RopeScaling
+from loom.core.model_config import ModelConfig, RopeScaling
 
 
 @dataclass(frozen=True)
