@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section
 
-from loom.config import load_config
+from loom.core.config import load_config
 from loom.parallel.dims import resolve
 from loom.planner.training import local_hardware, predicted_memory
 

@@ -17,7 +17,7 @@ import time
 import torch
 from report import write_section  # benchmarks/ is on the path when a script in it runs
 
-from loom.config import OptimizerConfig
+from loom.core.config import OptimizerConfig
 from loom.core.loss import cross_entropy
 from loom.models.llama import ModelConfig, build_model
 from loom.parallel.recompute import apply_recompute

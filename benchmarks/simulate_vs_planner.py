@@ -17,7 +17,7 @@ import time
 
 from report import write_section  # benchmarks/ is on the path when a script in it runs
 
-from loom.config import Config, load_config
+from loom.core.config import Config, load_config
 from loom.core.errors import LoomError
 from loom.train.simulate import GIB, planner_prediction, simulate
 

@@ -23,7 +23,7 @@ import transformers
 from report import write_section  # benchmarks/ is on the path when a script in it runs
 from torch import nn
 
-from loom.config import OptimizerConfig
+from loom.core.config import OptimizerConfig
 from loom.core.loss import cross_entropy
 from loom.core.presets import get_preset
 from loom.models.hf import hf_config_dict, to_hf_state_dict

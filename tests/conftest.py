@@ -127,7 +127,7 @@ TINY_MODEL = [
 @pytest.fixture
 def tiny_config(data_dir: Path, tmp_path: Path) -> Callable[..., object]:
     """Factory: a validated Config for a 2-layer model on the test shards, plus overrides."""
-    from loom.config import load_config
+    from loom.core.config import load_config
 
     def make(*overrides: str, run_dir: Path | None = None):
         base = [

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from loom.config import load_config
+from loom.core.config import load_config
 from loom.parallel import distributed
 from loom.train.trainer import Trainer
 

@@ -242,7 +242,7 @@ def test_generate_arguments_are_validated(
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    from loom.config import load_config
+    from loom.core.config import load_config
     from loom.train.trainer import train
 
     run = tmp_path_factory.mktemp("gen") / "run"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loom.config import config_to_dict, load_config, save_config
+from loom.core.config import config_to_dict, load_config, save_config
 from loom.core.errors import LoomError
 
 REPO = Path(__file__).resolve().parents[1]

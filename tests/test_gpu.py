@@ -62,7 +62,7 @@ def test_peak_memory_is_near_the_planners_prediction(data_dir: Path, tmp_path: P
     runs that fit or start runs that run out of memory."""
     import torch
 
-    from loom.config import load_config
+    from loom.core.config import load_config
     from loom.parallel.dims import resolve
     from loom.planner.memory import CONTEXT_BYTES, FRAGMENTATION
     from loom.planner.training import local_hardware, predicted_memory

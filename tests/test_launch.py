@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_MODEL
 
-from loom.config import load_config
+from loom.core.config import load_config
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
 

@@ -19,7 +19,7 @@ import torch
 from conftest import TINY_MODEL
 from run_layouts import roll_back
 
-from loom.config import Config, load_config
+from loom.core.config import Config, load_config
 from loom.core.errors import LoomError
 from loom.models.llama import build_model
 from loom.parallel.dims import resolve

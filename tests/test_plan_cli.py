@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from loom.cli import EXIT_BAD_INPUT, main
-from loom.config import load_config
+from loom.core.config import load_config
 from loom.core.errors import LoomError
 from loom.planner.published import DEFAULT_RECORDS, load_records, record_spec
 from loom.planner.search import plan

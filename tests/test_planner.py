@@ -359,7 +359,7 @@ def test_loom_lora_70b_on_fsdp_64_fits_as_train_checks_it() -> None:
     `loom train` / `loom run` take: the config and its resolved dims."""
     from dataclasses import replace
 
-    from loom.config import Config
+    from loom.core.config import Config
     from loom.core.presets import get_preset
     from loom.parallel.dims import ParallelDims
     from loom.planner.memory import fits
@@ -385,7 +385,7 @@ def test_hsdp_shards_within_its_group_as_loom_train_runs_it() -> None:
     not 1/dp: 2 replicas of 8-way shards hold twice what 16-way FSDP holds."""
     from dataclasses import replace
 
-    from loom.config import Config
+    from loom.core.config import Config
     from loom.core.presets import get_preset
     from loom.parallel.dims import ParallelDims
     from loom.planner.spec import gpu_hardware
@@ -595,7 +595,7 @@ def test_cli_refuses_an_unknown_gpu_in_one_line() -> None:
 
 
 def test_training_refuses_a_model_predicted_not_to_fit(data_dir: Path, tmp_path: Path) -> None:
-    from loom.config import load_config
+    from loom.core.config import load_config
     from loom.train.trainer import Trainer
 
     args = [f"--data.path={data_dir}", f"--run_dir={tmp_path / 'run'}", "--train.seq_len=128"]

@@ -399,7 +399,7 @@ def test_inspect_prints_the_funnel(dedup_only) -> None:
 def test_training_on_a_mixture_of_prepared_datasets(
     dedup_only, raw_dir, tmp_path, data_dir
 ) -> None:
-    from loom.config import load_config
+    from loom.core.config import load_config
     from loom.train.trainer import Trainer
 
     first, _ = dedup_only

@@ -24,7 +24,7 @@ from matplotlib.image import imread
 from playwright.sync_api import sync_playwright
 
 from loom.cli import main as loom
-from loom.config import Config
+from loom.core.config import Config
 from loom.core.errors import LoomError
 from loom.data.prepare import load_prepare_config, prepare
 from loom.eval.evaluate import EvalOptions, evaluate

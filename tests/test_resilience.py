@@ -24,7 +24,7 @@ import torch
 from conftest import TINY_MODEL
 from test_launch import finish, loom_train
 
-from loom.config import ResilienceConfig, load_config
+from loom.core.config import ResilienceConfig, load_config
 from loom.core.errors import LoomError
 from loom.data.loader import TokenLoader
 from loom.data.shards import TokenDataset

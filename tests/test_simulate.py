@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loom.config import Config, load_config
+from loom.core.config import Config, load_config
 from loom.core.errors import LoomError
 from loom.models.llama import build_model
 from loom.planner.spec import ModelShape, Strategy

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from loom.config import Config, OptimizerConfig, load_config
+from loom.core.config import Config, OptimizerConfig, load_config
 from loom.core.errors import LoomError
 from loom.core.tokenizer import save_tokenizer, train_bpe
 from loom.data.tokenize import TokenizeOptions, tokenize_to_shards

@@ -14,7 +14,7 @@ from loom.core.errors import LoomError
 from loom.core.log import logger, setup_logging
 
 if TYPE_CHECKING:
-    from loom.config import Config
+    from loom.core.config import Config
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -394,7 +394,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
         from loom.parallel import distributed
 
         if args.command == "train":
-            from loom.config import load_config
+            from loom.core.config import load_config
             from loom.train.trainer import train as run
 
             cfg: Any = load_config(args.config, extra)

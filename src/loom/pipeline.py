@@ -213,7 +213,7 @@ def _hardware(section: str, raw: dict[str, Any]) -> HardwareSection | None:
 def _pop_table(section: str, raw: dict[str, Any], name: str, cls: type[T]) -> T | None:
     """`[SECTION.NAME]`, a pipeline-only table the stage's own config does not know, taken out
     of `raw` and read as `cls` (None when absent)."""
-    from loom.config import tree_from_dict
+    from loom.core.config import tree_from_dict
 
     table = raw.pop(name, None)
     if table is None:
@@ -316,7 +316,7 @@ def _forced(section: str, raw: dict[str, Any], key: str, where: str) -> None:
 
 def _base_config(section: str, raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """`config = "file.toml"` (relative to the pipeline file) merged under the section's keys."""
-    from loom.config import read_toml
+    from loom.core.config import read_toml
 
     config = raw.pop("config", None)
     if config is None:
@@ -345,7 +345,7 @@ def load_pipeline(
 ) -> Pipeline:
     """Read and validate every section (each stage's own config validation included);
     `overrides` as on every command line: `--pretrain.train.steps=50`."""
-    from loom.config import read_with_overrides
+    from loom.core.config import read_with_overrides
 
     path = Path(path)
     raw = read_with_overrides(path, overrides)
@@ -403,7 +403,7 @@ def _stage(
     last_training: str,
 ) -> Stage:
     """One section as a Stage, its config loaded and validated."""
-    from loom.config import tree_from_dict
+    from loom.core.config import tree_from_dict
 
     section = _table(raw, name)
     folder = root / name
@@ -443,7 +443,7 @@ def _stage(
 
 
 def _data_stage(section: dict[str, Any], tok: dict[str, Any], base: Path, folder: Path) -> Stage:
-    from loom.config import tree_from_dict
+    from loom.core.config import tree_from_dict
     from loom.data.prepare import PrepareConfig, validate
 
     _forced("data", section, "output.dir", str(folder))
@@ -481,7 +481,7 @@ def _data_stage(section: dict[str, Any], tok: dict[str, Any], base: Path, folder
 def _pretrain_stage(
     section: dict[str, Any], base: Path, folder: Path, root: Path, has_data: bool
 ) -> Stage:
-    from loom.config import config_from_dict
+    from loom.core.config import config_from_dict
 
     _forced("pretrain", section, "run_dir", str(folder))
     hardware = _hardware("pretrain", section)
@@ -513,7 +513,7 @@ def _pretrain_stage(
 def _finetune_stage(
     section: dict[str, Any], base: Path, folder: Path, earlier: list[Stage]
 ) -> Stage:
-    from loom.config import tree_from_dict
+    from loom.core.config import tree_from_dict
     from loom.finetune.config import DEFAULT_LR, FinetuneConfig, validate_finetune
 
     _forced("finetune", section, "run_dir", str(folder))
@@ -570,7 +570,7 @@ def _model_stage(
 def _eval_stage(
     section: dict[str, Any], base: Path, folder: Path, root: Path, has_data: bool, last: str
 ) -> Stage:
-    from loom.config import tree_from_dict
+    from loom.core.config import tree_from_dict
 
     cfg = tree_from_dict(EvalSection, section)
     if cfg.quantize not in ("", "int8"):
@@ -609,7 +609,7 @@ def _serve_options(cfg: ServeSection) -> Any:
 
 def _resolved(stage: Stage) -> Any:
     """The stage's config as plain JSON data (paths are already absolute)."""
-    from loom.config import config_to_dict
+    from loom.core.config import config_to_dict
 
     if stage.name in TRAINING:
         return config_to_dict(stage.config)
@@ -942,7 +942,7 @@ def _train(stage: Stage) -> tuple[int | None, str | None, float | None]:
     """Train the stage in this process, or on `[launch] nproc` workers (as `loom train
     --nproc`): (last step, or None to read it from the metrics; the signal that stopped it
     before train.steps; goodput, or None to read it from goodput.json)."""
-    from loom.config import save_config
+    from loom.core.config import save_config
     from loom.parallel.launch import launch
 
     if stage.launch.nproc == 1 and not stage.launch.max_restarts:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from loom.config import load_tree
+from loom.core.config import load_tree
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.tokenizer import (

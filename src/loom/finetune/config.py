@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from loom.config import (
+from loom.core.config import (
     Config,
     TrainConfig,
     TrainingSections,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from loom.config import config_to_dict
+from loom.core.config import config_to_dict
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.lora import (

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loom.config import Config, save_config
+from loom.core.config import Config, save_config
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.models.hf import hf_config_dict, to_hf_state_dict

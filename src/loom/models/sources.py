@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from loom.config import model_config
+from loom.core.config import model_config
 from loom.core.errors import LoomError
 from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.train.checkpoint import Checkpointer, load_model_weights, read_state, verify

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from loom.config import Config
+from loom.core.config import Config
 from loom.core.errors import LoomError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")

@@ -21,7 +21,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from loom.config import Config
+from loom.core.config import Config
 from loom.models.llama import Transformer, build_model, init_parameter_
 from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_loss
 from loom.parallel.data_parallel import DTYPES, apply_ddp, apply_fsdp

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from loom.config import Config
+from loom.core.config import Config
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.parallel.dims import ParallelDims, resolve

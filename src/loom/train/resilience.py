@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from loom.config import ResilienceConfig
+from loom.core.config import ResilienceConfig
 from loom.core.errors import LoomError
 from loom.core.log import logger
 

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loom.config import Config
+from loom.core.config import Config
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.parallel.dims import MESH_DIMS, ParallelDims, resolve
@@ -562,7 +562,7 @@ def planner_prediction(cfg: Config, world_size: int) -> tuple[dict[str, float], 
 def config_for_plan(model: ModelShape, s: Strategy) -> Config:
     """The `loom train` config that runs the planner's layout `s` of `model`: the planner's
     model and strategy fields, one by one, or a refusal naming the one Loom cannot run."""
-    from loom.config import load_config
+    from loom.core.config import load_config
 
     refusals = {
         "strategy.cp": (s.cp > 1, "Loom has no context parallelism yet"),

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from loom.config import Config, config_to_dict, save_config
+from loom.core.config import Config, config_to_dict, save_config
 from loom.core.device import select_device
 from loom.core.errors import LoomError
 from loom.core.log import is_terminal, logger
