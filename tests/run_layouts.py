@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+from loom.core import distributed
 from loom.core.config import load_config
-from loom.parallel import distributed
 from loom.train.trainer import Trainer
 
 

@@ -391,7 +391,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> None:
             )
         )
     elif args.command in ("train", "finetune"):
-        from loom.parallel import distributed
+        from loom.core import distributed
 
         if args.command == "train":
             from loom.core.config import load_config

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
+from loom.core import distributed
 from loom.core.config import config_to_dict
 from loom.core.errors import LoomError
 from loom.core.log import logger
@@ -44,7 +45,6 @@ from loom.finetune.config import FinetuneConfig, training_config
 from loom.finetune.sft_data import PairRows, Rows, build_preferences, build_sft
 from loom.models.convert import copy_tokenizer_files
 from loom.models.sources import describe, load_model
-from loom.parallel import distributed
 from loom.parallel.parallelize import ParallelModel, parallelize, set_whole_parameter
 from loom.parallel.recompute import clean_name
 from loom.train.metrics import MetricsWriter

@@ -25,10 +25,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
+from loom.core.distributed import all_reduce, broadcast_object
 from loom.core.errors import LoomError
 from loom.core.log import logger, setup_logging
 from loom.models.llama import Transformer
-from loom.parallel.distributed import all_reduce, broadcast_object
 from loom.parallel.tensor import apply_tensor_parallel
 from loom.serve.engine import StepBatch
 from loom.serve.kv_cache import PagedKVCache

@@ -49,9 +49,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from loom.core.distributed import barrier, rank
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.parallel.distributed import barrier, rank
 
 STATE_FILE = "trainer.json"
 RNG_FILE = "rng.pt"

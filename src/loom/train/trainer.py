@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from loom.core import distributed
 from loom.core.config import Config, config_to_dict, save_config
 from loom.core.device import select_device
 from loom.core.errors import LoomError
@@ -30,7 +31,6 @@ from loom.core.log import is_terminal, logger
 from loom.core.loss import cross_entropy
 from loom.data.loader import SampleOrder, TokenLoader
 from loom.data.shards import TokenDataset
-from loom.parallel import distributed
 from loom.parallel.dims import resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
 from loom.planner.hardware import peak_at_least, peak_flops
