@@ -19,11 +19,11 @@ import torch
 from conftest import TINY_MODEL
 from run_layouts import roll_back
 
+from loom.core.checkpoint import load_model_weights
 from loom.core.config import Config, load_config
 from loom.core.errors import LoomError
 from loom.models.llama import build_model
 from loom.parallel.dims import resolve
-from loom.train.checkpoint import load_model_weights
 from loom.train.trainer import Trainer
 
 RUNNER = Path(__file__).parent / "run_layouts.py"

@@ -24,12 +24,12 @@ import torch
 from conftest import TINY_MODEL
 from test_launch import finish, loom_train
 
+from loom.core.checkpoint import Checkpointer, load_model_weights, verify
 from loom.core.config import ResilienceConfig, load_config
 from loom.core.errors import LoomError
 from loom.data.loader import TokenLoader
 from loom.data.shards import TokenDataset
 from loom.models.llama import build_model
-from loom.train.checkpoint import Checkpointer, load_model_weights, verify
 from loom.train.metrics import read_metrics
 from loom.train.resilience import GoodputLedger, StepGuard, parse_faults
 from loom.train.trainer import Trainer

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from loom.core.checkpoint import Checkpointer
 from loom.core.config import Config, OptimizerConfig, load_config
 from loom.core.errors import LoomError
 from loom.core.tokenizer import save_tokenizer, train_bpe
 from loom.data.tokenize import TokenizeOptions, tokenize_to_shards
-from loom.train.checkpoint import Checkpointer
 from loom.train.metrics import read_metrics
 from loom.train.optim import lr_multiplier
 from loom.train.trainer import Trainer, train

@@ -341,8 +341,8 @@ def evaluate(
 ) -> tuple[dict[str, Any], list[TaskResult]]:
     """Load the model once, run every task; a Loom run's record is appended to its eval.jsonl
     unless not `append_to_run` (`loom run` keeps it in the eval stage's own folder)."""
+    from loom.core.checkpoint import read_state
     from loom.models.sources import find_checkpoint, load_model
-    from loom.train.checkpoint import read_state
 
     opts = opts or EvalOptions()
     _check(opts)

@@ -100,8 +100,8 @@ def write_hf(model: Transformer, tokenizer_dir: Path, out: Path, dtype: str) -> 
 
 
 def write_loom(model: Transformer, tokenizer_dir: Path, out: Path, source: str) -> None:
+    from loom.core.checkpoint import Checkpointer
     from loom.core.tokenizer import load_tokenizer, tokenizer_hash
-    from loom.train.checkpoint import Checkpointer
 
     cfg = Config(run_dir=str(out), model=model.cfg)
     save_config(cfg, out / "config.toml")

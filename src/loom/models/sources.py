@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from loom.core.checkpoint import Checkpointer, load_model_weights, read_state, verify
 from loom.core.config import model_config
 from loom.core.errors import LoomError
 from loom.models.llama import ModelConfig, Transformer, build_model
-from loom.train.checkpoint import Checkpointer, load_model_weights, read_state, verify
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:

@@ -24,6 +24,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from loom.core import distributed
+from loom.core.checkpoint import Checkpointer, read_state
 from loom.core.config import Config, config_to_dict, save_config
 from loom.core.device import select_device
 from loom.core.errors import LoomError
@@ -35,7 +36,6 @@ from loom.parallel.dims import resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
 from loom.planner.hardware import peak_at_least, peak_flops
 from loom.planner.training import auto_layout, check_fits
-from loom.train.checkpoint import Checkpointer, read_state
 from loom.train.metrics import MetricsWriter, peak_memory_gib
 from loom.train.optim import Optimizers
 from loom.train.resilience import (
