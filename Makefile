@@ -61,4 +61,4 @@ clean:
 
 # LoRA-tune SmolLM2-135M-Instruct on questions about the standard library (CPU, minutes).
 finetune-demo: install-dev
-	$(PY) -m loom.finetune.demo
+	$(PY) -m loom.demo_finetune

