@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from loom.cli import main
+from loom.core.run_files import NAMES
 from loom.pipeline import STAGES
 from loom.train.metrics import read_metrics
 
@@ -148,6 +149,17 @@ def test_a_pipeline_runs_end_to_end(shared: tuple[Path, Path]) -> None:
     plan = state["plan"]["pretrain"]  # the `loom plan --json` shape the report reads
     assert plan["fits"] and plan["memory_gib"]["total"] > 0 and plan["tokens_per_s"] > 0
     assert (run_dir / "report.html").is_file()
+
+
+def test_the_pipeline_writes_only_names_that_run_files_defines(shared: tuple[Path, Path]) -> None:
+    """A stage folder that is a run (pretrain, eval) and the pipeline folder itself hold only
+    loom.core.run_files names (and the pipeline folder its stage folders)."""
+    _, run_dir = shared
+    top = {p.name for p in run_dir.iterdir()}
+    assert top <= NAMES | set(STAGES), sorted(top - NAMES - set(STAGES))
+    for stage in ("pretrain", "eval"):
+        names = {p.name for p in (run_dir / stage).iterdir()}
+        assert names <= NAMES, f"{stage}: not in loom.core.run_files: {sorted(names - NAMES)}"
 
 
 def test_running_again_skips_every_stage(

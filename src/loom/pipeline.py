@@ -59,14 +59,21 @@ from typing import Any, TypeVar
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.run_files import (
+    EVAL_LOG,
+    PIPELINE_STATE,
+    GoodputRecord,
+    PipelineState,
+    RunFiles,
+    StageRecord,
+    write_atomic,
+)
 from loom.report import human_duration
 
 STAGES = ("data", "tokenizer", "pretrain", "finetune", "eval", "export", "serve")
 TRAINING = ("pretrain", "finetune")
 RESUMABLE = ("data", "pretrain", "finetune")  # resume in their folder; others start over
 # serve always runs (it blocks until stopped; "done" only means it was stopped cleanly)
-STATE_FILE = "pipeline.json"
-LAUNCH_CONFIG = "stage.toml"  # a multi-process stage's resolved config, which its workers read
 T = TypeVar("T")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -776,12 +783,12 @@ def describe_plan(name: str, plan: dict[str, Any]) -> str:
 # -- state ------------------------------------------------------------------------------------
 
 
-def read_state(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / STATE_FILE
+def read_state(run_dir: Path) -> PipelineState:
+    path = RunFiles(run_dir).pipeline_state
     if not path.is_file():
         return {"stages": [], "plan": {}}
     try:
-        state = json.loads(path.read_text())
+        state: PipelineState = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise LoomError(
             f"{path} is unreadable ({e}); delete it to start the pipeline over"
@@ -791,12 +798,8 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     return state
 
 
-def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    """Atomically: `loom status` and the report may read it at any moment."""
-    path = run_dir / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+def write_state(run_dir: Path, state: PipelineState) -> None:
+    write_atomic(RunFiles(run_dir).pipeline_state, json.dumps(state, indent=2))
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -811,7 +814,9 @@ def run_pipeline(
     """Validate, predict, then run (or skip/resume) every stage; returns the run folder."""
     pipe = load_pipeline(path, run_dir, overrides)
     plans = {s.name: predict(s, pipe) for s in pipe.stages if s.name in TRAINING}
-    previous = {s.get("name"): s for s in read_state(pipe.run_dir)["stages"] if isinstance(s, dict)}
+    previous: dict[str | None, StageRecord] = {
+        s.get("name"): s for s in read_state(pipe.run_dir)["stages"] if isinstance(s, dict)
+    }
     print(f"pipeline {pipe.path} → {pipe.run_dir}")
     to_run: list[Stage] = []
     for stage in pipe.stages:
@@ -836,7 +841,7 @@ def run_pipeline(
         if stage.hardware is not None:
             check_hardware_here(stage.name, stage.hardware)
     pipe.run_dir.mkdir(parents=True, exist_ok=True)
-    records = []
+    records: list[StageRecord] = []
     for stage in pipe.stages:
         old = previous.get(stage.name, {})
         keep = old.get("fingerprint") == stage.fingerprint
@@ -850,7 +855,7 @@ def run_pipeline(
                 "figures": old.get("figures", {}) if keep else {},
             }
         )
-    state: dict[str, Any] = {"stages": records, "plan": plans}
+    state: PipelineState = {"stages": records, "plan": plans}
     write_state(pipe.run_dir, state)
     for stage, record in zip(pipe.stages, records, strict=True):
         _run_stage(pipe, stage, record, state)
@@ -885,7 +890,7 @@ def check_hardware_here(name: str, target: HardwareSection) -> None:
         )
 
 
-def _run_stage(pipe: Pipeline, stage: Stage, record: dict[str, Any], state: dict[str, Any]) -> None:
+def _run_stage(pipe: Pipeline, stage: Stage, record: StageRecord, state: PipelineState) -> None:
     if record["status"] == "done" and stage.dir.is_dir() and stage.name != "serve":
         logger.info("stage %s: skipped (done, config and inputs unchanged)", stage.name)
         return
@@ -928,12 +933,12 @@ def _run_data(stage: Stage) -> dict[str, Any]:
 
 def _run_tokenizer(stage: Stage) -> dict[str, Any]:
     """Record the tokenizer the data stage trained (or was given) as this stage's output."""
-    data = stage.dir.parent / "data"
-    source = data / "tokenizer"
+    data = RunFiles(stage.dir.parent / "data")
+    source = data.tokenizer
     if not (source / "tokenizer.json").is_file():
         raise LoomError(f"stage tokenizer: {source}/tokenizer.json is missing; re-run [data]")
     shutil.copytree(source, stage.dir)
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = json.loads(data.manifest.read_text())
     tok = manifest["tokenizer"]
     return {"vocab_size": tok["vocab_size"], "hash": str(tok["hash"]).split(":")[-1][:16]}
 
@@ -953,7 +958,7 @@ def _train(stage: Stage) -> tuple[int | None, str | None, float | None]:
         result = run(stage.config)
         return result.step, result.stopped_by, result.goodput.get("goodput")
     stage.dir.mkdir(parents=True, exist_ok=True)
-    config = stage.dir / LAUNCH_CONFIG
+    config = RunFiles(stage.dir).stage_config
     save_config(stage.config, config)
     module = "loom.train" if stage.name == "pretrain" else "loom.finetune"
     workers = stage.launch
@@ -982,15 +987,15 @@ def _run_training(stage: Stage) -> dict[str, Any]:
         "final_val_loss": vals[-1]["val_loss"] if vals else None,
         "tokens": step * t.batch_size * t.seq_len,
     }
-    if goodput is None and (stage.dir / "goodput.json").is_file():
-        g = json.loads((stage.dir / "goodput.json").read_text())
-        goodput = g.get("productive_s", 0.0) / max(g["last_seen"] - g["started"], 1e-9)
+    ledger = RunFiles(stage.dir).goodput
+    if goodput is None and ledger.is_file():
+        goodput = GoodputRecord.from_json(ledger.read_text()).goodput
     figures["goodput"] = goodput
     return figures
 
 
 def _run_eval(stage: Stage) -> dict[str, Any]:
-    from loom.eval.evaluate import EVAL_LOG, EvalOptions, evaluate, render
+    from loom.eval.evaluate import EvalOptions, evaluate, render
 
     c = stage.config
     opts = EvalOptions(
@@ -1056,7 +1061,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _figures(record: dict[str, Any]) -> str:
+def _figures(record: StageRecord) -> str:
     figures = record.get("figures")
     if not isinstance(figures, dict):
         return ""
@@ -1069,9 +1074,9 @@ def print_status(run_dir: str | Path) -> None:
     from rich.table import Table
 
     run_dir = Path(run_dir)
-    if not (run_dir / STATE_FILE).is_file():
+    if not RunFiles(run_dir).pipeline_state.is_file():
         raise LoomError(
-            f"{run_dir / STATE_FILE} does not exist; give the run_dir of a `loom run` pipeline"
+            f"{run_dir / PIPELINE_STATE} does not exist; give the run_dir of a `loom run` pipeline"
         )
     state = read_state(run_dir)
     colours = {"done": "green", "running": "blue", "failed": "red", "pending": "dim"}

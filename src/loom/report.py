@@ -29,19 +29,22 @@ from typing import Any
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.run_files import DATA_REPORT, GOODPUT, REPORT, GoodputRecord, RunFiles
 
-REPORT_FILE = "report.html"
 FIG_SIZE = (7.0, 3.2)  # inches; at 100 dpi a 700 × 320 px image
 DPI = 100
 TRAINING_STAGES = ("pretrain", "finetune")
 FUNNEL_STAGES = ("read", "normalize", "filter", "pii", "exact_dedup", "near_dedup")
-GOODPUT_PARTS = (  # goodput.json summary key, label, colour
-    ("productive_s", "productive", "#2e7d32"),
-    ("checkpoint_s", "checkpoints", "#1565c0"),
-    ("setup_s", "set-up", "#90a4ae"),
-    ("restarts_s", "restarts", "#c62828"),
-    ("recomputed_s", "recomputed steps", "#ef6c00"),
-    ("other_s", "other", "#bdbdbd"),
+GOODPUT_COLOURS = {
+    "productive_s": "#2e7d32",
+    "checkpoint_s": "#1565c0",
+    "setup_s": "#90a4ae",
+    "restarts_s": "#c62828",
+    "recomputed_s": "#ef6c00",
+    "other_s": "#bdbdbd",
+}
+GOODPUT_PARTS = tuple(  # goodput.json key, label, colour
+    (key, label, GOODPUT_COLOURS[key]) for key, label in GoodputRecord.parts()
 )
 STATUS_COLOURS = {"done": "#2e7d32", "running": "#1565c0", "failed": "#c62828"}
 
@@ -155,7 +158,7 @@ def _section_of(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _is_run(folder: Path) -> bool:
-    return (folder / "metrics.jsonl").is_file() or (folder / "config.toml").is_file()
+    return RunFiles(folder).metrics.is_file() or RunFiles(folder).config.is_file()
 
 
 # -- formatting -------------------------------------------------------------------------------
@@ -304,20 +307,20 @@ class RunData:
 
 
 def _load_run(page: Page, folder: Path) -> RunData:
-    config = _read_toml(page, folder / "config.toml")
-    metrics_path = folder / "metrics.jsonl"
+    config = _read_toml(page, RunFiles(folder).config)
+    metrics_path = RunFiles(folder).metrics
     metrics = _read_jsonl(page, metrics_path) if metrics_path.is_file() else []
     if not metrics_path.is_file():
         page.note(f"{page.where(metrics_path)} is missing (no step logged yet?)")
     goodput = None
     if metrics:  # rank 0 writes goodput.json with the first step
-        raw = _read_json(page, folder / "goodput.json")
+        raw = _read_json(page, RunFiles(folder).goodput)
         if raw is not None and not isinstance(raw, dict):
-            page.note(f"{page.where(folder / 'goodput.json')} is not a JSON object")
+            page.note(f"{page.where(RunFiles(folder).goodput)} is not a JSON object")
         elif raw is not None:
             goodput = raw
     method = _section_of(config, "finetune").get("method")
-    if method or (folder / "data_report.json").is_file():
+    if method or RunFiles(folder).data_report.is_file():
         label = f"fine-tuning ({method})" if method else "fine-tuning"
     else:
         label = "pretraining"
@@ -328,7 +331,7 @@ def _run_sections(page: Page, run: RunData, prefix: str, title: str, plan: Any =
     """Summary, loss, learning rate, throughput, memory, goodput, evaluations, and the
     planner's prediction against the measurements when `plan` is given. A builder that meets
     a file of an unexpected shape leaves its section out with a note."""
-    metrics, goodput = run.folder / "metrics.jsonl", run.folder / "goodput.json"
+    metrics, goodput = RunFiles(run.folder).metrics, RunFiles(run.folder).goodput
     builders: list[tuple[Callable[..., None], Path]] = [
         (_summary_section, metrics),
         (_loss_section, metrics),
@@ -337,11 +340,11 @@ def _run_sections(page: Page, run: RunData, prefix: str, title: str, plan: Any =
         (_memory_section, metrics),
         (_goodput_section, goodput),
     ]
-    if (run.folder / "data_report.json").is_file():
-        builders.insert(1, (_finetune_data_section, run.folder / "data_report.json"))
+    if RunFiles(run.folder).data_report.is_file():
+        builders.insert(1, (_finetune_data_section, RunFiles(run.folder).data_report))
     for build, source in builders:
         _guarded(page, source, build, page, run, prefix, title)
-    eval_path = run.folder / "eval.jsonl"
+    eval_path = RunFiles(run.folder).eval_log
     if eval_path.is_file():
         records = _read_jsonl(page, eval_path)
         _guarded(page, eval_path, _eval_section, page, records, f"{prefix}eval", title)
@@ -456,7 +459,7 @@ def _summary_section(page: Page, run: RunData, prefix: str, title: str) -> None:
 
 
 def _finetune_data_section(page: Page, run: RunData, prefix: str, title: str) -> None:
-    report = _read_json(page, run.folder / "data_report.json")
+    report = _read_json(page, RunFiles(run.folder).data_report)
     if not isinstance(report, dict):
         return
     unit = "pairs" if report.get("kind") == "preference" else "examples"
@@ -476,7 +479,7 @@ def _finetune_data_section(page: Page, run: RunData, prefix: str, title: str) ->
     rows: list[tuple[str, Any]] = [(label, report[k]) for k, label in keys if k in report]
     if _finite(report.get("packing_efficiency")):
         rows.append(("packing efficiency", f"{100 * report['packing_efficiency']:.1f} %"))
-    body = _table(("data_report.json", "value"), rows)
+    body = _table((DATA_REPORT, "value"), rows)
     shown = [s for s in report.get("malformed_examples", []) if isinstance(s, str)]
     if shown:
         body += "<p class='muted'>malformed, e.g.: " + "; ".join(_e(s) for s in shown[:3]) + "</p>"
@@ -560,7 +563,7 @@ def _memory_section(page: Page, run: RunData, prefix: str, title: str) -> None:
 
 def _goodput_section(page: Page, run: RunData, prefix: str, title: str) -> None:
     g = run.goodput
-    hangs = sorted((run.folder / "hangs").glob("rank-*-attempt-*.txt"))
+    hangs = RunFiles(run.folder).hang_dumps()
     if g is None and not hangs:
         return
     body = ""
@@ -571,7 +574,7 @@ def _goodput_section(page: Page, run: RunData, prefix: str, title: str) -> None:
         if not _finite(wall) or not all(_finite(v) for _, v, _ in parts):
             missing = [key for key, _, _ in GOODPUT_PARTS if not _finite(g.get(key))]
             page.note(
-                f"{page.where(run.folder / 'goodput.json')} lacks "
+                f"{page.where(RunFiles(run.folder).goodput)} lacks "
                 f"{', '.join(missing) or 'wall_s'}; goodput is left out"
             )
         else:
@@ -604,14 +607,10 @@ def _goodput_section(page: Page, run: RunData, prefix: str, title: str) -> None:
                 ("restarts", g.get("restarts", "—")),
             ]
             rows += [(f"{label} time", human_duration(v)) for label, v, _ in parts]
-            for key, label in (
-                ("recomputed_steps", "recomputed steps"),
-                ("skipped_steps", "skipped steps"),
-                ("rollbacks", "rollbacks"),
-            ):
+            for key, label in GoodputRecord.counts():
                 if isinstance(g.get(key), int):
                     rows.append((label, g[key]))
-            body += _table(("goodput.json", "value"), rows)
+            body += _table((GOODPUT, "value"), rows)
     if hangs:
         body += "<p>hang dumps: " + ", ".join(_e(page.where(h)) for h in hangs) + "</p>"
     if body:
@@ -743,12 +742,12 @@ def _predicted_section(page: Page, run: RunData, plan: Any, prefix: str, title: 
 
 
 def _data_sections(page: Page, folder: Path, prefix: str, title: str) -> None:
-    manifest = _read_json(page, folder / "manifest.json")
+    manifest = _read_json(page, RunFiles(folder).manifest)
     if not isinstance(manifest, dict):
         return
     if "stages" in manifest:  # `loom data prepare` keeps the funnel; `data tokenize` does not
-        _guarded(page, folder / "manifest.json", _funnel_section, page, manifest, prefix, title)
-    _guarded(page, folder / "manifest.json", _shards_section, page, manifest, prefix, title)
+        _guarded(page, RunFiles(folder).manifest, _funnel_section, page, manifest, prefix, title)
+    _guarded(page, RunFiles(folder).manifest, _shards_section, page, manifest, prefix, title)
 
 
 def _funnel_section(page: Page, manifest: dict[str, Any], prefix: str, title: str) -> None:
@@ -888,7 +887,7 @@ def _stage_section(page: Page, stages: list[dict[str, Any]]) -> None:
 
 
 def _pipeline(page: Page) -> None:
-    raw = _read_json(page, page.run_dir / "pipeline.json")
+    raw = _read_json(page, RunFiles(page.run_dir).pipeline_state)
     if raw is None:
         return
     stages = raw.get("stages") if isinstance(raw, dict) else None
@@ -896,7 +895,7 @@ def _pipeline(page: Page) -> None:
         page.note("pipeline.json has no list of stage objects under 'stages'")
         return
     plans = raw.get("plan") if isinstance(raw.get("plan"), dict) else {}
-    _guarded(page, page.run_dir / "pipeline.json", _stage_section, page, stages)
+    _guarded(page, RunFiles(page.run_dir).pipeline_state, _stage_section, page, stages)
     for stage in stages:
         name = str(stage.get("name", "?"))
         slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name) + "-"
@@ -908,12 +907,12 @@ def _pipeline(page: Page) -> None:
             if stage.get("status") in ("done", "running", "failed"):
                 page.note(f"stage {name}: its folder {folder_name} does not exist")
             continue
-        if name in TRAINING_STAGES or (folder / "metrics.jsonl").is_file():
+        if name in TRAINING_STAGES or RunFiles(folder).metrics.is_file():
             _run_sections(page, _load_run(page, folder), slug, name, plans.get(name))
-        elif name == "data" or (folder / "manifest.json").is_file():
+        elif name == "data" or RunFiles(folder).manifest.is_file():
             _data_sections(page, folder, slug, name)
-        elif (folder / "eval.jsonl").is_file():
-            path = folder / "eval.jsonl"
+        elif RunFiles(folder).eval_log.is_file():
+            path = RunFiles(folder).eval_log
             _guarded(page, path, _eval_section, page, _read_jsonl(page, path), f"{slug}eval", name)
         elif name == "eval" and stage.get("status") == "done":
             page.note(f"stage {name}: {folder_name}/eval.jsonl is missing")
@@ -950,7 +949,7 @@ def write_report(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise LoomError(f"{run_dir} is a file; give a run folder or a pipeline folder")
     page = Page(run_dir)
-    if (run_dir / "pipeline.json").is_file():
+    if RunFiles(run_dir).pipeline_state.is_file():
         kind = "pipeline"
         _pipeline(page)
     elif _is_run(run_dir):
@@ -963,8 +962,8 @@ def write_report(run_dir: Path) -> Path:
             "folder (pipeline.json); give the folder `loom train`, `loom finetune` or the "
             "pipeline wrote"
         )
-    out = run_dir / REPORT_FILE
-    tmp = out.with_name(f".{REPORT_FILE}.tmp")
+    out = run_dir / REPORT
+    tmp = out.with_name(f".{REPORT}.tmp")
     tmp.write_text(_render(page, kind), encoding="utf-8")
     tmp.replace(out)  # a reader never sees half a report
     logger.info("report: %d section(s), %d note(s): %s", len(page.sections), len(page.notes), out)

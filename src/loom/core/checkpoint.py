@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 from loom.core.distributed import barrier, rank
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.run_files import LATEST, RunFiles
 
 STATE_FILE = "trainer.json"
 RNG_FILE = "rng.pt"
@@ -91,7 +92,7 @@ class Checkpointer:
         before_commit: Callable[[int], None] | None = None,
         trainable_only: bool = False,
     ) -> None:
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = RunFiles(Path(run_dir)).checkpoints
         # Adapter training: frozen base weights come from the base model, not the checkpoint.
         self.options = _TRAINABLE if trainable_only else _FLAT
         self.keep = keep
@@ -103,7 +104,7 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The checkpoint to resume from: what `latest` points at if it is whole, else the
         newest older step folder that is (each one skipped is reported)."""
-        link = self.dir / "latest"
+        link = self.dir / LATEST
         if link.exists() and not link.is_symlink():
             raise LoomError(f"{link} should be a link to a step folder; remove or replace it")
         problems = []
@@ -125,7 +126,7 @@ class Checkpointer:
     def candidates(self) -> list[Path]:
         """Step folders to resume from, best first: `latest`'s target, then the others newest
         first (a later folder not pointed at is one whose commit never finished)."""
-        link = self.dir / "latest"
+        link = self.dir / LATEST
         target = link.resolve() if link.is_symlink() else None
         newest_first = [p for s, p in reversed(self.steps())]
         if target is None:
@@ -327,7 +328,7 @@ def _point_latest(directory: Path, target: str) -> None:
     tmp = directory / f".latest.{os.getpid()}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target)
-    os.replace(tmp, directory / "latest")
+    os.replace(tmp, directory / LATEST)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from loom.core.errors import LoomError
+from loom.core.run_files import Manifest
 from loom.data.shards import read_manifest
 
 STAGES = ("read", "normalize", "filter", "pii", "exact_dedup", "near_dedup")
 
 
-def funnel_table(manifest: dict[str, Any]) -> Table:
+def funnel_table(manifest: Manifest) -> Table:
     if "stages" not in manifest:
         raise LoomError(
             "this folder was made by `loom data tokenize`, which keeps no funnel; "
@@ -55,7 +55,7 @@ def funnel_table(manifest: dict[str, Any]) -> Table:
     return table
 
 
-def drops_table(manifest: dict[str, Any]) -> Table:
+def drops_table(manifest: Manifest) -> Table:
     table = Table(title="dropped documents by stage and reason")
     for column in ("stage", "reason", "documents"):
         table.add_column(column, justify="right" if column == "documents" else "left")

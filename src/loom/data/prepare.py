@@ -28,6 +28,7 @@ import numpy as np
 from loom.core.config import load_tree
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.run_files import Manifest
 from loom.core.tokenizer import (
     EOS,
     eos_id,
@@ -164,7 +165,7 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+def prepare(cfg: PrepareConfig) -> Manifest:
     """Run (or finish) the whole job; returns the manifest it wrote."""
     started = time.perf_counter()
     files = validate(cfg)
@@ -432,7 +433,7 @@ def _remove_stale(
                 file.unlink()
 
 
-def _pack(job: _Job) -> dict[str, Any]:
+def _pack(job: _Job) -> Manifest:
     """Mix, shuffle and write the shards; returns the manifest."""
     cfg, out, tokenize_tasks = job.cfg, job.out, job.tokenize_tasks
     tokenizer = load_tokenizer(job.tokenizer_dir)
@@ -509,7 +510,7 @@ def _manifest(
     train_tokens: dict[str, int],
     mixed_tokens: dict[str, int],
     factors: dict[str, float],
-) -> dict[str, Any]:
+) -> Manifest:
     cfg, clean_tasks, cleaned, dedup = job.cfg, job.clean_tasks, job.cleaned, job.dedup
     tokenized, files = job.tokenized, job.files
     names = [s.name for s in cfg.sources]

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from loom.core.errors import LoomError
+from loom.core.run_files import MANIFEST, Manifest
 
 FORMAT = "loom-token-shards/1"
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
@@ -85,7 +85,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(out_dir: Path, manifest: Manifest) -> None:
     """Written last and atomically: a folder with a manifest is a complete one."""
     _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
@@ -204,7 +204,7 @@ class TokenDataset:
         return SplitTokens(maps, np.cumsum(lengths, dtype=np.int64))
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> Manifest:
     file = path / MANIFEST
     if not path.is_dir():
         raise LoomError(f"data.path {path} does not exist; create it with `loom data tokenize`")

@@ -8,17 +8,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.run_files import MANIFEST, Manifest
 from loom.core.tokenizer import eos_id, load_tokenizer, save_tokenizer, tokenizer_hash
 from loom.data.readers import Document, DropReport, expand_inputs, read_documents
 from loom.data.shards import (
     FORMAT,
-    MANIFEST,
     ShardWriter,
     is_shard_folder,
     replace_folder,
@@ -47,7 +46,7 @@ def is_validation(doc_id: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
-def warn_on_empty_split(manifest: dict[str, Any], option: str) -> None:
+def warn_on_empty_split(manifest: Manifest, option: str) -> None:
     """An empty split is legal but surprising: say so, and what to change (`option`)."""
     splits, fraction = manifest["splits"], manifest["val_fraction"]
     documents = splits["train"]["documents"] + splits["val"]["documents"]
@@ -70,7 +69,7 @@ def warn_on_empty_split(manifest: dict[str, Any], option: str) -> None:
         )
 
 
-def tokenize_to_shards(opts: TokenizeOptions) -> dict[str, Any]:
+def tokenize_to_shards(opts: TokenizeOptions) -> Manifest:
     """Run the job; returns the manifest it wrote."""
     if not 0 <= opts.val_fraction < 1:
         raise LoomError(f"--val-fraction {opts.val_fraction} must be in [0, 1)")
@@ -118,7 +117,7 @@ def tokenize_to_shards(opts: TokenizeOptions) -> dict[str, Any]:
             f"no usable documents in {len(files)} input file(s) "
             f"(dropped: {dict(drops.by_reason) or 'none'})"
         )
-    manifest: dict[str, Any] = {
+    manifest: Manifest = {
         "format": FORMAT,
         "created_by": "loom data tokenize",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -23,11 +23,10 @@ from tokenizers import Tokenizer
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.run_files import EVAL_LOG
 from loom.core.tokenizer import EOS, load_tokenizer, tokenizer_hash
 from loom.eval.tasks import Choice, Prompt, Task, load_task
 from loom.models.llama import Transformer
-
-EVAL_LOG = "eval.jsonl"
 
 
 @dataclass

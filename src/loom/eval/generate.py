@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.core.errors import LoomError
+from loom.core.run_files import RunFiles
 from loom.core.sampling import sample_next
 from loom.core.tokenizer import EOS, load_tokenizer
 from loom.models.llama import ModelConfig, Transformer
@@ -110,7 +111,7 @@ def generate_text(
 ) -> str:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, run_dir = load_for_generation(path, device)
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    tokenizer = load_tokenizer(RunFiles(run_dir).tokenizer)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     new = generate(
         model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.token_to_id(EOS)

@@ -38,6 +38,7 @@ from loom.core.lora import (
     quantize_base_nf4,
 )
 from loom.core.loss import cross_entropy
+from loom.core.run_files import RunFiles
 from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 from loom.data.loader import SampleOrder
 from loom.finetune.adapter import save_adapter
@@ -183,8 +184,9 @@ class FinetuneTrainer(Trainer):
         return self.cfg.model.flops_per_token(self.cfg.train.seq_len, frozen=True) + 6 * adapters
 
     def _save_config(self) -> None:
-        (self.run_dir / "config.toml").write_text(tomli_w.dumps(config_to_dict(self.ft)))
-        (self.run_dir / "data_report.json").write_text(json.dumps(self.report.to_dict(), indent=2))
+        files = RunFiles(self.run_dir)
+        files.config.write_text(tomli_w.dumps(config_to_dict(self.ft)))
+        files.data_report.write_text(json.dumps(self.report.to_dict(), indent=2))
 
     # -- model --------------------------------------------------------------------------------
 

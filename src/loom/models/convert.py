@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from loom.core.config import Config, save_config
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.run_files import RunFiles
 from loom.models.hf import hf_config_dict, to_hf_state_dict
 from loom.models.llama import Transformer
 from loom.models.sources import load_model
@@ -104,9 +105,10 @@ def write_loom(model: Transformer, tokenizer_dir: Path, out: Path, source: str) 
     from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 
     cfg = Config(run_dir=str(out), model=model.cfg)
-    save_config(cfg, out / "config.toml")
-    copy_tokenizer_files(tokenizer_dir, out / "tokenizer")
-    tokenizer = out / "tokenizer" / "tokenizer.json"
+    files = RunFiles(out)
+    save_config(cfg, files.config)
+    copy_tokenizer_files(tokenizer_dir, files.tokenizer)
+    tokenizer = files.tokenizer / "tokenizer.json"
     state = {
         "model": model.cfg.architecture(),
         "model_preset": model.cfg.preset,

@@ -14,6 +14,7 @@ import torch
 from loom.core.checkpoint import Checkpointer, load_model_weights, read_state, verify
 from loom.core.config import model_config
 from loom.core.errors import LoomError
+from loom.core.run_files import RunFiles
 from loom.models.llama import ModelConfig, Transformer, build_model
 
 
@@ -22,7 +23,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
     if verify(p) is None:
         return p, p.parent.parent
-    if not (p / "config.toml").is_file():
+    if not RunFiles(p).config.is_file():
         raise LoomError(
             f"{p} is neither a Loom run folder (no config.toml) nor a checkpoint folder"
         )
@@ -47,7 +48,7 @@ def describe(src: Path, scratch: Path) -> tuple[ModelConfig, Path]:
 
         return config_from_hf(read_hf_config(src), str(src)), src
     checkpoint, run_dir = find_checkpoint(src)
-    return model_config(read_state(checkpoint)["model"]), run_dir / "tokenizer"
+    return model_config(read_state(checkpoint)["model"]), RunFiles(run_dir).tokenizer
 
 
 def load_model(
@@ -64,7 +65,8 @@ def load_model(
 
         return load_hf_model(src, device, dtype), src
     checkpoint, run_dir = find_checkpoint(src)
-    return load_checkpoint_model(checkpoint, device, scratch).to(dtype), run_dir / "tokenizer"
+    model = load_checkpoint_model(checkpoint, device, scratch).to(dtype)
+    return model, RunFiles(run_dir).tokenizer
 
 
 def load_checkpoint_model(

@@ -26,9 +26,7 @@ from pathlib import Path
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
-
-RANKS_DIR = ".ranks"
-
+from loom.core.run_files import RANKS, RankNote, RunFiles
 
 RESTARTABLE_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
@@ -60,7 +58,7 @@ def launch(
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.update(RESTARTABLE_STORE)
-    shutil.rmtree(run_dir / RANKS_DIR, ignore_errors=True)  # notes of an earlier launch
+    shutil.rmtree(run_dir / RANKS, ignore_errors=True)  # notes of an earlier launch
     options: dict[str, object] = {
         "min_nodes": 1,
         "max_nodes": 1,
@@ -104,7 +102,7 @@ def _reason(rank: int, failure: object, run_dir: Path) -> str:
     if code < 0:
         name = failure.signal_name()  # type: ignore[attr-defined]
         return f"rank {rank} was killed by {name}{where(run_dir, rank)}"
-    dumps = sorted((run_dir / "hangs").glob(f"rank-{rank}-attempt-*.txt"))
+    dumps = RunFiles(run_dir).hang_dumps(rank)
     if dumps and "Timeout (" in dumps[-1].read_text(errors="replace"):
         return f"rank {rank} hung{where(run_dir, rank)}; its stacks are in {dumps[-1]}"
     message = failure.message  # type: ignore[attr-defined]
@@ -118,7 +116,7 @@ def _reason(rank: int, failure: object, run_dir: Path) -> str:
 
 def where(run_dir: Path, rank: int) -> str:
     try:
-        note = json.loads((run_dir / RANKS_DIR / f"rank-{rank}.json").read_text())
+        note: RankNote = json.loads(RunFiles(run_dir).rank_note(rank).read_text())
     except (OSError, ValueError):
         return " during set-up"
     return f" in step {note['step']}"

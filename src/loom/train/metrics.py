@@ -6,11 +6,11 @@ import json
 import resource
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from loom.core.log import logger
+from loom.core.run_files import MetricsLine, RunFiles, metrics_line_json
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -31,7 +31,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
         self.run_dir = run_dir
         self.tensorboard = tensorboard
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunFiles(run_dir).metrics
         self._open(resume_step)
 
     def _open(self, resume_step: int) -> None:
@@ -41,15 +41,17 @@ class MetricsWriter:
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step + 1)
+            self._tb = SummaryWriter(
+                str(RunFiles(self.run_dir).tensorboard), purge_step=resume_step + 1
+            )
 
     def rewind(self, step: int) -> None:
         """After a rollback to `step`: drop the records of the steps that will be redone."""
         self.close()
         self._open(step)
 
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+    def write(self, record: MetricsLine) -> None:
+        self._file.write(metrics_line_json(record))
         self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -62,11 +64,12 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: Path) -> list[MetricsLine]:
+    path = RunFiles(Path(run_dir)).metrics
     if not path.exists():
         return []
-    records, torn = [], 0
+    records: list[MetricsLine] = []
+    torn = 0
     for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
@@ -85,7 +88,7 @@ def _trim(path: Path, resume_step: int) -> None:
     dropped = len(records) - len(kept)
     if dropped:
         logger.info("dropped %d metric record(s) logged after step %d", dropped, resume_step)
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    path.write_text("".join(metrics_line_json(r) for r in kept))
 
 
 def _tb_tag(key: str) -> str:

@@ -20,7 +20,6 @@ in a process (a rolled-back run passes the step again without it). Example:
 from __future__ import annotations
 
 import faulthandler
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from typing import Any, TextIO
 from loom.core.config import ResilienceConfig
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.run_files import GoodputRecord, RunFiles, write_atomic
 
 FAULTS_ENV = "LOOM_FAULTS"
 FAULT_KINDS = ("kill", "raise", "nan", "hang", "checkpoint")
@@ -195,7 +195,7 @@ class Watchdog:
 
     def __init__(self, timeout_s: float, run_dir: Path, rank: int) -> None:
         self.timeout_s = timeout_s
-        self.path = run_dir / "hangs" / f"rank-{rank}-attempt-{restart_attempt()}.txt"
+        self.path = RunFiles(run_dir).hang_dump(rank, restart_attempt())
         self._file: TextIO | None = None
 
     def arm(self, what: str) -> None:
@@ -277,14 +277,14 @@ class GoodputLedger:
     @classmethod
     def open(cls, run_dir: Path, process_start: float) -> GoodputLedger:
         """Continue the ledger of `run_dir` (a new attempt) or start one."""
-        path = run_dir / "goodput.json"
+        path = RunFiles(run_dir).goodput
         ledger = cls(path)
         if path.is_file():
             try:
-                saved = json.loads(path.read_text())
-                for key in saved.keys() & set(cls.__dataclass_fields__) - {"path"}:
-                    setattr(ledger, key, saved[key])
-            except (OSError, ValueError):
+                saved = GoodputRecord.from_json(path.read_text())
+                for key in ledger._state():
+                    setattr(ledger, key, getattr(saved, key))
+            except (OSError, ValueError, TypeError):
                 logger.warning("%s is unreadable; goodput is counted from now", path)
         if not ledger.started:
             ledger.started = process_start
@@ -325,31 +325,27 @@ class GoodputLedger:
     def goodput(self) -> float:
         return self.productive_s / self.wall_s
 
-    def summary(self) -> dict[str, float | int]:
-        return {
-            "goodput": self.goodput,
-            "wall_s": self.wall_s,
-            "productive_s": self.productive_s,
-            "restarts": self.attempts - 1,
-            "restarts_s": self.restarts_s,
-            "recomputed_steps": self.recomputed_steps,
-            "recomputed_s": self.recomputed_s,
-            "checkpoint_s": self.checkpoint_s,
-            "setup_s": self.setup_s,
-            "other_s": self.wall_s
+    def _state(self) -> list[str]:
+        """The ledger's own fields, which goodput.json keeps between attempts."""
+        return [k for k in self.__dataclass_fields__ if k != "path" and not k.startswith("_")]
+
+    def record(self) -> GoodputRecord:
+        return GoodputRecord(
+            path=str(self.path),
+            **{k: getattr(self, k) for k in self._state()},
+            goodput=self.goodput,
+            wall_s=self.wall_s,
+            restarts=self.attempts - 1,
+            other_s=self.wall_s
             - self.productive_s
             - self.restarts_s
             - self.recomputed_s
             - self.checkpoint_s
             - self.setup_s,
-            "skipped_steps": self.skipped_steps,
-            "rollbacks": self.rollbacks,
-        }
+        )
+
+    def summary(self) -> dict[str, float | int]:
+        return self.record().summary()
 
     def save(self) -> None:
-        record = {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
-        record["path"] = str(self.path)
-        record.update(self.summary())
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, self.record().to_json())

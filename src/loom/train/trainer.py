@@ -30,6 +30,7 @@ from loom.core.device import select_device
 from loom.core.errors import LoomError
 from loom.core.log import is_terminal, logger
 from loom.core.loss import cross_entropy
+from loom.core.run_files import MetricsLine, RankNote, RunFiles
 from loom.data.loader import SampleOrder, TokenLoader
 from loom.data.shards import TokenDataset
 from loom.parallel.dims import resolve
@@ -169,7 +170,8 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
-            shutil.copytree(self.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
+            tokenizer = RunFiles(self.run_dir).tokenizer
+            shutil.copytree(self.tokenizer_dir, tokenizer, dirs_exist_ok=True)
 
         self.model: ParallelModel = self._build_model(mesh)
         self.optimizers = Optimizers(self.model.parts, cfg.optimizer, t.steps)
@@ -257,7 +259,7 @@ class Trainer:
             logger.warning("no validation split holds train.seq_len + 1 tokens; no validation loss")
 
     def _save_config(self) -> None:
-        save_config(self.cfg, self.run_dir / "config.toml")
+        save_config(self.cfg, RunFiles(self.run_dir).config)
 
     def _build_model(self, mesh: DeviceMesh | None) -> ParallelModel:
         return parallelize(self.cfg, self.dims, mesh, self.device, cross_entropy)
@@ -293,10 +295,10 @@ class Trainer:
         that a rank that dies or hangs is reported with the step it was in."""
         if not self.distributed:
             return
-        folder = self.run_dir / ".ranks"
-        folder.mkdir(parents=True, exist_ok=True)
-        record = {"pid": os.getpid(), "step": self.step + 1}
-        (folder / f"rank-{self.rank}.json").write_text(json.dumps(record))
+        path = RunFiles(self.run_dir).rank_note(self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        note: RankNote = {"pid": os.getpid(), "step": self.step + 1}
+        path.write_text(json.dumps(note))
 
     # -- one optimizer step -------------------------------------------------------------------
 
@@ -358,14 +360,14 @@ class Trainer:
         return {}
 
     def _log_samples(self, shares: list[Any]) -> None:
-        folder = self.run_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
+        path = RunFiles(self.run_dir).samples(self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "step": self.step + 1,
             "attempt": restart_attempt(),
             "samples": [pair.tolist() for share in shares for pair in share],
         }
-        with (folder / f"rank-{self.rank}.jsonl").open("a") as fh:
+        with path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def evaluate(self) -> float:
@@ -462,7 +464,7 @@ class Trainer:
                             lambda: distributed.per_rank(peak_memory_gib(self.device)),
                             f"logging step {self.step}",
                         )
-                        record: dict[str, Any] = {
+                        record: MetricsLine = {
                             "step": self.step,
                             "loss": loss_value,
                             "lr": lr,
