@@ -21,12 +21,18 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from loom.core.checkpoint import read_state
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.lora import merge_lora
+from loom.core.quantize import quantize_int8_weight_only
 from loom.core.run_files import EVAL_LOG
 from loom.core.tokenizer import EOS, load_tokenizer, tokenizer_hash
+from loom.data.shards import TokenDataset
+from loom.eval.generate import generate
 from loom.eval.tasks import Choice, Prompt, Task, load_task
 from loom.models.llama import Transformer
+from loom.models.sources import find_checkpoint, load_model
 
 
 @dataclass
@@ -154,8 +160,6 @@ def _perplexity(
     windows: list[list[int]] = []
     n_bytes = 0
     if task.shards:
-        from loom.data.shards import TokenDataset
-
         data = TokenDataset(task.path)
         if data.tokenizer_hash != tokenizer_hash(tokenizer):
             raise LoomError(
@@ -268,8 +272,6 @@ def _generation(
     opts: EvalOptions,
     examples: list[int],
 ) -> TaskResult:
-    from loom.eval.generate import generate
-
     keep = model.cfg.max_seq_len - opts.max_tokens
     if keep < 1:
         raise LoomError(
@@ -340,9 +342,6 @@ def evaluate(
 ) -> tuple[dict[str, Any], list[TaskResult]]:
     """Load the model once, run every task; a Loom run's record is appended to its eval.jsonl
     unless not `append_to_run` (`loom run` keeps it in the eval stage's own folder)."""
-    from loom.core.checkpoint import read_state
-    from loom.models.sources import find_checkpoint, load_model
-
     opts = opts or EvalOptions()
     _check(opts)
     src = Path(model_path)
@@ -358,9 +357,6 @@ def evaluate(
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer_dir = load_model(src, torch.float32, Path(scratch), device)
         if opts.quantize == "int8":
-            from loom.core.lora import merge_lora
-            from loom.core.quantize import quantize_int8_weight_only
-
             merge_lora(model)  # a LoRA run's adapters: fold them in, then quantize the sum
             quantize_int8_weight_only(model)
         tokenizer = load_tokenizer(tokenizer_dir)

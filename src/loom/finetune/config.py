@@ -20,6 +20,7 @@ from loom.core.config import (
 from loom.core.errors import LoomError
 from loom.core.lora import LoRAConfig
 from loom.models.llama import ModelConfig
+from loom.models.sources import describe
 
 Method = Literal["full", "lora", "qlora", "dpo"]
 
@@ -142,8 +143,6 @@ def training_config(cfg: FinetuneConfig, model: ModelConfig) -> Config:
 
 def with_base_architecture(cfg: FinetuneConfig) -> Config:
     """`training_config` with the base model's architecture read from model.path."""
-    from loom.models.sources import describe
-
     with tempfile.TemporaryDirectory() as scratch:
         base, _ = describe(Path(cfg.model.path), Path(scratch))
     return training_config(cfg, base)

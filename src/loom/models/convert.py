@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from loom.core.checkpoint import Checkpointer
 from loom.core.config import Config, save_config
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.lora import lora_layers, merge_lora
 from loom.core.run_files import RunFiles
+from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 from loom.models.hf import hf_config_dict, to_hf_state_dict
 from loom.models.llama import Transformer
 from loom.models.sources import load_model
@@ -69,8 +72,6 @@ def convert(
 
 
 def _merge_adapters(model: Transformer, src: Path, merge: bool) -> None:
-    from loom.core.lora import lora_layers, merge_lora
-
     has_adapters = any(True for _ in lora_layers(model))
     if merge and not has_adapters:
         raise LoomError(f"--merge: {src} holds no LoRA adapters; leave --merge out")
@@ -101,9 +102,6 @@ def write_hf(model: Transformer, tokenizer_dir: Path, out: Path, dtype: str) -> 
 
 
 def write_loom(model: Transformer, tokenizer_dir: Path, out: Path, source: str) -> None:
-    from loom.core.checkpoint import Checkpointer
-    from loom.core.tokenizer import load_tokenizer, tokenizer_hash
-
     cfg = Config(run_dir=str(out), model=model.cfg)
     files = RunFiles(out)
     save_config(cfg, files.config)
@@ -146,6 +144,4 @@ def _token_id(folder: Path, token: object) -> int | None:
         token = token.get("content")
     if not isinstance(token, str) or not (folder / "tokenizer.json").is_file():
         return None
-    from loom.core.tokenizer import load_tokenizer
-
     return load_tokenizer(folder / "tokenizer.json").token_to_id(token)

@@ -14,7 +14,10 @@ import torch
 from loom.core.checkpoint import Checkpointer, load_model_weights, read_state, verify
 from loom.core.config import model_config
 from loom.core.errors import LoomError
+from loom.core.lora import LoRAConfig, apply_lora, merge_lora
 from loom.core.run_files import RunFiles
+from loom.models.gguf import config_from_gguf, gguf_reader, load_gguf_model, save_gguf_tokenizer
+from loom.models.hf import config_from_hf, load_hf_model, read_hf_config
 from loom.models.llama import ModelConfig, Transformer, build_model
 
 
@@ -38,14 +41,10 @@ def describe(src: Path, scratch: Path) -> tuple[ModelConfig, Path]:
     if not src.exists():
         raise LoomError(f"{src} does not exist; give an HF model folder, a .gguf file or a run")
     if src.suffix == ".gguf":
-        from loom.models.gguf import config_from_gguf, gguf_reader, save_gguf_tokenizer
-
         cfg = config_from_gguf(gguf_reader(src), str(src))
         save_gguf_tokenizer(src, scratch)
         return cfg, scratch
     if (src / "config.json").is_file():
-        from loom.models.hf import config_from_hf, read_hf_config
-
         return config_from_hf(read_hf_config(src), str(src)), src
     checkpoint, run_dir = find_checkpoint(src)
     return model_config(read_state(checkpoint)["model"]), RunFiles(run_dir).tokenizer
@@ -56,13 +55,9 @@ def load_model(
 ) -> tuple[Transformer, Path]:
     """The model with its weights, and the folder of its tokenizer files."""
     if src.suffix == ".gguf":
-        from loom.models.gguf import load_gguf_model
-
         _, tokenizer_dir = describe(src, scratch)
         return load_gguf_model(src, device, dtype), tokenizer_dir
     if (src / "config.json").is_file():
-        from loom.models.hf import load_hf_model
-
         return load_hf_model(src, device, dtype), src
     checkpoint, run_dir = find_checkpoint(src)
     model = load_checkpoint_model(checkpoint, device, scratch).to(dtype)
@@ -77,8 +72,6 @@ def load_checkpoint_model(
     state = read_state(checkpoint)
     finetune = state.get("finetune", {})
     if finetune.get("lora"):
-        from loom.core.lora import LoRAConfig, apply_lora, merge_lora
-
         base_path = Path(finetune["base"])
         if not base_path.exists():
             raise LoomError(

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.models.llama import ModelConfig
+from loom.core.loss import cross_entropy
+from loom.models.llama import ModelConfig, build_model
+from loom.parallel.recompute import apply_recompute
 from loom.planner.hardware import (
     PEAK_SHAPES,
     cache_dir,
@@ -227,10 +229,6 @@ def measure_activations(
     """Bytes of activations held after a forward pass and the loss (what backward will use),
     measured with torch's memory tracker on a Loom model with `recompute` applied."""
     from torch.distributed._tools.mem_tracker import MemTracker
-
-    from loom.core.loss import cross_entropy
-    from loom.models.llama import build_model
-    from loom.parallel.recompute import apply_recompute
 
     model = build_model(cfg, "cpu")
     model.init_weights()
