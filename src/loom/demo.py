@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from loom.cli import main as loom
+from loom.core.run_files import RunFiles
 from loom.train.metrics import read_metrics
 
 PIPELINE = Path(__file__).resolve().parents[2] / "configs" / "pipeline-tiny.toml"
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     val = [(r["step"], r["val_loss"]) for r in read_metrics(out / "pretrain") if "val_loss" in r]
     print("\nvalidation loss:  " + "  ".join(f"step {s}: {v:.3f}" for s, v in val))
     print(f"demo finished in {time.perf_counter() - started:.0f} s; everything is in {out}/")
-    print(f"report: {out / 'report.html'}")
+    print(f"report: {RunFiles(out).report}")
 
 
 if __name__ == "__main__":
