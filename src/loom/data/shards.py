@@ -25,6 +25,7 @@ import numpy as np
 
 from loom.core.errors import LoomError
 from loom.core.run_files import MANIFEST, Manifest
+from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 
 FORMAT = "loom-token-shards/1"
 SPLITS = ("train", "val")
@@ -164,8 +165,6 @@ class TokenDataset:
         return digest.hexdigest()[:16]
 
     def _check_tokenizer(self) -> None:
-        from loom.core.tokenizer import load_tokenizer, tokenizer_hash
-
         tokenizer = load_tokenizer(self.tokenizer_path)
         if (
             tokenizer_hash(tokenizer) != self.tokenizer_hash
