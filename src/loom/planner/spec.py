@@ -348,6 +348,7 @@ def parse_hardware(raw: Any) -> Hardware:
         overrides["devices_per_node"] = _int(raw, "gpus_per_node", "hardware")
     peak = raw.get("peak_tflops")
     if raw.get("gpu") == "this":
+        # Lazy: calibrate imports torch, and `loom plan` for a named GPU must not load it.
         from loom.planner.calibrate import this_machine
 
         return this_machine(devices)
