@@ -7,7 +7,7 @@ same model on the same padded rows (`build_sft(..., packing=False)`, batch 4 × 
 Loom's seeded loader draws them), fp32, AdamW (constant lr, betas 0.9/0.95, no weight decay),
 gradient clipping at 1.0, LoRA rank 8, alpha 16, dropout 0 on all 7 projections:
 
-- Loom: `FinetuneTrainer`, built from the config `loom finetune` reads (`finetune.method=...`,
+- Loom: `finetune_trainer`, built from the config `loom finetune` reads (`finetune.method=...`,
   `data.packing=false`), stepped with its `train_step()` — forward, backward, clipping, AdamW —
   so evaluation, metrics and checkpoints stay outside the timing;
 - peft: `AutoModelForCausalLM` + `peft.get_peft_model`, the loss computed as Loom's (mean
@@ -135,7 +135,8 @@ def loom_contender(method: str, root: Path, steps: int) -> Contender:
 
     from loom.core.lora import base_weight_bytes
     from loom.finetune.config import load_finetune_config
-    from loom.finetune.trainer import FinetuneTrainer, RowLoader
+    from loom.finetune.rows import RowLoader
+    from loom.finetune.trainer import finetune_trainer
 
     data = root / "data"
     overrides = {
@@ -168,7 +169,7 @@ def loom_contender(method: str, root: Path, steps: int) -> Contender:
     }
     cfg = load_finetune_config(None, [f"--{k}={v}" for k, v in overrides.items()])
     assert cfg.lora.targets == PROJECTIONS, cfg.lora.targets
-    trainer = FinetuneTrainer(cfg)
+    trainer = finetune_trainer(cfg)
 
     # The rows Loom will train on are the ones peft gets (same loader, same seed): checked.
     expected = torch.load(root / "rows.pt")

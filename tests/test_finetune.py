@@ -25,7 +25,7 @@ from loom.eval.generate import generate
 from loom.finetune.config import FinetuneConfig, load_finetune_config
 from loom.finetune.docstrings import build_docstring_dataset
 from loom.finetune.sft_data import Rows, build_sft
-from loom.finetune.trainer import FinetuneTrainer, finetune
+from loom.finetune.trainer import finetune, finetune_trainer
 from loom.models.hf import load_hf_model
 from loom.models.sources import load_checkpoint_model
 from loom.serve.engine import SamplingParams, Sequence
@@ -215,7 +215,7 @@ def test_qlora_stores_the_base_in_nf4_and_trains_the_adapters(
     base: Path, pydoc: Path, tmp_path: Path
 ) -> None:
     # Blocks of 64 weights: a width-64 model quantizes every projection.
-    trainer = FinetuneTrainer(config(base, pydoc, tmp_path / "q", "--finetune.method=qlora"))
+    trainer = finetune_trainer(config(base, pydoc, tmp_path / "q", "--finetune.method=qlora"))
     model = trainer.model.parts[0]
     layers = dict(lora_layers(model))
     assert len(layers) == 14
@@ -304,7 +304,7 @@ def test_bad_input_is_refused_before_training(base: Path, pydoc: Path, tmp_path:
     with pytest.raises(LoomError, match="memory.offload=none or finetune.method=lora"):
         config(base, pydoc, run, "--finetune.method=qlora", "--memory.offload=params")
     with pytest.raises(LoomError, match="exceeds the base model's context of 256"):
-        FinetuneTrainer(config(base, pydoc, run, "--train.seq_len=512"))
+        finetune_trainer(config(base, pydoc, run, "--train.seq_len=512"))
     # Malformed lines are counted in the run's data report, the good ones train.
     broken = tmp_path / "broken.jsonl"
     good = (pydoc / "train.jsonl").read_text().splitlines()

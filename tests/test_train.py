@@ -7,11 +7,13 @@ import itertools
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from loom.core.checkpoint import Checkpointer
 from loom.core.config import Config, OptimizerConfig, load_config
@@ -20,6 +22,7 @@ from loom.core.tokenizer import save_tokenizer, train_bpe
 from loom.data.tokenize import TokenizeOptions, tokenize_to_shards
 from loom.train.metrics import read_metrics
 from loom.train.optim import lr_multiplier
+from loom.train.task import TrainTask, pretraining
 from loom.train.trainer import Trainer, train
 
 MakeConfig = Callable[..., Config]
@@ -473,3 +476,68 @@ def test_run_dir_that_is_a_file_is_refused(tiny_config: MakeConfig, tmp_path: Pa
     (tmp_path / "file").write_text("x")
     with pytest.raises(LoomError, match="is a file"):
         Trainer(tiny_config(run_dir=tmp_path / "file"))
+
+
+class SummedLoss:
+    """A task of this test's own: the summed (not mean) token loss, a count of the micro-batches
+    it saw as an extra metric, and that count carried through checkpoints."""
+
+    def __init__(self) -> None:
+        self.micro_batches = 0
+
+    def micro_step(self, trainer: Trainer, batch: list[torch.Tensor], scale: float) -> torch.Tensor:
+        inputs, targets = batch
+        with trainer.model.autocast:
+            logits = trainer.model.parts[0](inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        (loss * scale).backward()
+        self.micro_batches += 1
+        return loss.detach()
+
+    def metrics(self, trainer: Trainer) -> dict[str, float]:
+        return {"micro_batches": self.micro_batches}
+
+    def checkpoint_state(self) -> dict[str, object]:
+        return {"summed": {"micro_batches": self.micro_batches}}
+
+    def check_resume(self, state: dict[str, object], run_dir: Path) -> None:
+        saved = state.get("summed")
+        if not isinstance(saved, dict):
+            raise LoomError(f"run_dir {run_dir} was not trained on the summed loss")
+        self.micro_batches = saved["micro_batches"]
+
+
+def test_a_task_extends_the_trainer_without_subclassing(
+    tiny_config: MakeConfig, tmp_path: Path
+) -> None:
+    import loom.finetune.trainer  # noqa: F401  (fine-tuning configures the same class)
+
+    assert Trainer.__subclasses__() == []
+    common = ["--train.micro_batch_size=2", "--checkpoint.interval=3"]
+    plain = train(tiny_config(*common, "--train.steps=1", run_dir=tmp_path / "plain"))
+
+    def summed_task(summed: SummedLoss) -> TrainTask:
+        return replace(
+            pretraining(),
+            micro_step=summed.micro_step,
+            metrics=summed.metrics,
+            checkpoint_state=summed.checkpoint_state,
+            check_resume=summed.check_resume,
+        )
+
+    run = tmp_path / "summed"
+    Trainer(tiny_config(*common, "--train.steps=3", run_dir=run), summed_task(SummedLoss())).run()
+    records = read_metrics(run)
+    # Same weights and data at step 1: the sum over a micro-batch's 2 × 32 targets = 64 × mean.
+    assert records[0]["loss"] == pytest.approx(64 * plain.train_losses[1], rel=1e-5)
+    assert [r["micro_batches"] for r in records] == [2, 4, 6]
+    state = json.loads((run / "checkpoints" / "step-3" / "trainer.json").read_text())
+    assert state["summed"] == {"micro_batches": 6}
+    # The task's state comes back on resume, and a run of another task is refused.
+    Trainer(tiny_config(*common, "--train.steps=4", run_dir=run), summed_task(SummedLoss())).run()
+    assert read_metrics(run)[-1]["micro_batches"] == 8
+    with pytest.raises(LoomError, match="not trained on the summed loss"):
+        Trainer(
+            tiny_config(*common, "--train.steps=5", run_dir=tmp_path / "plain"),
+            summed_task(SummedLoss()),
+        )

@@ -25,20 +25,19 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from loom.core import distributed
 from loom.core.checkpoint import Checkpointer, read_state
-from loom.core.config import Config, config_to_dict, save_config
+from loom.core.config import Config, config_to_dict
 from loom.core.device import select_device
 from loom.core.errors import LoomError
-from loom.core.log import is_terminal, logger
+from loom.core.log import logger
 from loom.core.loss import cross_entropy
 from loom.core.run_files import MetricsLine, RankNote, RunFiles
-from loom.data.loader import SampleOrder, TokenLoader
-from loom.data.shards import TokenDataset
 from loom.parallel.dims import resolve
-from loom.parallel.parallelize import ParallelModel, parallelize
+from loom.parallel.parallelize import ParallelModel
 from loom.planner.hardware import peak_at_least, peak_flops
 from loom.planner.training import auto_layout, check_fits
 from loom.train.metrics import MetricsWriter, peak_memory_gib
 from loom.train.optim import Optimizers
+from loom.train.progress import Progress, log_goodput
 from loom.train.resilience import (
     FaultInjector,
     GoodputLedger,
@@ -49,6 +48,7 @@ from loom.train.resilience import (
     process_start_time,
     restart_attempt,
 )
+from loom.train.task import TrainTask, pretraining
 
 T = TypeVar("T")
 
@@ -103,9 +103,24 @@ def check_resumable(
 
 
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
+    """Runs a `TrainTask` (pretraining unless told otherwise); see loom.train.task."""
+
+    def __init__(self, cfg: Config, task: TrainTask | None = None) -> None:
         self.cfg = cfg
-        t = cfg.train
+        self.task = task or pretraining()
+        resume_state = self._check_input()
+        # Input is valid: from here on the run folder is written.
+        mesh = self._start_run()
+        self.model: ParallelModel = self.task.build_model(self, mesh)
+        self.optimizers = Optimizers(self.model.parts, self.cfg.optimizer, self.cfg.train.steps)
+        if resume_state is not None:
+            self._resume(resume_state)
+        self._measure()
+
+    def _check_input(self) -> dict[str, Any] | None:
+        """Everything that could be wrong with the input, before any file is written; returns
+        the state of the checkpoint to resume, if any."""
+        cfg, t = self.cfg, self.cfg.train
         if not cfg.run_dir:
             raise LoomError(
                 'run_dir is not set; add run_dir = "..." to the config or pass --run_dir=DIR'
@@ -115,7 +130,10 @@ class Trainer:
         parse_faults(os.environ.get("LOOM_FAULTS", ""))  # a bad spec fails before any work
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise LoomError(f"run_dir {self.run_dir} is a file; choose a folder")
-        self._open_data()
+        data = self.task.open_data(cfg)
+        self.loader, self.val = data.loader, data.val
+        self.data_identity, self.tokenizer_hash = data.identity, data.tokenizer_hash
+        self.tokenizer_dir = data.tokenizer_dir
         self.device = select_device(t.device)
         if (
             t.precision == "bf16"
@@ -125,37 +143,41 @@ class Trainer:
             raise LoomError(
                 "train.precision=bf16 is not supported by this GPU; use train.precision=fp32"
             )
+        self._check_layout()
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            self.cfg.checkpoint.keep,
+            async_save=self.cfg.checkpoint.async_,
+            trainable_only=self.task.trainable_only,
+        )
+        self.resume_from = self.checkpointer.latest()
+        if self.resume_from is None:
+            return None
+        state = check_resumable(self.resume_from, self.cfg, self.data_identity, self.tokenizer_hash)
+        self.task.check_resume(state, self.run_dir)
+        return state
+
+    def _check_layout(self) -> None:
+        """The process layout (chosen by the planner with parallel.auto) and that it fits."""
+        cfg = self.cfg
         self.distributed = distributed.launched_by_torchrun()
-        world = int(os.environ["WORLD_SIZE"]) if self.distributed else 1
+        self.processes = int(os.environ["WORLD_SIZE"]) if self.distributed else 1
         if cfg.parallel.auto:
-            cfg = self.cfg = auto_layout(cfg, world, self.device)
-        self.dims = resolve(cfg, world)
-        check_fits(cfg, self.dims, self.device, force=t.force, **self._planner_strategy())
+            cfg = self.cfg = auto_layout(cfg, self.processes, self.device)
+        self.dims = resolve(cfg, self.processes)
+        check_fits(cfg, self.dims, self.device, force=cfg.train.force, **self.task.planner_strategy)
         if not self.distributed and cfg.memory.offload == "params":
             raise LoomError(
                 "memory.offload=params works through FSDP, which needs a process group; "
                 "launch with `loom train CONFIG --nproc N` (N may be 1)"
             )
-        self.checkpointer = Checkpointer(
-            self.run_dir,
-            cfg.checkpoint.keep,
-            async_save=cfg.checkpoint.async_,
-            trainable_only=self.trainable_only,
-        )
-        self.resume_from = self.checkpointer.latest()
-        resume_state = (
-            check_resumable(self.resume_from, cfg, self.data_identity, self.tokenizer_hash)
-            if self.resume_from
-            else None
-        )
-        if resume_state is not None:
-            self._check_resume(resume_state)
 
-        # Input is valid: from here on the run folder is written.
+    def _start_run(self) -> DeviceMesh | None:
+        """The process group, the step counters and the run folder's small files."""
         self.rank = 0
         mesh = None
         if self.distributed:
-            distributed.init_process_group(self.device, cfg.parallel.timeout_s)
+            distributed.init_process_group(self.device, self.cfg.parallel.timeout_s)
             self.rank = distributed.rank()
             mesh = self.dims.build_mesh(self.device.type)
             _warn_if_restarts_will_fail(self.rank)
@@ -165,31 +187,34 @@ class Trainer:
         self.skip_batches: set[int] = set()  # batches a rollback ruled out
         self.injector = FaultInjector(self.rank)
         self.checkpointer.before_commit = self.injector.in_checkpoint
-        self.guard = StepGuard(cfg.resilience)
+        self.guard = StepGuard(self.cfg.resilience)
         self._report_progress()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._save_config()
+            self.task.save_config(self.cfg, self.run_dir)
             tokenizer = RunFiles(self.run_dir).tokenizer
             shutil.copytree(self.tokenizer_dir, tokenizer, dirs_exist_ok=True)
+        return mesh
 
-        self.model: ParallelModel = self._build_model(mesh)
-        self.optimizers = Optimizers(self.model.parts, cfg.optimizer, t.steps)
-        if self.resume_from is not None:
-            assert resume_state is not None
-            self._restore(self.resume_from)
-            if resume_state["loader"]["seed"] != t.seed:
-                logger.warning(
-                    "train.seed=%d differs from the run's seed %d; the data order continues with "
-                    "the run's seed",
-                    t.seed,
-                    resume_state["loader"]["seed"],
-                )
-            logger.info("resumed from %s (step %d)", self.resume_from, self.step)
-        self.peak_flops, peak_source = peak_flops(self.device, t.precision)
-        self.peak_flops *= world
-        self.processes = world
-        self.flops_per_token = self._flops_per_token()
+    def _resume(self, state: dict[str, Any]) -> None:
+        assert self.resume_from is not None
+        self._restore(self.resume_from)
+        seed = self.cfg.train.seed
+        if state["loader"]["seed"] != seed:
+            logger.warning(
+                "train.seed=%d differs from the run's seed %d; the data order continues with "
+                "the run's seed",
+                seed,
+                state["loader"]["seed"],
+            )
+        logger.info("resumed from %s (step %d)", self.resume_from, self.step)
+
+    def _measure(self) -> None:
+        """The peak FLOP/s of all processes and the FLOPs per token, the two sides of MFU."""
+        cfg = self.cfg
+        self.peak_flops, peak_source = peak_flops(self.device, cfg.train.precision)
+        self.peak_flops *= self.processes
+        self.flops_per_token = self.task.flops_per_token(self)
         logger.info(
             "model %s: %.2fM parameters, %.3g FLOPs/token; layout %s; peak %.3g FLOP/s (%s)",
             cfg.model.preset,
@@ -200,14 +225,6 @@ class Trainer:
             peak_source,
         )
 
-    # -- what a kind of training decides (fine-tuning overrides these) ---------------------
-
-    trainable_only = False  # checkpoints hold all weights (adapter training: only its own)
-
-    def _planner_strategy(self) -> dict[str, object]:
-        """What the planner is told beyond the config (fine-tuning: the adapters)."""
-        return {}
-
     def _raise_peak_to(self, achieved: float) -> None:
         """A step faster than the peak proves the peak mis-measured (a noisy moment on a shared
         CPU): measure again, so MFU is never reported against a peak below a real step."""
@@ -217,59 +234,6 @@ class Trainer:
                 self.device, self.cfg.train.precision, achieved / n, self.peak_flops / n
             )
             self.peak_flops = per_process * n
-
-    def _flops_per_token(self) -> float:
-        """The FLOPs a step must do per token, the numerator of MFU (see `loom plan`)."""
-        return self.cfg.model.flops_per_token(self.cfg.train.seq_len)
-
-    def _open_data(self) -> None:
-        """Check the token shards and set up the loaders, the data's identity and tokenizer."""
-        cfg, t = self.cfg, self.cfg.train
-        if not cfg.data.sources():
-            raise LoomError(
-                "data.path is not set; pass --data.path=DIR (a folder made by `loom data tokenize`)"
-            )
-        datasets = [(TokenDataset(s.path), s.weight) for s in cfg.data.sources()]
-        first = datasets[0][0]
-        self.data_identity = [d.fingerprint for d, _ in datasets]
-        self.tokenizer_hash = first.tokenizer_hash
-        self.tokenizer_dir = first.tokenizer_path.parent
-        for other, _ in datasets[1:]:
-            if other.tokenizer_hash != first.tokenizer_hash:
-                raise LoomError(
-                    f"data.mix: {other.path} and {first.path} were tokenized with different "
-                    "tokenizers; prepare every dataset of a mixture with the same tokenizer"
-                )
-        if first.vocab_size > cfg.model.vocab_size:
-            raise LoomError(
-                f"the tokenizer of {first.path} has {first.vocab_size} tokens but "
-                f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size to at least "
-                f"{first.vocab_size} or train a smaller tokenizer"
-            )
-        self.loader: SampleOrder = TokenLoader(
-            [(d.split("train"), w) for d, w in datasets], t.seq_len, t.seed
-        )
-        # Validation: every dataset's val split that holds at least one sequence, same weights.
-        self.val = [
-            (d.splits["val"], w)
-            for d, w in datasets
-            if "val" in d.splits and (d.splits["val"].num_tokens - 1) // t.seq_len >= 1
-        ]
-        if not self.val:
-            logger.warning("no validation split holds train.seq_len + 1 tokens; no validation loss")
-
-    def _save_config(self) -> None:
-        save_config(self.cfg, RunFiles(self.run_dir).config)
-
-    def _build_model(self, mesh: DeviceMesh | None) -> ParallelModel:
-        return parallelize(self.cfg, self.dims, mesh, self.device, cross_entropy)
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        """What else the checkpoint's state.json records."""
-        return {}
-
-    def _check_resume(self, state: dict[str, Any]) -> None:
-        """Refuse to continue a checkpoint that `_checkpoint_state` says is another run's."""
 
     def _restore(self, path: Path) -> None:
         """Model, optimizer, schedule, RNG and data position from the checkpoint at `path`."""
@@ -340,7 +304,7 @@ class Trainer:
             share = self.loader.next_share(micro, self.model.dp_rank, self.dims.dp)
             shares.append(share)
             batch = [x.to(self.device, non_blocking=True) for x in self.loader.batch(share)]
-            loss = self._micro_step(batch, 1.0 / accum)
+            loss = self.task.micro_step(self, batch, 1.0 / accum)
             if loss is not None:
                 loss_sum = loss if loss_sum is None else loss_sum + loss
         self.batches += 1
@@ -349,15 +313,6 @@ class Trainer:
             self._log_samples(shares)
         mean = loss_sum / accum if loss_sum is not None else None
         return self.model.global_mean(mean)
-
-    def _micro_step(self, batch: list[torch.Tensor], scale: float) -> torch.Tensor | None:
-        """Backpropagate `scale` × the loss of one micro-batch (inputs, targets[, doc_ids])."""
-        inputs, targets, *doc_ids = batch
-        return self.model.forward_backward(inputs, targets, scale, *doc_ids)
-
-    def _extra_metrics(self) -> dict[str, float]:
-        """Figures a kind of training adds to each metrics record."""
-        return {}
 
     def _log_samples(self, shares: list[Any]) -> None:
         path = RunFiles(self.run_dir).samples(self.rank)
@@ -369,25 +324,6 @@ class Trainer:
         }
         with path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-
-    def evaluate(self) -> float:
-        """Mean loss over the first `eval_batches` micro-batches of the validation split."""
-        t = self.cfg.train
-        micro = t.micro_batch_size or t.batch_size
-        loader = TokenLoader(self.val, t.seq_len, seed=0, shuffle=False)
-        # Whole micro-batches only, so that every data-parallel rank gets an equal share.
-        n_batches = min(t.eval_batches, sum(loader.num_samples) // micro)
-        for part in self.model.parts:
-            part.eval()
-        if n_batches == 0:
-            logger.warning("the validation split holds fewer than one micro-batch; skipped")
-            return math.nan
-        total = torch.zeros((), device=self.device)
-        for _ in range(n_batches):
-            inputs, targets = loader.next_batch(micro, self.model.dp_rank, self.dims.dp)
-            loss = self.model.eval_loss(inputs.to(self.device), targets.to(self.device))
-            total += self.model.global_mean(loss)
-        return (total / n_batches).item()
 
     def save_checkpoint(self) -> None:
         state = {
@@ -402,7 +338,7 @@ class Trainer:
             "skip_batches": sorted(self.skip_batches),
             "layout": self.layout,
             "config": config_to_dict(self.cfg),
-            **self._checkpoint_state(),
+            **self.task.checkpoint_state(),
         }
         return self.checkpointer.save(
             self.step, self.model.parts, self.optimizers.optimizers, state
@@ -411,140 +347,161 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        cfg, t = self.cfg, self.cfg.train
         result = TrainResult(self.run_dir, self.step)
-        if self.step >= t.steps:
+        self.task.start(self, result)
+        if self.step >= self.cfg.train.steps:
             logger.info(
                 "run %s is already at step %d of %d; nothing to do",
                 self.run_dir,
                 self.step,
-                t.steps,
+                self.cfg.train.steps,
             )
-            return result
-        writes = self.rank == 0
-        metrics = (
-            MetricsWriter(self.run_dir, cfg.metrics.tensorboard, self.step) if writes else None
-        )
-        ledger = GoodputLedger.open(self.run_dir, self.process_start) if writes else None
-        progress = _Progress(cfg.metrics.progress if writes else "off", self.step, t.steps)
-        watchdog = Watchdog(cfg.resilience.hang_timeout_s, self.run_dir, self.rank)
-        interval_start, interval_tokens = time.perf_counter(), 0
-        last_save = time.monotonic()
-        if ledger is not None:
-            ledger.training_started()
+        else:
+            self._loop(result)
+        result.step = self.step
+        self.task.finish(self, result)
+        return result
+
+    def _loop(self, result: TrainResult) -> None:
+        loop = _Loop.open(self, result)
         try:
             with StopSignal() as stop:
-                while self.step < t.steps:
-                    watchdog.arm(f"rank {self.rank}: step {self.step + 1}")
-                    self._report_progress()
-                    step_start = time.perf_counter()
-                    self.injector.at_step_start(self.step + 1)
-                    loss, grad_norm, lr = self._guarded(self.train_step, f"in step {self.step + 1}")
-                    self.step += 1
-                    interval_tokens += t.batch_size * t.seq_len
-                    if self.guard.rollback_due:
-                        self._guarded(self._rollback, f"rolling back after step {self.step}")
-                        if metrics is not None:
-                            metrics.rewind(self.step)
-                        progress.rewind(self.step)
-                        watchdog.disarm()
-                        continue
-                    last = self.step == t.steps
-                    do_eval = bool(self.val) and (
-                        last or (t.eval_interval and self.step % t.eval_interval == 0)
-                    )
-                    step_seconds = 0.0
-                    if do_eval or last or self.step % cfg.metrics.log_interval == 0:
-                        loss_value = loss.item()  # synchronises the device before timing
-                        step_seconds = time.perf_counter() - step_start
-                        elapsed = time.perf_counter() - interval_start
-                        tokens_per_s = interval_tokens / elapsed
-                        self._raise_peak_to(self.flops_per_token * tokens_per_s)
-                        per_rank = self._guarded(
-                            lambda: distributed.per_rank(peak_memory_gib(self.device)),
-                            f"logging step {self.step}",
-                        )
-                        record: MetricsLine = {
-                            "step": self.step,
-                            "loss": loss_value,
-                            "lr": lr,
-                            "grad_norm": grad_norm.item(),
-                            "tokens_per_s": tokens_per_s,
-                            "mfu": self.flops_per_token * tokens_per_s / self.peak_flops
-                            if self.peak_flops
-                            else 0.0,
-                            "peak_mem_gib": max(per_rank),
-                            "tokens": self.tokens_seen,
-                            "skipped_steps": self.guard.skipped,
-                        }
-                        if len(per_rank) > 1:
-                            record["peak_mem_gib_per_rank"] = per_rank
-                        if ledger is not None:
-                            record["goodput"] = ledger.goodput
-                            record["checkpoint_s"] = ledger.checkpoint_s
-                        if do_eval:
-                            record["val_loss"] = self._guarded(
-                                self.evaluate, f"evaluating after step {self.step}"
-                            )
-                            result.val_losses[self.step] = record["val_loss"]
-                        record.update(self._extra_metrics())
-                        if metrics is not None:
-                            metrics.write(record)
-                        progress.update(record)
-                        result.train_losses[self.step] = loss_value
-                        result.tokens_per_s = tokens_per_s
-                        interval_start, interval_tokens = time.perf_counter(), 0
-                    else:
-                        step_seconds = time.perf_counter() - step_start
-                    if ledger is not None:
-                        ledger.step_done(self.step, step_seconds)
-                    stopping, time_due = self._agree(
-                        stop.received is not None,
-                        bool(cfg.checkpoint.interval_minutes)
-                        and time.monotonic() - last_save >= 60 * cfg.checkpoint.interval_minutes,
-                    )
-                    save_start = time.perf_counter()
-                    self._guarded(
-                        lambda: self.checkpointer.finish(wait=False),
-                        f"committing a checkpoint after step {self.step}",
-                    )
-                    periodic = time_due or self.step % cfg.checkpoint.interval == 0
-                    # Not in the middle of a run of bad steps: a rollback must land before it.
-                    if last or stopping or (periodic and not self.guard.consecutive):
-                        self._guarded(
-                            self.save_checkpoint, f"saving the checkpoint of step {self.step}"
-                        )
-                        last_save = time.monotonic()
-                    if ledger is not None:
-                        ledger.checkpoint_stall(time.perf_counter() - save_start)
-                        ledger.skipped_steps = self.guard.skipped
-                        ledger.rollbacks = self.guard.rollbacks
-                        ledger.save()
-                    watchdog.disarm()
-                    if stopping:
-                        received = stop.received
-                        result.stopped_by = (
-                            signal.Signals(received).name if received else "a signal to a peer"
-                        )
+                while self.step < self.cfg.train.steps:
+                    loop.watchdog.arm(f"rank {self.rank}: step {self.step + 1}")
+                    if self._iteration(loop, stop):
                         break
-                watchdog.arm(f"rank {self.rank}: writing the last checkpoint")
-                save_start = time.perf_counter()
-                self._guarded(
-                    lambda: self.checkpointer.finish(wait=True), "writing the last checkpoint"
-                )
-                distributed.barrier()
-                if ledger is not None:
-                    ledger.checkpoint_stall(time.perf_counter() - save_start)
-                    ledger.save()
-                    result.goodput = ledger.summary()
-                    _log_goodput(result.goodput)
+                loop.watchdog.arm(f"rank {self.rank}: writing the last checkpoint")
+                self._last_checkpoint(loop)
         finally:
-            watchdog.close()  # a hang never gets here: the watchdog exits the process first
-            progress.close()
-            if metrics is not None:
-                metrics.close()
-        result.step = self.step
-        return result
+            loop.close()  # a hang never gets here: the watchdog exits the process first
+
+    def _iteration(self, loop: _Loop, stop: StopSignal) -> bool:
+        """One step, then its record and checkpoint; true when a signal stops the run."""
+        self._report_progress()
+        step_start = time.perf_counter()
+        self.injector.at_step_start(self.step + 1)
+        loss, grad_norm, lr = self._guarded(self.train_step, f"in step {self.step + 1}")
+        self.step += 1
+        loop.interval_tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+        if self._guard(loop):
+            return False
+        step_seconds = self._log(loop, step_start, loss, grad_norm, lr)
+        if loop.ledger is not None:
+            loop.ledger.step_done(self.step, step_seconds)
+        stopping = self._checkpoint(loop, stop)
+        loop.watchdog.disarm()
+        if stopping:
+            received = stop.received
+            loop.result.stopped_by = (
+                signal.Signals(received).name if received else "a signal to a peer"
+            )
+        return stopping
+
+    def _guard(self, loop: _Loop) -> bool:
+        """After too many bad steps in a row: roll back (true), and rewind what was logged."""
+        if not self.guard.rollback_due:
+            return False
+        self._guarded(self._rollback, f"rolling back after step {self.step}")
+        if loop.metrics is not None:
+            loop.metrics.rewind(self.step)
+        loop.progress.rewind(self.step)
+        loop.watchdog.disarm()
+        return True
+
+    def _log(
+        self, loop: _Loop, step_start: float, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float
+    ) -> float:
+        """The metrics record of this step, when one is due; returns the step's seconds."""
+        t, last = self.cfg.train, self.step == self.cfg.train.steps
+        do_eval = bool(self.val) and (
+            last or (t.eval_interval and self.step % t.eval_interval == 0)
+        )
+        if not (do_eval or last or self.step % self.cfg.metrics.log_interval == 0):
+            return time.perf_counter() - step_start
+        loss_value = loss.item()  # synchronises the device before timing
+        step_seconds = time.perf_counter() - step_start
+        tokens_per_s = loop.interval_tokens / (time.perf_counter() - loop.interval_start)
+        self._raise_peak_to(self.flops_per_token * tokens_per_s)
+        record = self._record(loop, loss_value, grad_norm.item(), lr, tokens_per_s)
+        if do_eval:
+            record["val_loss"] = self._guarded(self.evaluate, f"evaluating after step {self.step}")
+            loop.result.val_losses[self.step] = record["val_loss"]
+        record.update(self.task.metrics(self))
+        if loop.metrics is not None:
+            loop.metrics.write(record)
+        loop.progress.update(record)
+        loop.result.train_losses[self.step] = loss_value
+        loop.result.tokens_per_s = tokens_per_s
+        loop.interval_start, loop.interval_tokens = time.perf_counter(), 0
+        return step_seconds
+
+    def _record(
+        self, loop: _Loop, loss: float, grad_norm: float, lr: float, tokens_per_s: float
+    ) -> MetricsLine:
+        per_rank = self._guarded(
+            lambda: distributed.per_rank(peak_memory_gib(self.device)),
+            f"logging step {self.step}",
+        )
+        record: MetricsLine = {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / self.peak_flops
+            if self.peak_flops
+            else 0.0,
+            "peak_mem_gib": max(per_rank),
+            "tokens": self.tokens_seen,
+            "skipped_steps": self.guard.skipped,
+        }
+        if len(per_rank) > 1:
+            record["peak_mem_gib_per_rank"] = per_rank
+        if loop.ledger is not None:
+            record["goodput"] = loop.ledger.goodput
+            record["checkpoint_s"] = loop.ledger.checkpoint_s
+        return record
+
+    def evaluate(self) -> float:
+        """The task's validation loss (pretraining: over the first `eval_batches`)."""
+        return self.task.evaluate(self)
+
+    def _checkpoint(self, loop: _Loop, stop: StopSignal) -> bool:
+        """Commit the previous checkpoint, save one when due; true when a signal stops the run."""
+        cfg = self.cfg.checkpoint
+        stopping, time_due = self._agree(
+            stop.received is not None,
+            bool(cfg.interval_minutes)
+            and time.monotonic() - loop.last_save >= 60 * cfg.interval_minutes,
+        )
+        save_start = time.perf_counter()
+        self._guarded(
+            lambda: self.checkpointer.finish(wait=False),
+            f"committing a checkpoint after step {self.step}",
+        )
+        periodic = time_due or self.step % cfg.interval == 0
+        last = self.step == self.cfg.train.steps
+        # Not in the middle of a run of bad steps: a rollback must land before it.
+        if last or stopping or (periodic and not self.guard.consecutive):
+            self._guarded(self.save_checkpoint, f"saving the checkpoint of step {self.step}")
+            loop.last_save = time.monotonic()
+        if loop.ledger is not None:
+            loop.ledger.checkpoint_stall(time.perf_counter() - save_start)
+            loop.ledger.skipped_steps = self.guard.skipped
+            loop.ledger.rollbacks = self.guard.rollbacks
+            loop.ledger.save()
+        return stopping
+
+    def _last_checkpoint(self, loop: _Loop) -> None:
+        """Wait for the last checkpoint's commit; the goodput summary."""
+        save_start = time.perf_counter()
+        self._guarded(lambda: self.checkpointer.finish(wait=True), "writing the last checkpoint")
+        distributed.barrier()
+        if loop.ledger is not None:
+            loop.ledger.checkpoint_stall(time.perf_counter() - save_start)
+            loop.ledger.save()
+            loop.result.goodput = loop.ledger.summary()
+            log_goodput(loop.result.goodput)
 
     def _agree(self, *flags: bool) -> list[bool]:
         """Each flag true on any rank is true on every rank (one small collective a step), so
@@ -610,89 +567,37 @@ def _warn_if_restarts_will_fail(rank: int) -> None:
         )
 
 
-def _log_goodput(g: dict[str, float | int]) -> None:
-    logger.info(
-        "goodput %.1f%% of %.0f s (productive %.0f s; lost: restarts %d / %.0f s, recomputed "
-        "%d steps / %.0f s, checkpoints %.1f s, set-up %.0f s, other %.0f s; %d skipped steps, "
-        "%d rollbacks)",
-        100 * g["goodput"],
-        g["wall_s"],
-        g["productive_s"],
-        g["restarts"],
-        g["restarts_s"],
-        g["recomputed_steps"],
-        g["recomputed_s"],
-        g["checkpoint_s"],
-        g["setup_s"],
-        g["other_s"],
-        g["skipped_steps"],
-        g["rollbacks"],
-    )
+@dataclass
+class _Loop:
+    """What the loop keeps between steps: its writers, watchdog and the current interval."""
 
+    result: TrainResult
+    metrics: MetricsWriter | None  # rank 0 only, like the ledger
+    ledger: GoodputLedger | None
+    progress: Progress
+    watchdog: Watchdog
+    interval_start: float = field(default_factory=time.perf_counter)
+    interval_tokens: int = 0
+    last_save: float = field(default_factory=time.monotonic)
 
-class _Progress:
-    """A rich progress bar on a terminal, plain log lines otherwise."""
-
-    def __init__(self, mode: str, start: int, total: int) -> None:
-        self.off = mode == "off"  # ranks other than 0 say nothing
-        self.rich = mode == "rich" or (mode == "auto" and is_terminal())
-        self._bar = None
-        if self.rich:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            self._task = self._bar.add_task("train", total=total, completed=start, status="")
-            self._bar.start()
-
-    def update(self, r: dict[str, Any]) -> None:
-        status = f"loss {r['loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  mfu {r['mfu']:.1%}"
-        if "val_loss" in r:
-            status += f"  val {r['val_loss']:.4f}"
-        if self.off:
-            return
-        if self._bar is not None:
-            self._bar.update(self._task, completed=r["step"], status=status)
-            if "val_loss" in r:
-                self._bar.console.log(f"step {r['step']}: val_loss {r['val_loss']:.4f}")
-        else:
-            logger.info(
-                "step %d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s  mfu %.1f%%  mem %.2f GiB%s",
-                r["step"],
-                r["loss"],
-                r["lr"],
-                r["grad_norm"],
-                f"{r['tokens_per_s']:,.0f}",
-                100 * r["mfu"],
-                r["peak_mem_gib"],
-                f"  val_loss {r['val_loss']:.4f}" if "val_loss" in r else "",
-            )
-            extra = {k: v for k, v in r.items() if k.startswith(("reward_", "val_reward_"))}
-            if extra:
-                logger.info(
-                    "step %d  %s", r["step"], "  ".join(f"{k} {v:.4f}" for k, v in extra.items())
-                )
-
-    def rewind(self, step: int) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step)
+    @classmethod
+    def open(cls, trainer: Trainer, result: TrainResult) -> _Loop:
+        cfg, writes = trainer.cfg, trainer.rank == 0
+        run_dir, step = trainer.run_dir, trainer.step
+        metrics = MetricsWriter(run_dir, cfg.metrics.tensorboard, step) if writes else None
+        ledger = GoodputLedger.open(run_dir, trainer.process_start) if writes else None
+        progress = Progress(cfg.metrics.progress if writes else "off", step, cfg.train.steps)
+        watchdog = Watchdog(cfg.resilience.hang_timeout_s, run_dir, trainer.rank)
+        loop = cls(result, metrics, ledger, progress, watchdog)
+        if ledger is not None:
+            ledger.training_started()
+        return loop
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        self.watchdog.close()
+        self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def train(cfg: Config) -> TrainResult:
