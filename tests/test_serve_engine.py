@@ -21,7 +21,8 @@ from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.serve.adapters import attach_adapters
 from loom.serve.engine import Engine, EngineConfig, SamplingParams, Sequence, SequenceEvent
 from loom.serve.kv_cache import PagedKVCache
-from loom.serve.server import LocalRunner, ServeOptions, build_engine
+from loom.serve.runner import LocalRunner
+from loom.serve.server import ServeOptions, build_engine
 
 CFG = ModelConfig(
     vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=256

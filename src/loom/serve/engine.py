@@ -348,22 +348,11 @@ class Engine:
                         torch.tensor(seq.blocks[: self._blocks_for(seq.computed + n)]),
                     )
                 )
-        width = max((len(s.blocks) for s in decode_seqs), default=0)
-        decode_blocks = torch.tensor(
-            [s.blocks + [0] * (width - len(s.blocks)) for s in decode_seqs], dtype=torch.long
-        ).view(len(decode_seqs), width)
-        layout = StepLayout(
-            write_slots=torch.tensor(slots),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long),
-            decode_blocks=decode_blocks,
-            decode_lengths=torch.tensor([s.computed + 1 for s in decode_seqs], dtype=torch.long),
-            chunks=chunks,
-        )
         batch = StepBatch(
             tokens=torch.tensor([tokens]),
             positions=torch.tensor(positions),
             logits_at=torch.tensor(logits_at, dtype=torch.long),
-            layout=layout,
+            layout=_step_layout(slots, decode_rows, decode_seqs, chunks),
             adapters=torch.tensor(adapters) if any(a >= 0 for a in adapters) else None,
         )
         return batch, samplers
@@ -437,3 +426,24 @@ class Engine:
         if error is not None:
             logger.warning("sequence failed: %s", error)
         self._emit(seq, text, reason)
+
+
+def _step_layout(
+    slots: list[int],
+    decode_rows: list[int],
+    decode_seqs: list[Sequence],
+    chunks: list[PrefillChunk],
+) -> StepLayout:
+    """The cache layout of one packed step: where each token's key/value goes, and which
+    rows decode against which block table (padded to the longest)."""
+    width = max((len(s.blocks) for s in decode_seqs), default=0)
+    decode_blocks = torch.tensor(
+        [s.blocks + [0] * (width - len(s.blocks)) for s in decode_seqs], dtype=torch.long
+    ).view(len(decode_seqs), width)
+    return StepLayout(
+        write_slots=torch.tensor(slots),
+        decode_rows=torch.tensor(decode_rows, dtype=torch.long),
+        decode_blocks=decode_blocks,
+        decode_lengths=torch.tensor([s.computed + 1 for s in decode_seqs], dtype=torch.long),
+        chunks=chunks,
+    )

@@ -9,12 +9,11 @@ exit when rank 0 says so, or when it disappears.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import timedelta
@@ -32,7 +31,7 @@ from loom.models.llama import Transformer
 from loom.parallel.tensor import apply_tensor_parallel
 from loom.serve.engine import StepBatch
 from loom.serve.kv_cache import PagedKVCache
-from loom.serve.server import ServeOptions, kv_blocks, load_served_model, new_cache, run_step
+from loom.serve.runner import RunnerSetup, kv_blocks, load_served_model, new_cache, run_step
 
 # Serving waits for requests for as long as it likes; the workers wait in a broadcast meanwhile.
 IDLE_TIMEOUT = timedelta(days=365)
@@ -84,18 +83,18 @@ def _untie(model: Transformer) -> None:
 
 
 def shard_model(
-    src: Path, opts: ServeOptions, scratch: Path, device: torch.device
+    src: Path, setup: RunnerSetup, scratch: Path, device: torch.device
 ) -> tuple[Transformer, Path]:
     """This rank's shard of the model, and the tokenizer folder."""
-    model, tokenizer_dir, _ = load_served_model(src, opts, device, scratch)
+    model, tokenizer_dir, _ = load_served_model(src, setup, device, scratch)
     cfg = model.cfg
-    if cfg.n_heads % opts.tp or cfg.n_kv_heads % opts.tp:
+    if cfg.n_heads % setup.tp or cfg.n_kv_heads % setup.tp:
         raise LoomError(
-            f"--tp {opts.tp} must divide the model's {cfg.n_heads} attention heads and "
+            f"--tp {setup.tp} must divide the model's {cfg.n_heads} attention heads and "
             f"{cfg.n_kv_heads} key/value heads"
         )
     _untie(model)
-    mesh = init_device_mesh(device.type, (opts.tp,))
+    mesh = init_device_mesh(device.type, (setup.tp,))
     apply_tensor_parallel(model, mesh, sequence_parallel=False, loss_parallel=False)
     return model, tokenizer_dir
 
@@ -112,17 +111,17 @@ def _join(rank: int, world: int, port: int, device: torch.device) -> None:
     dist.init_process_group(backend=backend, timeout=IDLE_TIMEOUT)
 
 
-def _agreed_blocks(model: Transformer, opts: ServeOptions, device: torch.device) -> int:
+def _agreed_blocks(model: Transformer, setup: RunnerSetup, device: torch.device) -> int:
     """The smallest cache any rank can hold (every rank mirrors the same block tables)."""
-    mine = kv_blocks(model, opts, device)
+    mine = kv_blocks(model, setup, device)
     return -int(all_reduce(torch.tensor(-mine, device=device), op="max"))
 
 
 def start_tp_runner(
-    src: Path, opts: ServeOptions, scratch: Path
+    src: Path, setup: RunnerSetup, scratch: Path
 ) -> tuple[TensorParallelRunner, Transformer, Path, dict[str, int]]:
     """Start ranks 1..tp-1 as worker processes, join them as rank 0, shard the model."""
-    if opts.adapters or opts.quantize:
+    if setup.adapters or setup.quantize:
         raise LoomError(
             "--tp > 1 serves a plain model: --adapter and --quantize are single-process options "
             "(merge the adapters into the model with `loom convert --merge` first)"
@@ -130,7 +129,6 @@ def start_tp_runner(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    options = json.dumps(dataclasses.asdict(dataclasses.replace(opts, api_key=None)))
     workers = [
         subprocess.Popen(
             [
@@ -138,19 +136,19 @@ def start_tp_runner(
                 "-m",
                 "loom.serve.tensor_parallel",
                 str(src),
-                options,
+                setup.to_json(),
                 str(rank),
                 str(port),
                 str(os.getpid()),
             ]
         )
-        for rank in range(1, opts.tp)
+        for rank in range(1, setup.tp)
     ]
     device = _device(0)
-    _join(0, opts.tp, port, device)
-    model, tokenizer_dir = shard_model(src, opts, scratch, device)
-    num_blocks = _agreed_blocks(model, opts, device)
-    cache = new_cache(model, opts, num_blocks, device)
+    _join(0, setup.tp, port, device)
+    model, tokenizer_dir = shard_model(src, setup, scratch, device)
+    num_blocks = _agreed_blocks(model, setup, device)
+    cache = new_cache(model, setup, num_blocks, device)
     runner = TensorParallelRunner(model, cache, device, workers, num_blocks)
     return runner, model, tokenizer_dir, {}
 
@@ -164,17 +162,15 @@ def _exit_with(parent: int) -> None:
 
 
 def worker_main(argv: list[str]) -> None:
-    import tempfile
-
     src, options, rank, port, parent = argv
     setup_logging(quiet=True)
     threading.Thread(target=_exit_with, args=(int(parent),), daemon=True).start()
-    opts = ServeOptions(**json.loads(options))
+    setup = RunnerSetup.from_json(options)
     device = _device(int(rank))
-    _join(int(rank), opts.tp, int(port), device)
+    _join(int(rank), setup.tp, int(port), device)
     with tempfile.TemporaryDirectory() as scratch:
-        model, _ = shard_model(Path(src), opts, Path(scratch), device)
-        cache = new_cache(model, opts, _agreed_blocks(model, opts, device), device)
+        model, _ = shard_model(Path(src), setup, Path(scratch), device)
+        cache = new_cache(model, setup, _agreed_blocks(model, setup, device), device)
         with torch.no_grad():
             while (batch := broadcast_object(None)) is not None:
                 assert isinstance(batch, StepBatch)
