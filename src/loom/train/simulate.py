@@ -23,13 +23,18 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loom.core.config import Config
+from loom.core.config import Config, load_config
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.loss import cross_entropy
 from loom.parallel.dims import MESH_DIMS, ParallelDims, resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
-from loom.planner.collectives import Collective, pipeline_microbatches
-from loom.planner.spec import ModelShape, Strategy
+from loom.parallel.pipeline import stages_of_rank
+from loom.planner.collectives import Collective, collectives, pipeline_microbatches
+from loom.planner.memory import CONTEXT_BYTES, FRAGMENTATION
+from loom.planner.report import describe
+from loom.planner.spec import ModelShape, Strategy, model_from_config
+from loom.planner.training import local_hardware, predicted_memory, strategy_for
 from loom.train.optim import Optimizers
 
 GIB = 2**30
@@ -244,8 +249,6 @@ def simulate(
 ) -> SimulationResult:
     """Run one training step of rank `rank` of a `world_size`-rank job on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from loom.core.loss import cross_entropy
 
     check_request(world_size, rank)
     if cfg.parallel.auto:
@@ -465,8 +468,6 @@ def schedule_order(
 
 def _pipeline_counter(cfg: Config, model: ParallelModel, mesh: DeviceMesh) -> _Pipeline:
     """The hand-run pipeline of this rank (empty without pipeline parallelism)."""
-    from loom.parallel.pipeline import stages_of_rank
-
     dims = model.dims
     pp_rank = mesh.get_local_rank("pp")
     sp = dims.tp > 1 and cfg.parallel.sequence_parallel
@@ -531,8 +532,6 @@ def _tensor_memory(memory: Any) -> dict[str, float]:
     the CUDA context and NCCL (CONTEXT_BYTES) and the caching allocator's fragmentation,
     which fake tensors cannot see; both are taken out, so that the two compare like with
     like."""
-    from loom.planner.memory import CONTEXT_BYTES, FRAGMENTATION
-
     states = memory.params + memory.grads + memory.optimizer + memory.activations
     other = memory.other - CONTEXT_BYTES - FRAGMENTATION * states
     values = {
@@ -548,10 +547,6 @@ def _tensor_memory(memory: Any) -> dict[str, float]:
 
 def planner_prediction(cfg: Config, world_size: int) -> tuple[dict[str, float], list[Collective]]:
     """The planner's memory (GiB, tensors only) and collectives for the same layout."""
-    from loom.planner.collectives import collectives
-    from loom.planner.spec import model_from_config
-    from loom.planner.training import local_hardware, predicted_memory, strategy_for
-
     dims = resolve(cfg, world_size)
     hw = local_hardware(torch.device("cpu"), world_size)
     model = model_from_config(cfg.model, cfg.train.seq_len)
@@ -562,8 +557,6 @@ def planner_prediction(cfg: Config, world_size: int) -> tuple[dict[str, float], 
 def config_for_plan(model: ModelShape, s: Strategy) -> Config:
     """The `loom train` config that runs the planner's layout `s` of `model`: the planner's
     model and strategy fields, one by one, or a refusal naming the one Loom cannot run."""
-    from loom.core.config import load_config
-
     refusals = {
         "strategy.cp": (s.cp > 1, "Loom has no context parallelism yet"),
         "strategy.framework": (s.framework == "megatron", "Loom does not run Megatron"),
@@ -626,9 +619,6 @@ def print_plan_simulation(
     of it on `rank`; with `plan_json` (--json), one JSON object holding the plan, the
     planner's tensors and collectives, and the simulation."""
     import json
-
-    from loom.planner.collectives import collectives
-    from loom.planner.report import describe
 
     refusals = []
     for plan in ranked:
