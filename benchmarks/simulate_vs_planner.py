@@ -8,18 +8,29 @@ fragmentation (which fake tensors cannot see) is compared, so both count tensors
 
     python benchmarks/simulate_vs_planner.py        # all layouts; writes simulate_vs_planner
     python benchmarks/simulate_vs_planner.py 405B   # the layouts whose name has "405B"; prints
+    python benchmarks/simulate_vs_planner.py --reuse  # the planner against the simulations
+                                                    # saved by the last full run (minutes less)
+
+A full run saves the simulated memory and collectives in `/tmp/simulate_vs_planner.json`
+(--reuse reads them: for iterating on the planner, not on the simulated code).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 from report import write_section  # benchmarks/ is on the path when a script in it runs
 
 from loom.core.config import Config, load_config
 from loom.core.errors import LoomError
+from loom.planner.collectives import Collective
 from loom.train.simulate import GIB, planner_prediction, simulate
+
+SAVED = Path("/tmp/simulate_vs_planner.json")
 
 KEYS = ("params", "grads", "optimizer", "activations", "other", "total")
 
@@ -84,28 +95,45 @@ def error(predicted: float, simulated: float) -> float:
     return (predicted - simulated) / simulated if simulated else 0.0
 
 
-def main(only: list[str]) -> None:
+def simulated(cfg: Config, world: int) -> dict[str, object]:
+    """One simulated step: its memory (GiB), collectives and how long it took."""
+    start = time.perf_counter()
+    sim = simulate(cfg, world)
+    return {
+        "memory_gib": sim.memory_gib,
+        "collectives": [asdict(c) for c in sim.collectives],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main(args: list[str]) -> None:
+    reuse = "--reuse" in args
+    only = [a for a in args if a != "--reuse"]
+    saved = json.loads(SAVED.read_text()) if reuse else {}
     rows, comm_rows, misses = [], [], []
     for name, world, overrides, layers in LAYOUTS:
         if only and not any(word in name for word in only):
             continue
         cfg = layout_config(name, world, overrides, layers)
-        start = time.perf_counter()
-        try:
-            sim = simulate(cfg, world)
-        except LoomError as e:
-            rows.append(f"| {name} | {world} | {layers} | not simulated: {e} |" + " |" * 6)
-            continue
-        seconds = time.perf_counter() - start
+        if name not in saved:
+            try:
+                saved[name] = simulated(cfg, world)
+                SAVED.write_text(json.dumps(saved))
+            except LoomError as e:
+                rows.append(f"| {name} | {world} | {layers} | not simulated: {e} |" + " |" * 6)
+                continue
+        sim_memory = saved[name]["memory_gib"]
+        sim_collectives = [Collective(**c) for c in saved[name]["collectives"]]
         memory, predicted = planner_prediction(cfg, world)
-        err = error(memory["total"], sim.memory_gib["total"])
-        cells = " | ".join(f"{memory[k]:.2f} / {sim.memory_gib[k]:.2f}" for k in KEYS)
+        err = error(memory["total"], sim_memory["total"])
+        cells = " | ".join(f"{memory[k]:.2f} / {sim_memory[k]:.2f}" for k in KEYS)
+        seconds = saved[name]["seconds"]
         rows.append(f"| {name} | {world} | {layers} | {cells} | {err:+.1%} | {seconds:.0f} s |")
-        sim_bytes = sum(c.bytes for c in sim.collectives)
+        sim_bytes = sum(c.bytes for c in sim_collectives)
         plan_bytes = sum(c.bytes for c in predicted)
         comm_err = error(plan_bytes, sim_bytes)
         kinds = ", ".join(
-            f"{c.kind} {c.group} ×{c.count}" for c in sim.collectives if c.bytes >= 2**20
+            f"{c.kind} {c.group} ×{c.count}" for c in sim_collectives if c.bytes >= 2**20
         )
         comm_rows.append(
             f"| {name} | {plan_bytes / GIB:.2f} | {sim_bytes / GIB:.2f} | {comm_err:+.1%} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loom.planner.collectives import pipeline_microbatches
 from loom.planner.spec import Hardware, ModelShape, Strategy
 
 GB = 1e9
@@ -239,6 +240,45 @@ def activations(model: ModelShape, s: Strategy) -> float:
     return per_layer * layers_in_flight(model, s) + extra
 
 
+def accumulation_runs(s: Strategy) -> int:
+    """Forward-backward runs per optimizer step: micro-batches without pipeline parallelism,
+    schedule runs with it."""
+    return s.microbatches // pipeline_microbatches(s)
+
+
+def loss_buffers(model: ModelShape, s: Strategy) -> float:
+    """Loom's loss backward, at the peak (the start of backward) on the device that computes
+    the loss: besides the saved fp32 log-softmax (an activation), the fp32 gradient of the
+    logits (torch's fused cross-entropy backward); under tensor parallelism loss-parallel's
+    unfused backward (torch.distributed.tensor.parallel.loss) holds two such vocabulary-shard
+    buffers at once (measured with `loom train --simulate`)."""
+    if s.framework != "loom" or s.pp > 1 or model.arch != "llama":
+        return 0.0
+    logits = model.seq_len / s.cp * s.micro_batch * model.vocab / s.tp
+    return logits * 4 * (2 if s.tp > 1 else 1)
+
+
+def pipeline_fsdp_buffers(model: ModelShape, s: Strategy, psi: float) -> float:
+    """What a pipeline rank under FSDP holds from its first backward to the end of the schedule
+    run, as torch's pipeline stages run FSDP (and `loom train` with them): its `psi`
+    parameters stay gathered in 16 bits (no reshard after backward) with their unsharded
+    gradients accumulated in fp32 (FSDP's reduce dtype) until the one reduce-scatter at the
+    end; on the first stage under tensor parallelism, DTensor's backward of the
+    vocabulary-parallel embedding makes the whole [vocab, hidden] gradient in 16 bits and its
+    fp32 copy for that accumulation. By then the first backward has freed one micro-batch's
+    activations (the caller subtracts them)."""
+    width = BYTES[s.precision if s.precision != "fp8" else "bf16"]
+    held = psi * (width + 4)
+    if s.tp > 1:
+        held += model.vocab * model.hidden * (width + 4)
+    return held
+
+
+def _in_flight(s: Strategy) -> int:
+    """Micro-batches the first pipeline stage holds when its first backward starts."""
+    return s.microbatches if s.schedule == "GPipe" else min(s.pp, s.microbatches)
+
+
 def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     psi = params_per_device(model, s)
     if s.finetune == "full":
@@ -254,9 +294,16 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
         host, optim = optim, 0.0
     elif s.offload == "params":
         host, weights, grads, optim = weights + grads + optim, 0.0, 0.0, 0.0
+    fsdp = s.zero_stage >= 3 or s.offload == "params"
+    if s.framework == "loom" and fsdp and accumulation_runs(s) == 1:
+        # The device's peak is at the start of the step's only backward, where every
+        # activation is kept: the optimizer set the gradients to None and FSDP has not yet
+        # reduce-scattered any (under pipeline parallelism it reduces once, at the end of the
+        # schedule run). Host memory (offload) still holds them at the optimizer step.
+        grads = 0.0
     acts = activations(model, s)
     buffers = 0.0
-    if s.zero_stage >= 3 or s.offload == "params":
+    if fsdp:
         # Gathered weights of the running block and the prefetched one (frozen or not: FSDP
         # gathers a LoRA run's base like any weight), and their unsharded gradients before the
         # reduce-scatter (with adapters, only the adapters have gradients).
@@ -269,6 +316,9 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
             # the end of backward, with its unsharded gradients when it trains.
             outer = outer_params_per_device(model, s) * width
             buffers += 2 * outer if s.finetune == "full" else outer
+    if fsdp and s.pp > 1 and s.framework == "loom":
+        buffers = max(buffers, pipeline_fsdp_buffers(model, s, psi) - acts / _in_flight(s))
+    buffers += loss_buffers(model, s)
     other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
     return Memory(weights, grads, optim, acts, other, host)
 

@@ -335,12 +335,35 @@ def _tracked_step(
     tracker = _peak_tracker(params)
     tracker.track_external(*model.parts, *optimizers.optimizers)
     counter = _CommCounter(_group_dims(mesh))
-    with tracker, counter:
+    with tracker, counter, _untracked_shape_propagation():
         _step(cfg, model, optimizers, pipeline)
     return tracker.categories(sum(_local_bytes(p) for p in params)), [
         *counter.collectives(),
         *pipeline.collectives(),
     ]
+
+
+@contextmanager
+def _untracked_shape_propagation() -> Iterator[None]:
+    """DTensor derives an op's global output shape by running the op on fake tensors of the
+    global shape (for loss-parallel cross-entropy, [tokens, vocab] in fp32: gigabytes). On a
+    GPU rank those are fake and cost nothing; here they would run under the memory tracker
+    and count as allocations. Run the derivation outside this rank's modes, as a GPU rank
+    does (DTensor then makes its own fake mode)."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def propagate(self: ShardingPropagator, op_schema: Any) -> Any:
+        with _disable_current_modes():
+            return original(self, op_schema)
+
+    ShardingPropagator._propagate_tensor_meta_non_cached = propagate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = original  # type: ignore[method-assign]
 
 
 @dataclass
