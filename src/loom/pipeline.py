@@ -82,53 +82,23 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass
-class TokenizerSection:
-    """Passed into the data stage's `[tokenizer]` (`loom data prepare` trains it)."""
-
-    vocab_size: int = 8192
-    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
-    sample_bytes: int = 200_000_000
-    path: str = ""  # an existing tokenizer.json (or its folder) instead of training one
-
-
-@dataclass
-class EvalSection:
-    """`loom eval` options; 0 / "" mean the command's default (TOML has no null)."""
-
-    tasks: list[str] = field(default_factory=list)
-    model: str = ""
-    few_shot: int = 0
-    limit: int = 0
-    seq_len: int = 0
-    max_tokens: int = 32
-    seed: int = 0
-    batch_tokens: int = 4096
-    quantize: str = ""
-
-
-@dataclass
 class ExportSection:
+    """`loom convert`'s options as `[export]` keys: `model` is its SRC, the stage folder its
+    --out, and the format has a default."""
+
     format: str = "hf"
     dtype: str = "fp32"
     model: str = ""
     merge: bool = False  # set automatically when the model is a LoRA fine-tuning stage
 
+    def __post_init__(self) -> None:
+        from loom.commands.convert import DTYPES, FORMATS
 
-@dataclass
-class ServeSection:
-    model: str = ""  # default: the export stage (hf), else the last training stage
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str = ""
-    served_name: str = ""
-    max_batch: int = 32
-    max_queue: int = 256
-    step_tokens: int = 256
-    block_size: int = 16
-    kv_cache_mb: int = 0
-    dtype: str = ""
-    quantize: str = ""
-    tp: int = 1
+        if self.format not in FORMATS or self.dtype not in DTYPES:
+            raise LoomError(
+                f"[export] format = {self.format!r}, dtype = {self.dtype!r}: use format hf or "
+                "loom and dtype fp32 or bf16"
+            )
 
 
 @dataclass
@@ -410,7 +380,9 @@ def _stage(
     last_training: str,
 ) -> Stage:
     """One section as a Stage, its config loaded and validated."""
+    from loom.commands.serve import Options as ServeOptions
     from loom.core.config import tree_from_dict
+    from loom.data.prepare import TokenizerSection
 
     section = _table(raw, name)
     folder = root / name
@@ -431,18 +403,15 @@ def _stage(
         stage = _eval_stage(section, base, folder, root, "data" in raw, last_training)
     elif name == "export":
         cfg = tree_from_dict(ExportSection, section)
-        if cfg.format not in ("hf", "loom") or cfg.dtype not in ("fp32", "bf16"):
-            raise LoomError(
-                f"[export] format = {cfg.format!r}, dtype = {cfg.dtype!r}: use format hf or "
-                "loom and dtype fp32 or bf16"
-            )
         stage = _model_stage("export", cfg, base, folder, root, last_training)
         ft = next((s for s in stages if s.name == "finetune"), None)
         if ft is not None and stage.model == str(ft.dir) and ft.config.uses_lora:
             cfg.merge = True  # a LoRA run exports with its adapters folded in
     else:
-        cfg = tree_from_dict(ServeSection, section)
-        _serve_options(cfg).validate()
+        cfg = tree_from_dict(ServeOptions, section)  # validated as it is built
+        cfg.adapters = {
+            k: expand(v, base, f"[serve] adapters.{k}") for k, v in cfg.adapters.items()
+        }
         stage = _model_stage("serve", cfg, base, folder, root, last_training)
         if not cfg.model and "export" in raw and raw["export"].get("format", "hf") == "hf":
             stage.model, stage.inputs = str(root / "export"), ["export"]
@@ -451,7 +420,7 @@ def _stage(
 
 def _data_stage(section: dict[str, Any], tok: dict[str, Any], base: Path, folder: Path) -> Stage:
     from loom.core.config import tree_from_dict
-    from loom.data.prepare import PrepareConfig, validate
+    from loom.data.prepare import PrepareConfig, TokenizerSection, validate
 
     _forced("data", section, "output.dir", str(folder))
     if "tokenizer" in section:
@@ -460,12 +429,8 @@ def _data_stage(section: dict[str, Any], tok: dict[str, Any], base: Path, folder
             "section (vocab_size, special_tokens, sample_bytes or path)"
         )
     settings = tree_from_dict(TokenizerSection, tok)
-    data_tok: dict[str, Any] = {
-        "vocab_size": settings.vocab_size,
-        "special_tokens": settings.special_tokens,
-        "sample_bytes": settings.sample_bytes,
-        "train": not settings.path,
-    }
+    data_tok = dataclasses.asdict(settings)
+    data_tok["train"] = settings.train and not settings.path
     if settings.path:
         data_tok["path"] = expand(settings.path, base, "[tokenizer] path")
     section["tokenizer"] = data_tok
@@ -520,8 +485,7 @@ def _pretrain_stage(
 def _finetune_stage(
     section: dict[str, Any], base: Path, folder: Path, earlier: list[Stage]
 ) -> Stage:
-    from loom.core.config import tree_from_dict
-    from loom.finetune.config import DEFAULT_LR, FinetuneConfig, validate_finetune
+    from loom.finetune.config import finetune_config_from_dict, validate_finetune
 
     _forced("finetune", section, "run_dir", str(folder))
     hardware = _hardware("finetune", section)
@@ -543,14 +507,7 @@ def _finetune_stage(
                 data[key] = expand(data[key], base, f"[finetune] data.{key}")
     merged["run_dir"] = str(folder)
     try:
-        cfg = tree_from_dict(FinetuneConfig, merged)
-        # as load_finetune_config does: per-method learning rate, no decay, unless set
-        if "lr" not in merged.get("optimizer", {}):
-            method = cfg.finetune.method
-            lora_dpo = method == "dpo" and cfg.dpo.lora
-            cfg.optimizer.lr = DEFAULT_LR["dpo-lora" if lora_dpo else method]
-        if "weight_decay" not in merged.get("optimizer", {}):
-            cfg.optimizer.weight_decay = 0.0
+        cfg = finetune_config_from_dict(merged)
         # the pretrain stage's folder does not exist yet: check everything else now
         checked = copy.deepcopy(cfg)
         if inputs:
@@ -577,11 +534,10 @@ def _model_stage(
 def _eval_stage(
     section: dict[str, Any], base: Path, folder: Path, root: Path, has_data: bool, last: str
 ) -> Stage:
+    from loom.commands.eval import Options as EvalOptions
     from loom.core.config import tree_from_dict
 
-    cfg = tree_from_dict(EvalSection, section)
-    if cfg.quantize not in ("", "int8"):
-        raise LoomError(f'[eval] quantize = {cfg.quantize!r}: use "int8" or leave it out')
+    cfg = tree_from_dict(EvalOptions, section)
     stage = _model_stage("eval", cfg, base, folder, root, last)
     if cfg.tasks:
         cfg.tasks = [expand(t, base, "[eval] tasks") for t in cfg.tasks]
@@ -593,25 +549,6 @@ def _eval_stage(
         cfg.tasks = [str(root / "data")]
         stage.inputs = ["data", *stage.inputs]
     return stage
-
-
-def _serve_options(cfg: ServeSection) -> Any:
-    from loom.serve.server import ServeOptions
-
-    return ServeOptions(
-        host=cfg.host,
-        port=cfg.port,
-        api_key=cfg.api_key or None,
-        served_name=cfg.served_name or None,
-        max_batch=cfg.max_batch,
-        max_queue=cfg.max_queue,
-        step_tokens=cfg.step_tokens,
-        block_size=cfg.block_size,
-        kv_cache_mb=cfg.kv_cache_mb or None,
-        dtype=cfg.dtype or None,
-        quantize=cfg.quantize or None,
-        tp=cfg.tp,
-    )
 
 
 def _resolved(stage: Stage) -> Any:
@@ -995,24 +932,15 @@ def _run_training(stage: Stage) -> dict[str, Any]:
 
 
 def _run_eval(stage: Stage) -> dict[str, Any]:
-    from loom.eval.evaluate import EvalOptions, evaluate, render
+    from loom.eval.evaluate import evaluate, render
 
     c = stage.config
-    opts = EvalOptions(
-        few_shot=c.few_shot,
-        limit=c.limit or None,
-        seq_len=c.seq_len or None,
-        max_tokens=c.max_tokens,
-        seed=c.seed,
-        batch_tokens=c.batch_tokens,
-        quantize=c.quantize or None,
-    )
     # The record goes to this stage's folder only: the evaluated stage's stays as it finished.
-    record, results = evaluate(stage.model, c.tasks, opts, append_to_run=False)
+    record, results = evaluate(stage.model, c.tasks, c, append_to_run=False)
     stage.dir.mkdir(parents=True, exist_ok=True)
     logged = {**record, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (stage.dir / EVAL_LOG).write_text(json.dumps(logged) + "\n")
-    print(render(results))
+    print(json.dumps(record, indent=2) if c.json else render(results))
     return {
         f"{r.name} {metric}": value
         for r in results
@@ -1033,7 +961,7 @@ def _run_serve(stage: Stage) -> dict[str, Any]:
     from loom.serve.server import serve
 
     stage.dir.mkdir(parents=True, exist_ok=True)
-    serve(stage.model, _serve_options(stage.config))
+    serve(stage.model, stage.config)
     return {"model": stage.model}
 
 

@@ -39,13 +39,25 @@ from loom.models.sources import find_checkpoint, load_model
 class EvalOptions:
     """The command's knobs; `batch_tokens` bounds the tokens of one scoring forward pass."""
 
-    few_shot: int = 0
-    limit: int | None = None
-    seq_len: int | None = None  # perplexity window; None: min(model context, 1024)
-    max_tokens: int = 32
-    seed: int = 0
-    batch_tokens: int = 4096
-    quantize: str | None = None  # "int8": int8 weight-only weights (loom.core.quantize)
+    # field metadata: `loom eval`'s flags are generated from it (loom.commands.options)
+    few_shot: int = field(default=0, metadata={"metavar": "K"})
+    limit: int | None = field(default=None, metadata={"metavar": "N", "help": "first N examples"})
+    seq_len: int | None = field(  # None: min(model context, 1024)
+        default=None,
+        metadata={"metavar": "N", "help": "perplexity window (default: min(context, 1024))"},
+    )
+    max_tokens: int = field(default=32, metadata={"metavar": "N", "help": "generation length"})
+    seed: int = field(default=0, metadata={"help": "few-shot example choice"})
+    batch_tokens: int = field(
+        default=4096, metadata={"metavar": "N", "help": "tokens of one scoring forward pass"}
+    )
+    quantize: str | None = field(  # int8 weight-only weights (loom.core.quantize)
+        default=None,
+        metadata={
+            "choices": ("int8",),
+            "help": "int8 weight-only linear layers (torchao), to measure their quality cost",
+        },
+    )
 
 
 @dataclass

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from loom.core.config import (
     Config,
@@ -75,6 +75,13 @@ DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dpo": 5e-6, "dpo-lora"
 
 def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ()) -> FinetuneConfig:
     raw = read_with_overrides(path, overrides)
+    cfg = finetune_config_from_dict(raw)
+    validate_finetune(cfg)
+    return cfg
+
+
+def finetune_config_from_dict(raw: dict[str, Any]) -> FinetuneConfig:
+    """The tree with the per-method learning rate and no weight decay, unless `raw` sets them."""
     cfg = tree_from_dict(FinetuneConfig, raw)
     set_by_user = raw.get("optimizer", {})
     if "lr" not in set_by_user:
@@ -82,7 +89,6 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ())
         cfg.optimizer.lr = DEFAULT_LR["dpo-lora" if method == "dpo" and cfg.dpo.lora else method]
     if "weight_decay" not in set_by_user:
         cfg.optimizer.weight_decay = 0.0
-    validate_finetune(cfg)
     return cfg
 
 

@@ -127,6 +127,11 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int = 1024
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "step_tokens", "block_size", "num_blocks"):
+            if getattr(self, name) < 1:
+                raise LoomError(f"--{name.replace('_', '-')} must be at least 1")
+
 
 class EngineMetrics(Protocol):
     def step(self, running: int, waiting: int, blocks_used: int, tokens: int) -> None: ...
@@ -147,8 +152,6 @@ class Engine:
         config: EngineConfig,
         metrics: EngineMetrics | None = None,
     ) -> None:
-        if config.max_batch < 1 or config.max_queue < 1 or config.step_tokens < 1:
-            raise LoomError("--max-batch, the queue size and the step tokens must be at least 1")
         self.runner = runner
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids

@@ -30,34 +30,82 @@ from loom.serve.tensor_parallel import start_tp_runner
 API_KEY_ENV = "LOOM_API_KEY"
 
 
+def _flag(help: str, **more: object) -> dict[str, object]:
+    """Field metadata `loom serve`'s flags are generated from (loom.commands.options)."""
+    return {"help": help or None, **more}
+
+
+_ENGINE = EngineConfig()
+
+
 @dataclass
 class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # None: $LOOM_API_KEY if set, else no key
-    served_name: str | None = None  # None: the model folder's name
-    max_batch: int = 32
-    max_queue: int = 256
-    step_tokens: int = 256
-    block_size: int = 16
-    kv_cache_mb: int | None = None  # None: 1 GiB on CPU, 80 % of free memory on a GPU
-    dtype: str | None = None  # fp32 | bf16; None: fp32 on CPU, bf16 on a GPU
-    quantize: str | None = None  # int8: torchao weight-only
-    adapters: dict[str, str] = field(default_factory=dict)  # served name → LoRA run / folder
-    tp: int = 1
+    """`loom serve`'s options and the pipeline's `[serve]`; the engine's knobs default to
+    EngineConfig's. Validated on construction."""
 
-    def validate(self) -> None:
+    host: str = field(default="127.0.0.1", metadata=_flag("default 127.0.0.1 (this machine only)"))
+    port: int = field(default=8000, metadata=_flag(""))
+    # None: $LOOM_API_KEY if set, else no key
+    api_key: str | None = field(default=None, metadata=_flag("require 'Authorization: Bearer KEY'"))
+    served_name: str | None = field(
+        default=None, metadata=_flag("model name (default: folder name)")
+    )
+    max_batch: int = field(default=_ENGINE.max_batch, metadata=_flag("sequences decoded together"))
+    max_queue: int = field(
+        default=_ENGINE.max_queue, metadata=_flag("waiting sequences before 429")
+    )
+    step_tokens: int = field(
+        default=_ENGINE.step_tokens, metadata=_flag("tokens per forward pass (prefill chunks)")
+    )
+    block_size: int = field(default=_ENGINE.block_size, metadata=_flag("tokens per KV cache block"))
+    kv_cache_mb: int | None = field(
+        default=None, metadata=_flag("default 1024 on CPU, 80%% of free GPU memory")
+    )
+    dtype: str | None = field(default=None, metadata=_flag("", choices=("fp32", "bf16")))
+    quantize: str | None = field(
+        default=None, metadata=_flag("weight-only (torchao)", choices=("int8",))
+    )
+    # served name → LoRA run or PEFT folder; on the command line a repeated NAME=PATH
+    adapters: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_flag(
+            "serve a LoRA adapter (PEFT folder or Loom LoRA run) as model NAME; repeatable",
+            flags=("--adapter",),
+            metavar="NAME=PATH",
+            append=True,
+            convert=lambda items: adapter_pairs(items or []),
+        ),
+    )
+    tp: int = field(default=1, metadata=_flag("tensor-parallel workers (local)"))
+
+    def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise LoomError(f"--port {self.port} must be in 1..65535")
-        for name in ("max_batch", "max_queue", "step_tokens", "block_size", "tp"):
-            if getattr(self, name) < 1:
-                raise LoomError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.tp < 1:
+            raise LoomError("--tp must be at least 1")
+        self.engine_config(1)  # checks max_batch, max_queue, step_tokens and block_size
         if self.kv_cache_mb is not None and self.kv_cache_mb < 1:
             raise LoomError("--kv-cache-mb must be at least 1")
         if self.dtype not in (None, "fp32", "bf16"):
             raise LoomError(f"--dtype {self.dtype!r} must be fp32 or bf16")
         if self.quantize not in (None, "int8"):
             raise LoomError(f"--quantize {self.quantize!r}: only int8 is supported")
+
+    def engine_config(self, num_blocks: int) -> EngineConfig:
+        return EngineConfig(
+            self.max_batch, self.max_queue, self.step_tokens, self.block_size, num_blocks
+        )
+
+
+def adapter_pairs(items: list[str]) -> dict[str, str]:
+    """`--adapter NAME=PATH` (repeated) as {NAME: PATH}."""
+    adapters = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LoomError(f"--adapter {item!r}: write NAME=PATH")
+        adapters[name] = path
+    return adapters
 
 
 def stop_token_ids(tokenizer: Tokenizer, tokenizer_dir: Path, template: ChatTemplate) -> set[int]:
@@ -108,7 +156,7 @@ def build_engine(
         tokenizer,
         stop_token_ids(tokenizer, tokenizer_dir, template),
         model.cfg.max_seq_len,
-        EngineConfig(opts.max_batch, opts.max_queue, opts.step_tokens, opts.block_size, num_blocks),
+        opts.engine_config(num_blocks),
         metrics,
     )
     name = opts.served_name or (src.stem if src.suffix == ".gguf" else src.resolve().name)
@@ -146,7 +194,6 @@ def start_http(app: FastAPI, opts: ServeOptions) -> tuple[uvicorn.Server, thread
 
 def serve(model_path: str | Path, opts: ServeOptions) -> None:
     """Load, then serve until interrupted (Ctrl-C or SIGTERM)."""
-    opts.validate()
     api_key = resolve_api_key(opts)
     metrics = ServeMetrics(opts.max_batch)
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,0 +1,27 @@
+"""`loom finetune`: full, LoRA, QLoRA or DPO fine-tuning of a released model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.commands.train import LaunchOptions, launch_or_run
+
+DESCRIPTION = (
+    "Fine-tune from a TOML config (model.path, data.path, finetune.method, "
+    "lora.*, dpo.*, train.*, ...); override any key as --section.key=value."
+)
+TAKES_OVERRIDES = True
+
+
+@dataclass
+class Options(LaunchOptions):
+    pass
+
+
+def run(options: Options) -> int:
+    from loom.finetune.config import load_finetune_config, with_base_architecture
+    from loom.finetune.trainer import finetune
+
+    cfg = load_finetune_config(options.config, options.overrides)
+    layout = with_base_architecture(cfg) if options.nproc is not None else cfg
+    return launch_or_run(options, cfg, layout, "loom.finetune", finetune)

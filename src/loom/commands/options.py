@@ -1,0 +1,104 @@
+"""Command-line flags generated from an `Options` dataclass, so each option is written once:
+its default, type and help live on the field, and `loom <cmd>` and the pipeline read the same
+class."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def option(
+    default: Any = _NO_DEFAULT,
+    *,
+    help: str | None = None,
+    flags: Sequence[str] = (),
+    metavar: str | None = None,
+    choices: Sequence[str] | None = None,
+    nargs: str | None = None,
+    required: bool = False,
+    positional: bool = False,
+    append: bool = False,
+    cli: bool = True,
+    convert: Callable[[Any], Any] | None = None,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A dataclass field that is also a flag (`--field-name` unless `flags` names it)."""
+    metadata = {
+        "help": help,
+        "flags": tuple(flags),
+        "metavar": metavar,
+        "choices": tuple(choices) if choices else None,
+        "nargs": nargs,
+        "required": required,
+        "positional": positional,
+        "append": append,
+        "cli": cli,
+        "convert": convert,
+    }
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _scalar(tp: Any) -> Any:
+    """`int | None` -> int; list[str] -> str."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) in (list, dict):
+        tp = str
+    return tp
+
+
+def flags_of(cls: type) -> list[dataclasses.Field[Any]]:
+    """The fields of `cls` that are command-line flags or positionals."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argparse argument per field of the Options class `cls`."""
+    hints = typing.get_type_hints(cls)
+    for f in flags_of(cls):
+        m = f.metadata
+        tp = _scalar(hints[f.name])
+        kwargs: dict[str, Any] = {"help": m.get("help")}
+        for key in ("metavar", "choices", "nargs"):
+            if m.get(key) is not None:
+                kwargs[key] = list(m[key]) if key == "choices" else m[key]
+        if m.get("positional"):
+            parser.add_argument(f.name, **kwargs)
+            continue
+        names = m.get("flags") or (f"--{f.name.replace('_', '-')}",)
+        if tp is bool:
+            kwargs["action"] = "store_true"
+        else:
+            if tp is not str:
+                kwargs["type"] = tp
+            if m.get("append"):  # repeated flag: a list however the field stores it
+                kwargs["action"] = "append"
+        if m.get("required"):
+            kwargs["required"] = True
+        elif f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        elif m.get("append"):
+            kwargs["default"] = []
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default"] = f.default_factory()
+        parser.add_argument(*names, dest=f.name, **kwargs)
+
+
+def from_args(cls: type[T], args: argparse.Namespace, **extra: Any) -> T:
+    """The Options instance for parsed `args` (its `__post_init__` validates it)."""
+    values: dict[str, Any] = {}
+    for f in flags_of(cls):
+        value = getattr(args, f.name)
+        convert = f.metadata.get("convert")
+        values[f.name] = convert(value) if convert is not None else value
+    return cls(**values, **extra)

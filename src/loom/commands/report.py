@@ -1,0 +1,25 @@
+"""`loom report`: a self-contained HTML report of a run or pipeline folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loom.commands.options import option
+
+DESCRIPTION = (
+    "RUN_DIR: a training or fine-tuning run folder, or a pipeline folder "
+    "(pipeline.json). Writes RUN_DIR/report.html (figures embedded) and prints its path."
+)
+
+
+@dataclass
+class Options:
+    run_dir: str = option("", positional=True, metavar="RUN_DIR")
+
+
+def run(options: Options) -> int:
+    from loom.report import write_report
+
+    print(write_report(Path(options.run_dir)))
+    return 0
