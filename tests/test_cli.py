@@ -34,6 +34,7 @@ def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
     return proc
 
 
+@pytest.mark.slow
 def test_end_to_end_and_resume_through_the_cli(tmp_path: Path, corpus_dir: Path) -> None:
     ok(
         run(
@@ -214,6 +215,7 @@ def test_bad_input_messages(
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`make demo` in miniature: the same module with a handful of steps."""
     proc = ok(run("-m", "loom.demo", "--steps", "4", "--out", str(tmp_path / "demo"), cwd=tmp_path))

@@ -156,6 +156,7 @@ def test_missing_shards_and_shape_mismatches_are_refused(
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_real_smollm2_gguf_imports_with_transformers_logits_and_exports(
     smollm2_gguf: Path, tmp_path: Path
 ) -> None:

@@ -131,6 +131,7 @@ def test_links_resolve(page: str) -> None:
             assert anchor in github_anchors(resolved), f"{page}: no heading for {target}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in PAGES if p != "README.md"])
 def test_examples_run(page: str, tmp_path: Path) -> None:
     """Each `$ ` command runs with bash in one folder per page; its output holds the fragments."""

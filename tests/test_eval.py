@@ -238,6 +238,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_lm_eval_on_the_hf_export_agrees_with_loom_eval(
     hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

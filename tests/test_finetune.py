@@ -102,6 +102,7 @@ def real_ids(base: Path) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
+@pytest.mark.slow
 def test_lora_adapter_loads_in_peft_with_the_same_logits_and_merges(
     base: Path, pydoc: Path, tmp_path: Path
 ) -> None:
@@ -137,6 +138,7 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits_and_merges(
         assert (merged(ids).logits - theirs).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_packed_rows_give_the_loss_of_the_examples_one_by_one(base: Path, pydoc: Path) -> None:
     """Document masks: a packed row's token losses equal those of its examples run alone."""
     options = {"val_fraction": 0.0, "seed": 0}
@@ -161,6 +163,7 @@ def test_packed_rows_give_the_loss_of_the_examples_one_by_one(base: Path, pydoc:
     assert (leaky.sort().values - alone.sort().values).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_continues_exactly(method: str, base: Path, pydoc: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
@@ -174,6 +177,7 @@ def test_resume_continues_exactly(method: str, base: Path, pydoc: Path, tmp_path
         assert b"lora_A" in files and b"embed_tokens" not in files
 
 
+@pytest.mark.slow
 def test_lora_under_fsdp_matches_one_process(base: Path, pydoc: Path, tmp_path: Path) -> None:
     single = tmp_path / "single"
     finetune(config(base, pydoc, single, "--train.steps=4"))
@@ -255,6 +259,7 @@ def preferences(pydoc: Path, out: Path, count: int) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapters", ["true", "false"])
 def test_dpo_starts_at_log2_and_learns_the_preference(
     adapters: str, base: Path, pydoc: Path, tmp_path: Path

@@ -63,6 +63,7 @@ def error_line(stderr: str) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_nproc_launch_trains_like_one_process(data_dir: Path, tmp_path: Path) -> None:
     code, err = finish(
         loom_train("--nproc", "2", *args(data_dir, tmp_path / "run"), "--parallel.tp=2")
@@ -116,6 +117,7 @@ def interrupt(
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_is_reported_with_rank_and_step(data_dir: Path, tmp_path: Path) -> None:
     code, err = interrupt(data_dir, tmp_path / "run", lambda pid: os.kill(pid, signal.SIGKILL))
     assert code == 2
@@ -124,6 +126,7 @@ def test_a_worker_that_dies_is_reported_with_rank_and_step(data_dir: Path, tmp_p
     assert int(line.split("in step ")[1].split(";")[0]) >= 3
 
 
+@pytest.mark.slow
 def test_a_hung_worker_ends_the_run_at_the_timeout(data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
 
@@ -158,6 +161,7 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_stops_every_rank(data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     Trainer(load_config(CONFIG, args(data_dir, run_dir, "--model.dim=32", "--train.steps=3"))).run()

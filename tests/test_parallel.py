@@ -142,6 +142,7 @@ def final_params(cfg: Config, run_dir: Path) -> dict[str, torch.Tensor]:
 ALL = [name for layouts in LAYOUTS.values() for name in layouts]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_layout_matches_single_process(runs: dict[str, Any], data_dir: Path, name: str) -> None:
     single = runs["single"]
@@ -165,6 +166,7 @@ def test_layout_matches_single_process(runs: dict[str, Any], data_dir: Path, nam
         assert records[0]["val_losses"][str(STEPS)] == pytest.approx(runs["single_val"], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RESUMES))
 def test_checkpoint_resumes_under_another_layout(runs: dict[str, Any], name: str) -> None:
     """Saved at step 5 under one layout, resumed under another: step 6 is the same step."""
@@ -173,6 +175,7 @@ def test_checkpoint_resumes_under_another_layout(runs: dict[str, Any], name: str
     assert losses[6] == pytest.approx(runs["single"][6], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_fsdp4_checkpoint_resumes_in_one_process(
     runs: dict[str, Any], data_dir: Path, tmp_path: Path
 ) -> None:
@@ -183,6 +186,7 @@ def test_fsdp4_checkpoint_resumes_in_one_process(
     assert result.train_losses[6] == pytest.approx(runs["single"][6], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,n", [("fsdp2", 2), ("fsdp4", 4)])
 def test_fsdp_holds_one_nth_of_parameters_and_optimizer_state(
     runs: dict[str, Any], data_dir: Path, name: str, n: int
@@ -320,6 +324,7 @@ PREDICTED = {  # layout -> its strategy for the planner
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PREDICTED))
 def test_planner_predicts_the_bytes_each_layout_holds(
     runs: dict[str, Any], data_dir: Path, name: str

@@ -122,6 +122,7 @@ def shared(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return path, run_dir
 
 
+@pytest.mark.slow
 def test_a_pipeline_runs_end_to_end(shared: tuple[Path, Path]) -> None:
     _, run_dir = shared
     state = json.loads((run_dir / "pipeline.json").read_text())
@@ -246,6 +247,7 @@ def test_adding_a_finetune_stage_reruns_only_what_reads_it(
     assert (run_dir / "export" / "model.safetensors").is_file()  # LoRA merged on export
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes(
     corpus_dir: Path, tmp_path: Path, loom_logs: pytest.LogCaptureFixture
 ) -> None:
@@ -331,6 +333,7 @@ def kill_in_next_stage(
     raise AssertionError("no new stage ran within 300 s")
 
 
+@pytest.mark.slow
 def test_killing_the_run_in_each_stage_redoes_no_finished_stage(
     corpus_dir: Path, tmp_path: Path
 ) -> None:
@@ -581,6 +584,7 @@ def test_the_70b_pipeline_fits_its_64_gpus(
     assert used < capacity < 80 and not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_the_smollm2_pipeline_fine_tunes_and_serves(
     smollm2_gguf: Path,
     tmp_path: Path,
@@ -699,6 +703,7 @@ def test_a_stage_for_absent_hardware_stops_before_anything_runs(
     assert ran == [] and not run_dir.exists()  # not even the data stage before it
 
 
+@pytest.mark.slow
 def test_a_stage_on_its_target_hardware_runs_and_records_the_plan(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -117,6 +117,7 @@ def groups(corpus: corpus_module.Corpus) -> dict[str, set[str]]:
     return {doc: group for group in members.values() for doc in group}
 
 
+@pytest.mark.slow
 def test_exact_copies_all_removed_and_point_into_their_group(dedup_only, corpus) -> None:
     out, manifest = dedup_only
     dropped = {r["id"]: r for r in read_jsonl_dir(out / "dropped")}
@@ -259,6 +260,7 @@ def test_interrupted_run_resumes_to_identical_output(raw_dir, tmp_path) -> None:
         assert resumed[key] == reference[key]
 
 
+@pytest.mark.slow
 def test_ray_and_local_pool_give_the_same_output(raw_dir, tmp_path, monkeypatch) -> None:
     import ray
 

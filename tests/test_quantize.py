@@ -157,6 +157,7 @@ def smollm2(
     return model.eval(), quantized.eval(), tokenizer_dir, root / "run"
 
 
+@pytest.mark.slow
 def test_smollm2_int8_logits_stay_close_to_fp32(smollm2: tuple) -> None:
     model, quantized, tokenizer_dir, _ = smollm2
     ids = load_tokenizer(tokenizer_dir).encode(TEXT, add_special_tokens=False).ids[:256]
@@ -173,6 +174,7 @@ def test_smollm2_int8_logits_stay_close_to_fp32(smollm2: tuple) -> None:
     assert 0.25 < ratio < 0.26
 
 
+@pytest.mark.slow
 def test_loom_eval_quantize_int8_perplexity_within_a_few_percent(
     smollm2: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

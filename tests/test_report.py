@@ -253,6 +253,7 @@ def number(text: str) -> float:
     return float(text.replace(",", ""))
 
 
+@pytest.mark.slow
 def test_pipeline_report_is_self_contained_and_shows_the_runs_numbers(
     pipeline: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -391,6 +392,7 @@ def test_a_bad_run_dir_is_one_error_line(
     assert not (tmp_path / "other" / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(
     pipeline: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -127,6 +127,7 @@ def wait_for_step(run_dir: Path, rank: int, step: int) -> int:
 # -- restarts: SIGKILL, hang, crash in a checkpoint write --------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_and_hung_workers_restart_and_match_the_uninterrupted_run(
     small_data: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
@@ -155,6 +156,7 @@ def test_killed_and_hung_workers_restart_and_match_the_uninterrupted_run(
     assert not (run_dir / "hangs" / "rank-0-attempt-3.txt").exists()  # cleaned when all went well
 
 
+@pytest.mark.slow
 def test_worker_killed_from_outside_restarts_under_loom_torchrun(
     small_data: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
@@ -174,6 +176,7 @@ def test_worker_killed_from_outside_restarts_under_loom_torchrun(
     assert json.loads((run_dir / "goodput.json").read_text())["restarts"] == 1
 
 
+@pytest.mark.slow
 def test_crash_during_checkpoint_write_keeps_the_previous_one(
     small_data: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
@@ -194,6 +197,7 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(
     assert not (checkpoints / "step-8.tmp").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_current_step_and_the_next_start_continues(
     small_data: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
@@ -214,6 +218,7 @@ def test_sigterm_saves_at_the_current_step_and_the_next_start_continues(
 # -- elastic resize ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resize_4_2_1_sees_every_sample_once_per_epoch(small_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = load_config(CONFIG, args(small_data, run_dir))

@@ -414,6 +414,7 @@ def limited(hf_dir: Path, peft_adapter: tuple) -> Iterator[Server]:
     srv.stop()
 
 
+@pytest.mark.slow
 def test_full_queue_answers_429_and_the_key_comes_from_the_environment(limited: Server) -> None:
     with pytest.raises(openai.AuthenticationError):
         limited.client(key=KEY).models.list()
@@ -464,6 +465,7 @@ def test_an_adapter_is_served_by_its_name(
     assert plain.choices[0].text == tok.decode(hf_greedy(reference, ids, 10))
 
 
+@pytest.mark.slow
 def test_two_tensor_parallel_workers_answer_like_one_process(server: Server, hf_dir: Path) -> None:
     srv = Server(hf_dir, "--tp", "2", "--api-key", KEY, "--step-tokens", "8")
     try:
@@ -480,6 +482,7 @@ def test_two_tensor_parallel_workers_answer_like_one_process(server: Server, hf_
     assert "2 tensor-parallel workers" in log
 
 
+@pytest.mark.slow
 def test_a_taken_port_is_a_clear_error(server: Server, hf_dir: Path) -> None:
     taken = subprocess.run(
         [sys.executable, "-m", "loom", "serve", str(hf_dir), "--port", str(server.port)],

@@ -145,6 +145,7 @@ def test_a_layout_that_does_not_divide_is_refused_before_any_compute() -> None:
         simulate(tiny(), 8, rank=8)
 
 
+@pytest.mark.slow
 def test_cli_prints_json_that_compares_with_the_planner_key_by_key() -> None:
     proc = subprocess.run(
         [*LOOM_TRAIN_TINY, "--simulate", "8", "--rank", "3", "--json", "--parallel.dp_shard=8"],
@@ -233,6 +234,7 @@ def test_interleaved_pipeline_on_8_ranks_against_the_planner() -> None:
     check_against_planner(cfg, 8, result)
 
 
+@pytest.mark.slow
 def test_loom_plan_simulate_runs_the_planners_layout_and_prints_both(tmp_path: Path) -> None:
     """`loom plan --simulate --json`: the planner's layout built as a Loom config (pp 2 × tp 2
     × FSDP 2 here), simulated on rank 6 (the last stage), both sides in one JSON object."""

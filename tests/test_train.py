@@ -185,6 +185,7 @@ def test_bf16_autocast_tracks_fp32(tiny_config: MakeConfig, tmp_path: Path) -> N
         assert bf16.train_losses[step] == pytest.approx(fp32.train_losses[step], abs=0.05)
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tiny_config: MakeConfig, tmp_path: Path) -> None:
     from torch._dynamo.utils import counters
 

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from loom.core import distributed
 from loom.core.lora import adapters_disabled
 from loom.finetune.rows import validation_batches
-from loom.core import distributed
 from loom.parallel.parallelize import ParallelModel
 
 if TYPE_CHECKING:

@@ -276,7 +276,8 @@ def pipeline_fsdp_buffers(model: ModelShape, s: Strategy, psi: float) -> float:
 
 def _in_flight(s: Strategy) -> int:
     """Micro-batches the first pipeline stage holds when its first backward starts."""
-    return s.microbatches if s.schedule == "GPipe" else min(s.pp, s.microbatches)
+    held = s.microbatches if s.schedule == "GPipe" else min(s.pp, s.microbatches)
+    return max(1, held)  # a strategy asking only about state bytes may leave the batch unset
 
 
 def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:

@@ -29,7 +29,6 @@ from loom.core.config import Config, config_to_dict
 from loom.core.device import select_device
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.core.loss import cross_entropy
 from loom.core.run_files import MetricsLine, RankNote, RunFiles
 from loom.parallel.dims import resolve
 from loom.parallel.parallelize import ParallelModel
