@@ -15,7 +15,7 @@ TAKES_OVERRIDES = True
 
 @dataclass
 class Options(LaunchOptions):
-    pass
+    """`loom finetune` starts the way `loom train` does: the same launch options."""
 
 
 def run(options: Options) -> int:

@@ -132,7 +132,7 @@ def write_config(cfg: Config, run_dir: Path) -> None:
 
 
 def no_action(trainer: Trainer, result: TrainResult) -> None:
-    pass
+    """Pretraining has nothing to do before or after its run."""
 
 
 @dataclass
