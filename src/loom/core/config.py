@@ -145,7 +145,10 @@ class ParallelConfig:
 class MemoryConfig:
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_every: int = 1  # apply recomputation to every k-th layer only
-    offload: Literal["none", "optimizer", "params"] = "none"  # optimizer: not built yet
+    offload: Literal["none", "optimizer", "params"] = "none"
+    activation_offload: bool = False  # each block's saved activations wait in host memory
+    offload_dir: str = ""  # NVMe tier: optimizer state in files here (with offload=optimizer)
+    host_budget_gb: float = 0.0  # host memory the offload tier may hold; 0 = no limit
 
 
 @dataclass
@@ -379,6 +382,25 @@ def _type_name(tp: Any) -> str:
 # Validation
 
 
+def _check_memory(m: MemoryConfig) -> None:
+    """Every memory.* value must change what the run does, or be refused here."""
+    if m.offload == "optimizer":
+        raise LoomError(
+            "memory.offload=optimizer is not built yet (the optimizer state would stay on the "
+            "device); use memory.offload=params (FSDP keeps parameters, gradients and optimizer "
+            "state in host memory) or memory.offload=none"
+        )
+    if m.activation_offload:
+        raise LoomError("memory.activation_offload is not built yet; set it to false")
+    if m.offload_dir and m.offload != "optimizer":
+        raise LoomError(
+            f"memory.offload_dir={m.offload_dir!r} holds the optimizer state on disk and needs "
+            "memory.offload=optimizer"
+        )
+    if m.host_budget_gb < 0:
+        raise LoomError(f"memory.host_budget_gb={m.host_budget_gb} must be >= 0 (0 = no limit)")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values up front, naming the key and the fix."""
     m, t, o = cfg.model, cfg.train, cfg.optimizer
@@ -461,12 +483,7 @@ def validate(cfg: Config) -> None:
             raise LoomError(f"data.mix[{i}] needs a path and a weight > 0")
     if cfg.memory.recompute_every < 1:
         raise LoomError(f"memory.recompute_every={cfg.memory.recompute_every} must be at least 1")
-    if cfg.memory.offload == "optimizer":
-        raise LoomError(
-            "memory.offload=optimizer is not built yet (the optimizer state would stay on the "
-            "device); use memory.offload=params (FSDP keeps parameters, gradients and optimizer "
-            "state in host memory) or memory.offload=none"
-        )
+    _check_memory(cfg.memory)
     r, c = cfg.resilience, cfg.checkpoint
     _positive(
         {"resilience.max_bad_steps": r.max_bad_steps, "resilience.spike_window": r.spike_window}
