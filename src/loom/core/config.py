@@ -390,8 +390,6 @@ def _check_memory(m: MemoryConfig) -> None:
             "device); use memory.offload=params (FSDP keeps parameters, gradients and optimizer "
             "state in host memory) or memory.offload=none"
         )
-    if m.activation_offload:
-        raise LoomError("memory.activation_offload is not built yet; set it to false")
     if m.offload_dir and m.offload != "optimizer":
         raise LoomError(
             f"memory.offload_dir={m.offload_dir!r} holds the optimizer state on disk and needs "

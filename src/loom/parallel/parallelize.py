@@ -2,9 +2,10 @@
 
 Order, all from outside the model's code: build on the meta device → cut into pipeline stages
 (each stage is then treated as a model) → float8 → tensor/sequence parallel → activation
-recomputation → compile → FSDP/HSDP or DDP → materialise and initialise → (optimizer, by the
-trainer). Initial values are drawn per parameter from (seed, name) on the whole tensor and then
-sliced to the local shard, so every layout starts from exactly the single-process model.
+recomputation → compile → activation offload → FSDP/HSDP or DDP → materialise and initialise →
+(optimizer, by the trainer). Initial values are drawn per parameter from (seed, name) on the
+whole tensor and then sliced to the local shard, so every layout starts from exactly the
+single-process model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from loom.core.config import Config
 from loom.models.llama import Transformer, build_model, init_parameter_
+from loom.parallel.activation_offload import ActivationStore, apply_activation_offload
 from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_loss
 from loom.parallel.data_parallel import DTYPES, apply_ddp, apply_fsdp
 from loom.parallel.dims import V_SCHEDULES, ParallelDims
@@ -54,6 +56,7 @@ class ParallelModel:
     has_last_stage: bool = True
     forward_loss: ForwardLoss | None = None
     forward_only_eval: bool = True
+    activation_store: ActivationStore | None = None  # memory.activation_offload's host store
     _loss_scale: float = field(default=1.0, repr=False)
 
     @property
@@ -206,6 +209,7 @@ def parallelize(
     else:
         stage_ids = [0]
         parts = [build_model(cfg.model)]
+    store = ActivationStore(device) if memory.activation_offload else None
 
     for part in parts:
         if adapt is not None:
@@ -219,6 +223,8 @@ def parallelize(
         if t.compile and mesh is not None:
             for block in part.layers.values():
                 block.compile()
+        if store is not None:
+            apply_activation_offload(part, store)
         if use_fsdp:
             assert mesh is not None
             dp_mesh = (
@@ -248,6 +254,7 @@ def parallelize(
         has_first_stage=0 in stage_ids,
         has_last_stage=dims.num_stages - 1 in stage_ids,
         forward_only_eval=p.schedule not in V_SCHEDULES and hasattr(_PipelineSchedule, "eval"),
+        activation_store=store,
     )
     if dims.pp > 1:
         assert mesh is not None
