@@ -197,7 +197,8 @@ def test_pipeline_stages_and_commands_share_their_options(corpus_dir: Path, tmp_
     from loom.commands import eval as eval_command
     from loom.commands import serve as serve_command
     from loom.data.prepare import TokenizerSection
-    from loom.pipeline import LaunchSection, load_pipeline
+    from loom.pipeline.load import load_pipeline
+    from loom.pipeline.stages.training import LaunchSection
 
     extra = finetune_section(corpus_dir, tmp_path, steps=2)
     extra += '\n[serve]\nport = 8124\nadapters = { sft = "run/finetune" }\n'
@@ -207,21 +208,21 @@ def test_pipeline_stages_and_commands_share_their_options(corpus_dir: Path, tmp_
     assert set(stages) == {"data", "tokenizer", "pretrain", "finetune", "eval", "export", "serve"}
 
     # eval and serve: the very Options class of the command, every flag a key and back
-    assert type(stages["eval"].config) is eval_command.Options
+    assert type(stages["eval"].options) is eval_command.Options
     assert keys(eval_command.Options) == dests("eval")
-    assert type(stages["serve"].config) is serve_command.Options
+    assert type(stages["serve"].options) is serve_command.Options
     assert keys(serve_command.Options) == dests("serve")  # `--adapter NAME=PATH` <-> adapters
-    assert stages["serve"].config.adapters == {"sft": str(tmp_path / "run" / "finetune")}
+    assert stages["serve"].options.adapters == {"sft": str(tmp_path / "run" / "finetune")}
     # pretrain/finetune: `[STAGE] config` and `[STAGE.launch]` are the launch flags; --simulate
     # (with --rank, --json) runs one fake step instead of training, which no stage does
     launch = {"config"} | keys(LaunchSection)
     assert dests("train") - {"simulate", "rank", "json"} == launch
     assert dests("finetune") == launch
     # export is `loom convert` with SRC named model and --out the stage's folder
-    export = keys(type(stages["export"].config))
+    export = keys(type(stages["export"].options))
     assert dests("convert") - {"src", "out"} == export - {"model"}
     # [tokenizer] is `loom data prepare`'s [tokenizer] table; [data] is its CONFIG
-    assert type(stages["tokenizer"].config) is TokenizerSection
+    assert type(stages["tokenizer"].options) is TokenizerSection
     assert dests("data prepare") == {"config"}
 
 

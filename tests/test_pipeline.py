@@ -17,7 +17,7 @@ import pytest
 
 from loom.cli import main
 from loom.core.run_files import NAMES
-from loom.pipeline import STAGES
+from loom.pipeline.stages import STAGE_TYPES, STAGES
 from loom.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -516,7 +516,9 @@ def test_the_1b_pipeline_predicts_its_8_gpu_node(
     raw_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--dry-run on this CPU machine predicts the 8 × H100 node of [pretrain.hardware]."""
-    from loom.pipeline import load_pipeline, predict
+    from loom.pipeline.load import load_pipeline
+    from loom.pipeline.predict import predict
+    from loom.pipeline.stages.training import TrainingStage
 
     config = ROOT / "configs" / "pipeline-1b-8gpu.toml"
     run_dir = tmp_path / "run"
@@ -527,7 +529,8 @@ def test_the_1b_pipeline_predicts_its_8_gpu_node(
     pipe = load_pipeline(config, str(run_dir))
     stage = pipe.stage("pretrain")
     assert stage is not None
-    plan = predict(stage, pipe)
+    assert isinstance(stage, TrainingStage)
+    plan = predict(stage, pipe.stages)
     assert plan["fits"] and plan["devices"] == 8 and plan["hardware"]["gpu"] == "h100"
     assert 900e6 < plan["model_params"] < 1.5e9
     assert plan["memory_gib"]["total"] < plan["device_memory_gib"] < 80
@@ -689,10 +692,11 @@ def test_a_stage_for_absent_hardware_stops_before_anything_runs(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import loom.pipeline as pipeline
+    import loom.pipeline.run as pipeline
 
     ran: list[str] = []
-    monkeypatch.setattr(pipeline, "RUNNERS", {k: lambda s: ran.append(s.name) for k in STAGES})
+    for stage_type in STAGE_TYPES.values():
+        monkeypatch.setattr(stage_type, "run", lambda stage: ran.append(stage.name) or {})
     monkeypatch.setattr(pipeline, "local_gpus", lambda: [])
     run_dir = tmp_path / "run"
     config = ROOT / "configs" / "pipeline-1b-8gpu.toml"
@@ -710,7 +714,7 @@ def test_a_stage_on_its_target_hardware_runs_and_records_the_plan(
     """With two H100s here (pretended), the two-GPU stage trains on two worker processes, as
     `loom train --nproc 2` would; pipeline.json's plan is the H100s' (the workers train on
     this machine's CPU)."""
-    import loom.pipeline as pipeline
+    import loom.pipeline.run as pipeline
 
     monkeypatch.setattr(pipeline, "local_gpus", lambda: ["NVIDIA H100 80GB HBM3"] * 2)
     text = pipeline_text(data_dir, steps=2)

@@ -16,7 +16,7 @@ from loom.core.run_files import (
     PipelineState,
     RunFiles,
 )
-from loom.pipeline import read_state, write_state
+from loom.pipeline.state import read_state, write_state
 from loom.report import write_report
 from loom.train.metrics import MetricsWriter, read_metrics
 from loom.train.resilience import GoodputLedger

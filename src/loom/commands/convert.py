@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.commands.options import option
 from loom.core.errors import LoomError
+from loom.core.options import option
+from loom.models.convert import DTYPES, FORMATS, convert
 
 DESCRIPTION = (
     "SRC: an HF model folder (config.json + safetensors), a .gguf file, or a "
     "Loom run folder or checkpoint (with --merge: a LoRA fine-tuning run)."
 )
-FORMATS = ("hf", "loom")
-DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -20,7 +19,7 @@ class Options:
     src: str = option("", positional=True, metavar="SRC")
     out: str = option("", required=True, help="a new folder")
     format: str = option("hf", required=True, choices=FORMATS)
-    dtype: str = option("fp32", choices=DTYPES)
+    dtype: str = option("fp32", choices=tuple(DTYPES))
     merge: bool = option(False, help="fold a LoRA run's adapters into the base weights")
 
     def __post_init__(self) -> None:
@@ -32,7 +31,5 @@ class Options:
 
 
 def run(options: Options) -> int:
-    from loom.models.convert import convert
-
     convert(options.src, options.out, options.format, options.dtype, merge=options.merge)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.commands.options import option
+from loom.core.options import option
 
 
 @dataclass

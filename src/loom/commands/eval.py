@@ -1,13 +1,9 @@
-"""`loom eval`: perplexity, multiple-choice and generation scores of a model. The pipeline's
-`[eval]` reads the same Options (`model` and `tasks` default to earlier stages there)."""
+"""`loom eval`: perplexity, multiple-choice and generation scores of a model. Its options are
+the eval feature's EvalJob, which the pipeline's `[eval]` reads too."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from loom.commands.options import option
-from loom.core.errors import LoomError
-from loom.eval.evaluate import EvalOptions
+from loom.eval.evaluate import EvalJob as Options
 
 DESCRIPTION = (
     "MODEL: a Loom run folder or checkpoint, an HF model folder or a .gguf file. "
@@ -15,19 +11,7 @@ DESCRIPTION = (
     '{"context", "choices", "answer"} (multiple choice) or of {"prompt", "answer(s)"} '
     "(generation). A run folder's results are appended to its eval.jsonl."
 )
-
-
-@dataclass
-class Options(EvalOptions):
-    """EvalOptions (the scoring knobs, defaults and help there) plus what to score."""
-
-    model: str = option("", positional=True, metavar="MODEL")
-    tasks: list[str] = option(nargs="+", required=True, metavar="TASK", default_factory=list)
-    json: bool = option(False, help="print one JSON object, not a table")
-
-    def __post_init__(self) -> None:
-        if self.quantize not in (None, "int8"):
-            raise LoomError(f'quantize = {self.quantize!r}: use "int8" or leave it out')
+__all__ = ["DESCRIPTION", "Options", "run"]
 
 
 def run(options: Options) -> int:

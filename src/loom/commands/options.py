@@ -1,6 +1,5 @@
-"""Command-line flags generated from an `Options` dataclass, so each option is written once:
-its default, type and help live on the field, and `loom <cmd>` and the pipeline read the same
-class."""
+"""Command-line flags generated from an `Options` dataclass (loom.core.options), so each option
+is written once: its default, type and help live on the field."""
 
 from __future__ import annotations
 
@@ -8,44 +7,11 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from loom.core.options import flags_of
+
 T = TypeVar("T")
-_NO_DEFAULT: Any = dataclasses.MISSING
-
-
-def option(
-    default: Any = _NO_DEFAULT,
-    *,
-    help: str | None = None,
-    flags: Sequence[str] = (),
-    metavar: str | None = None,
-    choices: Sequence[str] | None = None,
-    nargs: str | None = None,
-    required: bool = False,
-    positional: bool = False,
-    append: bool = False,
-    cli: bool = True,
-    convert: Callable[[Any], Any] | None = None,
-    default_factory: Callable[[], Any] | None = None,
-) -> Any:
-    """A dataclass field that is also a flag (`--field-name` unless `flags` names it)."""
-    metadata = {
-        "help": help,
-        "flags": tuple(flags),
-        "metavar": metavar,
-        "choices": tuple(choices) if choices else None,
-        "nargs": nargs,
-        "required": required,
-        "positional": positional,
-        "append": append,
-        "cli": cli,
-        "convert": convert,
-    }
-    if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _scalar(tp: Any) -> Any:
@@ -55,11 +21,6 @@ def _scalar(tp: Any) -> Any:
     if typing.get_origin(tp) in (list, dict):
         tp = str
     return tp
-
-
-def flags_of(cls: type) -> list[dataclasses.Field[Any]]:
-    """The fields of `cls` that are command-line flags or positionals."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loom.commands.options import option
+from loom.core.options import option
 
 DESCRIPTION = (
     "RUN_DIR: a training or fine-tuning run folder, or a pipeline folder "

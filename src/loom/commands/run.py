@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.commands.options import option
+from loom.core.options import option
 
 DESCRIPTION = (
     "Run the stages of a pipeline TOML into <run_dir>/<stage>/; re-running skips "
@@ -30,7 +30,7 @@ class Options:
 
 
 def run(options: Options) -> int:
-    from loom.pipeline import run_pipeline
+    from loom.pipeline.run import run_pipeline
 
     run_pipeline(
         options.pipeline, options.run_dir, dry_run=options.dry_run, overrides=options.overrides

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.commands.options import option
+from loom.core.options import option
 
 
 @dataclass
@@ -15,7 +15,7 @@ class Options:
 
 
 def run(options: Options) -> int:
-    from loom.pipeline import print_status
+    from loom.pipeline.status import print_status
 
     print_status(options.run_dir)
     return 0

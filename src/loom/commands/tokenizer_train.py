@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.commands.options import option
 from loom.core.log import logger
+from loom.core.options import option
 
 
 @dataclass

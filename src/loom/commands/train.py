@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loom.commands.options import option
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.options import option
 
 DESCRIPTION = "Train from a TOML config; override any key as --section.key=value."
 TAKES_OVERRIDES = True

@@ -25,6 +25,7 @@ from loom.core.checkpoint import read_state
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.lora import merge_lora
+from loom.core.options import option
 from loom.core.quantize import quantize_int8_weight_only
 from loom.core.run_files import EVAL_LOG
 from loom.core.tokenizer import EOS, load_tokenizer, tokenizer_hash
@@ -58,6 +59,21 @@ class EvalOptions:
             "help": "int8 weight-only linear layers (torchao), to measure their quality cost",
         },
     )
+
+
+
+@dataclass
+class EvalJob(EvalOptions):
+    """What to score and how: `loom eval`'s options and the pipeline's `[eval]` (where `model`
+    and `tasks` default to earlier stages)."""
+
+    model: str = option("", positional=True, metavar="MODEL")
+    tasks: list[str] = option(nargs="+", required=True, metavar="TASK", default_factory=list)
+    json: bool = option(False, help="print one JSON object, not a table")
+
+    def __post_init__(self) -> None:
+        if self.quantize not in (None, "int8"):
+            raise LoomError(f'quantize = {self.quantize!r}: use "int8" or leave it out')
 
 
 @dataclass

@@ -30,6 +30,7 @@ from loom.models.hf import hf_config_dict, to_hf_state_dict
 from loom.models.llama import Transformer
 from loom.models.sources import load_model
 
+FORMATS = ("hf", "loom")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Tokenizer files an HF folder may carry; all are copied along.
 TOKENIZER_FILES = (
@@ -45,8 +46,8 @@ def convert(
     src: str | Path, out: str | Path, fmt: str, dtype: str = "fp32", merge: bool = False
 ) -> Path:
     src, out = Path(src), Path(out)
-    if fmt not in ("hf", "loom"):
-        raise LoomError(f"--format {fmt!r}: use hf or loom")
+    if fmt not in FORMATS:
+        raise LoomError(f"--format {fmt!r}: use {' or '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise LoomError(f"--dtype {dtype!r}: use {' or '.join(DTYPES)}")
     if out.exists() and any(out.iterdir()):

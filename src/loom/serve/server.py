@@ -97,6 +97,15 @@ class ServeOptions:
         )
 
 
+
+@dataclass
+class ServeJob(ServeOptions):
+    """A model and how to serve it: `loom serve MODEL`'s options and the pipeline's `[serve]`
+    (where `model` defaults to an earlier stage)."""
+
+    model: str = field(default="", metadata=_flag("", positional=True, metavar="MODEL"))
+
+
 def adapter_pairs(items: list[str]) -> dict[str, str]:
     """`--adapter NAME=PATH` (repeated) as {NAME: PATH}."""
     adapters = {}
