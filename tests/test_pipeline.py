@@ -782,3 +782,14 @@ def test_a_bad_hardware_table_is_one_error(
     assert main(["run", str(path), "--dry-run"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_every_registered_stage_is_a_stage_of_its_name() -> None:
+    """The registry is the one place a stage's name, resumability and run live."""
+    for name, stage_type in STAGE_TYPES.items():
+        assert stage_type.name == name
+        for method in ("load", "run", "identity"):
+            assert callable(getattr(stage_type, method)), (name, method)
+    resumable = {n for n, t in STAGE_TYPES.items() if t.resumable}
+    assert resumable == {"data", "pretrain", "finetune"}  # the module docstring's promise
+    assert {n for n, t in STAGE_TYPES.items() if t.repeats} == {"serve"}
