@@ -15,6 +15,7 @@ import torch
 from conftest import TINY_MODEL
 
 from loom.core.config import Config, load_config
+from loom.core.errors import LoomError
 from loom.core.lora import LoRAConfig, apply_lora, init_lora_parameter_
 from loom.core.loss import cross_entropy
 from loom.models.llama import init_parameter_
@@ -26,13 +27,20 @@ BATCH, SEQ = 4, 32
 TOLERANCE = {"fp32": 1e-6, "bf16": 1e-3}
 
 
-def build(offload: bool, recompute: str, precision: str = "fp32", lora: bool = False) -> Any:
+def build(
+    offload: bool,
+    recompute: str,
+    precision: str = "fp32",
+    lora: bool = False,
+    compile: bool = False,
+) -> Any:
     cfg = load_config(
         None,
         [
             *TINY_MODEL,
             f"--train.seq_len={SEQ}",
             f"--train.precision={precision}",
+            f"--train.compile={str(compile).lower()}",
             f"--memory.recompute={recompute}",
             f"--memory.activation_offload={str(offload).lower()}",
         ],
@@ -172,3 +180,34 @@ def test_the_trainer_runs_with_activation_offload(tiny_config: Any) -> None:
     assert trainer.model.activation_store.offloaded_bytes > 0
     assert trainer.model.activation_store.held_bytes == 0
     assert sorted(result.train_losses) == [1, 2, 3, 4]
+
+
+def test_compile_is_refused_with_the_fix() -> None:
+    with pytest.raises(LoomError, match="set train.compile=false"):
+        build(True, "none", compile=True)
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_simulate_counts_offloaded_activations_as_host_memory(recompute: str) -> None:
+    """`loom train --simulate`: what the host store holds leaves the device's activations."""
+    from loom.train.simulate import simulate
+
+    args = [
+        *TINY_MODEL,
+        "--model.n_layers=4",
+        "--train.seq_len=128",
+        "--train.batch_size=16",
+        "--train.micro_batch_size=16",
+        f"--memory.recompute={recompute}",
+    ]
+    memory = {
+        offload: simulate(
+            load_config(None, [*args, f"--memory.activation_offload={offload}"]), 2
+        ).memory_gib
+        for offload in ("false", "true")
+    }
+    moved = memory["false"]["activations"] - memory["true"]["activations"]
+    assert moved > 0
+    assert memory["false"]["total"] - memory["true"]["total"] == pytest.approx(moved)
+    if recompute == "full":  # the 4 blocks' inputs: 8 sequences per rank of 128 x 64 fp32
+        assert moved * 2**30 == 4 * 8 * 128 * 64 * 4

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from loom.models.llama import Transformer
@@ -110,11 +111,11 @@ class ActivationStore:
             or group.seen is None
             or not _plain(tensor)
             or tensor.numel() * tensor.element_size() < self.min_bytes
-            or tensor.untyped_storage().data_ptr() in self._resident()
+            or _storage(tensor) in self._resident()
         ):
             return tensor
         key = (
-            tensor.untyped_storage().data_ptr(),
+            _storage(tensor),
             tensor.storage_offset(),
             tuple(tensor.shape),
             tensor.stride(),
@@ -147,7 +148,7 @@ class ActivationStore:
         if self.resident is None:
             assert self._block is not None and self._part is not None
             tensors = [*self._block.parameters(), *self._part.buffers()]
-            self.resident = {t.untyped_storage().data_ptr() for t in tensors if _plain(t)}
+            self.resident = {_storage(t) for t in tensors if _plain(t)}
         return self.resident
 
     # -- backward -----------------------------------------------------------------------
@@ -187,9 +188,14 @@ class ActivationStore:
             group.ready.record(self.stream)
 
 
+def _storage(tensor: torch.Tensor) -> int:
+    """The identity of a tensor's storage (its StorageImpl; fake tensors' have no address)."""
+    return tensor.untyped_storage()._cdata
+
+
 def _plain(tensor: torch.Tensor) -> bool:
-    """A tensor whose bytes are its own (not a DTensor or float8 wrapper)."""
-    return type(tensor) in (torch.Tensor, nn.Parameter)
+    """A tensor whose bytes are its own, not a wrapper of others (DTensor, float8)."""
+    return not is_traceable_wrapper_subclass(tensor)
 
 
 class _SelectiveCache(defaultdict):  # type: ignore[type-arg]

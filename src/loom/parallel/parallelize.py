@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from loom.core.config import Config
+from loom.core.errors import LoomError
 from loom.models.llama import Transformer, build_model, init_parameter_
 from loom.parallel.activation_offload import ActivationStore, apply_activation_offload
 from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_loss
@@ -210,6 +211,11 @@ def parallelize(
         stage_ids = [0]
         parts = [build_model(cfg.model)]
     store = ActivationStore(device) if memory.activation_offload else None
+    if store is not None and t.compile:
+        raise LoomError(
+            "memory.activation_offload runs the blocks eagerly (saved-tensor hooks do not reach "
+            "into compiled graphs); set train.compile=false or memory.activation_offload=false"
+        )
 
     for part in parts:
         if adapt is not None:

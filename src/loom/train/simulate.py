@@ -27,6 +27,7 @@ from loom.core.config import Config, load_config
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.loss import cross_entropy
+from loom.parallel.activation_offload import ActivationStore
 from loom.parallel.dims import MESH_DIMS, ParallelDims, resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
 from loom.parallel.pipeline import stages_of_rank
@@ -332,7 +333,7 @@ def _tracked_step(
     pipeline: _Pipeline,
 ) -> tuple[dict[str, float], list[Collective]]:
     params = [p for part in model.parts for p in part.parameters()]
-    tracker = _peak_tracker(params)
+    tracker = _peak_tracker(params, model.activation_store)
     tracker.track_external(*model.parts, *optimizers.optimizers)
     counter = _CommCounter(_group_dims(mesh))
     with tracker, counter, _untracked_shape_propagation():
@@ -506,13 +507,15 @@ def _pipeline_counter(cfg: Config, model: ParallelModel, mesh: DeviceMesh) -> _P
     )
 
 
-def _peak_tracker(params: list[torch.Tensor]) -> Any:
+def _peak_tracker(params: list[torch.Tensor], store: ActivationStore | None) -> Any:
     """torch's MemTracker, run over several micro-batches, noting which of this rank's own
-    gradient shards are alive at the peak."""
+    gradient shards are alive at the peak, and the bytes memory.activation_offload's host
+    store holds then (the fake run has one device, the CPU: on a GPU they are host memory)."""
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     class PeakTracker(MemTracker):
         grads_at_peak = 0
+        host_at_peak = 0
 
         def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
             # Each micro-batch (and pipeline micro-batch) calls the model again: start its
@@ -526,15 +529,16 @@ def _peak_tracker(params: list[torch.Tensor]) -> Any:
             super()._update_peak_stats(peak_state)
             if self._peak_mem != before:
                 self.grads_at_peak = sum(_local_bytes(p.grad) for p in params if p.grad is not None)
+                self.host_at_peak = store.held_bytes if store is not None else 0
 
         def categories(self, param_bytes: int) -> dict[str, float]:
             """The planner's keys: persistent shards as params / grads / optimizer, saved
             tensors as activations, the rest (gathered weights and gradients, buffers,
             communication buffers, temporaries of backward) as other."""
             snap = next(iter(self.get_tracker_snapshot("peak").values()))
-            total = snap[_TOTAL_KEY]
+            total = snap[_TOTAL_KEY] - self.host_at_peak
             optimizer = snap[_MemRefType.OPT]
-            activations = snap[_MemRefType.ACT]
+            activations = snap[_MemRefType.ACT] - self.host_at_peak
             grads = self.grads_at_peak
             other = total - param_bytes - grads - optimizer - activations
             values = {
@@ -622,6 +626,7 @@ def config_for_plan(model: ModelShape, s: Strategy) -> Config:
         "parallel.sequence_parallel": str(s.sp or s.tp == 1).lower(),
         "memory.recompute": s.recompute,
         "memory.offload": s.offload,
+        "memory.activation_offload": str(s.activation_offload).lower(),
     }
     if s.pp > 1:
         overrides["parallel.schedule"] = s.schedule
