@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-import time
-import traceback
 from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
 
-from loom.commands.options import add_flags, from_args
-from loom.core.errors import LoomError
+from loom.commands.options import add_flags, from_args, join_overrides
+from loom.core.errors import LoomError, record_for_launcher
 from loom.core.log import logger, setup_logging
 
 EXIT_BAD_INPUT = 2
@@ -112,62 +109,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         takes_overrides = getattr(module, "TAKES_OVERRIDES", False)
         if extra and not takes_overrides:
             raise LoomError(f"unrecognized arguments: {' '.join(extra)}")
-        more = {"overrides": _join_overrides(extra)} if takes_overrides else {}
+        more = {"overrides": join_overrides(extra)} if takes_overrides else {}
         return module.run(from_args(module.Options, args, **more))
     except LoomError as e:
         if debug:
             logger.exception("bad input")
         print(f"error: {e}", file=sys.stderr)
         if worker:  # the launcher reads this and names the rank and the reason
-            _record_for_launcher(e)
+            record_for_launcher(e)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if worker:
-            _record_for_launcher(e)
+            record_for_launcher(e)
         if debug:
             raise
         print(
             f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
         )
         return EXIT_INTERNAL
-
-
-def _record_for_launcher(error: BaseException) -> None:
-    """Write the error file torchrun's agent reads, as its ErrorHandler would, but atomically:
-    the agent may stop this worker mid-write, and a torn file crashes the agent itself."""
-    path = os.environ["TORCHELASTIC_ERROR_FILE"]
-    data = {
-        "message": {
-            "message": f"{type(error).__name__}: {error}",
-            "extraInfo": {
-                "py_callstack": traceback.format_exc(),
-                "timestamp": str(int(time.time())),
-            },
-        }
-    }
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
-
-
-def _join_overrides(extra: list[str]) -> list[str]:
-    """Accept `--train.steps 200` as well as `--train.steps=200`."""
-    joined: list[str] = []
-    i = 0
-    while i < len(extra):
-        item = extra[i]
-        pair = item.startswith("--") and "=" not in item and i + 1 < len(extra)
-        if pair and not extra[i + 1].startswith("--"):
-            joined.append(f"{item}={extra[i + 1]}")
-            i += 2
-        else:
-            joined.append(item)
-            i += 1
-    return joined
 
 
 if __name__ == "__main__":

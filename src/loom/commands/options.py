@@ -63,3 +63,19 @@ def from_args(cls: type[T], args: argparse.Namespace, **extra: Any) -> T:
         convert = f.metadata.get("convert")
         values[f.name] = convert(value) if convert is not None else value
     return cls(**values, **extra)
+
+
+def join_overrides(extra: list[str]) -> list[str]:
+    """Accept `--train.steps 200` as well as `--train.steps=200`."""
+    joined: list[str] = []
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        pair = item.startswith("--") and "=" not in item and i + 1 < len(extra)
+        if pair and not extra[i + 1].startswith("--"):
+            joined.append(f"{item}={extra[i + 1]}")
+            i += 2
+        else:
+            joined.append(item)
+            i += 1
+    return joined

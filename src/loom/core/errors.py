@@ -1,8 +1,12 @@
-"""The one exception type for bad input: the CLI prints its message as a single `error:` line."""
+"""The one exception type for bad input (the CLI prints its message as a single `error:` line),
+and how a torchrun worker records an error for its launcher."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,3 +24,22 @@ def read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except ValueError as e:
         raise LoomError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def record_for_launcher(error: BaseException) -> None:
+    """Write the error file torchrun's agent reads, as its ErrorHandler would, but atomically:
+    the agent may stop this worker mid-write, and a torn file crashes the agent itself."""
+    path = os.environ["TORCHELASTIC_ERROR_FILE"]
+    data = {
+        "message": {
+            "message": f"{type(error).__name__}: {error}",
+            "extraInfo": {
+                "py_callstack": traceback.format_exc(),
+                "timestamp": str(int(time.time())),
+            },
+        }
+    }
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
