@@ -1,6 +1,6 @@
 """`loom plan` as a user runs it: the spec file and the flags read the same way, every unknown
-key of a spec is refused by name, optimizer offload is not offered for Loom (not built yet),
-and the command never imports torch (it answers in a fraction of a second)."""
+key of a spec is refused by name, optimizer offload is offered for Loom only once loom train
+runs it, and the command never imports torch (it answers in a fraction of a second)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from loom.core.config import load_config
 from loom.core.errors import LoomError
 from loom.planner.published import DEFAULT_RECORDS, load_records, record_spec
 from loom.planner.search import plan
-from loom.planner.spec import parse_spec
+from loom.planner.spec import memory_refusal, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS_405B = [
@@ -197,38 +197,38 @@ def test_published_records_drop_their_descriptive_keys_before_parsing() -> None:
         parse_spec({"model": record["model"], "hardware": {"gpu": "a100", "n_gpus": 8}})
 
 
-# -- optimizer offload: loom train has not built it, so the planner neither offers nor accepts
-# it for Loom; Megatron / DeepSpeed runs offer it.
+# -- optimizer offload: offered for Loom exactly when loom train's config accepts it; PyTorch
+# FSDP offloads all states together; Megatron / DeepSpeed runs offload the optimizer alone.
 
-SEVENTY_B_ON_TWO_4090 = {
+SEVENTY_B_ON_FOUR_4090 = {
     "model": {"preset": "llama3-70b", "seq_len": 1024},
-    "hardware": {"gpu": "rtx4090", "n_gpus": 2},
+    "hardware": {"gpu": "rtx4090", "n_gpus": 4},
 }
 
 
-def test_loom_refuses_optimizer_offload_and_says_what_to_use(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    with pytest.raises(
-        LoomError,
-        match="offload=optimizer with framework=loom: it is not built in Loom yet.*=params",
-    ):
-        parse_spec({**SEVENTY_B_ON_TWO_4090, "strategy": {"offload": "optimizer"}})
+def test_optimizer_offload_for_loom_follows_the_config(capsys: pytest.CaptureFixture[str]) -> None:
     flags = ["--model", "llama3-8b", "--gpu", "h100", "--gpus", "8", "--seq-len", "1024"]
     flags += ["--offload", "optimizer", "--recompute", "full"]
+    refusal = memory_refusal("optimizer", False, False)
     code, _, err = plan_cli(capsys, *flags)
-    assert code == EXIT_BAD_INPUT and "it is not built in Loom yet" in err
+    if refusal:  # loom train does not run it: refused, and planned only with --unbuilt
+        assert code == EXIT_BAD_INPUT and "does not run this offload tier yet" in err
+        with pytest.raises(LoomError, match="memory.offload=optimizer"):
+            load_config(None, ["--memory.offload=optimizer"])
+        code, _, _ = plan_cli(capsys, *flags, "--unbuilt")
+    else:
+        load_config(None, ["--memory.offload=optimizer"])
+    assert code == 0
     code, _, err = plan_cli(capsys, *flags, "--framework", "pytorch")
     assert code == EXIT_BAD_INPUT and "PyTorch FSDP offloads all states together" in err
     code, _, _ = plan_cli(capsys, *flags, "--framework", "megatron")
     assert code == 0
-    with pytest.raises(LoomError, match="memory.offload=optimizer is not built yet.*=params"):
-        load_config(None, ["--memory.offload=optimizer"])
 
 
-def test_search_offloads_only_params_for_loom_but_optimizer_for_megatron() -> None:
-    raw = {**SEVENTY_B_ON_TWO_4090, "search": {"finetune": "lora", "global_batch": 8}}
+def test_search_offloads_params_for_loom_lora_and_optimizer_for_megatron() -> None:
+    raw = {**SEVENTY_B_ON_FOUR_4090, "search": {"finetune": "lora", "global_batch": 8}}
     _, loom_ranked = plan(parse_spec(raw))
+    # LoRA's frozen fp32 base is what does not fit: only FSDP's params tier moves it.
     assert loom_ranked and {p.strategy.offload for p in loom_ranked} == {"params"}
     pretrain_70b_on_4 = {
         "model": {"preset": "llama3-70b", "seq_len": 2048},

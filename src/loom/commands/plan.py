@@ -36,6 +36,11 @@ class Options:
     precision: str | None = option(None, choices=("bf16", "fp16", "fp8", "fp32"))
     finetune: str | None = option(None, choices=("full", "lora", "qlora"))
     framework: str | None = option(None, choices=FRAMEWORKS)
+    activation_offload: bool = option(False, help="fix: saved activations wait in host memory")
+    offload_nvme: bool = option(False, help="fix: with --offload optimizer, its state on NVMe")
+    unbuilt: bool = option(False, help="also plan offload tiers loom train does not run yet")
+    host_mem_gb: float | None = option(None, help="host memory per node, GB (offload tiers)")
+    largest: bool = option(False, help="the largest model that trains on --gpus x --gpu")
     simulate: bool = option(
         False, help="run one step of the layout on fake tensors and compare (imports torch)"
     )

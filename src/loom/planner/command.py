@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loom.core.errors import LoomError
+from loom.planner.largest import largest
 from loom.planner.report import print_table, to_json
 from loom.planner.search import Plan, plan
 from loom.planner.spec import PlanSpec, load_spec, parse_spec
@@ -20,20 +21,31 @@ STRATEGY_FLAGS = {
     "zero": "zero_stage",
     "offload": "offload",
     "virtual_stages": "virtual_stages",
+    "activation_offload": "activation_offload",
+    "offload_nvme": "offload_nvme",
 }
+LARGEST_SEQ_LEN = 4096  # --largest without --seq-len
 # spec, ranked layouts, the rank to simulate, the plan's JSON (with --json) or None
 Simulate = Callable[[PlanSpec, list[Plan], int, dict[str, Any] | None], None]
 CHOICE_FLAGS = {"precision": "precision", "finetune": "finetune", "framework": "framework"}
 
 
 def spec_from_flags(args: Any) -> dict[str, Any]:
-    """The flags as a spec: parse_spec reads both the same way."""
-    if not args.model or not args.gpu or not args.gpus:
-        raise LoomError("loom plan needs --spec FILE, or --model, --gpu and --gpus")
+    """The flags as a spec: parse_spec reads both the same way. With --largest the model is
+    searched (the family of loom.planner.largest); only its sequence length is given."""
+    if args.largest and args.model:
+        raise LoomError("--largest searches the model size; drop --model")
+    if not (args.model or args.largest) or not args.gpu or not args.gpus:
+        raise LoomError("loom plan needs --spec FILE, or --model (or --largest), --gpu and --gpus")
     hardware: dict[str, Any] = {"gpu": args.gpu, "n_gpus": args.gpus}
     if args.mem_gb:
         hardware["gpu_mem_gb"] = args.mem_gb
-    raw: dict[str, Any] = {"model": args.model, "hardware": hardware}
+    if args.host_mem_gb:
+        hardware["host_mem_gb"] = args.host_mem_gb
+    model = args.model or {"preset": "llama3-8b", "seq_len": args.seq_len or LARGEST_SEQ_LEN}
+    raw: dict[str, Any] = {"model": model, "hardware": hardware}
+    if args.unbuilt:
+        raw["unbuilt"] = True
     training = {
         "tokens": args.tokens,
         "seq_len": args.seq_len,
@@ -43,7 +55,7 @@ def spec_from_flags(args: Any) -> dict[str, Any]:
     if training:
         raw["training"] = training
     fixed = {key: getattr(args, flag) for flag, key in STRATEGY_FLAGS.items()}
-    fixed = {k: v for k, v in fixed.items() if v is not None}
+    fixed = {k: v for k, v in fixed.items() if v not in (None, False)}  # a switch left off
     choices = {key: getattr(args, flag) for flag, key in CHOICE_FLAGS.items()}
     choices = {k: v for k, v in choices.items() if v is not None}
     if fixed:
@@ -65,7 +77,10 @@ def run(args: Any, simulate: Simulate | None = None) -> None:
         calibrate()
         return
     spec = load_spec(args.spec) if args.spec else parse_spec(spec_from_flags(args))
-    best, ranked = plan(spec)
+    if args.largest:
+        spec, best, ranked = largest(spec)
+    else:
+        best, ranked = plan(spec)
     if args.simulate:
         if simulate is None:
             raise LoomError("--simulate needs the simulator; run it through `loom plan`")

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from loom.planner.memory import (
     BYTES,
     NF4_BYTES,
+    NVME_STATE_BYTES,
+    activation_bytes_per_layer,
     lora_params,
     lora_params_per_layer,
     params_per_device,
@@ -370,17 +372,17 @@ def step_time(
         model, hw, s, cost, cal, forward_pass, backward_pass, worst_layers
     )
 
-    offload = 0.0
     psi = params_per_device(model, s)
     trainable = psi if s.finetune == "full" else lora_params(model, s)
-    weight_bytes, grad_bytes, _ = state_bytes(s)
-    host_link = hw.host_link_gbps * 1e9
-    if s.offload == "optimizer":
-        offload = trainable * (grad_bytes + weight_bytes) / host_link + trainable * 16 / 2e9
-    elif s.offload == "params":
-        offload = trainable * (grad_bytes + weight_bytes) / host_link + trainable * 16 / 2e9
-        offload += 2 * m * psi * 2 / host_link
     owned = trainable / (s.shard_ranks if s.zero_stage >= 1 else 1)
+    offload = offload_time(model, hw, s, owned, m)
+    if s.activation_offload:
+        # Each block's saved activations go to host memory in forward and come back in
+        # backward, on a copy stream that overlaps the block's compute: only what a block's
+        # compute cannot hide shows (max(compute, copy), not the sum).
+        copy = activation_bytes_per_layer(model, s) / (hw.host_link_gbps * 1e9)
+        hidden = max(0.0, copy - forward_pass) + max(0.0, copy - backward_pass)
+        offload += m * worst_layers * hidden
     optimizer = cost.memory_passes(owned * 32) if s.offload == "none" else 0.0
 
     tokens_per_step = s.global_batch * model.seq_len
@@ -397,6 +399,33 @@ def step_time(
         model_flops=model_flops_per_token(model, s) * tokens_per_step,
         hardware_flops=executed_flops_per_token(model, s) * tokens_per_step,
     )
+
+
+def offload_time(model: ModelShape, hw: Hardware, s: Strategy, owned: float, m: int) -> float:
+    """The optimizer step's offload traffic and host work per step, for the `owned` trained
+    parameters whose step this device runs. It follows backward and precedes the next
+    forward (nothing overlaps it but the NVMe tier's prefetch).
+
+    offload=optimizer: gradients down and updated weights up the host link, AdamW on the
+    node's CPUs (which every device of the node shares), and with offload_nvme the master and
+    moments read and written back per step, prefetched while the CPUs step the previous chunk
+    (max of the two). offload=params (FSDP's CPU offload): the sharded fp32 gradients down and
+    weights up, the CPU step, and every micro-batch's forward and backward bring each weight
+    shard to the device."""
+    if s.offload == "none":
+        return 0.0
+    weight_bytes, grad_bytes, _ = state_bytes(s)
+    host_link = hw.host_link_gbps * 1e9
+    sharing = min(hw.devices, hw.devices_per_node)  # devices whose step one node's CPUs run
+    share = sharing / hw.devices_per_node  # ... with their share of its CPUs and drives
+    cpu = owned * sharing / (hw.cpu_adam_params_per_s * share)
+    if s.offload == "optimizer":
+        if s.offload_nvme:
+            io = 2 * owned * sharing * NVME_STATE_BYTES / (hw.disk_gbps * 1e9 * share)
+            cpu = max(cpu, io)
+        return owned * (grad_bytes + weight_bytes) / host_link + cpu
+    shard = params_per_device(model, s) / (s.shard_ranks if s.zero_stage >= 3 else 1)
+    return owned * (grad_bytes + weight_bytes) / host_link + cpu + 2 * m * shard * 4 / host_link
 
 
 def _data_parallel(

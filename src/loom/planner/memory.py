@@ -28,6 +28,7 @@ class Memory:
     activations: float
     other: float
     host: float = 0.0  # bytes per device kept in host memory (offload)
+    disk: float = 0.0  # bytes per device kept in files on the node's NVMe (offload_nvme)
 
     @property
     def total(self) -> float:
@@ -290,9 +291,11 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
             grads += model.vocab * model.hidden * (1 - 1 / s.tp) * state_bytes(s)[1]
     else:
         weights, grads, optim = adapter_state_bytes(model, psi, s)
-    host = 0.0
+    host = disk = 0.0
     if s.offload == "optimizer":
-        host, optim = optim, 0.0
+        trained = psi if s.finetune == "full" else lora_params(model, s)
+        host, disk = optimizer_offload(model, s, trained)
+        optim = 0.0
     elif s.offload == "params":
         host, weights, grads, optim = weights + grads + optim, 0.0, 0.0, 0.0
     fsdp = s.zero_stage >= 3 or s.offload == "params"
@@ -303,6 +306,10 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
         # schedule run). Host memory (offload) still holds them at the optimizer step.
         grads = 0.0
     acts = activations(model, s)
+    if s.activation_offload:
+        moved = offloaded_activations(model, s)
+        acts -= moved
+        host += moved
     buffers = 0.0
     if fsdp:
         # Gathered weights of the running block and the prefetched one (frozen or not: FSDP
@@ -321,9 +328,68 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
         buffers = max(buffers, pipeline_fsdp_buffers(model, s, psi) - acts / _in_flight(s))
     buffers += loss_buffers(model, s)
     other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
-    return Memory(weights, grads, optim, acts, other, host)
+    return Memory(weights, grads, optim, acts, other, host, disk)
+
+
+# Host bytes per trained parameter under offload=optimizer (loom.train.offload.OffloadAdamW):
+# Adam's two fp32 moments and the fp32 master weight the CPU steps; the NVMe tier keeps all
+# three in files and holds NVME_WINDOW_BLOCKS blocks' worth in host memory (the chunk stepped,
+# the one prefetched).
+OFFLOAD_HOST_BYTES = 8 + 4
+NVME_STATE_BYTES = OFFLOAD_HOST_BYTES
+NVME_WINDOW_BLOCKS = 2
+ACTIVATION_WINDOW_BLOCKS = 2  # blocks whose activations are on the device: computed, copied
+
+
+def optimizer_offload(model: ModelShape, s: Strategy, trained: float) -> tuple[float, float]:
+    """offload=optimizer: host and disk bytes per device. The device keeps its weights and
+    gradients as they are (Loom: fp32; Megatron-style: 16-bit) and no optimizer state; the
+    moments and an fp32 master move to host memory, sharded as the optimizer state is (ZeRO
+    stage >= 1: each rank owns 1/dp of its `trained` parameters). With offload_nvme they live
+    in files and host memory holds a window of them."""
+    owned = trained / (s.shard_ranks if s.zero_stage >= 1 else 1)
+    if not s.offload_nvme:
+        return owned * OFFLOAD_HOST_BYTES, 0.0
+    disk = owned * NVME_STATE_BYTES
+    blocks = max(rank_layers(model.layers, s.pp, s.virtual_stages))
+    return disk * min(1.0, NVME_WINDOW_BLOCKS / blocks), disk
+
+
+def offloaded_activations(model: ModelShape, s: Strategy) -> float:
+    """activation_offload: the saved activations that wait in host memory at the device's
+    peak -- all the blocks' in flight but the ACTIVATION_WINDOW_BLOCKS still on the device
+    (the one computing, the one being copied). Recomputation first decides what a block saves;
+    the embedding outputs, logits and loss stay on the device."""
+    in_flight = layers_in_flight(model, s)
+    kept = min(in_flight, ACTIVATION_WINDOW_BLOCKS)
+    return activation_bytes_per_layer(model, s) * (in_flight - kept)
+
+
+def host_share(hw: Hardware) -> float:
+    """Devices of one node this job uses, as a fraction of the node: a job on part of a node
+    (one GPU of eight) gets that share of its host memory, disk and CPUs."""
+    return min(hw.devices, hw.devices_per_node) / hw.devices_per_node
+
+
+def refusal(memory: Memory, hw: Hardware) -> str | None:
+    """Which memory tier this layout overfills, or None when it fits every tier."""
+    used = min(hw.devices, hw.devices_per_node)
+    if memory.total > hw.memory_gb * GB:
+        return f"needs {memory.total / GB:.1f} GB per device of the {hw.memory_gb:g} GB devices"
+    host = hw.host_memory_gb * host_share(hw)
+    if memory.host * used > host * GB:
+        return (
+            f"keeps {memory.host * used / GB:.0f} GB in host memory on {used} devices of a node, "
+            f"which has {host:.0f} GB for them (hardware.host_mem_gb, per node)"
+        )
+    disk = hw.disk_gb * host_share(hw)
+    if memory.disk * used > disk * GB:
+        return (
+            f"keeps {memory.disk * used / GB:.0f} GB on disk on {used} devices of a node, which "
+            f"has {disk:.0f} GB for them (hardware.disk_gb, per node)"
+        )
+    return None
 
 
 def fits(memory: Memory, hw: Hardware) -> bool:
-    host_per_node = memory.host * min(hw.devices, hw.devices_per_node)
-    return memory.total <= hw.memory_gb * GB and host_per_node <= hw.host_memory_gb * GB
+    return refusal(memory, hw) is None

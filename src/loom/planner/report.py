@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from loom.planner.layout import command_line
 from loom.planner.search import Plan
-from loom.planner.spec import PlanSpec
+from loom.planner.spec import ModelShape, PlanSpec, loom_refusal
 
 BOTTLENECK_WORDS = {
     "compute": "compute itself (communication and bubbles are under 10% of the step)",
@@ -15,7 +16,7 @@ BOTTLENECK_WORDS = {
     "data_parallel": "data-parallel communication (gradient reduction, FSDP gathers)",
     "pipeline": "pipeline point-to-point traffic",
     "context_parallel": "context-parallel K/V traffic",
-    "offload": "offload traffic to host memory",
+    "offload": "offload (host-link traffic, the CPU optimizer step, NVMe reads and writes)",
     "optimizer": "the optimizer step",
     "overhead": "fixed per-step overhead",
 }
@@ -36,16 +37,21 @@ def layout(plan: Plan) -> dict[str, Any]:
         "virtual_stages": s.virtual_stages,
         "schedule": s.schedule,
         "offload": s.offload,
+        "offload_nvme": s.offload_nvme,
+        "activation_offload": s.activation_offload,
         "precision": s.precision,
     }
 
 
-def summary(plan: Plan, tokens: float | None) -> dict[str, Any]:
+def summary(plan: Plan, tokens: float | None, model: ModelShape | None = None) -> dict[str, Any]:
+    """The plan's figures; with `model`, the `loom train` / `loom finetune` command that runs
+    it (where Loom runs it as it is)."""
     out: dict[str, Any] = {
         "strategy": layout(plan),
         "fits": plan.fits,
         "memory_gib": {k: round(v, 3) for k, v in plan.memory.gib().items()},
         "host_memory_gib_per_device": round(plan.memory.host / 2**30, 3),
+        "disk_gib_per_device": round(plan.memory.disk / 2**30, 3),
         "step_time_s": plan.time.total,
         "step_time_breakdown_s": plan.time.breakdown(),
         "bottleneck": plan.time.bottleneck,
@@ -56,16 +62,23 @@ def summary(plan: Plan, tokens: float | None) -> dict[str, Any]:
     if tokens:
         out["train_days"] = plan.days(tokens)
         out["device_hours"] = plan.days(tokens) * 24 * plan.devices
+    if model is not None and runnable(plan):
+        out["loom_command"] = command_line(model, plan.strategy, plan.memory)
     return out
 
 
+def runnable(plan: Plan) -> bool:
+    """A Loom layout `loom train` / `loom finetune` takes as it is."""
+    return plan.strategy.framework == "loom" and loom_refusal(plan.strategy) is None
+
+
 def to_json(spec: PlanSpec, best: Plan, ranked: list[Plan]) -> dict[str, Any]:
-    result = summary(best, spec.training_tokens)
+    result = summary(best, spec.training_tokens, spec.model)
     result["model_params"] = spec.model.params()
     result["devices"] = spec.hardware.devices
     if spec.strategy is None:
-        result["best"] = summary(best, spec.training_tokens)
-        result["candidates"] = [summary(p, spec.training_tokens) for p in ranked]
+        result["best"] = summary(best, spec.training_tokens, spec.model)
+        result["candidates"] = [summary(p, spec.training_tokens, spec.model) for p in ranked]
         result["why"] = why(best, ranked)
     return result
 
@@ -100,7 +113,9 @@ def describe(plan: Plan) -> str:
     if s.recompute != "none":
         words.append(f"{s.recompute} recompute")
     if s.offload != "none":
-        words.append(f"offload {s.offload}")
+        words.append(f"offload {s.offload}" + (" to nvme" if s.offload_nvme else ""))
+    if s.activation_offload:
+        words.append("offload activations")
     return " ".join(words)
 
 
@@ -138,6 +153,9 @@ def print_table(spec: PlanSpec, best: Plan, ranked: list[Plan]) -> None:
         "memory per device (GiB): "
         + ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
         + (f"; host {best.memory.host / 2**30:.1f} GiB per device" if best.memory.host else "")
+        + (f"; disk {best.memory.disk / 2**30:.1f} GiB per device" if best.memory.disk else "")
     )
     if spec.strategy is None:
         console.print(why(best, ranked))
+    if runnable(best):
+        console.print("run it: " + command_line(m, best.strategy, best.memory), soft_wrap=True)

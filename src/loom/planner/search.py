@@ -16,6 +16,7 @@ from loom.planner.spec import (
     Strategy,
     check_strategy,
     finetune_refusal,
+    loom_refusal,
 )
 
 DEFAULT_BATCH_TOKENS = 4e6  # sequences per step when none is given: about 4M tokens
@@ -164,16 +165,51 @@ def search(spec: PlanSpec, cal: Calibration = DEFAULT_CALIBRATION, keep: int = 1
             offloadable.append(s)
     if not fitting:
         for s in offloadable:
-            # Only Megatron / DeepSpeed offload the optimizer state alone (Loom: not built yet).
-            for offload in ("optimizer", "params") if s.framework == "megatron" else ("params",):
-                moved = replace(
-                    s, offload=offload, zero_stage=3 if offload == "params" else s.zero_stage
-                )
+            for moved in offload_tiers(s, hw, spec.unbuilt):
                 memory = estimate(model, hw, moved)
-                if fits(memory, hw) and not finetune_refusal(moved):
+                if fits(memory, hw):
                     fitting.append(_plan(model, hw, moved, memory, cal))
+                    break  # the cheapest tier that fits this layout
     fitting.sort(key=lambda p: (-p.tokens_per_s, p.memory.total))
     return fitting[:keep]
+
+
+# The offload tiers, cheapest first (the traffic each adds to a step): (offload, activation
+# offload, NVMe). Activations alone copy what the compute mostly hides; the optimizer tier moves
+# 16-bit gradients and weights once a step and steps on the CPUs; FSDP's params tier moves every
+# weight shard every micro-batch; the NVMe tier reads and writes the optimizer state as well.
+TIERS = (
+    ("none", True, False),
+    ("optimizer", False, False),
+    ("optimizer", True, False),
+    ("params", False, False),
+    ("params", True, False),
+    ("optimizer", False, True),
+    ("optimizer", True, True),
+)
+
+
+def offload_tiers(s: Strategy, hw: Hardware, unbuilt: bool = False) -> list[Strategy]:
+    """`s` with each offload tier its framework runs, cheapest first. For Loom: the tiers
+    `loom train` accepts today (loom_refusal), or with `unbuilt` also those it does not run
+    yet; PyTorch FSDP offloads all states together (params); Megatron / DeepSpeed run all
+    (ZeRO-Offload, ZeRO-Infinity). The NVMe tier only where the node has a disk."""
+    out = []
+    for offload, activations, nvme in TIERS:
+        if nvme and hw.disk_gb <= 0:
+            continue
+        if s.framework == "pytorch" and offload == "optimizer":
+            continue
+        moved = replace(
+            s,
+            offload=offload,
+            activation_offload=activations,
+            offload_nvme=nvme,
+            zero_stage=3 if offload == "params" else s.zero_stage,
+        )
+        if not (finetune_refusal(moved) or loom_refusal(moved, unbuilt)):
+            out.append(moved)
+    return out
 
 
 def _global_batch(spec: PlanSpec) -> int:
@@ -244,7 +280,7 @@ def nothing_fits(spec: PlanSpec) -> LoomError:
 def plan(spec: PlanSpec, cal: Calibration = DEFAULT_CALIBRATION) -> tuple[Plan, list[Plan]]:
     """The given strategy's plan, or the best of the search (and the ranked list)."""
     if spec.strategy is not None:
-        check_strategy(spec.model, spec.hardware, spec.strategy)
+        check_strategy(spec.model, spec.hardware, spec.strategy, spec.unbuilt)
         result = evaluate(spec.model, spec.hardware, spec.strategy, cal)
         return result, [result]
     widest = replace(spec.base, tp=1, pp=1, cp=1, dp=spec.hardware.devices)

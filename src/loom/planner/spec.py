@@ -8,11 +8,14 @@ silently ignored), and errors name the field and the fix.
 
 from __future__ import annotations
 
+import functools
 import math
+import tempfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from loom.core.config import config_from_dict
 from loom.core.errors import LoomError, read_json
 from loom.core.model_config import ModelConfig
 from loom.core.presets import PRESETS, get_preset
@@ -74,6 +77,16 @@ class ModelShape:
         return h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h + mlp
 
 
+# AdamW parameters updated per second by one node's CPUs, for the offload tiers' optimizer
+# step: DeepSpeed's CPU-Adam, about 1 s per billion parameters on a DGX-2's two 24-core Xeons
+# (ZeRO-Offload, Ren et al. 2021, Table 3); an assumed figure for the GPU nodes of the table.
+# torch's fused CPU AdamW (what Loom's offload runs), measured here: 2.0e9 parameters/s on 2
+# threads of an AMD EPYC (torch 2.13, fp32, 64M parameters) -- memory-bound, so a node's many
+# cores reach at least the DeepSpeed figure.
+CPU_ADAM_PARAMS_PER_S = 1.0e9
+CPU_ADAM_MEASURED_HERE = 2.0e9  # params/s, torch fused AdamW, 2 threads, this machine
+
+
 @dataclass(frozen=True)
 class Hardware:
     name: str
@@ -84,8 +97,12 @@ class Hardware:
     intra_node_gbps: float = 300.0  # GB/s per device, one direction (NVLink)
     inter_node_gbps: float = 25.0  # GB/s per device (e.g. 200 Gb/s HDR IB per GPU)
     hbm_gbps: float = 2000.0  # device memory bandwidth, GB/s
-    host_memory_gb: float = 1000.0  # per node, for offload
+    # The offload tiers, per node (a job on part of a node gets its devices' share of them).
+    host_memory_gb: float = 1000.0
     host_link_gbps: float = 25.0  # device <-> host, GB/s per device (PCIe)
+    disk_gb: float = 0.0  # local NVMe for memory.offload_dir; 0 = none
+    disk_gbps: float = 0.0  # NVMe read (and write) bandwidth, all drives together
+    cpu_adam_params_per_s: float = CPU_ADAM_PARAMS_PER_S  # the host CPUs' AdamW step rate
     matmul_efficiency: float | None = None  # measured ceiling (calibration); None = default
     matmul_half_size: float | None = None  # measured (calibration); None = default
     attention_efficiency: dict[str, float] | None = None  # of the matmul rate, per precision
@@ -109,6 +126,8 @@ class Strategy:
     virtual_stages: int = 1  # interleaved pipeline chunks per rank
     schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | ZeroBubble
     offload: str = "none"  # none | optimizer | params
+    offload_nvme: bool = False  # offload=optimizer with its state in files (memory.offload_dir)
+    activation_offload: bool = False  # saved activations wait in host memory until backward
     precision: str = "bf16"  # compute precision: bf16 | fp8 | fp32
     # loom: what loom train runs (fp32 params, grads and Adam, eager kernels); pytorch: another
     # PyTorch FSDP trainer (torchtitan, llm-foundry) with the same states and kernels and
@@ -154,6 +173,7 @@ class PlanSpec:
     training_tokens: float | None = None
     base: Strategy = field(default_factory=Strategy)  # fixed choices when searching
     fixed: frozenset[str] = frozenset()  # strategy fields the search must not vary
+    unbuilt: bool = False  # plan offload tiers `loom train` does not run yet
 
 
 # -- hardware table ----------------------------------------------------------------------------
@@ -172,6 +192,28 @@ GPU_TABLE: dict[str, tuple[dict[str, float], float, float, float]] = {
     "v100": ({"fp16": 125.0, "bf16": 125.0, "fp32": 15.7}, 32, 150, 900),
     "rtx4090": ({"bf16": 165.2, "fp16": 165.2, "fp8": 330.3, "fp32": 82.6}, 24, 32, 1008),
     "l40s": ({"bf16": 362.0, "fp16": 362.0, "fp8": 733.0, "fp32": 183.0}, 48, 32, 864),
+}
+
+
+# The node around the GPUs, for the offload tiers (assumptions, per node of devices_per_node):
+# host memory GB, NVMe GB and NVMe GB/s (about 3 GB/s per data-center drive).
+# DGX A100 320 GB: 1 TB, 4 x 3.84 TB; DGX A100 640 GB, DGX H100 / H200: 2 TB, 8 x 3.84 TB;
+# DGX B200: 4 TB, 8 x 3.84 TB; MI300X platforms: 2 TB, 8 x 3.84 TB; DGX-1 V100: 512 GB,
+# 4 x 1.92 TB; GB200 NVL72: 480 GB of LPDDR5X per Grace (two GPUs), 72 x 3.84 TB;
+# a 4-GPU RTX 4090 / L40S workstation: 512 GB, one 4 TB PCIe 4.0 drive at 7 GB/s.
+NODE_TABLE: dict[str, tuple[float, float, float]] = {
+    "a100": (2000, 30720, 24),
+    "a100-40gb": (1000, 15360, 12),
+    "h100": (2000, 30720, 24),
+    "h100-pcie": (2000, 30720, 24),
+    "h200": (2000, 30720, 24),
+    "b200": (4000, 30720, 24),
+    "gb200": (36 * 480, 72 * 3840, 72 * 3),
+    "gb300": (36 * 480, 72 * 3840, 72 * 3),
+    "mi300x": (2000, 30720, 24),
+    "v100": (512, 7680, 8),
+    "rtx4090": (512, 4000, 7),
+    "l40s": (512, 4000, 7),
 }
 
 
@@ -201,6 +243,8 @@ def gpu_hardware(name: str, devices: int, **overrides: Any) -> Hardware:
         values.update(inter_node_gbps=50.0, host_link_gbps=50.0)  # 400 Gb/s per GPU
     if key in ("gb200", "gb300"):  # NVL72: one NVLink domain of 72 GPUs
         values.update(devices_per_node=72, inter_node_gbps=50.0, host_link_gbps=50.0)
+    host, disk, disk_gbps = NODE_TABLE[key]
+    values.update(host_memory_gb=host, disk_gb=disk, disk_gbps=disk_gbps)
     values["tdp_w"] = TDP_W.get(key, 0.0)
     values["new_tensor_instructions"] = key.startswith(("h100", "h200", "b200", "gb"))
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -234,6 +278,9 @@ HARDWARE_FIELDS = {  # spec key -> Hardware field, for the per-device numbers a 
     "host_link_gbps": "host_link_gbps",
     "hbm_gbps": "hbm_gbps",
     "power_limit_w": "power_limit_w",  # a cap below the part's TDP (clocks fall)
+    "disk_gb": "disk_gb",  # per node, for the NVMe tier
+    "disk_gbps": "disk_gbps",
+    "cpu_adam_params_per_s": "cpu_adam_params_per_s",  # per node
 }
 HARDWARE_KEYS = ("gpu", "n_gpus", "peak_tflops", "gpus_per_node", *HARDWARE_FIELDS)
 STRATEGY_KEYS = (*(f.name for f in fields(Strategy)), *RENAMED)
@@ -250,7 +297,7 @@ SEARCH_KEYS = (
     "lora_rank",
 )
 TRAINING_KEYS = ("tokens", "seq_len", "global_batch_tokens")
-SPEC_KEYS = ("model", "hardware", "strategy", "search", "training")
+SPEC_KEYS = ("model", "hardware", "strategy", "search", "training", "unbuilt")
 
 
 def check_keys(raw: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
@@ -386,7 +433,7 @@ def parse_strategy(raw: Any, devices: int, defaults: Strategy | None = None) -> 
             values[key] = _int(raw, key, "strategy")
     if raw.get("zero_stage") is not None:
         values["zero_stage"] = _int(raw, "zero_stage", "strategy")
-    for key in ("sp", "compile", "flash_attention"):
+    for key in ("sp", "compile", "flash_attention", "offload_nvme", "activation_offload"):
         if raw.get(key) is not None:
             if not isinstance(raw[key], bool):
                 raise LoomError(f"spec.strategy.{key} must be true or false, got {raw[key]!r}")
@@ -423,8 +470,9 @@ def parse_strategy(raw: Any, devices: int, defaults: Strategy | None = None) -> 
     return strategy
 
 
-def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
-    """Refuse a strategy that cannot be realised, saying what to change."""
+def check_strategy(model: ModelShape, hw: Hardware, s: Strategy, unbuilt: bool = False) -> None:
+    """Refuse a strategy that cannot be realised, saying what to change (`unbuilt`: offload
+    tiers `loom train` does not run yet are planned, not refused)."""
     for name in ("tp", "pp", "dp", "cp", "micro_batch", "global_batch", "virtual_stages"):
         if getattr(s, name) < 1:
             raise LoomError(f"strategy.{name}={getattr(s, name)} must be at least 1")
@@ -455,13 +503,27 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
         raise LoomError(f"strategy.recompute={s.recompute!r} must be none, selective or full")
     if s.offload not in ("none", "optimizer", "params"):
         raise LoomError(f"strategy.offload={s.offload!r} must be none, optimizer or params")
-    if s.offload == "optimizer" and s.framework != "megatron":
+    if s.offload_nvme and s.offload != "optimizer":
         raise LoomError(
-            f"strategy.offload=optimizer with framework={s.framework}: it is not built in Loom "
-            "yet (loom train would keep the optimizer state on the device) and PyTorch FSDP "
-            "offloads all states together; use offload=params (FSDP keeps parameters, "
-            "gradients and optimizer state in host memory), or framework=megatron to plan a "
-            "Megatron / DeepSpeed run"
+            "strategy.offload_nvme moves the optimizer state from host memory to disk; it "
+            "needs offload=optimizer"
+        )
+    if s.offload_nvme and hw.disk_gb <= 0:
+        raise LoomError(
+            f"strategy.offload_nvme: the hardware ({hw.name}) has no disk; give "
+            "hardware.disk_gb and hardware.disk_gbps"
+        )
+    if s.offload == "optimizer" and s.framework == "pytorch":
+        raise LoomError(
+            "strategy.offload=optimizer with framework=pytorch: PyTorch FSDP offloads all "
+            "states together; use offload=params, or framework=megatron to plan a Megatron / "
+            "DeepSpeed run"
+        )
+    refusal = loom_refusal(s, unbuilt)
+    if refusal:
+        raise LoomError(
+            f"strategy: {refusal}; or framework=megatron to plan a Megatron / DeepSpeed run, "
+            "or spec.unbuilt=true (--unbuilt) to plan the tier before loom train runs it"
         )
     if s.cp > 1 and s.framework == "loom":
         raise LoomError(
@@ -501,6 +563,34 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy) -> None:
 FRAMEWORKS = ("loom", "pytorch", "megatron")
 
 
+def loom_refusal(s: Strategy, unbuilt: bool = False) -> str | None:
+    """Why `loom train` would refuse this layout's offload tiers, or None: the planner offers
+    Loom only what Loom runs. The memory section is asked of the config's own validation
+    (loom.core.config), so a tier is offered from the moment `loom train` accepts it;
+    `unbuilt` (spec.unbuilt, `loom plan --unbuilt`) plans the tiers it refuses as well."""
+    if s.framework != "loom":
+        return None
+    refusal = memory_refusal(s.offload, s.activation_offload, s.offload_nvme)
+    if refusal and not unbuilt:
+        return f"loom train does not run this offload tier yet: {refusal}"
+    if s.offload == "params" and s.tp > 1:
+        return "loom train runs offload=params (FSDP's CPU offload) with tp=1 only; set tp=1"
+    return None
+
+
+@functools.cache
+def memory_refusal(offload: str, activation_offload: bool, nvme: bool) -> str | None:
+    """The config's refusal of these memory.* values, or None when `loom train` runs them."""
+    memory = {"offload": offload, "activation_offload": activation_offload}
+    if nvme:
+        memory["offload_dir"] = tempfile.gettempdir()  # a writable folder: only the tier matters
+    try:
+        config_from_dict({"memory": memory})
+    except LoomError as e:
+        return str(e)
+    return None
+
+
 def finetune_refusal(s: Strategy) -> str | None:
     """Why `loom finetune` would refuse this LoRA / QLoRA layout, or None: the planner offers
     only layouts Loom runs (Megatron-style frameworks also run adapters tensor parallel)."""
@@ -511,7 +601,7 @@ def finetune_refusal(s: Strategy) -> str | None:
             "loom finetune runs QLoRA in one process (NF4 weights are not sharded yet); plan "
             "it on one device (--gpus 1 / hardware.n_gpus=1) or use finetune=lora"
         )
-    if s.finetune == "qlora" and s.offload != "none":
+    if s.finetune == "qlora" and s.offload == "params":
         return (
             "loom finetune keeps QLoRA's NF4 base on the device (FSDP's offload to host memory "
             "does not take NF4 weights); set offload=none or use finetune=lora"
@@ -602,17 +692,20 @@ def parse_spec(raw: Any) -> PlanSpec:
             strategy_raw = {**strategy_raw, "global_batch": batch}
         else:
             search = {**search, "global_batch": batch}
+    unbuilt = raw.get("unbuilt", False)
+    if not isinstance(unbuilt, bool):
+        raise LoomError(f"spec.unbuilt must be true or false, got {unbuilt!r}")
     strategy = None
     if strategy_raw:
         strategy = parse_strategy(strategy_raw, hardware.devices)
-        check_strategy(model, hardware, strategy)
+        check_strategy(model, hardware, strategy, unbuilt)
     base = strategy or Strategy()
     fixed: frozenset[str] = frozenset()
     if not strategy and search:
         cp = _int(search, "cp", "search") if "cp" in search else 1
         base = parse_strategy({**search, "dp": 1, "tp": 1, "pp": 1}, cp)
         fixed = frozenset(search)
-    return PlanSpec(model, hardware, strategy, tokens, base, fixed)
+    return PlanSpec(model, hardware, strategy, tokens, base, fixed, unbuilt)
 
 
 def batch_sequences(sequences: float) -> int:

@@ -11,7 +11,7 @@ from loom.core.config import Config
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.parallel.dims import ParallelDims, resolve
-from loom.planner.memory import GB, Memory, estimate
+from loom.planner.memory import GB, Memory, estimate, refusal
 from loom.planner.search import candidates, evaluate
 from loom.planner.spec import Hardware, Strategy, model_from_config
 
@@ -51,6 +51,8 @@ def strategy_for(cfg: Config, dims: ParallelDims) -> Strategy:
         virtual_stages=dims.stages_per_rank,
         schedule=SCHEDULES.get(p.schedule, "ZeroBubble"),
         offload=cfg.memory.offload,
+        offload_nvme=bool(cfg.memory.offload_dir),
+        activation_offload=cfg.memory.activation_offload,
         precision=t.precision,
         framework="loom",
     )
@@ -81,6 +83,11 @@ def check_fits(
         gib["other"],
         hw.memory_gb * GB / 2**30,
     )
+    # On a GPU, the host tier must hold what the layout offloads (on a CPU the two are one
+    # memory, counted once as the device's; the disk's size is the offload_dir's business).
+    over = refusal(replace(memory, disk=0.0), hw) if device.type == "cuda" else None
+    if over and memory.total <= hw.memory_gb * GB and not force:
+        raise LoomError(f"this layout {over}; see `loom plan`, or set train.force=true")
     if memory.total <= hw.memory_gb * GB or force:
         return
     advice = []
