@@ -68,7 +68,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
             "optimizer.decay_steps=10 is shorter than train.steps=20",
         ),
         (["train.steps=3"], "must look like --section.key=value"),
-        (["--memory.offload=optimizer"], "memory.offload=optimizer is not built yet"),
+        (["--memory.host_budget_gb=2"], "set memory.offload_dir=PATH with it"),
+        (
+            ["--memory.offload=optimizer", f"--memory.offload_dir={__file__}/tier"],
+            f"memory.offload_dir='{__file__}/tier': {__file__} is not a folder",
+        ),
+        (["--memory.offload_dir=/tmp/x"], "needs memory.offload=optimizer"),
     ],
 )
 def test_bad_values_name_key_and_fix(overrides: list[str], message: str) -> None:

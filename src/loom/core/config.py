@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import tomllib
 import types
 import typing
@@ -384,12 +385,6 @@ def _type_name(tp: Any) -> str:
 
 def _check_memory(m: MemoryConfig) -> None:
     """Every memory.* value must change what the run does, or be refused here."""
-    if m.offload == "optimizer":
-        raise LoomError(
-            "memory.offload=optimizer is not built yet (the optimizer state would stay on the "
-            "device); use memory.offload=params (FSDP keeps parameters, gradients and optimizer "
-            "state in host memory) or memory.offload=none"
-        )
     if m.offload_dir and m.offload != "optimizer":
         raise LoomError(
             f"memory.offload_dir={m.offload_dir!r} holds the optimizer state on disk and needs "
@@ -397,6 +392,26 @@ def _check_memory(m: MemoryConfig) -> None:
         )
     if m.host_budget_gb < 0:
         raise LoomError(f"memory.host_budget_gb={m.host_budget_gb} must be >= 0 (0 = no limit)")
+    if m.host_budget_gb and not m.offload_dir:
+        raise LoomError(
+            f"memory.host_budget_gb={m.host_budget_gb:g} bounds the host memory of the NVMe "
+            "tier; set memory.offload_dir=PATH with it, or host_budget_gb=0"
+        )
+    if m.offload_dir:
+        _check_writable_dir("memory.offload_dir", Path(m.offload_dir))
+
+
+def _check_writable_dir(key: str, path: Path) -> None:
+    """`path` is a folder this process can write in, or can create."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LoomError(f"{key}={str(path)!r}: {existing} is not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LoomError(
+            f"{key}={str(path)!r}: {existing} is not writable by this user; choose another path"
+        )
 
 
 def validate(cfg: Config) -> None:

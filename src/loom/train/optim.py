@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from loom.core.config import OptimizerConfig
+from loom.core import distributed
+from loom.core.config import MemoryConfig, OptimizerConfig
+from loom.train.offload import OffloadAdamW
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    cfg: OptimizerConfig,
+    memory: MemoryConfig | None = None,
+    name: str = "part0",
+) -> torch.optim.Optimizer:
     """Weight decay on matrices (and embeddings); none on norms and biases.
 
-    Uses the fused kernel on accelerators and the multi-tensor (foreach) one on CPU.
+    Uses the fused kernel on accelerators and the multi-tensor (foreach) one on CPU; with
+    `memory.offload=optimizer`, AdamW with its state in host memory (or, with
+    `memory.offload_dir`, in files there under `name`) that steps on the CPU.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -25,14 +37,33 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # An empty group (LoRA trains matrices only) would break distributed checkpointing.
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+    groups = [g for g in groups if g["params"]]
+    if memory is not None and memory.offload == "optimizer":
+        return OffloadAdamW(
+            groups,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            directory=Path(memory.offload_dir) / name if memory.offload_dir else None,
+            budget_bytes=int(memory.host_budget_gb * 1e9),
+        )
+    optimizer = torch.optim.AdamW(
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         fused=on_accelerator or None,
         foreach=None if on_accelerator else True,
     )
+    optimizer.register_load_state_dict_pre_hook(_keep_kernel_choice)
+    return optimizer
+
+
+def _keep_kernel_choice(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """Which AdamW kernel runs (fused, foreach) is this process's choice, not the checkpoint's:
+    a checkpoint saved on another device, or with `memory.offload=optimizer`, names another."""
+    for group, saved in zip(optimizer.param_groups, state_dict["param_groups"], strict=False):
+        saved.update(fused=group["fused"], foreach=group["foreach"])
 
 
 def lr_multiplier(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
@@ -76,8 +107,22 @@ class Optimizers:
     """One AdamW and one schedule per model part (a rank may hold several pipeline stages),
     stepped together; the schedules stay in lockstep, so one state describes them all."""
 
-    def __init__(self, parts: list[nn.Module], cfg: OptimizerConfig, total_steps: int) -> None:
-        self.optimizers = [build_optimizer(part, cfg) for part in parts]
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        cfg: OptimizerConfig,
+        total_steps: int,
+        memory: MemoryConfig | None = None,
+    ) -> None:
+        if memory is not None and memory.host_budget_gb and len(parts) > 1:
+            # The budget is the process's: each part's window gets its share.
+            share = memory.host_budget_gb / len(parts)
+            memory = dataclasses.replace(memory, host_budget_gb=share)
+        rank = distributed.rank()
+        self.optimizers = [
+            build_optimizer(part, cfg, memory, f"rank{rank}-part{i}")
+            for i, part in enumerate(parts)
+        ]
         self.schedulers = [build_scheduler(o, cfg, total_steps) for o in self.optimizers]
 
     @property

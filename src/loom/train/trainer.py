@@ -111,7 +111,9 @@ class Trainer:
         # Input is valid: from here on the run folder is written.
         mesh = self._start_run()
         self.model: ParallelModel = self.task.build_model(self, mesh)
-        self.optimizers = Optimizers(self.model.parts, self.cfg.optimizer, self.cfg.train.steps)
+        self.optimizers = Optimizers(
+            self.model.parts, self.cfg.optimizer, self.cfg.train.steps, self.cfg.memory
+        )
         if resume_state is not None:
             self._resume(resume_state)
         self._measure()
