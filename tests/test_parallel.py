@@ -69,6 +69,10 @@ LAYOUTS: dict[int, dict[str, list[str]]] = {
         "fsdp2_recompute_full": ["--memory.recompute=full"],
         "fsdp2_recompute_selective": ["--memory.recompute=selective"],
         "fsdp2_recompute_every2": ["--memory.recompute=full", "--memory.recompute_every=2"],
+        "fsdp2_activation_offload": [
+            "--memory.activation_offload=true",
+            "--memory.recompute=selective",
+        ],
         "fsdp2_float8": ["--train.float8=true"],
         "fsdp2_compile": ["--train.compile=true"],
         "tp2": ["--parallel.tp=2", "--parallel.dp_shard=1"],

@@ -177,8 +177,9 @@ class ActivationStore:
         group.fetched = True
         members = group.alive()
         if self.stream is None:
-            for saved in members:  # host memory is the device's: the host copy is used as is
-                saved.on_device = saved.host
+            for saved in members:  # on a CPU the host copy is used as it is
+                assert saved.host is not None
+                saved.on_device = saved.host.to(self.device)
             return
         with torch.cuda.stream(self.stream):
             for saved in members:
