@@ -193,13 +193,16 @@ def _bytes(tensor: torch.Tensor, numel: int) -> memoryview:
 
 
 def chunk_for_budget(budget_bytes: int, kinds: int) -> int:
-    """Elements per chunk so that `WINDOW` chunks of every kind fit in `budget_bytes`."""
-    size = budget_bytes // (WINDOW * kinds * _FLOAT) // ALIGN * ALIGN
+    """Elements per chunk so that `WINDOW` chunks of every kind fit in `budget_bytes`, with
+    one chunk more for the step's transients (a gradient chunk copied to the host)."""
+    slots = WINDOW * kinds + 1
+    size = budget_bytes // (slots * _FLOAT) // ALIGN * ALIGN
     if size < ALIGN:
-        need = WINDOW * kinds * _FLOAT * ALIGN / 1e9
+        need = slots * _FLOAT * ALIGN / 1e9
         raise LoomError(
             f"memory.host_budget_gb={budget_bytes / 1e9:g} is too small for the NVMe tier's "
-            f"window ({WINDOW} chunks of {kinds} state kinds, at least {need:.4f} GB); raise it"
+            f"window ({WINDOW} chunks of {kinds} state kinds and one of gradients, at least "
+            f"{need:.4f} GB); raise it"
         )
     return size
 
