@@ -112,13 +112,16 @@ def test_losses_equal_a_run_without_offload_and_the_state_lives_offloaded(
         storage = memory.store.view(kind).untyped_storage().data_ptr()
         for state in memory.state.values():
             assert state[kind].untyped_storage().data_ptr() == storage
-    # The same numbers as torch's AdamW holds for the run without offload.
+    # The same numbers as torch's AdamW holds for the run without offload (bf16: as close as
+    # its rounding lets two runs stay).
+    relative = 1e-4 if precision == "fp32" else 5e-2
     plain_state = plain.optimizers.optimizers[0].state
     pairs = zip(plain.model.parts[0].parameters(), host.model.parts[0].parameters(), strict=True)
     for p_plain, p_host in pairs:
         for kind in STATE_KINDS:
             expected = plain_state[p_plain][kind]
-            assert torch.allclose(memory.state[p_host][kind], expected, rtol=1e-3, atol=1e-9)
+            error = (memory.state[p_host][kind] - expected).norm() / expected.norm()
+            assert error <= relative
     # NVMe tier: the state is in the files (byte for byte the in-memory run's), and the host
     # holds only the window.
     assert isinstance(files.store, FileStore)
