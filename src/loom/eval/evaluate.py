@@ -61,7 +61,6 @@ class EvalOptions:
     )
 
 
-
 @dataclass
 class EvalJob(EvalOptions):
     """What to score and how: `loom eval`'s options and the pipeline's `[eval]` (where `model`

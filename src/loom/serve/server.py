@@ -97,7 +97,6 @@ class ServeOptions:
         )
 
 
-
 @dataclass
 class ServeJob(ServeOptions):
     """A model and how to serve it: `loom serve MODEL`'s options and the pipeline's `[serve]`
