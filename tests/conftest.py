@@ -124,28 +124,33 @@ TINY_MODEL = [
 ]
 
 
+def tiny_args(data_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """The overrides of `tiny_config` (for a training job in another process)."""
+    return [
+        *TINY_MODEL,
+        f"--data.path={data_dir}",
+        f"--run_dir={run_dir}",
+        "--train.steps=8",
+        "--train.batch_size=4",
+        "--train.seq_len=32",
+        "--train.eval_interval=0",
+        "--train.eval_batches=2",
+        "--optimizer.warmup_steps=2",
+        "--optimizer.lr=3e-3",
+        "--metrics.log_interval=1",
+        "--metrics.progress=plain",
+        "--checkpoint.interval=4",
+        *overrides,
+    ]
+
+
 @pytest.fixture
 def tiny_config(data_dir: Path, tmp_path: Path) -> Callable[..., object]:
     """Factory: a validated Config for a 2-layer model on the test shards, plus overrides."""
     from loom.core.config import load_config
 
     def make(*overrides: str, run_dir: Path | None = None):
-        base = [
-            *TINY_MODEL,
-            f"--data.path={data_dir}",
-            f"--run_dir={run_dir or tmp_path / 'run'}",
-            "--train.steps=8",
-            "--train.batch_size=4",
-            "--train.seq_len=32",
-            "--train.eval_interval=0",
-            "--train.eval_batches=2",
-            "--optimizer.warmup_steps=2",
-            "--optimizer.lr=3e-3",
-            "--metrics.log_interval=1",
-            "--metrics.progress=plain",
-            "--checkpoint.interval=4",
-        ]
-        return load_config(None, [*base, *overrides])
+        return load_config(None, tiny_args(data_dir, run_dir or tmp_path / "run", *overrides))
 
     return make
 

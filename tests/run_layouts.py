@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -45,6 +47,22 @@ def held_bytes(trainer: Trainer) -> dict[str, int]:
         "grads": sum(local_bytes(g) for g in grads),
         "optimizer": sum(local_bytes(v) for v in state),
     }
+
+
+def launch(nproc: int, spec: list[dict[str, Any]], out: Path) -> dict[str, dict[int, Any]]:
+    """Run `spec` in one torchrun launch of `nproc` ranks; returns {job name: {rank: record}}."""
+    spec_file = out / f"spec{nproc}.json"
+    spec_file.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", __file__, str(spec_file), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    records: dict[str, dict[int, Any]] = {}
+    for job in spec:
+        for path in out.glob(f"{job['name']}.rank*.json"):
+            rank = int(path.name.split(".")[1].removeprefix("rank"))
+            records.setdefault(job["name"], {})[rank] = json.loads(path.read_text())
+    return records
 
 
 def roll_back(source: Path, target: Path, step: int) -> None:

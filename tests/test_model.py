@@ -22,7 +22,10 @@ PUBLISHED = {
     "llama3.1-8b": 8_030_261_248,
     "llama3-70b": 70_553_706_496,
     "llama3-405b": 405_853_388_800,
+    "mixtral-8x7b": 46_702_792_704,
 }
+# mixtures of experts: (total, active per token) in billions, as their model cards round them
+PUBLISHED_MOE = {"mixtral-8x7b": (46.7, 12.9), "qwen1.5-moe-a2.7b": (14.3, 2.7)}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -31,8 +34,15 @@ def test_preset_parameter_count(name: str) -> None:
     model = build_model(cfg)  # meta device: no memory even for 405B
     counted = sum(p.numel() for p in model.parameters())
     assert counted == cfg.num_params()
-    if name != "tiny":
+    if name in PUBLISHED:
         assert counted == PUBLISHED[name]
+    if name in PUBLISHED_MOE:
+        total, active = PUBLISHED_MOE[name]
+        assert (round(counted / 1e9, 1), round(cfg.num_params(active=True) / 1e9, 1)) == (
+            total,
+            active,
+        )
+    assert name in PUBLISHED or name in PUBLISHED_MOE or name.startswith("tiny")
 
 
 def test_required_presets_exist() -> None:

@@ -8,16 +8,13 @@ checkpoints saved under one layout must resume under another with the same next-
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import TINY_MODEL
-from run_layouts import roll_back
+from run_layouts import launch, roll_back
 
 from loom.core.checkpoint import load_model_weights
 from loom.core.config import Config, load_config
@@ -26,7 +23,6 @@ from loom.models.llama import build_model
 from loom.parallel.dims import resolve
 from loom.train.trainer import Trainer
 
-RUNNER = Path(__file__).parent / "run_layouts.py"
 SCHEDULES = [
     "GPipe",
     "1F1B",
@@ -99,15 +95,6 @@ RESUMES: dict[str, tuple[int, list[str], str]] = {
 APPROXIMATE = {"fsdp2_bf16", "fsdp2_float8"}  # different arithmetic: compared loosely
 
 
-def torchrun(nproc: int, spec: list[dict[str, Any]], out: Path) -> None:
-    spec_file = out / f"spec{nproc}.json"
-    spec_file.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", str(RUNNER), str(spec_file), str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-
-
 @pytest.fixture(scope="module")
 def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Single-process reference, then every layout; returns each run's rank records."""
@@ -130,10 +117,7 @@ def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
             for name, (w, extra, source) in RESUMES.items()
             if w == world
         ]
-        torchrun(world, spec, root)
-    for path in root.glob("*.rank*.json"):
-        name, rank = path.name.split(".")[:2]
-        results.setdefault(name, {})[int(rank.removeprefix("rank"))] = json.loads(path.read_text())
+        results.update(launch(world, spec, root))
     return results
 
 

@@ -250,8 +250,16 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise LoomError(f"model must be a section ([model] in TOML), got {model_raw!r}")
     model_raw = dict(model_raw)
     preset = model_raw.pop("preset", "tiny")
-    base = get_preset(str(preset))
-    model = _build(ModelConfig, {**_to_raw(base), **model_raw, "preset": str(preset)}, "model")
+    base = _to_raw(get_preset(str(preset)))
+    # `[moe]` is the model's mixture-of-experts section; its keys override the preset's
+    moe = raw.pop("moe", None)
+    if moe is not None and "moe" in model_raw:
+        raise LoomError("set the mixture of experts in [moe] or in [model.moe], not both")
+    moe = model_raw.pop("moe", moe) or {}
+    if not isinstance(moe, dict):
+        raise LoomError(f"moe must be a section ([moe] in TOML), got {moe!r}")
+    model_raw["moe"] = {**base["moe"], **moe}
+    model = _build(ModelConfig, {**base, **model_raw, "preset": str(preset)}, "model")
     cfg = _build(Config, raw, "")
     cfg.model = model
     validate(cfg)
@@ -414,9 +422,47 @@ def _check_writable_dir(key: str, path: Path) -> None:
         )
 
 
+def check_moe(model: ModelConfig) -> None:
+    """The `[moe]` section of a model: shapes that can be built."""
+    moe = model.moe
+    if moe.experts < 0:
+        raise LoomError(f"moe.experts={moe.experts} must be >= 0 (0 = a dense model)")
+    if not moe.enabled:
+        return
+    if not 1 <= moe.top_k <= moe.experts:
+        raise LoomError(f"moe.top_k={moe.top_k} must be between 1 and moe.experts={moe.experts}")
+    _positive({"moe.every": moe.every})
+    _non_negative(
+        {
+            "moe.shared_experts": moe.shared_experts,
+            "moe.expert_ffn_hidden": moe.expert_ffn_hidden,
+            "moe.first_dense_layers": moe.first_dense_layers,
+            "moe.capacity_factor": moe.capacity_factor,
+            "moe.aux_loss_weight": moe.aux_loss_weight,
+            "moe.bias_update_rate": moe.bias_update_rate,
+        }
+    )
+    if moe.shared_expert_gate and not moe.shared_experts:
+        raise LoomError(
+            "moe.shared_expert_gate=true gates the shared experts; set moe.shared_experts"
+        )
+    if model.moe_layers == 0:
+        raise LoomError(
+            f"moe.first_dense_layers={moe.first_dense_layers} leaves no MoE layer of "
+            f"model.n_layers={model.n_layers}; lower it or set moe.experts=0"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values up front, naming the key and the fix."""
     m, t, o = cfg.model, cfg.train, cfg.optimizer
+    check_moe(m)
+    if m.moe.enabled and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
+        raise LoomError(
+            f"parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}: a mixture-of-experts "
+            "model trains with tp=1 and pp=1 for now (experts are not split over tensor-parallel "
+            "ranks or pipeline stages yet); shard it with parallel.dp_shard instead"
+        )
     _positive(
         {
             "model.vocab_size": m.vocab_size,

@@ -3,7 +3,8 @@ and the presets read it without paying for the torch import; loom.models.llama b
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -14,6 +15,32 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts in place of the dense MLP (`experts > 0`): a softmax router picks
+    `top_k` of `experts` SwiGLU experts per token; `shared_experts` × `expert_ffn_hidden` is
+    the hidden size of an MLP every token also goes through (Qwen-MoE, DeepSeek)."""
+
+    experts: int = 0  # 0 = a dense model
+    top_k: int = 2
+    shared_experts: int = 0
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared MLP's output × sigmoid(gate(x))
+    expert_ffn_hidden: int = 0  # 0 = model.ffn_hidden
+    every: int = 1  # an MoE layer every n-th layer (after the dense ones)
+    first_dense_layers: int = 0  # DeepSeek: the first layers stay dense
+    norm_top_k: bool = True  # renormalise the top-k router weights to sum 1 (Mixtral)
+    balance: Literal["aux_loss", "bias"] = "aux_loss"
+    aux_loss_weight: float = 0.01  # Switch/Mixtral load-balancing loss, per micro-batch
+    bias_update_rate: float = 0.001  # DeepSeek-V3's auxiliary-loss-free balancing step
+    capacity_factor: float = 0.0  # 0 = dropless; else each expert takes at most
+    # capacity_factor × tokens × top_k / experts tokens per micro-batch in training, the rest
+    # are dropped (passed on by the residual); evaluation and serving are always dropless
+
+    @property
+    def enabled(self) -> bool:
+        return self.experts > 0
 
 
 @dataclass
@@ -35,27 +62,56 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def attn_head_dim(self) -> int:
         return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe.expert_ffn_hidden or self.ffn_hidden
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        m = self.moe
+        after = layer_id - m.first_dense_layers
+        return m.enabled and after >= 0 and after % m.every == 0
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     def architecture(self) -> dict[str, object]:
         """The fields that decide weight shapes and numerics (what a checkpoint must match)."""
         arch = asdict(self)
         for informational in ("preset", "init_std"):
             arch.pop(informational)
+        moe = arch["moe"]
+        if not self.moe.enabled:
+            arch.pop("moe")  # a dense model's checkpoints predate the section
+        else:  # training knobs, not shapes
+            for knob in ("balance", "aux_loss_weight", "bias_update_rate", "capacity_factor"):
+                moe.pop(knob)
         return arch
 
-    def num_params(self) -> int:
-        """Exact parameter count, computed from the shapes (no model needed)."""
+    def num_params(self, active: bool = False) -> int:
+        """Exact parameter count, computed from the shapes (no model needed); `active`: the
+        parameters one token uses (its top-k experts of each MoE layer, not all)."""
         d, hd = self.dim, self.attn_head_dim
         q, kv = self.n_heads * hd, self.n_kv_heads * hd
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
-        mlp = 3 * d * self.ffn_hidden
-        per_layer = attn + mlp + 2 * d
+        per_layer = attn + 2 * d
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.n_layers * per_layer + embeddings + d
+        dense_mlp = 3 * d * self.ffn_hidden
+        m = self.moe
+        experts = m.top_k if active else m.experts
+        moe_mlp = (
+            d * m.experts  # router
+            + 3 * d * self.expert_hidden * (experts + m.shared_experts)
+            + (d if m.shared_expert_gate else 0)
+        )
+        mlps = self.moe_layers * moe_mlp + (self.n_layers - self.moe_layers) * dense_mlp
+        return self.n_layers * per_layer + mlps + embeddings + d
 
     def flops_per_token(self, seq_len: int, frozen: bool = False) -> float:
         """Training FLOPs per token: 6·N_matmul + 12·L·(heads·head_dim)·seq_len.
@@ -63,9 +119,10 @@ class ModelConfig:
         N_matmul counts every weight used in a matmul (the output projection included, the
         input embedding lookup excluded); the second term is attention's QKᵀ and AV products
         over the full sequence (PaLM's convention, not halved for the causal mask). With the
-        weights `frozen` (adapter training) backward skips their gradients: 4·N_matmul.
+        weights `frozen` (adapter training) backward skips their gradients: 4·N_matmul. An MoE
+        model counts the weights a token uses (its top-k experts).
         """
-        n_matmul = self.num_params() - self.dim * (2 * self.n_layers + 1)  # minus norms
+        n_matmul = self.num_params(active=True) - self.dim * (2 * self.n_layers + 1)  # no norms
         if not self.tie_embeddings:
             n_matmul -= self.vocab_size * self.dim  # input embedding is a lookup
         attention = 12 * self.n_layers * self.n_heads * self.attn_head_dim * seq_len

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loom.core.errors import LoomError
-from loom.core.model_config import ModelConfig, RopeScaling
+from loom.core.model_config import ModelConfig, MoEConfig, RopeScaling
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,7 @@ class Preset:
     config: ModelConfig
     published_params: int | None  # from the model card / released weights; None for our own
     source: str
+    published_active_params: int | None = None  # a mixture of experts: per token
 
 
 _LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
@@ -131,6 +132,65 @@ PRESETS: dict[str, Preset] = {
         ),
         405_853_388_800,
         "meta-llama/Llama-3.1-405B",
+    ),
+    "tiny-moe": Preset(
+        ModelConfig(
+            preset="tiny-moe",
+            vocab_size=8192,
+            dim=256,
+            n_layers=4,
+            n_heads=8,
+            n_kv_heads=4,
+            ffn_hidden=768,
+            max_seq_len=1024,
+            tie_embeddings=True,
+            moe=MoEConfig(experts=4, top_k=2, shared_experts=1, expert_ffn_hidden=256),
+        ),
+        None,
+        "Loom's CPU test model with 4 experts, top-2, and a shared expert",
+    ),
+    "mixtral-8x7b": Preset(
+        ModelConfig(
+            preset="mixtral-8x7b",
+            vocab_size=32000,
+            dim=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            ffn_hidden=14336,
+            max_seq_len=32768,
+            rope_theta=1000000.0,
+            moe=MoEConfig(experts=8, top_k=2),
+        ),
+        46_702_792_704,
+        "mistralai/Mixtral-8x7B-v0.1",
+        12_900_000_000,  # "12.9B active parameters", as Mistral's announcement rounds it
+    ),
+    "qwen1.5-moe-a2.7b": Preset(
+        ModelConfig(
+            preset="qwen1.5-moe-a2.7b",
+            vocab_size=151936,
+            dim=2048,
+            n_layers=24,
+            n_heads=16,
+            n_kv_heads=16,
+            ffn_hidden=5632,
+            max_seq_len=8192,
+            norm_eps=1e-6,
+            rope_theta=1000000.0,
+            qkv_bias=True,
+            moe=MoEConfig(
+                experts=60,
+                top_k=4,
+                shared_experts=4,
+                shared_expert_gate=True,
+                expert_ffn_hidden=1408,
+                norm_top_k=False,
+            ),
+        ),
+        14_300_000_000,  # "14.3B", as the model card rounds it
+        "Qwen/Qwen1.5-MoE-A2.7B",
+        2_700_000_000,  # "2.7B activated parameters" (the name's A2.7B)
     ),
 }
 

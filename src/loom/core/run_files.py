@@ -240,6 +240,10 @@ class MetricsLine(TypedDict, total=False):
     reward_margin: float
     val_reward_accuracy: float
     val_reward_margin: float
+    moe_expert_load: list[float]  # a mixture of experts: each expert's share of routed tokens
+    moe_max_load: float  # the busiest expert's tokens over the mean (1.0 = balanced)
+    moe_dropped_tokens: float  # assignments over an expert's capacity (moe.capacity_factor)
+    moe_balance_loss: float  # the auxiliary load-balancing loss (logged with either balance)
 
 
 def metrics_line_json(line: MetricsLine) -> str:

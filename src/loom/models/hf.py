@@ -14,13 +14,24 @@ import torch
 from torch import nn
 
 from loom.core.errors import LoomError, read_json
+from loom.core.model_config import MoEConfig
+from loom.models.hf_moe import (
+    ARCHITECTURES,
+    ExpertStacker,
+    hf_moe_fields,
+    hf_moe_type,
+    loom_moe_name,
+    moe_from_hf,
+    to_hf_moe,
+)
 from loom.models.llama import ModelConfig, RopeScaling, Transformer, build_model
 
 _PREFIX = "model."
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """`config.json` content for `transformers` (Llama, or Qwen2 when the model has QKV bias)."""
+    """`config.json` content for `transformers`: Llama, Qwen2 when the model has QKV bias,
+    Mixtral or Qwen2-MoE for a mixture of experts."""
     model_type, architecture = (
         ("qwen2", "Qwen2ForCausalLM") if cfg.qkv_bias else ("llama", "LlamaForCausalLM")
     )
@@ -44,6 +55,9 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     }
     if model_type == "llama":
         config |= {"attention_bias": False, "mlp_bias": False}
+    if cfg.moe.enabled:
+        config = {k: v for k, v in config.items() if k not in ("attention_bias", "mlp_bias")}
+        config |= hf_moe_fields(cfg)
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
         config["rope_scaling"] = {
@@ -57,6 +71,9 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    if cfg.moe.enabled:
+        model_type = hf_moe_type(cfg)
+        state = {k: v for n, t in state.items() for k, v in to_hf_moe(n, t, model_type).items()}
     out = {name if name.startswith("lm_head.") else _PREFIX + name: t for name, t in state.items()}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = state["embed_tokens.weight"]
@@ -69,6 +86,7 @@ SUPPORTED = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    **ARCHITECTURES,
 }
 
 
@@ -79,7 +97,8 @@ def config_from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
     if model_type not in SUPPORTED:
         raise LoomError(
             f"{source}: model_type={model_type!r} is not supported; Loom imports "
-            f"{', '.join(sorted(SUPPORTED))} (the Llama family: Llama 2/3, Mistral, Qwen2, SmolLM)"
+            f"{', '.join(sorted(SUPPORTED))} (the Llama family: Llama 2/3, Mistral, Qwen2, "
+            "SmolLM; the mixtures of experts Mixtral and Qwen2-MoE)"
         )
     differs = []
     if raw.get("hidden_act", "silu") != "silu":
@@ -103,6 +122,10 @@ def config_from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
     if differs:
         raise LoomError(f"{source}: unsupported {model_type} variant: {'; '.join(differs)}")
     try:
+        if model_type in ARCHITECTURES:
+            moe, ffn_hidden = moe_from_hf(raw, source)
+        else:
+            moe, ffn_hidden = MoEConfig(), int(raw["intermediate_size"])
         heads = int(raw["num_attention_heads"])
         dim = int(raw["hidden_size"])
         cfg = ModelConfig(
@@ -113,14 +136,15 @@ def config_from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
             n_heads=heads,
             n_kv_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or 0) if raw.get("head_dim") != dim // heads else 0,
-            ffn_hidden=int(raw["intermediate_size"]),
+            ffn_hidden=ffn_hidden,
             max_seq_len=int(raw.get("max_position_embeddings", 2048)),
             norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
             rope_scaling=_rope_scaling(scaling) if scaling is not None else None,
-            qkv_bias=model_type == "qwen2",
+            qkv_bias=model_type in ("qwen2", "qwen2_moe"),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             init_std=float(raw.get("initializer_range", 0.02)),
+            moe=moe,
         )
     except KeyError as e:
         raise LoomError(f"{source}: config.json lacks {e.args[0]}") from None
@@ -153,11 +177,14 @@ def load_hf_model(
     params = dict(model.named_parameters())
     expected = set(params)
     loaded: set[str] = set()
+    experts = ExpertStacker({name: p.shape for name, p in params.items()})
     for file in weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
             for hf_name in f.keys():  # noqa: SIM118 -- safe_open is not a dict
-                name = loom_name(hf_name)
+                name = loom_moe_name(loom_name(hf_name))
                 if "rotary_emb" in name or (cfg.tie_embeddings and name == "lm_head.weight"):
+                    continue
+                if experts.add(name, f.get_tensor(hf_name), str(file)):
                     continue
                 if name not in params:
                     raise LoomError(f"{file}: unexpected tensor {hf_name} for a {cfg.preset} model")
@@ -169,6 +196,9 @@ def load_hf_model(
                     )
                 set_parameter(model, name, tensor.to(device=device, dtype=dtype))
                 loaded.add(name)
+    for name, tensor in experts.complete().items():
+        set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+        loaded.add(name)
     missing = sorted(expected - loaded)
     if missing:
         raise LoomError(
@@ -188,9 +218,11 @@ def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def materialize_buffers(model: Transformer, device: torch.device | str) -> None:
-    """The rotary tables of a model whose weights were filled by `set_parameter`."""
-    model.rope_cos = torch.empty_like(model.rope_cos, device=device)
-    model.rope_sin = torch.empty_like(model.rope_sin, device=device)
+    """The buffers of a model whose weights were filled by `set_parameter`: the rotary tables
+    computed, the rest (an MoE router's balance bias and counts) zero."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, torch.zeros_like(buffer, device=device))
     model.init_buffers()
 
 

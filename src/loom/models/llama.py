@@ -18,6 +18,7 @@ from torch import nn
 
 from loom.core.model_config import ModelConfig as ModelConfig
 from loom.core.model_config import RopeScaling as RopeScaling
+from loom.models.moe import MoE
 
 
 class KVCache(Protocol):
@@ -113,11 +114,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -129,7 +130,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_id)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp: MLP | MoE = MLP(cfg.dim, cfg.ffn_hidden)
+        if cfg.is_moe_layer(layer_id):
+            shared = cfg.moe.shared_experts * cfg.expert_hidden
+            self.mlp = MoE(cfg, MLP(cfg.dim, shared) if shared else None)
 
     def forward(
         self,
@@ -200,13 +204,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """Fill the rotary tables (not saved in checkpoints; needed after `to_empty`)."""
+        """Fill the rotary tables and zero the routers' state (after `to_empty`, before a
+        checkpoint restores the balance bias; the rotary tables are not saved)."""
         positions = torch.arange(self.cfg.max_seq_len, dtype=torch.float64)
         angles = torch.outer(positions, rope_frequencies(self.cfg))
         angles = torch.cat((angles, angles), dim=-1)
         device = self.rope_cos.device
         self.rope_cos.copy_(angles.cos().float().to(device))
         self.rope_sin.copy_(angles.sin().float().to(device))
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.reset_routing()
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -243,7 +251,7 @@ def init_parameter_(cfg: ModelConfig, name: str, tensor: torch.Tensor, seed: int
         tensor.zero_()
     else:
         std = cfg.init_std
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
+        if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
             std /= math.sqrt(2 * cfg.n_layers)
         generator = torch.Generator(device=tensor.device)
         generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

@@ -308,6 +308,11 @@ def check_keys(raw: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
 
 
 def model_from_config(cfg: ModelConfig, seq_len: int) -> ModelShape:
+    if cfg.moe.enabled:
+        raise LoomError(
+            f"model {cfg.preset!r} is a mixture of experts, which the planner does not model "
+            "yet (total vs active parameters, expert parallelism); plan a dense model"
+        )
     return ModelShape(
         layers=cfg.n_layers,
         hidden=cfg.dim,

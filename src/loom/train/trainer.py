@@ -30,6 +30,7 @@ from loom.core.device import select_device
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.run_files import MetricsLine, RankNote, RunFiles
+from loom.models.moe import RoutingStats
 from loom.parallel.dims import resolve
 from loom.parallel.parallelize import ParallelModel
 from loom.planner.hardware import peak_at_least, peak_flops
@@ -111,6 +112,7 @@ class Trainer:
         # Input is valid: from here on the run folder is written.
         mesh = self._start_run()
         self.model: ParallelModel = self.task.build_model(self, mesh)
+        self.routing = RoutingStats(self.model.parts) if cfg.model.moe.enabled else None
         self.optimizers = Optimizers(
             self.model.parts, self.cfg.optimizer, self.cfg.train.steps, self.cfg.memory
         )
@@ -283,6 +285,8 @@ class Trainer:
         lr = self.optimizers.lr
         if self.guard.check(self.step + 1, loss.item(), grad_norm.item()) is None:
             self.optimizers.step()
+            if self.routing is not None:
+                self.routing.update_balance_bias()
         else:
             self.optimizers.zero_grad()
         return loss, grad_norm, lr
@@ -301,11 +305,15 @@ class Trainer:
             self.batches += 1
         loss_sum: torch.Tensor | None = None
         shares = []
+        if self.routing is not None:
+            self.routing.reset()
         for _ in range(accum):
             share = self.loader.next_share(micro, self.model.dp_rank, self.dims.dp)
             shares.append(share)
             batch = [x.to(self.device, non_blocking=True) for x in self.loader.batch(share)]
             loss = self.task.micro_step(self, batch, 1.0 / accum)
+            if self.routing is not None:
+                self.routing.collect()
             if loss is not None:
                 loss_sum = loss if loss_sum is None else loss_sum + loss
         self.batches += 1
@@ -428,6 +436,8 @@ class Trainer:
             record["val_loss"] = self._guarded(self.evaluate, f"evaluating after step {self.step}")
             loop.result.val_losses[self.step] = record["val_loss"]
         record.update(self.task.metrics(self))
+        if self.routing is not None:
+            record.update(self.routing.metrics())
         if loop.metrics is not None:
             loop.metrics.write(record)
         loop.progress.update(record)

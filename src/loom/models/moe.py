@@ -1,0 +1,188 @@
+"""A mixture-of-experts layer in plain PyTorch (Mixtral, Qwen-MoE): a softmax router sends each
+token to its top-k SwiGLU experts, optionally beside a shared MLP every token goes through.
+
+Dispatch sorts the (token, expert) assignments by expert and runs all experts as one batched
+matmul over per-expert groups padded to the largest group (dropless) or to the capacity
+(`capacity_factor`); there is no Python loop over experts. Balancing is either the
+Switch-Transformer auxiliary loss, whose gradient is added in backward without changing the
+model's output or its loss value, or DeepSeek-V3's bias on the routing scores (selection only),
+moved after each optimizer step by `update_balance_bias`. Each layer keeps the counts of its
+last forward pass (tokens per expert, dropped tokens, the balance loss) for metrics.
+
+Names follow transformers' in-memory layout (`mlp.gate.weight`, `mlp.experts.gate_up_proj`
+[experts, 2·hidden, dim], `mlp.experts.down_proj` [experts, dim, hidden]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from loom.core.model_config import ModelConfig
+
+
+class Experts(nn.Module):
+    """Every expert's SwiGLU weights as 3-D tensors, applied to groups of equal length."""
+
+    def __init__(self, experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(experts, dim, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [experts, tokens, dim] -> [experts, tokens, dim]."""
+        gate, up = torch.bmm(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
+
+
+class _AddAuxLossGradient(torch.autograd.Function):
+    """Identity on `out`; in backward, `aux` receives gradient 1, so minimising the training
+    loss also minimises `aux` without `aux` appearing in the loss the trainer reports."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
+class MoE(nn.Module):
+    """Routed experts, plus `shared_expert` (the model's MLP of `moe.shared_experts` ×
+    `expert_hidden` units) when the config has one."""
+
+    def __init__(self, cfg: ModelConfig, shared_expert: nn.Module | None) -> None:
+        super().__init__()
+        m = cfg.moe
+        self.cfg = m
+        self.gate = nn.Linear(cfg.dim, m.experts, bias=False)  # the router
+        self.experts = Experts(m.experts, cfg.dim, cfg.expert_hidden)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = (
+            nn.Linear(cfg.dim, 1, bias=False) if shared_expert and m.shared_expert_gate else None
+        )
+        # DeepSeek-V3 balancing: added to the scores for the choice of experts only
+        self.register_buffer("balance_bias", torch.zeros(m.experts))
+        # what the last forward pass did, for metrics and the bias update (not saved)
+        self.register_buffer("tokens_per_expert", torch.zeros(m.experts), persistent=False)
+        self.register_buffer("dropped", torch.zeros(()), persistent=False)
+        self.register_buffer("balance_loss", torch.zeros(()), persistent=False)
+
+    @torch.no_grad()
+    def reset_routing(self) -> None:
+        """A new model's routing state (after `to_empty`; a checkpoint then restores the bias)."""
+        for buffer in (self.balance_bias, self.tokens_per_expert, self.dropped, self.balance_loss):
+            buffer.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        m = self.cfg
+        scores = F.softmax(self.gate(x).float(), dim=-1)  # [tokens, experts]
+        chosen = torch.topk(scores + self.balance_bias, m.top_k, dim=-1).indices
+        weights = scores.gather(-1, chosen)
+        if m.norm_top_k:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = self._dispatch(x, chosen, weights.to(x.dtype))
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        load = torch.bincount(chosen.flatten(), minlength=m.experts).to(scores.dtype)
+        aux = m.experts * (load / chosen.numel() * scores.mean(dim=0)).sum()
+        with torch.no_grad():
+            self.tokens_per_expert.copy_(load)
+            self.balance_loss.copy_(aux)
+        if self.training and m.balance == "aux_loss" and m.aux_loss_weight > 0:
+            out = _AddAuxLossGradient.apply(out, m.aux_loss_weight * aux)
+        return out.reshape(shape)
+
+    def _dispatch(
+        self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Each token through its chosen experts, weighted and summed: [tokens, dim]."""
+        tokens, k = chosen.shape
+        experts = self.cfg.experts
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat, minlength=experts)
+        starts = torch.cumsum(counts, 0) - counts
+        expert_of = flat[order]
+        slot = torch.arange(flat.numel(), device=x.device) - starts[expert_of]
+        if self.cfg.capacity_factor > 0 and self.training:  # inference is always dropless
+            capacity = math.ceil(self.cfg.capacity_factor * tokens * k / experts)
+        else:
+            capacity = int(counts.max())  # dropless: every group as long as the longest
+        kept = slot < capacity
+        order, expert_of, slot = order[kept], expert_of[kept], slot[kept]
+        with torch.no_grad():
+            self.dropped.fill_(flat.numel() - order.numel())
+        token = order // k
+        groups = x.new_zeros(experts, capacity, x.shape[-1])
+        groups[expert_of, slot] = x[token]
+        y = self.experts(groups)[expert_of, slot] * weights.flatten()[order, None]
+        return x.new_zeros(x.shape).index_add_(0, token, y)
+
+
+def moe_layers(parts: list[nn.Module]) -> list[MoE]:
+    return [m for part in parts for m in part.modules() if isinstance(m, MoE)]
+
+
+class RoutingStats:
+    """The routing of one optimizer step, summed over its micro-batches: collected after each
+    micro-batch's forward and backward (a recomputed forward rewrites, not adds, the layer's
+    counts), used by the bias balancing and logged to metrics.jsonl."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        self.layers = moe_layers(parts)
+        self.reset()
+
+    def reset(self) -> None:
+        self.micro_batches = 0
+        self.load = torch.stack([m.tokens_per_expert for m in self.layers]).zero_()
+        self.dropped = 0.0
+        self.balance_loss = 0.0
+
+    def collect(self) -> None:
+        self.micro_batches += 1
+        self.load += torch.stack([m.tokens_per_expert for m in self.layers])
+        self.dropped += sum(float(m.dropped) for m in self.layers)
+        self.balance_loss += sum(float(m.balance_loss) for m in self.layers) / len(self.layers)
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing, after an optimizer step: raise the bias
+        of experts that received fewer tokens than the mean in this step, lower the others.
+        The counts are summed over all ranks first (every rank holds every layer: MoE trains
+        with tp=pp=1), so every replica keeps the same bias."""
+        load = self.load.clone()
+        if dist.is_initialized():
+            dist.all_reduce(load)
+        for layer, counts in zip(self.layers, load, strict=True):
+            if layer.cfg.balance == "bias":
+                layer.balance_bias += layer.cfg.bias_update_rate * torch.sign(
+                    counts.mean() - counts
+                )
+
+    def metrics(self) -> dict[str, float | list[float]]:
+        """This rank's routing: each expert's share of the routed tokens (summed over layers),
+        the busiest expert's load over the mean per layer (1.0 = balanced, averaged over
+        layers), dropped assignments and the balance loss (mean over micro-batches)."""
+        load = self.load.float()
+        total = load.sum(dim=0)
+        imbalance = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)
+        return {
+            "moe_expert_load": [round(float(x), 5) for x in total / total.sum().clamp(min=1)],
+            "moe_max_load": float(imbalance.mean()),
+            "moe_dropped_tokens": self.dropped,
+            "moe_balance_loss": self.balance_loss / max(self.micro_batches, 1),
+        }

@@ -1,0 +1,317 @@
+"""Mixture of experts: the sorted, batched dispatch equals a per-token loop (dropless and with a
+capacity); the auxiliary loss adds its gradient without changing the output; the bias balancing
+moves load; `[moe]` turns any model into an MoE with clear errors; training logs the routing
+and resumes with the balance bias; Mixtral and Qwen2-MoE import and export with transformers'
+logits, and Loom's generation and serving engine give transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import TEST_VOCAB, tiny_args
+from run_layouts import launch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models
+
+from loom.core.config import config_from_dict, load_config
+from loom.core.errors import LoomError
+from loom.core.model_config import ModelConfig, MoEConfig
+from loom.eval.generate import generate, load_for_generation
+from loom.models.hf import hf_config_dict, load_hf_model, to_hf_state_dict
+from loom.models.llama import build_model
+from loom.models.moe import MoE, RoutingStats
+from loom.serve.engine import Engine, EngineConfig, SamplingParams, Sequence
+from loom.serve.kv_cache import PagedKVCache
+from loom.serve.runner import LocalRunner
+from loom.train.trainer import Trainer, train
+
+
+def moe_layer(seed: int = 0, **moe: object) -> MoE:
+    cfg = ModelConfig(dim=16, ffn_hidden=24, moe=MoEConfig(**{"experts": 4, **moe}))  # type: ignore[arg-type]
+    model = build_model(cfg, "cpu")
+    model.init_weights(seed)
+    layer = model.layers["0"].mlp
+    assert isinstance(layer, MoE)
+    return layer
+
+
+def per_token(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The MoE written as a loop over tokens and their experts; an expert over its capacity
+    (in the order of the token-major assignments) passes the token on with nothing added."""
+    m, w = layer.cfg, layer.experts
+    hidden = w.down_proj.shape[2]
+    tokens = x.shape[0]
+    capacity = math.ceil(m.capacity_factor * tokens * m.top_k / m.experts) or tokens * m.top_k
+    taken = [0] * m.experts
+    out, dropped = torch.zeros_like(x), 0
+    for t in range(tokens):
+        scores = F.softmax(layer.gate(x[t]).float(), dim=-1)
+        chosen = torch.topk(scores + layer.balance_bias, m.top_k).indices.tolist()
+        total = sum(float(scores[e]) for e in chosen) if m.norm_top_k else 1.0
+        for e in chosen:
+            if taken[e] >= capacity:
+                dropped += 1
+                continue
+            taken[e] += 1
+            gate, up = w.gate_up_proj[e, :hidden] @ x[t], w.gate_up_proj[e, hidden:] @ x[t]
+            out[t] += float(scores[e]) / total * (w.down_proj[e] @ (F.silu(gate) * up))
+        if layer.shared_expert is not None:
+            shared = layer.shared_expert(x[t])
+            if layer.shared_expert_gate is not None:
+                shared = torch.sigmoid(layer.shared_expert_gate(x[t])) * shared
+            out[t] += shared
+    return out, dropped
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        {"top_k": 2},
+        {"top_k": 1, "shared_experts": 1, "shared_expert_gate": True, "norm_top_k": False},
+        {"top_k": 2, "capacity_factor": 0.5},
+        {"top_k": 3, "capacity_factor": 1.0, "shared_experts": 2},
+    ],
+)
+def test_sorted_dispatch_equals_a_per_token_loop(moe: dict) -> None:
+    layer = moe_layer(**moe).train()
+    with torch.no_grad():
+        layer.balance_bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.1]))  # selection only
+    x = torch.randn(2, 25, 16)
+    with torch.no_grad():
+        ours = layer(x)
+        expected, dropped = per_token(layer, x.reshape(-1, 16))
+    torch.testing.assert_close(ours.reshape(-1, 16), expected, atol=1e-6, rtol=1e-6)
+    assert int(layer.dropped) == dropped
+    assert (dropped > 0) == bool(moe.get("capacity_factor"))
+    assert int(layer.tokens_per_expert.sum()) == 50 * moe["top_k"]
+    if dropped:  # evaluation is dropless: every assignment counts
+        with torch.no_grad():
+            layer.eval()
+            layer.cfg.capacity_factor = 0.0
+            dropless, _ = per_token(layer, x.reshape(-1, 16))
+            torch.testing.assert_close(layer(x).reshape(-1, 16), dropless, atol=1e-6, rtol=1e-6)
+
+
+def test_aux_loss_adds_its_gradient_and_leaves_the_output() -> None:
+    weight = 0.5
+    with_aux = moe_layer(seed=1, aux_loss_weight=weight).train()
+    without = moe_layer(seed=1, aux_loss_weight=0.0).train()
+    x, probe = torch.randn(30, 16), torch.randn(30, 16)
+    out = with_aux(x)
+    (out * probe).sum().backward()
+    reference = without(x)
+    scores = F.softmax(without.gate(x), dim=-1)
+    load = torch.bincount(torch.topk(scores, 2).indices.flatten(), minlength=4) / 60
+    aux = 4 * (load * scores.mean(dim=0)).sum()  # Switch Transformer's balance loss
+    ((reference * probe).sum() + weight * aux).backward()
+    torch.testing.assert_close(out, reference)
+    assert float(with_aux.balance_loss) == pytest.approx(float(aux.detach()), rel=1e-6)
+    torch.testing.assert_close(with_aux.gate.weight.grad, without.gate.weight.grad)
+    assert not torch.allclose(  # the aux term really changes the router's gradient
+        with_aux.gate.weight.grad,
+        without.gate.weight.grad
+        - weight
+        * torch.autograd.grad(
+            4 * (load * F.softmax(without.gate(x), dim=-1).mean(dim=0)).sum(),
+            without.gate.weight,
+        )[0],
+    )
+
+
+def test_bias_balancing_evens_out_a_skewed_router() -> None:
+    rate = 0.01
+    layer = moe_layer(balance="bias", bias_update_rate=rate, aux_loss_weight=0.0).train()
+    with torch.no_grad():
+        layer.gate.weight[0] += 0.1  # expert 0 wins for every token
+    stats = RoutingStats([layer])
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(0)).abs()
+    max_loads = []
+    for _ in range(100):
+        stats.reset()
+        with torch.no_grad():
+            layer(x)
+        stats.collect()
+        max_loads.append(stats.metrics()["moe_max_load"])
+        before = stats.load[0].clone()
+        stats.update_balance_bias()
+        if len(max_loads) == 1:  # over the mean load: down by the rate; under it: up
+            torch.testing.assert_close(
+                layer.balance_bias, rate * torch.sign(before.mean() - before)
+            )
+    assert max_loads[0] == 2.0  # expert 0 in every token's top 2; 1.0 = even
+    assert sum(max_loads[-20:]) / 20 < 1.8
+    assert float(layer.balance_bias[0]) < 0 < float(layer.balance_bias[1:].min())
+
+
+def test_moe_section_turns_a_model_into_experts_and_refuses_bad_values(tmp_path: Path) -> None:
+    cfg = load_config(None, ["--model.preset=llama3.2-1b", "--moe.experts=8", "--moe.top_k=2"])
+    assert cfg.model.moe.experts == 8 and cfg.model.expert_hidden == cfg.model.ffn_hidden
+    dense = load_config(None, ["--model.preset=llama3.2-1b"]).model
+    assert cfg.model.num_params() - dense.num_params() == 16 * (
+        7 * 3 * dense.dim * dense.ffn_hidden + 8 * dense.dim
+    )  # 7 more experts and a router in each of the 16 layers
+    assert cfg.model.num_params(active=True) - dense.num_params() == 16 * (
+        3 * dense.dim * dense.ffn_hidden + 8 * dense.dim
+    )
+    assert load_config(None, ["--model.preset=tiny-moe", "--moe.experts=0"]).model.moe_layers == 0
+    for overrides, message in [
+        (["--moe.experts=4", "--moe.top_k=5"], "moe.top_k=5 must be between 1 and"),
+        (["--moe.experts=4", "--moe.balance=loss"], "balance"),
+        (["--moe.experts=4", "--moe.shared_expert_gate=true"], "set moe.shared_experts"),
+        (["--moe.experts=4", "--moe.first_dense_layers=9"], "leaves no MoE layer"),
+        (["--moe.experts=4", "--parallel.tp=2"], "tp=1 and pp=1"),
+    ]:
+        with pytest.raises(LoomError, match=message):
+            load_config(None, ["--model.preset=tiny", *overrides])
+    with pytest.raises(LoomError, match=r"in \[moe\] or in \[model.moe\], not both"):
+        config_from_dict({"model": {"moe": {"experts": 2}}, "moe": {"experts": 4}})
+
+
+def test_training_logs_the_routing_and_resumes_with_the_balance_bias(
+    tiny_config, tmp_path: Path
+) -> None:
+    moe = ["--moe.experts=4", "--moe.top_k=2", "--moe.balance=bias", "--moe.bias_update_rate=0.05"]
+    moe += ["--moe.capacity_factor=1.0", "--train.micro_batch_size=2", "--optimizer.decay_steps=8"]
+    straight = train(tiny_config(*moe, "--train.steps=8", run_dir=tmp_path / "straight"))
+    lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").open()]
+    for line in lines:
+        assert len(line["moe_expert_load"]) == 4
+        assert sum(line["moe_expert_load"]) == pytest.approx(1.0, abs=1e-3)
+        assert line["moe_max_load"] >= 1.0 and line["moe_balance_loss"] > 0
+    assert sum(line["moe_dropped_tokens"] for line in lines) > 0  # capacity 1.0 drops some
+    assert straight.train_losses[8] < straight.train_losses[1]
+
+    split = tmp_path / "split"
+    train(tiny_config(*moe, "--train.steps=4", run_dir=split))
+    trainer = Trainer(tiny_config(*moe, "--train.steps=8", run_dir=split))
+    biases = [layer.balance_bias for layer in trainer.routing.layers]  # type: ignore[union-attr]
+    assert any(float(b.abs().sum()) for b in biases)  # restored from step 4's checkpoint
+    resumed = trainer.run()
+    for step in (5, 8):
+        assert resumed.train_losses[step] == pytest.approx(straight.train_losses[step], rel=1e-5)
+
+
+HF_MOE = {
+    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4}),
+    "qwen2-moe": (
+        transformers.Qwen2MoeConfig,
+        {
+            "num_experts": 4,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "mlp_only_layers": [0],
+            "norm_topk_prob": True,
+        },
+    ),
+}
+
+
+def hf_moe_model(name: str) -> transformers.PreTrainedModel:
+    config_class, extra = HF_MOE[name]
+    config = config_class(
+        vocab_size=TEST_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("name", list(HF_MOE))
+def test_hf_moe_imports_and_exports_with_transformers_logits(name: str, tmp_path: Path) -> None:
+    hf = hf_moe_model(name)
+    hf.save_pretrained(tmp_path / "hf")  # per-expert tensors, as released checkpoints store them
+    loom_model = load_hf_model(tmp_path / "hf").eval()
+    assert loom_model.cfg.moe.experts == 4
+    tokens = torch.randint(0, TEST_VOCAB, (2, 40))
+    with torch.no_grad():
+        reference = hf(tokens).logits
+        torch.testing.assert_close(loom_model(tokens), reference, atol=1e-5, rtol=0)
+
+    with torch.no_grad():  # change every weight, so the export is compared, not the import
+        for p in loom_model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text(json.dumps(hf_config_dict(loom_model.cfg)))
+    state = to_hf_state_dict(loom_model.state_dict(), loom_model.cfg)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "out" / "model.safetensors")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, loom_model(tokens), atol=1e-5, rtol=0)
+
+    with torch.no_grad():  # a moved balance bias routes differently: no HF model computes it
+        loom_model.layers["1"].mlp.balance_bias[0] = 0.1
+    with pytest.raises(LoomError, match="balance_bias is not zero"):
+        to_hf_state_dict(loom_model.state_dict(), loom_model.cfg)
+
+
+def test_generation_and_serving_give_transformers_greedy_tokens(tmp_path: Path) -> None:
+    hf = hf_moe_model("qwen2-moe")
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_hf_model(tmp_path / "hf").eval()
+    prompts = [[5, 17, 200, 3], [9] * 7, list(range(30, 42))]
+    expected = []
+    for prompt in prompts:
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
+        expected.append(out[0, len(prompt) :].tolist())
+        assert generate(model, prompt, 10, temperature=0.0) == expected[-1]
+
+    cfg = model.cfg
+    cache = PagedKVCache(
+        cfg.n_layers, 32, 4, cfg.n_kv_heads, cfg.attn_head_dim, torch.device("cpu"), torch.float32
+    )
+    words = Tokenizer(models.WordLevel({str(i): i for i in range(TEST_VOCAB)}, unk_token="0"))
+    engine = Engine(
+        LocalRunner(model, cache),
+        words,
+        set(),
+        cfg.max_seq_len,
+        EngineConfig(block_size=4, num_blocks=32),
+    )
+    sequences = [
+        Sequence(p, SamplingParams(max_tokens=10, temperature=0), lambda e: None) for p in prompts
+    ]
+    engine.submit(sequences)  # decoded together: routing is per token, not per batch
+    while engine.has_work():
+        engine.step()
+    assert [s.output_ids for s in sequences] == expected
+
+
+@pytest.mark.slow
+def test_fsdp_and_ddp_train_an_moe_like_one_process(
+    tiny_config, data_dir: Path, tmp_path: Path
+) -> None:
+    """Routing is per token, and the bias balancing sums the counts over ranks first, so two
+    data-parallel ranks (sharded or replicated) train the model one process trains."""
+    moe = ["--moe.experts=4", "--moe.top_k=2", "--moe.balance=bias", "--moe.bias_update_rate=0.05"]
+    moe += ["--train.batch_size=8", "--train.micro_batch_size=4", "--metrics.tensorboard=false"]
+    single = train(tiny_config(*moe, run_dir=tmp_path / "single"))
+    spec = [
+        {"name": name, "args": tiny_args(data_dir, tmp_path / name, *moe, *layout)}
+        for name, layout in {
+            "fsdp2": ["--parallel.dp_shard=2"],
+            "ddp2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"],
+        }.items()
+    ]
+    records = launch(2, spec, tmp_path)
+    reference = load_for_generation(tmp_path / "single", torch.device("cpu"))[0].state_dict()
+    for name in ("fsdp2", "ddp2"):
+        losses = {int(k): v for k, v in records[name][0]["losses"].items()}
+        assert losses == pytest.approx(single.train_losses, abs=1e-5)
+        state = load_for_generation(tmp_path / name, torch.device("cpu"))[0].state_dict()
+        assert any(float(v.abs().sum()) for k, v in state.items() if k.endswith("balance_bias"))
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, atol=1e-4, rtol=0)
