@@ -244,7 +244,7 @@ def layout(world: int, *overrides: str) -> None:
         ),
         (
             2,
-            ["--parallel.tp=2", "--parallel.dp_shard=1", "--model.tie_embeddings=true"],
+            ["--parallel.pp=2", "--parallel.dp_shard=1", "--model.tie_embeddings=true"],
             "tied embeddings",
         ),
         (2, ["--parallel.dp_shard=0"], "parallel.dp_shard=0 must be at least 1"),
@@ -256,6 +256,36 @@ def test_impossible_layouts_are_refused_with_the_fix(
     with pytest.raises(LoomError, match=None) as info:
         layout(world, *overrides)
     assert message in str(info.value)
+
+
+@pytest.mark.slow
+def test_tied_embeddings_train_with_tensor_parallelism(data_dir: Path, tmp_path: Path) -> None:
+    """The embedding is vocabulary-parallel and is also the output projection: tp 2 (with and
+    without sequence and loss parallelism) trains the tied model one process trains."""
+    args = [*base_args(data_dir), "--model.tie_embeddings=true"]
+    single = Trainer(load_config(None, [*args, f"--run_dir={tmp_path / 'single'}"])).run()
+    layouts = {
+        "tp2": ["--parallel.tp=2", "--parallel.dp_shard=1"],
+        "tp2_plain": [
+            "--parallel.tp=2",
+            "--parallel.dp_shard=1",
+            "--parallel.sequence_parallel=false",
+            "--parallel.loss_parallel=false",
+        ],
+    }
+    spec = [
+        {"name": name, "args": [*args, f"--run_dir={tmp_path / name}", *extra]}
+        for name, extra in layouts.items()
+    ]
+    records = launch(2, spec, tmp_path)
+    cfg = load_config(None, args)
+    reference = final_params(cfg, tmp_path / "single")
+    assert "lm_head.weight" not in reference  # one tensor for both ends
+    for name in layouts:
+        losses = {int(k): v for k, v in records[name][0]["losses"].items()}
+        assert losses == pytest.approx(single.train_losses, abs=1e-5), name
+        got = final_params(cfg, tmp_path / name)
+        assert max((got[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
 
 
 def test_default_dp_shard_takes_the_rest_of_the_world() -> None:

@@ -100,11 +100,6 @@ def resolve(cfg: Config, world_size: int) -> ParallelDims:
                 f"parallel.sequence_parallel splits train.seq_len={t.seq_len} over tp={p.tp}; "
                 "use a multiple of tp or set parallel.sequence_parallel=false"
             )
-        if m.tie_embeddings:
-            raise LoomError(
-                "models with tied embeddings (model.tie_embeddings=true) are not split with "
-                "tensor parallelism; set parallel.tp=1 (FSDP shards them instead)"
-            )
         if t.float8:
             raise LoomError("train.float8 is not combined with parallel.tp > 1; set tp=1")
 

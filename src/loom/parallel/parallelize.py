@@ -142,20 +142,21 @@ class ParallelModel:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm (over every shard and stage); return it before clipping."""
-        params = [p for part in self.parts for p in part.parameters()]
+        # grouped by mesh: foreach kernels take DTensors of one mesh or plain tensors, not both
         by_mesh: dict[object, list[torch.Tensor]] = {}
-        for p in params:
+        for p in (p for part in self.parts for p in part.parameters()):
             if p.grad is not None:
                 key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-                by_mesh.setdefault(key, []).append(p.grad)
+                by_mesh.setdefault(key, []).append(p)
         squares = torch.zeros((), device=_device_of(self.parts))
-        for grads in by_mesh.values():
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        for params in by_mesh.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
             squares = squares + _local(norm).float().to(squares.device) ** 2
         if self.dims.pp > 1 and self.mesh is not None:
             dist.all_reduce(squares, group=self.mesh.get_group("pp"))
         total = squares.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for params in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
         return total
 
 

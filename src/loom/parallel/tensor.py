@@ -5,15 +5,24 @@ column-parallel, o/down row-parallel, so each block costs one all-reduce in forw
 sequence parallelism, an all-gather before and a reduce-scatter after, with norms and residuals
 sharded along the sequence). With loss parallelism the output projection keeps the logits
 sharded over the vocabulary and the cross-entropy is computed without gathering them.
+
+Tied embeddings (Megatron's way): the embedding is vocabulary-parallel (each rank holds a slice
+of the rows), and the same slice is the output projection's: the final norm hands the model a
+replicated DTensor, so the model's `F.linear(h, embed_tokens.weight)` gives vocabulary-sharded
+logits with no communication.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -33,12 +42,15 @@ def apply_tensor_parallel(
     if model.norm is not None:
         if sequence_parallel:
             top["norm"] = SequenceParallel()
-        top["lm_head"] = ColwiseParallel(
-            input_layouts=residual,
-            output_layouts=Shard(-1) if loss_parallel else Replicate(),
-            use_local_output=not loss_parallel,
-        )
+        if model.lm_head is not None:
+            top["lm_head"] = ColwiseParallel(
+                input_layouts=residual,
+                output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                use_local_output=not loss_parallel,
+            )
     parallelize_module(model, mesh, top)
+    if model.norm is not None and model.lm_head is None:
+        _tie_output(model, mesh, residual, loss_parallel)
 
     for block in model.layers.values():
         plan: dict[str, object] = {
@@ -62,3 +74,21 @@ def apply_tensor_parallel(
             plan["input_layernorm"] = SequenceParallel()
             plan["post_attention_layernorm"] = SequenceParallel()
         parallelize_module(block, mesh, plan)
+
+
+def _tie_output(model: Transformer, mesh: DeviceMesh, residual: Any, loss_parallel: bool) -> None:
+    """The tied output projection: the normed hidden states as a replicated DTensor, so that
+    the product with the vocabulary-sharded embedding is vocabulary-sharded logits; gathered
+    into plain logits unless the loss is vocabulary-parallel."""
+    gathered = PrepareModuleOutput(
+        output_layouts=(residual,), desired_output_layouts=(Replicate(),), use_local_output=False
+    )
+    parallelize_module(model, mesh, {"norm": gathered})
+    if not loss_parallel:
+        model.register_forward_hook(_gathered_logits)
+
+
+def _gathered_logits(module: nn.Module, args: Any, logits: Any) -> Any:
+    if isinstance(logits, DTensor):
+        return logits.redistribute(placements=[Replicate()]).to_local()
+    return logits
