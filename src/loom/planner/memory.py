@@ -299,6 +299,7 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     elif s.offload == "params":
         host, weights, grads, optim = weights + grads + optim, 0.0, 0.0, 0.0
     fsdp = s.zero_stage >= 3 or s.offload == "params"
+    sharded_grads = grads
     if s.framework == "loom" and fsdp and accumulation_runs(s) == 1:
         # The device's peak is at the start of the step's only backward, where every
         # activation is kept: the optimizer set the gradients to None and FSDP has not yet
@@ -328,7 +329,26 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
         buffers = max(buffers, pipeline_fsdp_buffers(model, s, psi) - acts / _in_flight(s))
     buffers += loss_buffers(model, s)
     other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
-    return Memory(weights, grads, optim, acts, other, host, disk)
+    start = Memory(weights, grads, optim, acts, other, host, disk)
+    if not (s.framework == "loom" and fsdp and s.tp > 1 and s.pp == 1 and s.finetune == "full"):
+        return start
+    state = weights + sharded_grads + optim
+    end_other = CONTEXT_BYTES + embedding_backward_buffers(model, s) + FRAGMENTATION * state
+    end = Memory(weights, sharded_grads, optim, 0.0, end_other, host, disk)
+    return end if end.total > start.total else start
+
+
+def embedding_backward_buffers(model: ModelShape, s: Strategy) -> float:
+    """The last moment of a tensor-parallel FSDP backward (measured with `loom train
+    --simulate`; the peak when activations are small, as under full recomputation): the root
+    group's weights still gathered with their unsharded gradients, and DTensor's backward of
+    the vocabulary-parallel embedding, which makes the whole [vocab, hidden] gradient in 16
+    bits before its shard's fp32 copy for the reduce-scatter. The blocks' gradients are
+    reduced to shards by then and their activations freed."""
+    width = BYTES[s.precision if s.precision != "fp8" else "bf16"]
+    outer = outer_params_per_device(model, s) * width
+    embedding = model.vocab * model.hidden
+    return 2 * outer + embedding * width + embedding / s.tp * 4
 
 
 # Host bytes per trained parameter under offload=optimizer (loom.train.offload.OffloadAdamW):
