@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,15 @@ def timed(run_dir: Path, *extra: str) -> float:
 def stage_seconds(run_dir: Path) -> dict[str, float]:
     state = json.loads((run_dir / "pipeline.json").read_text())
     return {s["name"]: s["seconds"] for s in state["stages"]}
+
+
+def prediction_against_run(run_dir: Path) -> tuple[float, float, float, float]:
+    """The planner's pretrain tokens/s (recorded in pipeline.json before the stage ran) and
+    the median, lowest and highest logged tokens/s of the stage's run."""
+    predicted = json.loads((run_dir / "pipeline.json").read_text())["plan"]["pretrain"]
+    lines = (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    rates = [json.loads(line)["tokens_per_s"] for line in lines if "tokens_per_s" in line]
+    return predicted["tokens_per_s"], statistics.median(rates), min(rates), max(rates)
 
 
 def killed_and_resumed(run_dir: Path, kill_after: int) -> dict[str, float | int | bool]:
@@ -87,6 +97,7 @@ def main() -> None:
         root = Path(tmp)
         fresh = timed(root / "fresh")
         stages = stage_seconds(root / "fresh")
+        predicted, measured, low, high = prediction_against_run(root / "fresh")
         print(f"fresh: {fresh:.1f} s {stages}")
         again = timed(root / "fresh")
         print(f"again: {again:.1f} s")
@@ -129,6 +140,10 @@ run a real `loom run` process; `benchmarks/pipeline_run.py`.
   torchrun's agent, gloo, FSDP): {two_stages["pretrain"] / stages["pretrain"]:.2f}× the
   one-process stage time. On 2 cores the two workers share the cores the single process
   used alone (plus process start-up and gradient all-reduces); the layout is for GPUs.
+- The planner's prediction for the pretrain stage (printed by `loom run` before it starts,
+  from this machine's calibrated profile): **{predicted:,.0f} tokens/s**; the run logged a
+  median of {measured:,.0f} ({low:,.0f}–{high:,.0f}) over its records: the prediction is
+  **{predicted / measured - 1:+.0%}** (target: within 25%).
 - `loom report` on the fresh run: {report_s:.1f} s, report.html {report_kib:.0f} KiB (figures
   embedded).
 """

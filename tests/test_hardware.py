@@ -70,3 +70,46 @@ def test_mfu_is_never_reported_against_a_peak_below_a_real_step(
     assert corrected != 1e6  # the impossible figure was replaced
     assert corrected >= per_token * records[0]["tokens_per_s"]  # not below what a step reached
     assert corrected >= 0.5 * achieved  # a later interval may run faster than the first
+
+
+def test_a_busy_calibration_never_lowers_the_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A calibration on a busy machine measures every rate low: the saved profile keeps the
+    best of each, and a matmul peak cached since (raised by a real training step) lifts the
+    profile's peak without changing the attention rate it implies."""
+    from loom.planner.calibrate import PROFILE, best_of, this_machine
+    from loom.planner.hardware import _cache_key, machine_key
+
+    quiet = {
+        "key": machine_key(),
+        "name": "this",
+        "peak_tflops": {"fp32": 0.2, "bf16": 0.4},
+        "matmul_half_size": 4.0,
+        "attention_efficiency": {"fp32": 0.3, "bf16": 0.1},
+        "memory_gbps": 10.0,
+        "collective_gbps": None,
+        "memory_gb": 16.0,
+        "threads": 2,
+    }
+    busy = {
+        **quiet,
+        "peak_tflops": {"fp32": 0.08, "bf16": 0.5},
+        "matmul_half_size": 256.0,
+        "attention_efficiency": {"fp32": 0.5, "bf16": 0.02},
+        "memory_gbps": 5.0,
+        "collective_gbps": 1.5,
+    }
+    merged = best_of(quiet, busy)
+    assert merged["peak_tflops"] == {"fp32": 0.2, "bf16": 0.5}
+    assert merged["matmul_half_size"] == 4.0 and merged["memory_gbps"] == 10.0
+    assert merged["collective_gbps"] == 1.5
+    # attention as rates: fp32 0.3 × 0.2 = 0.06 beats 0.5 × 0.08; bf16 0.1 × 0.4 = 0.04
+    assert merged["attention_efficiency"] == {"fp32": 0.3, "bf16": 0.08}
+
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path))
+    (tmp_path / PROFILE).write_text(json.dumps(quiet))
+    (tmp_path / "cpu_peak.json").write_text(json.dumps({_cache_key(torch.float32): 0.4e12}))
+    hw = this_machine(1)
+    assert hw.peak_tflops == {"fp32": 0.4, "bf16": 0.4}  # fp32 raised by the cached peak
+    assert hw.attention_efficiency["fp32"] == pytest.approx(0.15)  # the same 0.06 TFLOP/s

@@ -159,6 +159,11 @@ def _store(key: str, rate: float) -> None:
         logger.warning("could not cache the CPU peak in %s: %s", path, e)
 
 
+def cached_cpu_peak(dtype: torch.dtype) -> float:
+    """The best matmul rate cached for this machine and `dtype` (0 if none), not measured."""
+    return float(_read_cache().get(_cache_key(dtype), 0.0))
+
+
 def cpu_matmul_flops(dtype: torch.dtype, at_least: float = 0.0) -> float:
     """Best sustained matmul rate of this CPU at the current thread count, measured once and
     cached (keyed by CPU, threads, torch version, dtype and method). A cached figure below
