@@ -30,6 +30,10 @@ def local_bytes(tensor: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
+def local_rows(tensor: torch.Tensor) -> int:
+    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).shape[0]
+
+
 def held_bytes(trainer: Trainer) -> dict[str, int]:
     """Local bytes of weights, optimizer state and (after one more forward/backward) gradients."""
     params = [p for part in trainer.model.parts for p in part.parameters()]
@@ -94,6 +98,11 @@ def main() -> None:
             "val_losses": {str(k): v for k, v in result.val_losses.items()},
             "bytes": held_bytes(trainer),
             "layout": trainer.layout,
+            "experts": [  # each MoE layer's experts: which module runs them, how many here
+                (type(m).__name__, local_rows(m.down_proj))
+                for n, m in trainer.model.parts[0].named_modules()
+                if n.endswith("mlp.experts")
+            ],
         }
         (out / f"{job['name']}.rank{distributed.rank()}.json").write_text(json.dumps(record))
         distributed.barrier()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import TEST_VOCAB, tiny_args
-from run_layouts import launch
+from run_layouts import launch, roll_back
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
@@ -26,6 +26,7 @@ from loom.eval.generate import generate, load_for_generation
 from loom.models.hf import hf_config_dict, load_hf_model, to_hf_state_dict
 from loom.models.llama import build_model
 from loom.models.moe import MoE, RoutingStats
+from loom.parallel.dims import resolve
 from loom.serve.engine import Engine, EngineConfig, SamplingParams, Sequence
 from loom.serve.kv_cache import PagedKVCache
 from loom.serve.runner import LocalRunner
@@ -169,6 +170,19 @@ def test_moe_section_turns_a_model_into_experts_and_refuses_bad_values(tmp_path:
     ]:
         with pytest.raises(LoomError, match=message):
             load_config(None, ["--model.preset=tiny", *overrides])
+    for world, overrides, message in [
+        (2, ["--parallel.ep=2"], "the model has none"),
+        (2, ["--moe.experts=3", "--moe.top_k=1", "--parallel.ep=2"], "must divide moe.experts=3"),
+        (4, ["--moe.experts=4", "--parallel.ep=2"], "must equal parallel.dp_shard=4"),
+        (
+            4,
+            ["--moe.experts=4", "--parallel.ep=2", "--parallel.dp_replicate=2"],
+            "dp_replicate=1",
+        ),
+    ]:
+        with pytest.raises(LoomError, match=message):
+            resolve(load_config(None, ["--model.preset=tiny", *overrides]), world)
+    assert resolve(load_config(None, ["--moe.experts=4", "--parallel.ep=2"]), 2).ep == 2
     with pytest.raises(LoomError, match=r"in \[moe\] or in \[model.moe\], not both"):
         config_from_dict({"model": {"moe": {"experts": 2}}, "moe": {"experts": 4}})
 
@@ -291,27 +305,57 @@ def test_generation_and_serving_give_transformers_greedy_tokens(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_fsdp_and_ddp_train_an_moe_like_one_process(
+def test_data_and_expert_parallel_layouts_train_an_moe_like_one_process(
     tiny_config, data_dir: Path, tmp_path: Path
 ) -> None:
-    """Routing is per token, and the bias balancing sums the counts over ranks first, so two
-    data-parallel ranks (sharded or replicated) train the model one process trains."""
+    """Routing is per token, the bias balancing sums the counts over ranks first, and expert
+    parallelism only moves tokens to where their experts live: FSDP, DDP and ep 2 and 4 train
+    the model one process trains, and a checkpoint reshards ep 2 → ep 4 → one process."""
     moe = ["--moe.experts=4", "--moe.top_k=2", "--moe.balance=bias", "--moe.bias_update_rate=0.05"]
     moe += ["--train.batch_size=8", "--train.micro_batch_size=4", "--metrics.tensorboard=false"]
+    moe += ["--checkpoint.interval=2"]
     single = train(tiny_config(*moe, run_dir=tmp_path / "single"))
+    layouts = {
+        "fsdp2": ["--parallel.dp_shard=2"],
+        "ddp2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"],
+        "ep2": ["--parallel.dp_shard=2", "--parallel.ep=2"],
+    }
     spec = [
         {"name": name, "args": tiny_args(data_dir, tmp_path / name, *moe, *layout)}
-        for name, layout in {
-            "fsdp2": ["--parallel.dp_shard=2"],
-            "ddp2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"],
-        }.items()
+        for name, layout in layouts.items()
     ]
     records = launch(2, spec, tmp_path)
+    ep4 = tiny_args(data_dir, tmp_path / "ep4", *moe, "--parallel.ep=4")
+    resumed = tiny_args(data_dir, tmp_path / "ep2_to_ep4", *moe, "--parallel.ep=4")
+    records |= launch(
+        4,
+        [
+            {"name": "ep4", "args": ep4},
+            {
+                "name": "ep2_to_ep4",
+                "args": resumed,
+                "resume_from": {"run_dir": str(tmp_path / "ep2"), "step": 4},
+            },
+        ],
+        tmp_path,
+    )
+    roll_back(tmp_path / "ep2_to_ep4", tmp_path / "ep4_to_one", 6)
+    one = train(tiny_config(*moe, run_dir=tmp_path / "ep4_to_one"))
+    assert {k: v for k, v in single.train_losses.items() if k > 6} == pytest.approx(
+        one.train_losses, abs=1e-5
+    )
     reference = load_for_generation(tmp_path / "single", torch.device("cpu"))[0].state_dict()
-    for name in ("fsdp2", "ddp2"):
-        losses = {int(k): v for k, v in records[name][0]["losses"].items()}
-        assert losses == pytest.approx(single.train_losses, abs=1e-5)
+    for name in [*layouts, "ep4", "ep2_to_ep4", "ep4_to_one"]:
+        if name in records:
+            losses = {int(k): v for k, v in records[name][0]["losses"].items()}
+            expected = {k: v for k, v in single.train_losses.items() if k in losses}
+            assert losses == pytest.approx(expected, abs=1e-5), name
         state = load_for_generation(tmp_path / name, torch.device("cpu"))[0].state_dict()
         assert any(float(v.abs().sum()) for k, v in state.items() if k.endswith("balance_bias"))
         for key, value in reference.items():
-            torch.testing.assert_close(state[key], value, atol=1e-4, rtol=0)
+            torch.testing.assert_close(state[key], value, atol=1e-4, rtol=0, msg=name)
+    assert records["ep4"][0]["layout"] == "dp_shard 4 (experts over ep 4)"
+    # FSDP gathers every expert to run it; expert parallelism keeps experts/ep and moves tokens
+    for name, module, held in [("fsdp2", "Experts", 2), ("ep2", "ExpertParallel", 2)]:
+        assert all(r["experts"] == [[module, held]] * 2 for r in records[name].values()), name
+    assert all(r["experts"] == [["ExpertParallel", 1]] * 2 for r in records["ep4"].values())

@@ -36,8 +36,13 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [experts, tokens, dim] -> [experts, tokens, dim]."""
-        gate, up = torch.bmm(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        return torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
+        return expert_ffn(x, self.gate_up_proj, self.down_proj)
+
+
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Each expert's SwiGLU on its own group of tokens, as two batched matmuls."""
+    gate, up = torch.bmm(x, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    return torch.bmm(F.silu(gate) * up, down.transpose(1, 2))
 
 
 class _AddAuxLossGradient(torch.autograd.Function):

@@ -25,11 +25,14 @@ def apply_fsdp(
     reduce_dtype: torch.dtype,
     reshard_after_forward: bool,
     offload_params: bool,
+    ignored: set[nn.Parameter] | None = None,
 ) -> None:
-    """Shard every block, then the rest (embedding, final norm, head) as the root group."""
+    """Shard every block, then the rest (embedding, final norm, head) as the root group;
+    `ignored` parameters (expert-parallel experts, already split) stay as they are."""
     kwargs: dict[str, object] = {
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+        "ignored_params": ignored or None,
     }
     if offload_params:
         # Pinned host memory needs an accelerator; on a CPU-only machine use pageable memory.

@@ -27,6 +27,7 @@ class ParallelDims:
     tp: int
     stages_per_rank: int
     microbatches: int
+    ep: int = 1  # experts split over the dp_shard ranks (1, or dp_shard)
 
     @property
     def world_size(self) -> int:
@@ -171,4 +172,33 @@ def resolve(cfg: Config, world_size: int) -> ParallelDims:
     offload = cfg.memory.offload
     if offload == "params" and p.tp > 1:
         raise LoomError("memory.offload=params is not combined with parallel.tp > 1; set tp=1")
-    return ParallelDims(p.pp, p.dp_replicate, dp_shard, p.tp, stages_per_rank, microbatches)
+    if p.ep != 1:
+        _check_expert_parallel(cfg, dp_shard)
+    return ParallelDims(p.pp, p.dp_replicate, dp_shard, p.tp, stages_per_rank, microbatches, p.ep)
+
+
+def _check_expert_parallel(cfg: Config, dp_shard: int) -> None:
+    """Expert parallelism as Loom runs it: every FSDP rank holds experts/ep whole experts."""
+    p, moe = cfg.parallel, cfg.model.moe
+    if p.ep < 1:
+        raise LoomError(f"parallel.ep={p.ep} must be at least 1")
+    if not moe.enabled:
+        raise LoomError(
+            f"parallel.ep={p.ep} splits a mixture of experts; the model has none (set "
+            "moe.experts) or use parallel.ep=1"
+        )
+    if p.ep != dp_shard:
+        raise LoomError(
+            f"parallel.ep={p.ep} must equal parallel.dp_shard={dp_shard}: the experts are split "
+            "over the FSDP ranks (experts sharded over a subgroup of them is not built yet)"
+        )
+    if moe.experts % p.ep:
+        good = [d for d in _divisors(moe.experts) if d > 1]
+        raise LoomError(
+            f"parallel.ep={p.ep} must divide moe.experts={moe.experts}; use ep in {good}"
+        )
+    if p.dp_replicate > 1 or cfg.memory.offload != "none":
+        raise LoomError(
+            "parallel.ep > 1 runs with parallel.dp_replicate=1 and memory.offload=none for now "
+            "(replicated or offloaded experts are not built yet)"
+        )

@@ -29,6 +29,7 @@ from loom.parallel.activation_offload import ActivationStore, apply_activation_o
 from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_loss
 from loom.parallel.data_parallel import DTYPES, apply_ddp, apply_fsdp
 from loom.parallel.dims import V_SCHEDULES, ParallelDims
+from loom.parallel.expert import apply_expert_parallel
 from loom.parallel.float8 import convert_to_float8
 from loom.parallel.pipeline import (
     build_schedule,
@@ -226,6 +227,9 @@ def parallelize(
         if dims.tp > 1:
             assert mesh is not None
             apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel, p.loss_parallel)
+        experts = set()
+        if dims.ep > 1 and mesh is not None:
+            experts = apply_expert_parallel(part, mesh["dp_shard"])
         apply_recompute(part, memory.recompute, memory.recompute_every)
         if t.compile and mesh is not None:
             for block in part.layers.values():
@@ -244,6 +248,7 @@ def parallelize(
                 reduce_dtype=DTYPES[p.mixed_precision.reduce_dtype],
                 reshard_after_forward=p.fsdp_reshard_after_forward,
                 offload_params=memory.offload == "params",
+                ignored=experts,
             )
         elif use_ddp:
             assert mesh is not None

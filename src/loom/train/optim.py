@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from loom.core import distributed
@@ -29,15 +30,18 @@ def build_optimizer(
     `memory.offload_dir`, in files there under `name`) that steps on the CPU.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
     on_accelerator = bool(params) and params[0].device.type != "cpu"
+    # One group per weight decay and device mesh: the multi-tensor kernels take the DTensors of
+    # one mesh at a time (expert-parallel experts live on another mesh than FSDP's shards).
+    by_key: dict[tuple[bool, object], list[nn.Parameter]] = {}
+    for p in params:
+        mesh = p.device_mesh if isinstance(p, DTensor) else None
+        by_key.setdefault((p.ndim >= 2, mesh), []).append(p)
+    # Only non-empty groups: an empty one (LoRA trains matrices only) breaks checkpointing.
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": group, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (decay, _), group in sorted(by_key.items(), key=lambda item: not item[0][0])
     ]
-    # An empty group (LoRA trains matrices only) would break distributed checkpointing.
-    groups = [g for g in groups if g["params"]]
     if memory is not None and memory.offload == "optimizer":
         return OffloadAdamW(
             groups,

@@ -255,7 +255,8 @@ class Trainer:
         if d.world_size == 1:
             return "1 process"
         named = {"pp": d.pp, "dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "tp": d.tp}
-        return " × ".join(f"{k} {v}" for k, v in named.items() if v > 1)
+        layout = " × ".join(f"{k} {v}" for k, v in named.items() if v > 1)
+        return f"{layout} (experts over ep {d.ep})" if d.ep > 1 else layout
 
     def _report_progress(self) -> None:
         """Under torchrun, note this rank's pid and step where the launcher can find them, so
