@@ -27,6 +27,7 @@ from loom.models.hf import hf_config_dict, load_hf_model, to_hf_state_dict
 from loom.models.llama import build_model
 from loom.models.moe import MoE, RoutingStats
 from loom.parallel.dims import resolve
+from loom.report import write_report
 from loom.serve.engine import Engine, EngineConfig, SamplingParams, Sequence
 from loom.serve.kv_cache import PagedKVCache
 from loom.serve.runner import LocalRunner
@@ -198,7 +199,12 @@ def test_training_logs_the_routing_and_resumes_with_the_balance_bias(
         assert len(line["moe_expert_load"]) == 4
         assert sum(line["moe_expert_load"]) == pytest.approx(1.0, abs=1e-3)
         assert line["moe_max_load"] >= 1.0 and line["moe_balance_loss"] > 0
-    assert sum(line["moe_dropped_tokens"] for line in lines) > 0  # capacity 1.0 drops some
+    dropped = sum(line["moe_dropped_tokens"] for line in lines)
+    assert dropped > 0  # capacity 1.0 drops some
+    html = write_report(tmp_path / "straight").read_text()
+    assert "mixture-of-experts routing" in html
+    busiest = f"busiest expert at {lines[-1]['moe_max_load']:.2f}× the mean at step 8"
+    assert f"{busiest}; {dropped:,.0f} token assignments dropped" in html
     assert straight.train_losses[8] < straight.train_losses[1]
 
     split = tmp_path / "split"

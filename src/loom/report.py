@@ -338,6 +338,7 @@ def _run_sections(page: Page, run: RunData, prefix: str, title: str, plan: Any =
         (_lr_section, metrics),
         (_throughput_section, metrics),
         (_memory_section, metrics),
+        (_routing_section, metrics),
         (_goodput_section, goodput),
     ]
     if RunFiles(run.folder).data_report.is_file():
@@ -510,6 +511,34 @@ def _throughput_section(page: Page, run: RunData, prefix: str, title: str) -> No
     caption = ", ".join(text) + " (first logged interval left out of the medians)"
     alt = f"{title}: tokens/s and MFU vs step; " + ", ".join(text)
     page.add(f"{prefix}throughput", f"{title}: tokens/s and MFU", _figure(draw, alt, caption))
+
+
+def _routing_section(page: Page, run: RunData, prefix: str, title: str) -> None:
+    """A mixture of experts: how evenly the router spread the tokens, what it dropped."""
+    m = run.metrics
+    steps, max_load = _series(m, "moe_max_load")
+    if not max_load:
+        return
+    loads = [r["moe_expert_load"] for r in m if isinstance(r.get("moe_expert_load"), list)]
+
+    def draw(fig: Any) -> None:
+        left, right = fig.subplots(1, 2)
+        left.plot(steps, max_load, color="#5d4037", lw=1.4, label="busiest expert / mean")
+        left.plot(*_series(m, "moe_balance_loss"), color="#7cb342", lw=1.2, label="balance loss")
+        _style(left, "ratio (1.0 = even)", "balance")
+        left.legend(fontsize=9)
+        if loads:
+            right.bar(range(len(loads[-1])), [100 * v for v in loads[-1]], color="#8d6e63")
+        _style(right, "share of routed tokens (%)", "per expert, last record")
+
+    dropped = sum(_series(m, "moe_dropped_tokens")[1])
+    text = f"busiest expert at {max_load[-1]:.2f}× the mean at step {steps[-1]}"
+    text += f"; {_fmt(int(dropped))} token assignments dropped over the logged steps"
+    page.add(
+        f"{prefix}routing",
+        f"{title}: mixture-of-experts routing",
+        _figure(draw, f"{title}: expert load vs step; {text}", text + " (rank 0's tokens)"),
+    )
 
 
 def _memory_section(page: Page, run: RunData, prefix: str, title: str) -> None:
