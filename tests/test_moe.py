@@ -27,6 +27,8 @@ from loom.models.hf import hf_config_dict, load_hf_model, to_hf_state_dict
 from loom.models.llama import build_model
 from loom.models.moe import MoE, RoutingStats
 from loom.parallel.dims import resolve
+from loom.planner.memory import estimate
+from loom.planner.spec import Strategy, gpu_hardware, model_from_config
 from loom.report import write_report
 from loom.serve.engine import Engine, EngineConfig, SamplingParams, Sequence
 from loom.serve.kv_cache import PagedKVCache
@@ -360,6 +362,18 @@ def test_data_and_expert_parallel_layouts_train_an_moe_like_one_process(
         assert any(float(v.abs().sum()) for k, v in state.items() if k.endswith("balance_bias"))
         for key, value in reference.items():
             torch.testing.assert_close(state[key], value, atol=1e-4, rtol=0, msg=name)
+    # the planner's weights, gradients and Adam state per rank (fp32: 4 + 4 + 8 bytes for every
+    # parameter, the experts' all included) against what each rank holds; FSDP pads a tensor
+    # that does not split evenly by at most one row per rank
+    model = model_from_config(load_config(None, tiny_args(data_dir, tmp_path, *moe)).model, 32)
+    for name, ranks in [("fsdp2", 2), ("ep2", 2), ("ep4", 4), ("ddp2", 2)]:
+        strategy = Strategy(
+            precision="fp32", framework="loom", dp=ranks, zero_stage=0 if name == "ddp2" else 3
+        )
+        memory = estimate(model, gpu_hardware("h100", ranks), strategy)
+        for kind, value in [("params", memory.params), ("optimizer", memory.optimizer)]:
+            held = [r["bytes"][kind] for r in records[name].values()]
+            assert max(held) == pytest.approx(value, rel=0.01), (name, kind)
     assert records["ep4"][0]["layout"] == "dp_shard 4 (experts over ep 4)"
     # FSDP gathers every expert to run it; expert parallelism keeps experts/ep and moves tokens
     for name, module, held in [("fsdp2", "Experts", 2), ("ep2", "ExpertParallel", 2)]:

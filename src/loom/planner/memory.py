@@ -201,7 +201,7 @@ def _llama_units(model: ModelShape, recompute: str) -> tuple[float, float]:
     norms' inputs and outputs, the projections' inputs, q/k/v, the attention output and its
     copy, and the MLP's gate, up, activation and product."""
     kv = model.kv_dim / model.hidden
-    ffn = model.ffn_hidden / model.hidden
+    ffn = model.active_ffn / model.hidden
     if recompute == "full":
         return 1.0, 1.0
     if recompute == "selective":

@@ -90,6 +90,9 @@ def candidates(
         cps = [base.cp]
     elif base.framework == "loom":
         cps = [1]  # loom train has no context parallelism yet
+    moe_loom = base.framework == "loom" and model.moe_layers > 0
+    if moe_loom and "tp" not in fixed:
+        tps = [1]  # loom train runs a mixture of experts with tp = pp = 1
     micro = (base.micro_batch,) if "micro_batch" in fixed else (1, 2, 4, 8)
     modes = (base.recompute,) if "recompute" in fixed else ("none", "selective", "full")
     out: list[Strategy] = []
@@ -97,7 +100,7 @@ def candidates(
         if devices % (tp * cp):
             continue
         for pp in _divisors(devices // (tp * cp)):
-            if pp > model.layers:
+            if pp > model.layers or (moe_loom and pp > 1):
                 break
             dp = devices // (tp * cp * pp)
             if global_batch % dp:

@@ -33,6 +33,28 @@ class ModelShape:
     arch: str = "llama"  # "llama" (SwiGLU, RMSNorm, no biases) or "gpt" (GeLU 4h MLP, biases)
     tied: bool = False
     head_dim: int = 0
+    # a mixture of experts (Llama blocks): `moe_layers` of the layers route each token to
+    # `top_k` of `experts` SwiGLU experts of width `expert_ffn`, beside a shared MLP of width
+    # `shared_ffn`; the other layers keep the dense `ffn_hidden` MLP
+    experts: int = 0
+    top_k: int = 0
+    expert_ffn: int = 0
+    shared_ffn: int = 0
+    moe_layers: int = 0
+
+    def _mlp_width(self, experts: int) -> float:
+        """MLP width per layer, averaged over the layers, with `experts` experts per MoE layer."""
+        dense = self.layers - self.moe_layers
+        moe = experts * self.expert_ffn + self.shared_ffn
+        return (dense * self.ffn_hidden + self.moe_layers * moe) / self.layers
+
+    @property
+    def active_ffn(self) -> float:
+        """The MLP width one token goes through, per layer on average (dense: ffn_hidden)."""
+        return self._mlp_width(self.top_k) if self.moe_layers else self.ffn_hidden
+
+    def _router_params(self) -> float:
+        return self.moe_layers * self.hidden * self.experts / self.layers
 
     @property
     def q_dim(self) -> int:
@@ -42,7 +64,8 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.kv_heads * (self.head_dim or self.hidden // self.heads)
 
-    def layer_params(self) -> int:
+    def layer_params(self) -> float:
+        """Parameters of one block (an MoE model's: the average over its blocks)."""
         h = self.hidden
         attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
         if self.arch == "gpt":  # 2 MLP matrices, biases, LayerNorm weight + bias
@@ -53,6 +76,8 @@ class ModelShape:
                 + (self.ffn_hidden + h)
                 + 4 * h
             )
+        if self.moe_layers:
+            return attn + 3 * h * self._mlp_width(self.experts) + self._router_params() + 2 * h
         return attn + 3 * h * self.ffn_hidden + 2 * h
 
     def embedding_params(self) -> int:
@@ -65,15 +90,19 @@ class ModelShape:
         return norm + (0 if self.tied or self.arch == "gpt" else self.vocab * self.hidden)
 
     def params(self) -> int:
-        return self.layers * self.layer_params() + self.embedding_params() + self.head_params()
+        return round(
+            self.layers * self.layer_params() + self.embedding_params() + self.head_params()
+        )
 
     def replicated_params_per_layer(self) -> int:
         """Norm weights (and GPT's LayerNorm biases): copied, not split, by tensor parallelism."""
         return 4 * self.hidden if self.arch == "gpt" else 2 * self.hidden
 
-    def matmul_params_per_layer(self) -> int:
+    def matmul_params_per_layer(self) -> float:
+        """The weights one token multiplies by in a block (an MoE block: its top-k experts,
+        the shared MLP and the router)."""
         h = self.hidden
-        mlp = (2 if self.arch == "gpt" else 3) * h * self.ffn_hidden
+        mlp = (2 if self.arch == "gpt" else 3) * h * self.active_ffn + self._router_params()
         return h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h + mlp
 
 
@@ -308,11 +337,7 @@ def check_keys(raw: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
 
 
 def model_from_config(cfg: ModelConfig, seq_len: int) -> ModelShape:
-    if cfg.moe.enabled:
-        raise LoomError(
-            f"model {cfg.preset!r} is a mixture of experts, which the planner does not model "
-            "yet (total vs active parameters, expert parallelism); plan a dense model"
-        )
+    moe = cfg.moe
     return ModelShape(
         layers=cfg.n_layers,
         hidden=cfg.dim,
@@ -324,6 +349,11 @@ def model_from_config(cfg: ModelConfig, seq_len: int) -> ModelShape:
         arch="llama",
         tied=cfg.tie_embeddings,
         head_dim=cfg.head_dim,
+        experts=moe.experts,
+        top_k=moe.top_k if moe.enabled else 0,
+        expert_ffn=cfg.expert_hidden if moe.enabled else 0,
+        shared_ffn=moe.shared_experts * cfg.expert_hidden if moe.enabled else 0,
+        moe_layers=cfg.moe_layers,
     )
 
 
@@ -523,6 +553,11 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy, unbuilt: bool =
             "strategy.offload=optimizer with framework=pytorch: PyTorch FSDP offloads all "
             "states together; use offload=params, or framework=megatron to plan a Megatron / "
             "DeepSpeed run"
+        )
+    if s.framework == "loom" and model.moe_layers and (s.tp > 1 or s.pp > 1):
+        raise LoomError(
+            f"strategy: tp={s.tp}, pp={s.pp}: loom train runs a mixture of experts with tp=1 "
+            "and pp=1; or framework=megatron to plan a Megatron / DeepSpeed run"
         )
     refusal = loom_refusal(s, unbuilt)
     if refusal:

@@ -69,9 +69,6 @@ def check_fits(
     cfg: Config, dims: ParallelDims, device: torch.device, force: bool, **strategy: object
 ) -> None:
     """Log the predicted peak; refuse a layout predicted not to fit (unless `force`)."""
-    if cfg.model.moe.enabled:
-        logger.warning("no memory prediction: the planner does not model mixtures of experts yet")
-        return
     hw = local_hardware(device, dims.world_size)
     memory = predicted_memory(cfg, dims, hw, **strategy)
     gib = memory.gib()
