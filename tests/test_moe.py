@@ -379,3 +379,25 @@ def test_data_and_expert_parallel_layouts_train_an_moe_like_one_process(
     for name, module, held in [("fsdp2", "Experts", 2), ("ep2", "ExpertParallel", 2)]:
         assert all(r["experts"] == [[module, held]] * 2 for r in records[name].values()), name
     assert all(r["experts"] == [["ExpertParallel", 1]] * 2 for r in records["ep4"].values())
+
+
+def test_the_planner_costs_active_parameters_and_holds_all_of_them() -> None:
+    """Mixtral in the planner: a token's FLOPs and time are those of a dense model as wide as
+    its two experts; its memory holds all eight."""
+    from dataclasses import replace
+
+    from loom.core.presets import get_preset
+    from loom.planner.cost import step_time
+
+    cfg = get_preset("mixtral-8x7b")
+    moe = model_from_config(cfg, 4096)
+    dense = replace(moe, experts=0, top_k=0, expert_ffn=0, moe_layers=0, ffn_hidden=2 * 14336)
+    assert moe.params() == cfg.num_params()
+    assert dense.params() == pytest.approx(cfg.num_params(active=True), rel=1e-4)  # + router
+    hw = gpu_hardware("h100", 64)
+    strategy = Strategy(dp=64, zero_stage=3, micro_batch=1, global_batch=64, recompute="full")
+    ours, wide = step_time(moe, hw, strategy), step_time(dense, hw, strategy)
+    assert ours.model_flops == pytest.approx(wide.model_flops, rel=1e-3)
+    assert ours.compute == pytest.approx(wide.compute, rel=1e-3)
+    held = estimate(moe, hw, strategy).params / estimate(dense, hw, strategy).params
+    assert held == pytest.approx(cfg.num_params() / cfg.num_params(active=True), rel=1e-3)

@@ -239,7 +239,8 @@ def step_time(
     t, b, cp = s.tp, s.micro_batch, s.cp
     seq = model.seq_len / cp  # this rank's share of each sequence
     tokens = b * seq
-    h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn_hidden
+    # an MoE block's MLP as the width one token goes through (its top-k experts and shared MLP)
+    h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.active_ffn
     mlp_in = 1 if model.arch == "gpt" else 2
     fused = s.fused_kernels
 
