@@ -401,3 +401,33 @@ def test_the_planner_costs_active_parameters_and_holds_all_of_them() -> None:
     assert ours.compute == pytest.approx(wide.compute, rel=1e-3)
     held = estimate(moe, hw, strategy).params / estimate(dense, hw, strategy).params
     assert held == pytest.approx(cfg.num_params() / cfg.num_params(active=True), rel=1e-3)
+
+
+def test_the_planner_offers_expert_parallelism_as_loom_runs_it() -> None:
+    """An ep layout (ep = dp under FSDP) beside each FSDP one: the all-to-alls cost time, the
+    experts leave FSDP's traffic, and its command runs `--parallel.ep`; ep that Loom does not
+    run is refused."""
+    from dataclasses import replace
+
+    from loom.core.presets import get_preset
+    from loom.planner.layout import config_overrides
+    from loom.planner.search import candidates, evaluate
+    from loom.planner.spec import check_strategy
+
+    model = model_from_config(get_preset("qwen1.5-moe-a2.7b"), 4096)
+    hw = gpu_hardware("h100", 4)
+    found = candidates(model, hw, Strategy(global_batch=64), 64)
+    split = [s for s in found if s.ep > 1]
+    assert split and all(s.ep == s.dp == 4 and s.zero_stage == 3 for s in split)
+    ep, fsdp = evaluate(model, hw, split[0]).time, evaluate(model, hw, replace(split[0], ep=1)).time
+    assert ep.expert_parallel > 0 == fsdp.expert_parallel
+    assert ep.data_parallel <= fsdp.data_parallel
+    assert config_overrides(model, split[0])["parallel.ep"] == "4"
+    dense = model_from_config(get_preset("llama3-8b"), 4096)
+    for shape, strategy, message in [
+        (dense, split[0], "the model needs experts"),
+        (model, replace(split[0], ep=2), "ep = dp = 4"),
+        (model, replace(split[0], ep=3), "must divide them"),
+    ]:
+        with pytest.raises(LoomError, match=message):
+            check_strategy(shape, hw, strategy)

@@ -107,13 +107,15 @@ class StepTime:
     model_flops: float  # per step, whole job, no recomputation (6N + attention)
     hardware_flops: float  # per step, whole job, as executed (causal attention, recomputation)
     context_parallel: float = 0.0  # exposed K/V traffic
+    expert_parallel: float = 0.0  # the all-to-alls that take tokens to their experts and back
 
     @property
     def total(self) -> float:
         return sum(self.breakdown().values())
 
     def breakdown(self) -> dict[str, float]:
-        keys = ("compute", "bubble", "tensor_parallel", "context_parallel", "data_parallel")
+        keys = ("compute", "bubble", "tensor_parallel", "context_parallel", "expert_parallel")
+        keys = (*keys, "data_parallel")
         return {
             k: getattr(self, k) for k in (*keys, "pipeline", "offload", "optimizer", "overhead")
         }
@@ -325,6 +327,16 @@ def step_time(
             0.0, 2 * gather - attention_backward
         )
 
+    # Expert parallelism: each MoE layer sends every token's hidden state to its top-k experts'
+    # ranks and back (two all-to-alls forward, two in backward, two more when the forward is
+    # recomputed); nothing overlaps them. Per layer on average over the model's layers.
+    ep_layer = 0.0
+    if s.ep > 1 and model.moe_layers:
+        routed = tokens * model.top_k * h * half
+        exchanges = 4 + (2 if s.recompute == "full" else 0)
+        all_to_all = cost.collective(routed, s.ep, 1, t * s.cp)
+        ep_layer = exchanges * all_to_all * model.moe_layers / model.layers
+
     # The busiest pipeline rank: its layers (uneven splits give some ranks one more) plus the
     # output projection and the loss on the last rank.
     loads = rank_layers(model.layers, s.pp, s.virtual_stages)
@@ -332,7 +344,7 @@ def step_time(
     loss = cost.memory_passes(6 * tokens * model.vocab / t * 4)
     head = logits + loss
     busiest = max(
-        n * (layer + tp_layer + cp_layer) + (head if r == len(loads) - 1 else 0.0)
+        n * (layer + tp_layer + cp_layer + ep_layer) + (head if r == len(loads) - 1 else 0.0)
         for r, n in enumerate(loads)
     )
     worst_layers = max(loads)
@@ -344,6 +356,7 @@ def step_time(
     compute = m * compute_per_mb
     tensor_parallel = m * worst_layers * tp_layer
     context_parallel = m * worst_layers * cp_layer
+    expert_parallel = m * worst_layers * ep_layer
 
     bubble = 0.0
     pipeline = 0.0
@@ -392,6 +405,7 @@ def step_time(
         bubble=bubble,
         tensor_parallel=tensor_parallel,
         context_parallel=context_parallel,
+        expert_parallel=expert_parallel,
         data_parallel=data_parallel,
         pipeline=pipeline,
         offload=offload,
@@ -445,6 +459,10 @@ def _data_parallel(
     only what a layer's compute cannot hide shows. With LoRA / QLoRA only the adapters'
     gradients are reduced, but every weight is gathered."""
     psi = params_per_device(model, s)
+    experts = 0.0
+    if s.ep > 1:  # split experts are neither gathered nor reduced across all the dp ranks
+        experts = model.expert_params_per_layer() / s.tp * layers
+        psi -= experts
     trainable = psi if s.finetune == "full" else lora_params(model, s)
     _, grad_bytes, _ = state_bytes(s)
     dp_ranks = s.dp * s.cp
@@ -460,6 +478,8 @@ def _data_parallel(
     else:
         shard = dp_ranks
         reduce = cost.collective(grads, dp_ranks, 2, stride)
+    if experts and s.finetune == "full":  # each expert's copies: dp / ep of them
+        reduce += cost.collective(experts / s.ep * min(grad_bytes, 4), s.dp // s.ep, 2, stride)
     exposed = max(0.0, reduce - cal.dp_overlap * backward_pass * layers)
     if s.zero_stage >= 3:
         gathered = psi * BYTES[s.precision if s.precision != "fp8" else "bf16"]

@@ -36,6 +36,8 @@ def config_overrides(
         "memory.offload": s.offload,
         "memory.activation_offload": s.activation_offload,
     }
+    if s.ep > 1:
+        out["parallel.ep"] = s.ep
     if s.offload_nvme:
         out["memory.offload_dir"] = offload_dir
         if memory is not None:

@@ -16,6 +16,7 @@ BOTTLENECK_WORDS = {
     "data_parallel": "data-parallel communication (gradient reduction, FSDP gathers)",
     "pipeline": "pipeline point-to-point traffic",
     "context_parallel": "context-parallel K/V traffic",
+    "expert_parallel": "expert-parallel all-to-all (tokens to their experts and back)",
     "offload": "offload (host-link traffic, the CPU optimizer step, NVMe reads and writes)",
     "optimizer": "the optimizer step",
     "overhead": "fixed per-step overhead",
@@ -40,6 +41,7 @@ def layout(plan: Plan) -> dict[str, Any]:
         "offload_nvme": s.offload_nvme,
         "activation_offload": s.activation_offload,
         "precision": s.precision,
+        "ep": s.ep,
     }
 
 
@@ -105,6 +107,7 @@ def why(best: Plan, ranked: list[Plan]) -> str:
 def describe(plan: Plan) -> str:
     s = plan.strategy
     degrees = f"tp{s.tp} pp{s.pp} dp{s.dp}" + (f" cp{s.cp}" if s.cp > 1 else "")
+    degrees += f" ep{s.ep}" if s.ep > 1 else ""
     words = [degrees, f"mb{s.micro_batch}", f"zero{s.zero_stage}"]
     if s.virtual_stages > 1:
         words.append(f"v{s.virtual_stages}")

@@ -144,7 +144,20 @@ def candidates(
                     )
                     if not finetune_refusal(layout):
                         out.append(layout)
+                    if expert_parallel(model, layout) and "ep" not in fixed:
+                        out.append(replace(layout, ep=dp))
     return out
+
+
+def expert_parallel(model: ModelShape, s: Strategy) -> bool:
+    """Whether `s` may also run with its experts split over its dp ranks as `loom train` does
+    (ep = dp under ZeRO-3; other frameworks: any ep dividing dp and the experts)."""
+    return (
+        model.moe_layers > 0
+        and s.dp > 1
+        and model.experts % s.dp == 0
+        and (s.zero_stage == 3 or s.framework != "loom")
+    )
 
 
 VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)

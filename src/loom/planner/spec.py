@@ -53,6 +53,10 @@ class ModelShape:
         """The MLP width one token goes through, per layer on average (dense: ffn_hidden)."""
         return self._mlp_width(self.top_k) if self.moe_layers else self.ffn_hidden
 
+    def expert_params_per_layer(self) -> float:
+        """The routed experts' weights per layer (averaged over the layers)."""
+        return self.moe_layers * 3 * self.hidden * self.expert_ffn * self.experts / self.layers
+
     def _router_params(self) -> float:
         return self.moe_layers * self.hidden * self.experts / self.layers
 
@@ -168,6 +172,7 @@ class Strategy:
     dp_shard: int = 0  # ZeRO shards over this many of the dp ranks (HSDP: fewer); 0 = all
     compile: bool = False  # torch.compile fuses the elementwise kernels
     flash_attention: bool = True  # false: unfused attention over the full square (2021-22 GPT)
+    ep: int = 1  # expert parallelism over the dp ranks (loom train: ep = dp with ZeRO-3)
 
     @property
     def fused_kernels(self) -> bool:
@@ -553,6 +558,16 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy, unbuilt: bool =
             "strategy.offload=optimizer with framework=pytorch: PyTorch FSDP offloads all "
             "states together; use offload=params, or framework=megatron to plan a Megatron / "
             "DeepSpeed run"
+        )
+    if s.ep > 1 and (not model.moe_layers or model.experts % s.ep or s.dp % s.ep):
+        raise LoomError(
+            f"strategy.ep={s.ep} splits a mixture of experts: the model needs experts, and ep "
+            f"must divide them ({model.experts}) and strategy.dp={s.dp}"
+        )
+    if s.framework == "loom" and s.ep > 1 and (s.ep != s.dp or s.zero_stage != 3):
+        raise LoomError(
+            f"strategy.ep={s.ep}: loom train splits the experts over all its FSDP ranks "
+            f"(ep = dp = {s.dp}, zero_stage=3)"
         )
     if s.framework == "loom" and model.moe_layers and (s.tp > 1 or s.pp > 1):
         raise LoomError(

@@ -55,6 +55,7 @@ def strategy_for(cfg: Config, dims: ParallelDims) -> Strategy:
         activation_offload=cfg.memory.activation_offload,
         precision=t.precision,
         framework="loom",
+        ep=dims.ep,
     )
 
 
