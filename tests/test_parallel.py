@@ -288,6 +288,41 @@ def test_tied_embeddings_train_with_tensor_parallelism(data_dir: Path, tmp_path:
         assert max((got[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
 
 
+@pytest.mark.slow
+def test_context_parallel_layouts_match_one_process(
+    runs: dict[str, Any], data_dir: Path, tmp_path: Path
+) -> None:
+    """Each sequence split over cp ranks (two balanced chunks each), attention over the
+    all-gathered keys and values: cp 4, and cp 2 with FSDP 2 or with 2 replicas, train as one
+    process does (forward and backward of attention included), validation too."""
+    args = base_args(data_dir)
+    layouts = {
+        "cp4": ["--parallel.cp=4"],
+        "cp2_fsdp2": ["--parallel.cp=2"],
+        "cp2_hsdp2": ["--parallel.cp=2", "--parallel.dp_replicate=2"],
+    }
+    spec = [
+        {"name": name, "args": [*args, f"--run_dir={tmp_path / name}", *extra]}
+        for name, extra in layouts.items()
+    ]
+    records = launch(4, spec, tmp_path)
+    cfg = load_config(None, args)
+    reference = final_params(cfg, runs["root"] / "single")
+    assert [records[name][0]["layout"] for name in layouts] == [
+        "cp 4",
+        "dp_shard 2 × cp 2",
+        "dp_replicate 2 × cp 2",
+    ]
+    for name in layouts:
+        losses = {int(k): v for k, v in records[name][0]["losses"].items()}
+        assert losses == pytest.approx(runs["single"], abs=1e-5), name
+        assert all(r["losses"] == records[name][0]["losses"] for r in records[name].values())
+        val = records[name][0]["val_losses"][str(STEPS)]
+        assert val == pytest.approx(runs["single_val"], abs=1e-5), name
+        got = final_params(cfg, tmp_path / name)
+        assert max((got[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
+
+
 def test_default_dp_shard_takes_the_rest_of_the_world() -> None:
     base = [*TINY_MODEL, "--model.tie_embeddings=false", "--train.seq_len=32"]
     dims = resolve(load_config(None, [*base, "--parallel.tp=2"]), 8)

@@ -16,7 +16,8 @@ import torch
 from loom.core.errors import LoomError
 from loom.planner import published, validation
 from loom.planner.cost import DEFAULT_CALIBRATION
-from loom.planner.search import evaluate, plan
+from loom.planner.layout import config_overrides
+from loom.planner.search import candidates, evaluate, plan
 from loom.planner.spec import Strategy, _gpu_key, parse_spec
 
 RECORDS = published.load_records()
@@ -121,7 +122,8 @@ def test_search_finds_a_fitting_layout_for_405b_on_16k_gpus() -> None:
     # idles a third of its step in the bubble with one micro-batch per replica.
     assert any(p.strategy.pp > 2 for p in ranked)
     assert best.time.bubble < 0.2 * best.time.total
-    assert all(p.strategy.cp == 1 for p in ranked)  # loom train has no context parallelism
+    # loom train splits sequences under FSDP only (no tp or pp beside cp)
+    assert all(p.strategy.cp == 1 or p.strategy.tp == p.strategy.pp == 1 for p in ranked)
 
 
 def test_uneven_pipeline_splits_as_loom_train_makes_them() -> None:
@@ -207,10 +209,15 @@ def test_context_parallelism_is_costed_and_never_beats_physics() -> None:
     slow_link = replace(hw, intra_node_gbps=1.0)
     exposed = step_time(m, slow_link, Strategy(cp=8, global_batch=1, **common))
     assert exposed.context_parallel > 0
-    with pytest.raises(LoomError, match="no context parallelism"):
-        parse_spec({**raw, "strategy": {"cp": 2}})
+    with pytest.raises(LoomError, match="splits sequences under FSDP only"):
+        parse_spec({**raw, "strategy": {"cp": 2, "tp": 2, "zero_stage": 3}})
     searched = plan(parse_spec({**raw, "search": {"framework": "pytorch", "global_batch": 8}}))
     assert searched[0].strategy.cp > 1
+    # what loom train runs: cp over FSDP ranks, offered with the command that runs it
+    split = [s for s in candidates(m, hw, Strategy(global_batch=8), 8) if s.cp > 1]
+    assert {s.cp for s in split} == {2, 4, 8}
+    assert all(s.zero_stage == 3 and s.tp == s.pp == 1 for s in split)
+    assert config_overrides(m, split[0])["parallel.cp"] == str(split[0].cp)
 
 
 def test_a_prediction_faster_than_the_hardware_is_an_error_not_an_answer() -> None:

@@ -133,6 +133,7 @@ class ParallelConfig:
     loss_parallel: bool = True  # with tp: cross-entropy on vocabulary-sharded logits
     pp: int = 1  # pipeline stages' ranks
     ep: int = 1  # expert parallelism (MoE): experts split over the dp_shard ranks (ep = dp_shard)
+    cp: int = 1  # context parallelism: each sequence split over this many ranks
     schedule: Schedule = "1F1B"
     microbatches: int = 0  # pipeline micro-batches per forward/backward; 0 = number of stages
     stages_per_rank: int = 0  # 0 = 1, or 2 for the interleaved and V schedules

@@ -28,10 +28,11 @@ class ParallelDims:
     stages_per_rank: int
     microbatches: int
     ep: int = 1  # experts split over the dp_shard ranks (1, or dp_shard)
+    cp: int = 1  # each sequence split over this many ranks
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     @property
     def dp(self) -> int:
@@ -43,8 +44,14 @@ class ParallelDims:
         return self.pp * self.stages_per_rank
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        shape = tuple(getattr(self, name) for name in MESH_DIMS)
-        return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        """The mesh of MESH_DIMS, with `cp` before `tp` when sequences are split; then FSDP
+        shards over `dp_shard_cp`, the dp_shard and cp dimensions flattened into one."""
+        names = MESH_DIMS if self.cp == 1 else (*MESH_DIMS[:-1], "cp", MESH_DIMS[-1])
+        shape = tuple(getattr(self, name) for name in names)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        if self.cp > 1:
+            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        return mesh
 
 
 def _divisors(n: int) -> list[int]:
@@ -60,14 +67,16 @@ def resolve(cfg: Config, world_size: int) -> ParallelDims:
             raise LoomError(f"parallel.{name}={getattr(p, name)} must be at least 1")
     if p.dp_shard == 0 or p.dp_shard < -1:
         raise LoomError(f"parallel.dp_shard={p.dp_shard} must be at least 1, or -1 for the rest")
-    others = p.dp_replicate * p.tp * p.pp
+    if p.cp < 1:
+        raise LoomError(f"parallel.cp={p.cp} must be at least 1")
+    others = p.dp_replicate * p.tp * p.pp * p.cp
     dp_shard = p.dp_shard
     if dp_shard == -1:
         if world_size % others:
             raise LoomError(
                 f"{world_size} processes do not split into dp_replicate={p.dp_replicate} × "
-                f"tp={p.tp} × pp={p.pp} = {others}; launch a multiple of {others} processes "
-                "or change those degrees"
+                f"tp={p.tp} × pp={p.pp}{_cp(p.cp)} = {others}; launch a multiple of {others} "
+                "processes or change those degrees"
             )
         dp_shard = world_size // others
     if others * dp_shard != world_size:
@@ -78,8 +87,8 @@ def resolve(cfg: Config, world_size: int) -> ParallelDims:
         )
         raise LoomError(
             f"the layout needs dp_replicate × dp_shard × tp × pp = {p.dp_replicate} × {dp_shard} "
-            f"× {p.tp} × {p.pp} = {others * dp_shard} processes but {world_size} are running; "
-            f"{fix}"
+            f"× {p.tp} × {p.pp}{_cp(p.cp)} = {others * dp_shard} processes but {world_size} are "
+            f"running; {fix}"
         )
 
     if p.tp > 1:
@@ -174,7 +183,30 @@ def resolve(cfg: Config, world_size: int) -> ParallelDims:
         raise LoomError("memory.offload=params is not combined with parallel.tp > 1; set tp=1")
     if p.ep != 1:
         _check_expert_parallel(cfg, dp_shard)
-    return ParallelDims(p.pp, p.dp_replicate, dp_shard, p.tp, stages_per_rank, microbatches, p.ep)
+    if p.cp > 1:
+        _check_context_parallel(cfg)
+    return ParallelDims(
+        p.pp, p.dp_replicate, dp_shard, p.tp, stages_per_rank, microbatches, p.ep, p.cp
+    )
+
+
+def _cp(cp: int) -> str:
+    return f" × cp={cp}" if cp > 1 else ""
+
+
+def _check_context_parallel(cfg: Config) -> None:
+    """Context parallelism as Loom runs it: two equal chunks of each sequence per rank."""
+    p, t = cfg.parallel, cfg.train
+    if t.seq_len % (2 * p.cp):
+        raise LoomError(
+            f"parallel.cp={p.cp} splits each sequence into 2 × cp = {2 * p.cp} equal chunks; "
+            f"train.seq_len={t.seq_len} must be a multiple of {2 * p.cp}"
+        )
+    if p.tp > 1 or p.pp > 1 or p.ep > 1 or cfg.memory.offload != "none":
+        raise LoomError(
+            "parallel.cp > 1 runs with FSDP / HSDP for now: set parallel.tp=1, parallel.pp=1, "
+            "parallel.ep=1 and memory.offload=none"
+        )
 
 
 def _check_expert_parallel(cfg: Config, dp_shard: int) -> None:

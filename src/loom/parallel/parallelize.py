@@ -27,6 +27,7 @@ from loom.core.errors import LoomError
 from loom.models.llama import Transformer, build_model, init_parameter_
 from loom.parallel.activation_offload import ActivationStore, apply_activation_offload
 from loom.parallel.compile import ForwardLoss, compile_forward_loss, forward_loss
+from loom.parallel.context import ContextParallel, context_parallel_loss
 from loom.parallel.data_parallel import DTYPES, apply_ddp, apply_fsdp
 from loom.parallel.dims import V_SCHEDULES, ParallelDims
 from loom.parallel.expert import apply_expert_parallel
@@ -59,6 +60,7 @@ class ParallelModel:
     forward_loss: ForwardLoss | None = None
     forward_only_eval: bool = True
     activation_store: ActivationStore | None = None  # memory.activation_offload's host store
+    context: ContextParallel | None = None  # parallel.cp: this rank's share of each sequence
     _loss_scale: float = field(default=1.0, repr=False)
 
     @property
@@ -104,6 +106,9 @@ class ParallelModel:
         with self._context(), self.autocast:
             if self.schedule is None:
                 with torch.no_grad():
+                    if self.context is not None:
+                        assert self.forward_loss is not None
+                        return self.forward_loss(inputs, targets, doc_ids)
                     logits = self.parts[0](inputs, doc_ids=doc_ids)
                     return _local(self.loss_fn(logits, targets))
             if self.forward_only_eval:
@@ -139,7 +144,7 @@ class ParallelModel:
         value = loss.float() if counts and loss is not None else torch.zeros(())
         value = value.to(_device_of(self.parts)).clone()
         dist.all_reduce(value)
-        return value / self.dims.dp
+        return value / (self.dims.dp * self.dims.cp)  # every cp rank holds a share of tokens
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm (over every shard and stage); return it before clipping."""
@@ -191,7 +196,7 @@ def parallelize(
         p.mixed_precision.param_dtype if p.mixed_precision.param_dtype != "auto" else t.precision
     ]
     use_fsdp = mesh is not None and (
-        dims.dp_shard > 1
+        dims.dp_shard * dims.cp > 1
         or memory.offload == "params"
         or (dims.dp_replicate > 1 and (dims.tp > 1 or dims.pp > 1))
     )
@@ -238,9 +243,8 @@ def parallelize(
             apply_activation_offload(part, store)
         if use_fsdp:
             assert mesh is not None
-            dp_mesh = (
-                mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-            )
+            shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"  # cp ranks hold the same
+            dp_mesh = mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
             apply_fsdp(
                 part,
                 dp_mesh,
@@ -278,6 +282,10 @@ def parallelize(
         single_graph = t.compile and mesh is None
         build = compile_forward_loss if single_graph else forward_loss
         model.forward_loss = build(parts[0], loss_fn)
+        if dims.cp > 1:
+            assert mesh is not None
+            model.context = ContextParallel(mesh["cp"], t.seq_len)
+            model.forward_loss = context_parallel_loss(parts[0], loss_fn, model.context)
     return model
 
 

@@ -38,6 +38,8 @@ def config_overrides(
     }
     if s.ep > 1:
         out["parallel.ep"] = s.ep
+    if s.cp > 1:
+        out["parallel.cp"] = s.cp
     if s.offload_nvme:
         out["memory.offload_dir"] = offload_dir
         if memory is not None:

@@ -88,8 +88,6 @@ def candidates(
     ]
     if "cp" in fixed:
         cps = [base.cp]
-    elif base.framework == "loom":
-        cps = [1]  # loom train has no context parallelism yet
     moe_loom = base.framework == "loom" and model.moe_layers > 0
     if moe_loom and "tp" not in fixed:
         tps = [1]  # loom train runs a mixture of experts with tp = pp = 1
@@ -99,17 +97,22 @@ def candidates(
     for tp, cp in itertools.product(tps, cps):
         if devices % (tp * cp):
             continue
+        if base.framework == "loom" and cp > 1 and tp > 1:
+            continue  # loom train splits sequences under FSDP / HSDP only
+        loom = base.framework == "loom"
         for pp in _divisors(devices // (tp * cp)):
-            if pp > model.layers or (moe_loom and pp > 1):
+            if pp > model.layers or (moe_loom and pp > 1) or (loom and cp > 1 and pp > 1):
                 break
             dp = devices // (tp * cp * pp)
             if global_batch % dp:
                 continue
             per_replica = global_batch // dp
-            # loom train runs DDP or FSDP (ZeRO 0 or 3) and no zero-bubble schedule of its own.
-            loom = base.framework == "loom"
+            # loom train runs DDP or FSDP (ZeRO 0 or 3), FSDP over the dp and cp ranks when it
+            # splits sequences, and no zero-bubble schedule of its own.
             sharded = (0, 3) if loom else (1, 3)
             zeros = (base.zero_stage,) if "zero_stage" in fixed else ((0,) if dp == 1 else sharded)
+            if loom and cp > 1 and "zero_stage" not in fixed:
+                zeros = (3,)
             for v in VIRTUAL_STAGES if pp > 1 else (1,):
                 if pp * v > model.layers:
                     continue
@@ -156,7 +159,7 @@ def expert_parallel(model: ModelShape, s: Strategy) -> bool:
         model.moe_layers > 0
         and s.dp > 1
         and model.experts % s.dp == 0
-        and (s.zero_stage == 3 or s.framework != "loom")
+        and (s.framework != "loom" or (s.zero_stage == 3 and s.cp == 1))
     )
 
 

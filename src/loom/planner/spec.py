@@ -564,10 +564,10 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy, unbuilt: bool =
             f"strategy.ep={s.ep} splits a mixture of experts: the model needs experts, and ep "
             f"must divide them ({model.experts}) and strategy.dp={s.dp}"
         )
-    if s.framework == "loom" and s.ep > 1 and (s.ep != s.dp or s.zero_stage != 3):
+    if s.framework == "loom" and s.ep > 1 and (s.ep != s.dp or s.zero_stage != 3 or s.cp > 1):
         raise LoomError(
             f"strategy.ep={s.ep}: loom train splits the experts over all its FSDP ranks "
-            f"(ep = dp = {s.dp}, zero_stage=3)"
+            f"(ep = dp = {s.dp}, zero_stage=3, cp=1)"
         )
     if s.framework == "loom" and model.moe_layers and (s.tp > 1 or s.pp > 1):
         raise LoomError(
@@ -580,10 +580,11 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy, unbuilt: bool =
             f"strategy: {refusal}; or framework=megatron to plan a Megatron / DeepSpeed run, "
             "or spec.unbuilt=true (--unbuilt) to plan the tier before loom train runs it"
         )
-    if s.cp > 1 and s.framework == "loom":
+    if s.cp > 1 and s.framework == "loom" and (s.tp > 1 or s.pp > 1 or s.zero_stage != 3):
         raise LoomError(
-            f"strategy.cp={s.cp}: loom train has no context parallelism yet; set cp=1, or "
-            "framework=pytorch (torchtitan-style) or megatron to plan a run of another trainer"
+            f"strategy.cp={s.cp}: loom train splits sequences under FSDP only (tp=1, pp=1, "
+            "zero_stage=3); or framework=pytorch (torchtitan-style) or megatron to plan a run "
+            "of another trainer"
         )
     if s.dp_shard and s.dp % s.dp_shard:
         raise LoomError(

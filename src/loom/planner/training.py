@@ -56,6 +56,7 @@ def strategy_for(cfg: Config, dims: ParallelDims) -> Strategy:
         precision=t.precision,
         framework="loom",
         ep=dims.ep,
+        cp=dims.cp,
     )
 
 

@@ -254,7 +254,8 @@ class Trainer:
         d = self.dims
         if d.world_size == 1:
             return "1 process"
-        named = {"pp": d.pp, "dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "tp": d.tp}
+        named = {"pp": d.pp, "dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard}
+        named |= {"cp": d.cp, "tp": d.tp}
         layout = " × ".join(f"{k} {v}" for k, v in named.items() if v > 1)
         return f"{layout} (experts over ep {d.ep})" if d.ep > 1 else layout
 
