@@ -13,6 +13,8 @@ OUT`.
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +31,13 @@ from loom.core.loss import cross_entropy
 from loom.models.llama import init_parameter_
 from loom.parallel.dims import resolve
 from loom.parallel.parallelize import parallelize
+from loom.train.metrics import read_metrics
 from loom.train.offload import STATE_KINDS, WINDOW, FileStore, OffloadAdamW, local
 from loom.train.optim import build_optimizer
 from loom.train.trainer import Trainer
 
 HERE = Path(__file__)
+CONFIG = HERE.parents[1] / "configs" / "tiny.toml"
 STEPS = 20
 TOLERANCE = {"fp32": 1e-6, "bf16": 1e-3}
 TINY_BUDGET = "--memory.host_budget_gb=0.0001"  # chunks of 3072 elements: ~30 per step
@@ -217,6 +221,89 @@ def test_low_precision_parameters_step_on_fp32_master_weights(tmp_path: Path) ->
     assert torch.equal(master, torch.cat([r.detach().reshape(-1) for r in reference]))
     for p, r in zip(model.parameters(), reference, strict=True):
         assert torch.equal(p, r.detach().bfloat16())
+
+
+# -- the NVMe tier's host memory: peak RSS of `loom train` processes ------------------------------
+
+RSS_BUDGET_GB = 0.1
+# About 27M parameters (8 bytes of AdamW state each: ~0.2 GB, twice the budget), a batch of
+# 16 tokens: the state dominates what the step adds to the process.
+RSS_MODEL = [
+    "--model.dim=1024",
+    "--model.n_layers=2",
+    "--model.n_heads=8",
+    "--model.n_kv_heads=8",
+    "--model.ffn_hidden=2816",
+]
+
+
+def peak_rss_run(
+    data_dir: Path, run_dir: Path, *extra: str, faults: str = ""
+) -> subprocess.Popen[str]:
+    """`loom train` for 3 steps in its own process (one process's peak RSS is its own)."""
+    cmd = [sys.executable, "-m", "loom.cli", "train", str(CONFIG), *TINY_MODEL, *RSS_MODEL]
+    cmd += [
+        f"--data.path={data_dir}",
+        f"--run_dir={run_dir}",
+        "--train.steps=3",
+        "--train.batch_size=1",
+        "--train.micro_batch_size=1",
+        "--train.seq_len=16",
+        "--train.precision=fp32",
+        "--train.eval_interval=0",
+        "--metrics.log_interval=1",
+        "--metrics.progress=plain",
+        "--metrics.tensorboard=false",
+        "--checkpoint.interval=100",
+        "--resilience.max_bad_steps=10",
+        *extra,
+    ]
+    env = {**os.environ, "LOOM_FAULTS": faults}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finished(process: subprocess.Popen[str], run_dir: Path) -> tuple[dict[int, float], float]:
+    """Per-step losses, and the peak RSS in bytes up to the end of the last step (the metrics
+    record's `peak_mem_gib` is the process's ru_maxrss on a CPU, logged before the last
+    checkpoint is written)."""
+    _, err = process.communicate(timeout=300)  # a guard against a hang, not a speed check
+    assert process.returncode == 0, err[-3000:]
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    return {r["step"]: r["loss"] for r in records}, records[-1]["peak_mem_gib"] * 2**30
+
+
+@pytest.mark.slow
+def test_nvme_tier_keeps_peak_rss_growth_under_the_host_budget(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Three processes, one model. The baseline holds no optimizer state at all: every step is
+    a NaN step (LOOM_FAULTS), so AdamW never steps and never allocates its state, while the
+    model, gradients, activations and everything else are as in the others. The in-memory run
+    must show the whole state in its peak (the measurement sees it); the NVMe run must add no
+    more than `memory.host_budget_gb` to the baseline's peak, with the same losses."""
+    tier = tmp_path / "tier"
+    runs = {
+        "base": peak_rss_run(data_dir, tmp_path / "base", faults="nan@1-3"),
+        "host": peak_rss_run(data_dir, tmp_path / "host", "--memory.offload=optimizer"),
+        "nvme": peak_rss_run(
+            data_dir,
+            tmp_path / "nvme",
+            "--memory.offload=optimizer",
+            f"--memory.offload_dir={tier}",
+            f"--memory.host_budget_gb={RSS_BUDGET_GB}",
+        ),
+    }
+    results = {name: finished(process, tmp_path / name) for name, process in runs.items()}
+    (base_losses, base), (host_losses, host), (nvme_losses, nvme) = results.values()
+    assert all(math.isnan(loss) for loss in base_losses.values())
+    state_bytes = sum(path.stat().st_size for path in (tier / "rank0-part0").glob("*.bin"))
+    assert {p.name for p in (tier / "rank0-part0").iterdir()} == {f"{k}.bin" for k in STATE_KINDS}
+    budget = RSS_BUDGET_GB * 1e9
+    assert state_bytes > 2 * budget  # the state would not fit the budget
+    assert host - base >= 0.9 * state_bytes  # in memory: the whole state is resident
+    assert nvme - base <= budget  # in files: a window of it
+    assert nvme_losses == host_losses
 
 
 # -- two processes: FSDP and DDP ------------------------------------------------------------------

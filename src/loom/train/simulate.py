@@ -31,7 +31,8 @@ from loom.parallel.activation_offload import ActivationStore
 from loom.parallel.dims import MESH_DIMS, ParallelDims, resolve
 from loom.parallel.parallelize import ParallelModel, parallelize
 from loom.parallel.pipeline import stages_of_rank
-from loom.planner.collectives import Collective, collectives, pipeline_microbatches
+from loom.planner.collectives import Collective, collectives
+from loom.planner.layout import config_overrides
 from loom.planner.memory import CONTEXT_BYTES, FRAGMENTATION
 from loom.planner.report import describe
 from loom.planner.spec import ModelShape, Strategy, model_from_config
@@ -589,7 +590,7 @@ def config_for_plan(model: ModelShape, s: Strategy) -> Config:
         "strategy.framework": (s.framework == "megatron", "Loom does not run Megatron"),
         "strategy.zero_stage": (s.zero_stage in (1, 2), "Loom runs ZeRO-3 (FSDP) or none"),
         "strategy.finetune": (s.finetune != "full", "simulated pretraining steps only"),
-        "strategy.offload": (s.offload == "optimizer", "memory.offload=optimizer is not built"),
+        "strategy.offload": (s.offload == "optimizer", "the host optimizer step is not simulated"),
         "strategy.precision": (s.precision == "fp16", "Loom trains in bf16 or fp32"),
         "strategy.schedule": (s.schedule == "ZeroBubble", "pick 1F1B or Interleaved1F1B"),
         "model.arch": (model.arch != "llama", "Loom builds Llama-style models"),
@@ -599,10 +600,6 @@ def config_for_plan(model: ModelShape, s: Strategy) -> Config:
             owner, field_name = name.split(".")
             value = getattr(model if owner == "model" else s, field_name)
             raise LoomError(f"--simulate: {name}={value} cannot be simulated: {why}")
-    chunks = pipeline_microbatches(s)
-    micro = s.micro_batch * s.dp * chunks
-    fsdp = s.zero_stage >= 3 or s.offload == "params"
-    dp_shard = (s.dp_shard or s.dp) if fsdp else 1
     overrides = {
         "model.vocab_size": model.vocab,
         "model.dim": model.hidden,
@@ -613,29 +610,9 @@ def config_for_plan(model: ModelShape, s: Strategy) -> Config:
         "model.ffn_hidden": model.ffn_hidden,
         "model.max_seq_len": model.seq_len,
         "model.tie_embeddings": str(model.tied).lower(),
-        "train.seq_len": model.seq_len,
-        "train.batch_size": s.global_batch,
-        "train.micro_batch_size": micro,
-        "train.precision": "fp32" if s.precision == "fp32" else "bf16",
-        "train.float8": str(s.precision == "fp8").lower(),
         "train.device": "cpu",
-        "parallel.tp": s.tp,
-        "parallel.pp": s.pp,
-        "parallel.dp_shard": dp_shard,
-        "parallel.dp_replicate": s.dp // dp_shard,
-        "parallel.sequence_parallel": str(s.sp or s.tp == 1).lower(),
-        "memory.recompute": s.recompute,
-        "memory.offload": s.offload,
-        "memory.activation_offload": str(s.activation_offload).lower(),
+        **config_overrides(model, s),
     }
-    if s.pp > 1:
-        overrides["parallel.schedule"] = s.schedule
-        overrides["parallel.stages_per_rank"] = s.virtual_stages
-        overrides["parallel.microbatches"] = chunks
-        stages = s.pp * s.virtual_stages
-        if model.layers % stages:  # the planner's uneven split (rank_layers), as Loom takes it
-            bounds = [model.layers * i // stages for i in range(1, stages)]
-            overrides["parallel.split_points"] = ",".join(map(str, bounds))
     return load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
 
 
