@@ -32,6 +32,8 @@ class ContextParallel:
         ranks, rank = mesh.size(), mesh.get_local_rank()
         self.every_rank = torch.stack([_positions(r, ranks, seq_len) for r in range(ranks)])
         self.positions = self.every_rank[rank]
+        self.visible = self.positions[:, None] >= self.every_rank.flatten()[None]
+        self.masks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, seq, ...] -> this rank's [batch, seq / cp, ...]."""
@@ -44,9 +46,17 @@ class ContextParallel:
         of its queries over every rank's keys (in rank order), causal by global position."""
         keys = _gather(k, self.group)
         values = _gather(v, self.group)
-        device = q.device
-        mask = self.positions.to(device)[:, None] >= self.every_rank.flatten().to(device)[None]
+        mask = self._mask(q)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    def _mask(self, q: torch.Tensor) -> torch.Tensor:
+        """The additive mask [this rank's tokens, sequence] in q's dtype, made once and shared
+        by every layer (a boolean mask would be turned into a new one in each)."""
+        key = (q.device, q.dtype)
+        if key not in self.masks:
+            blocked = torch.zeros(self.visible.shape, dtype=q.dtype, device=q.device)
+            self.masks[key] = blocked.masked_fill_(~self.visible.to(q.device), float("-inf"))
+        return self.masks[key]
 
 
 def _positions(rank: int, ranks: int, seq_len: int) -> torch.Tensor:

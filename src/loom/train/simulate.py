@@ -586,7 +586,7 @@ def config_for_plan(model: ModelShape, s: Strategy) -> Config:
     """The `loom train` config that runs the planner's layout `s` of `model`: the planner's
     model and strategy fields, one by one, or a refusal naming the one Loom cannot run."""
     refusals = {
-        "strategy.cp": (s.cp > 1, "Loom has no context parallelism yet"),
+        "strategy.cp": (s.cp > 1, "--simulate does not split sequences (parallel.cp) yet"),
         "strategy.framework": (s.framework == "megatron", "Loom does not run Megatron"),
         "strategy.zero_stage": (s.zero_stage in (1, 2), "Loom runs ZeRO-3 (FSDP) or none"),
         "strategy.finetune": (s.finetune != "full", "simulated pretraining steps only"),
