@@ -104,8 +104,8 @@ kept for backward) and the additive causal mask, [tokens per rank × sequence] i
 and shared by the layers; so the cost falls slower than 1/cp (vs cp 1 against 1/cp in the
 table). Everything else a rank keeps is its own tokens'. (A boolean mask, turned into a new one
 in every layer by the attention kernel, kept 0.91× at cp 2 and 0.45× at cp 4 in an earlier run;
-a ring implementation merging per-block softmaxes would need no mask at all.) The processes of a cp run share this
-2-core machine's memory bandwidth, not its memory: each rank's peak is its own.
+a ring implementation merging per-block softmaxes would need no mask at all.) Each rank's peak
+is its own process's.
 """
     if not args.no_write:
         write_section("context_memory", body)
