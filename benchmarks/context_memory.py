@@ -87,13 +87,12 @@ def main() -> None:
         f"| cp | tokens per rank | peak GiB, {args.seq:,} tokens | peak GiB, {SHORT} tokens "
         "| sequence's cost, GiB | vs cp 1 | 1/cp |"
     )
-    body = f"""## Context parallelism: memory per rank (`benchmarks/context_memory.py`, issue 20)
-
-`loom train` of the tiny preset with 4 layers (dim 256, 8 heads, 4 KV heads, vocabulary 8,192),
-one {args.seq:,}-token sequence per step, on cp processes (`parallel.cp`, each rank two chunks of
-the sequence); 3 steps, fp32. Peak resident memory of the busiest rank from metrics.jsonl, and
-the same with {SHORT}-token sequences: their difference is what the long sequence costs a rank
-(its activations, attention's gathered keys and values and mask, its logits and loss).
+    body = f"""`loom train` of the tiny preset with 4 layers (dim 256, 8 heads, 4 KV heads,
+vocabulary 8,192), one {args.seq:,}-token sequence per step, on cp processes (`parallel.cp`,
+each rank two chunks of the sequence); 3 steps, fp32. Peak resident memory of the busiest rank
+from metrics.jsonl, and the same with {SHORT}-token sequences: their difference is what the long
+sequence costs a rank (its activations, attention's gathered keys and values and mask, its
+logits and loss).
 
 {header}
 |---|---|---|---|---|---|---|
