@@ -264,7 +264,7 @@ def peak_rss_run(
 
 def finished(process: subprocess.Popen[str], run_dir: Path) -> tuple[dict[int, float], float]:
     """Per-step losses, and the peak RSS in bytes up to the end of the last step (the metrics
-    record's `peak_mem_gib` is the process's ru_maxrss on a CPU, logged before the last
+    record's `peak_mem_gib` is the process's own VmHWM on a CPU, logged before the last
     checkpoint is written)."""
     _, err = process.communicate(timeout=300)  # a guard against a hang, not a speed check
     assert process.returncode == 0, err[-3000:]

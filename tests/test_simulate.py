@@ -283,7 +283,7 @@ def test_loom_plan_simulate_runs_the_planners_layout_and_prints_both(tmp_path: P
 
 def test_plan_layouts_loom_cannot_run_are_refused_by_name() -> None:
     model = ModelShape(4, 256, 4, 4, 768, 8192, 128)
-    with pytest.raises(LoomError, match="strategy.cp=2 cannot be simulated: Loom has no context"):
+    with pytest.raises(LoomError, match="strategy.cp=2 cannot be simulated: --simulate does not"):
         config_for_plan(model, Strategy(tp=2, cp=2, dp=2, zero_stage=3, global_batch=8))
     with pytest.raises(LoomError, match="strategy.framework=megatron cannot be simulated"):
         config_for_plan(model, Strategy(dp=8, framework="megatron", global_batch=8))
