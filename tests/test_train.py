@@ -542,3 +542,20 @@ def test_a_task_extends_the_trainer_without_subclassing(
             tiny_config(*common, "--train.steps=5", run_dir=tmp_path / "plain"),
             summed_task(SummedLoss()),
         )
+
+
+def test_cpu_peak_memory_is_the_process_own_not_a_forking_parents() -> None:
+    """A `loom train` started from a large process (a notebook, a test runner) must report its
+    own peak: ru_maxrss keeps the parent's resident size at fork across exec."""
+    import subprocess
+    import sys
+
+    held = bytearray(600 * 2**20)
+    held[::4096] = b"\1" * len(range(0, len(held), 4096))  # touch every page: resident
+    child = (
+        "import torch; from loom.train.metrics import peak_memory_gib as p;"
+        "print(p(torch.device('cpu')))"
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 0.5  # torch imported: ~0.2 GiB; the parent holds > 0.6 GiB
+    del held
