@@ -211,8 +211,10 @@ def test_context_parallelism_is_costed_and_never_beats_physics() -> None:
     assert exposed.context_parallel > 0
     with pytest.raises(LoomError, match="splits sequences under FSDP only"):
         parse_spec({**raw, "strategy": {"cp": 2, "tp": 2, "zero_stage": 3}})
-    searched = plan(parse_spec({**raw, "search": {"framework": "pytorch", "global_batch": 8}}))
-    assert searched[0].strategy.cp > 1
+    best, ranked = plan(parse_spec({**raw, "search": {"framework": "pytorch", "global_batch": 8}}))
+    # at 256K tokens splitting sequences is among the fastest layouts (tp 4 with sequence
+    # parallelism ties with it)
+    assert any(p.strategy.cp > 1 and p.mfu >= 0.99 * best.mfu for p in ranked)
     # what loom train runs: cp over FSDP ranks, offered with the command that runs it
     split = [s for s in candidates(m, hw, Strategy(global_batch=8), 8) if s.cp > 1]
     assert {s.cp for s in split} == {2, 4, 8}

@@ -7,7 +7,8 @@ embedding and the most micro-batches in flight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from loom.planner.collectives import pipeline_microbatches
 from loom.planner.spec import Hardware, ModelShape, Strategy
@@ -233,12 +234,19 @@ def activations(model: ModelShape, s: Strategy) -> float:
         if model.arch == "gpt":
             extra = sbh / s.tp * (s.pp + 4 * (1 + model.vocab / model.hidden))
         else:
-            logits = model.seq_len / s.cp * s.micro_batch * model.vocab / s.tp
-            extra += logits * 4  # the loss's fp32 log-softmax (the logits are freed)
-            if s.precision != "fp32":  # the head's 16-bit input and casts (measured)
-                extra += 6 * sbh
-            extra += 8 * sbh  # the final norm's fp32 input and output
+            extra += log_softmax_bytes(model, s)  # the logits themselves are freed
+            # Measured at tp 1; sequence parallelism runs the final norm and the casts on a
+            # sequence shard and gathers the head's 16-bit input whole.
+            shard = sbh / s.tp if s.sp else sbh
+            if s.precision != "fp32":  # the head's 16-bit input and casts
+                extra += 2 * sbh + 4 * shard if s.sp else 6 * sbh
+            extra += 8 * shard  # the final norm's fp32 input and output
     return per_layer * layers_in_flight(model, s) + extra
+
+
+def log_softmax_bytes(model: ModelShape, s: Strategy) -> float:
+    """The loss's fp32 log-softmax of one micro-batch's vocabulary shard, saved for backward."""
+    return model.seq_len / s.cp * s.micro_batch * model.vocab / s.tp * 4
 
 
 def accumulation_runs(s: Strategy) -> int:
@@ -248,15 +256,14 @@ def accumulation_runs(s: Strategy) -> int:
 
 
 def loss_buffers(model: ModelShape, s: Strategy) -> float:
-    """Loom's loss backward, at the peak (the start of backward) on the device that computes
-    the loss: besides the saved fp32 log-softmax (an activation), the fp32 gradient of the
-    logits (torch's fused cross-entropy backward); under tensor parallelism loss-parallel's
-    unfused backward (torch.distributed.tensor.parallel.loss) holds two such vocabulary-shard
-    buffers at once (measured with `loom train --simulate`)."""
+    """Loom's loss backward, at the start of backward on the device that computes the loss:
+    besides the saved fp32 log-softmax (an activation), the fp32 gradient of the logits
+    (torch's fused cross-entropy backward); under tensor parallelism loss-parallel's unfused
+    backward (torch.distributed.tensor.parallel.loss) holds three such vocabulary-shard
+    buffers at once (measured with `loom train --simulate`: 8B tp 2, 70B tp 8)."""
     if s.framework != "loom" or s.pp > 1 or model.arch != "llama":
         return 0.0
-    logits = model.seq_len / s.cp * s.micro_batch * model.vocab / s.tp
-    return logits * 4 * (2 if s.tp > 1 else 1)
+    return log_softmax_bytes(model, s) * (3 if s.tp > 1 else 1)
 
 
 def pipeline_fsdp_buffers(model: ModelShape, s: Strategy, psi: float) -> float:
@@ -311,7 +318,7 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
         moved = offloaded_activations(model, s)
         acts -= moved
         host += moved
-    buffers = 0.0
+    blocks = outer = 0.0
     if fsdp:
         # Gathered weights of the running block and the prefetched one (frozen or not: FSDP
         # gathers a LoRA run's base like any weight), and their unsharded gradients before the
@@ -319,23 +326,55 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
         width = BYTES[s.precision if s.precision != "fp8" else "bf16"]
         block = model.layer_params() / s.tp * width
         trained = block if s.finetune == "full" else lora_params_per_layer(model, s) * width
-        buffers = 2 * (block + trained)
+        blocks = 2 * (block + trained)
         if s.framework == "loom":
             # Loom's root group (embedding, final norm, head) stays gathered from forward to
             # the end of backward, with its unsharded gradients when it trains.
             outer = outer_params_per_device(model, s) * width
-            buffers += 2 * outer if s.finetune == "full" else outer
+    trains_outer = s.finetune == "full"
+
+    def moment(grads: float, acts: float, buffers: float) -> Memory:
+        other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
+        return Memory(weights, grads, optim, acts, other, host, disk)
+
+    if s.framework == "loom" and fsdp and s.tp > 1 and s.pp == 1 and trains_outer:
+        return max(
+            _tensor_parallel_fsdp_moments(
+                model, s, moment, acts, blocks, outer, (grads, sharded_grads)
+            ),
+            key=lambda m: m.total,
+        )
+    buffers = blocks + (2 * outer if trains_outer else outer)
     if fsdp and s.pp > 1 and s.framework == "loom":
         buffers = max(buffers, pipeline_fsdp_buffers(model, s, psi) - acts / _in_flight(s))
-    buffers += loss_buffers(model, s)
-    other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
-    start = Memory(weights, grads, optim, acts, other, host, disk)
-    if not (s.framework == "loom" and fsdp and s.tp > 1 and s.pp == 1 and s.finetune == "full"):
-        return start
-    state = weights + sharded_grads + optim
-    end_other = CONTEXT_BYTES + embedding_backward_buffers(model, s) + FRAGMENTATION * state
-    end = Memory(weights, sharded_grads, optim, 0.0, end_other, host, disk)
-    return end if end.total > start.total else start
+    return moment(grads, acts, buffers + loss_buffers(model, s))
+
+
+def _tensor_parallel_fsdp_moments(
+    model: ModelShape,
+    s: Strategy,
+    moment: Callable[[float, float, float], Memory],
+    acts: float,
+    blocks: float,
+    outer: float,
+    grads: tuple[float, float],
+) -> list[Memory]:
+    """FSDP with tensor parallelism, as `loom train --simulate` shows it: three candidate peaks
+    instead of the union of every buffer. The loss's backward (all activations, the root
+    group's gathered weights, loss-parallel's buffers); the last block's backward (the
+    log-softmax freed, the root group's gradients made, two blocks gathered with their
+    gradients, and the block's recomputed activations with their gradients: twice what
+    recomputation spared, as measured at 70B and 405B widths); the embedding's backward at the
+    very end (activations freed). `grads` are the gradient bytes held during backward and at
+    its end."""
+    during, after = grads
+    loss = moment(during, acts, outer + loss_buffers(model, s))
+    recomputed = activation_bytes_per_layer(model, replace(s, recompute="none"))
+    recomputed -= activation_bytes_per_layer(model, s)
+    held = acts - log_softmax_bytes(model, s) + 2 * recomputed
+    last_block = moment(during, held, 2 * outer + blocks)
+    end = moment(after, 0.0, embedding_backward_buffers(model, s))
+    return [loss, last_block, end]
 
 
 def embedding_backward_buffers(model: ModelShape, s: Strategy) -> float:
