@@ -34,7 +34,8 @@ SAVED = Path("/tmp/simulate_vs_planner.json")
 
 KEYS = ("params", "grads", "optimizer", "activations", "other", "total")
 
-# (name, world size, overrides, blocks simulated): Llama-3 widths at 8,192 tokens, bf16. Fake
+# (name, world size, overrides, blocks simulated): Llama-3 widths at 8,192 tokens (or `seq=`),
+# bf16. Fake
 # tensors cost a step's operations, not its bytes, so each model keeps its real widths with
 # fewer blocks (enough for one block or more per pipeline stage); the planner is asked about
 # the same reduced model, so the two sides compare like with like.
@@ -59,18 +60,21 @@ LAYOUTS: list[tuple[str, int, list[str], int]] = [
     ("405B TP8 × FSDP128 full", 1024, ["parallel.tp=8", "parallel.dp_shard=128", "full"], 16),
     ("405B TP8 × PP16 × FSDP128", 16384, ["parallel.tp=8", "parallel.pp=16", "full"], 16),
     ("405B HSDP 16 × 128 × TP8", 16384, ["parallel.dp_replicate=16", "parallel.tp=8", "full"], 16),
+    ("8B CP4 × FSDP2 full, 32K", 8, ["parallel.cp=4", "full", "seq=32768"], 32),
+    ("70B CP8 × FSDP16 full, 128K", 128, ["parallel.cp=8", "full", "seq=131072"], 16),
 ]
 SHORT = {"full": "memory.recompute=full", "sel": "memory.recompute=selective"}
 PRESET = {"8B": "llama3-8b", "70B": "llama3-70b", "405B": "llama3-405b"}
 
 
 def layout_config(name: str, world: int, overrides: list[str], layers: int) -> Config:
-    """A preset's widths with `layers` blocks at 8,192 tokens in bf16, one sequence per
+    """A preset's widths with `layers` blocks at 8,192 tokens (or `seq=`) in bf16, one sequence per
     data-parallel rank per pipeline micro-batch (one per stage, Loom's default), accumulation
     where a `batch=` override asks for more sequences."""
-    args = [f"--{SHORT.get(o, o)}" for o in overrides if not o.startswith("batch=")]
+    args = [f"--{SHORT.get(o, o)}" for o in overrides if not o.startswith(("batch=", "seq="))]
     pp = _degree(overrides, "pp")
-    dp = world // _degree(overrides, "tp") // pp
+    dp = world // _degree(overrides, "tp") // pp // _degree(overrides, "cp")
+    seq = next((int(o.split("=")[1]) for o in overrides if o.startswith("seq=")), 8192)
     stages = pp * (2 if "Interleaved" in " ".join(overrides) else 1) if pp > 1 else 1
     micro = dp * stages
     batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("batch=")), micro)
@@ -78,13 +82,14 @@ def layout_config(name: str, world: int, overrides: list[str], layers: int) -> C
         f"--model.preset={PRESET[name.split()[0]]}",
         f"--model.n_layers={layers}",
         "--model.tie_embeddings=false",
-        "--train.seq_len=8192",
+        f"--train.seq_len={seq}",
         "--train.precision=bf16",
         "--train.device=cpu",
         f"--train.batch_size={batch}",
         f"--train.micro_batch_size={micro}",
     ]
-    return load_config(None, [*base, *args])
+    longer = [f"--model.max_seq_len={seq}"] if seq > 8192 else []
+    return load_config(None, [*base, *longer, *args])
 
 
 def _degree(overrides: list[str], name: str) -> int:
@@ -106,8 +111,8 @@ def simulated(cfg: Config, world: int) -> dict[str, object]:
     }
 
 
-# Tensor parallel × FSDP shapes that were not looked at when the planner's backward moments
-# were modelled (those came from 2-block runs of the 8B TP2, 70B TP8 and 405B TP8 rows).
+# FSDP shapes that were not looked at when the planner's backward moments were modelled (those
+# came from 2-block runs of the 8B, 8B TP2, 8B CP4, 70B TP8 and 405B TP8 shapes of LAYOUTS).
 HELD_OUT: list[tuple[str, int, list[str]]] = [
     (
         "Qwen2.5-7B widths, 4 blocks, TP4 × FSDP4, full, 8K",
@@ -141,6 +146,31 @@ HELD_OUT: list[tuple[str, int, list[str]]] = [
             "--train.seq_len=4096",
         ],
     ),
+    (
+        "Llama-3.2-1B widths, 16 blocks, CP2 × FSDP4, selective, 64K",
+        8,
+        [
+            "--model.preset=llama3.2-1b",
+            "--parallel.cp=2",
+            "--memory.recompute=selective",
+            "--model.max_seq_len=65536",
+            "--train.seq_len=65536",
+        ],
+    ),
+    (
+        "Qwen2.5-7B widths, 4 blocks, FSDP8, no recompute, 4K",
+        8,
+        [
+            "--model.preset=llama3-8b",
+            "--model.dim=3584",
+            "--model.n_heads=28",
+            "--model.n_kv_heads=4",
+            "--model.ffn_hidden=18944",
+            "--model.vocab_size=152064",
+            "--model.n_layers=4",
+            "--train.seq_len=4096",
+        ],
+    ),
 ]
 
 
@@ -149,7 +179,8 @@ def held_out() -> None:
     sequence per data-parallel rank)."""
     rows = []
     for name, world, overrides in HELD_OUT:
-        dp = world // _degree([o.lstrip("-") for o in overrides], "tp")
+        plain = [o.lstrip("-") for o in overrides]
+        dp = world // _degree(plain, "tp") // _degree(plain, "cp")
         fixed = ["--model.tie_embeddings=false", "--train.precision=bf16", "--train.device=cpu"]
         batch = [f"--train.batch_size={dp}", f"--train.micro_batch_size={dp}"]
         cfg = load_config(None, [*overrides, *fixed, *batch])

@@ -302,9 +302,42 @@ def test_loom_plan_simulate_runs_the_planners_layout_and_prints_both(tmp_path: P
     assert set(out["planner"]["memory_gib"]) == set(simulated["memory_gib"])
 
 
+def test_context_parallel_layout_against_the_planner() -> None:
+    """cp 4 × FSDP 2 (FSDP over the flattened dp_shard × cp ranks): the planner's memory within
+    10% and its collectives call for call, the K/V all-gathers over cp included."""
+    args = [
+        "--model.preset=llama3-8b",
+        "--model.n_layers=2",
+        "--model.max_seq_len=16384",
+        "--train.seq_len=16384",
+        "--train.precision=bf16",
+        "--train.device=cpu",
+        "--train.batch_size=2",
+        "--parallel.cp=4",
+        "--parallel.dp_shard=2",
+        "--memory.recompute=full",
+    ]
+    cfg = load_config(None, args)
+    result = simulate(cfg, 8, rank=5)
+    assert result.layout["cp"] == 4
+    assert result.layout["coordinates"] == {
+        "pp": 0,
+        "dp_replicate": 0,
+        "dp_shard": 1,
+        "cp": 1,
+        "tp": 0,
+    }
+    assert result.unsharded_params == []
+    assert result.param_bytes == pytest.approx(shard_bytes(cfg, tp=1, dp_shard=8), rel=0.01)
+    check_against_planner(cfg, 8, result)
+    assert {("all_gather", "cp"), ("reduce_scatter", "dp_shard_cp")} <= set(keyed(result))
+    memory, _ = planner_prediction(cfg, 8)
+    assert memory["total"] == pytest.approx(result.memory_gib["total"], rel=0.10)
+
+
 def test_plan_layouts_loom_cannot_run_are_refused_by_name() -> None:
     model = ModelShape(4, 256, 4, 4, 768, 8192, 128)
-    with pytest.raises(LoomError, match="strategy.cp=2 cannot be simulated: --simulate does not"):
+    with pytest.raises(LoomError, match="strategy.cp=2 cannot be simulated: Loom splits seq"):
         config_for_plan(model, Strategy(tp=2, cp=2, dp=2, zero_stage=3, global_batch=8))
     with pytest.raises(LoomError, match="strategy.framework=megatron cannot be simulated"):
         config_for_plan(model, Strategy(dp=8, framework="megatron", global_batch=8))

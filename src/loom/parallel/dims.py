@@ -43,10 +43,15 @@ class ParallelDims:
     def num_stages(self) -> int:
         return self.pp * self.stages_per_rank
 
+    @property
+    def mesh_dims(self) -> tuple[str, ...]:
+        """MESH_DIMS, with `cp` before `tp` when sequences are split."""
+        return MESH_DIMS if self.cp == 1 else (*MESH_DIMS[:-1], "cp", MESH_DIMS[-1])
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The mesh of MESH_DIMS, with `cp` before `tp` when sequences are split; then FSDP
-        shards over `dp_shard_cp`, the dp_shard and cp dimensions flattened into one."""
-        names = MESH_DIMS if self.cp == 1 else (*MESH_DIMS[:-1], "cp", MESH_DIMS[-1])
+        """The mesh of `mesh_dims`; with `cp`, FSDP shards over `dp_shard_cp`, the dp_shard
+        and cp dimensions flattened into one."""
+        names = self.mesh_dims
         shape = tuple(getattr(self, name) for name in names)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
         if self.cp > 1:

@@ -69,12 +69,14 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
             runs, block_gathers = accum, chunks + 1
         gathers = runs * (1 + layers * block_gathers)
         gathered = runs * (block_gathers * layers * block + outer)
-        out.append(Collective("all_gather", "dp_shard", gathers, gathered * compute))
+        # With context parallelism FSDP shards over the dp_shard and cp ranks together.
+        shards = "dp_shard" if s.cp == 1 else "dp_shard_cp"
+        out.append(Collective("all_gather", shards, gathers, gathered * compute))
         reduces = runs * groups
         grads = runs * (layers * block + outer) * REDUCE_BYTES
-        out.append(Collective("reduce_scatter", "dp_shard", reduces, grads))
+        out.append(Collective("reduce_scatter", shards, reduces, grads))
         if s.dp > s.shard_ranks:
-            out.append(Collective("all_reduce", "dp_replicate", reduces, grads / s.shard_ranks))
+            out.append(Collective("all_reduce", "dp_replicate", reduces, grads / s.state_shards))
     elif s.dp > 1:
         grads = (layers * block + outer) * REDUCE_BYTES
         out.append(Collective("all_reduce", "dp_replicate", accum * chunks, grads * accum))
@@ -88,6 +90,15 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
         for kind, per_block in (("all_gather", 4 + 2 * again), ("reduce_scatter", 4 + again)):
             calls = accum * chunks * (per_block * layers + ends)
             out.append(Collective(kind, "tp", calls, calls * tokens * model.hidden * width))
+    if s.cp > 1:
+        # Loom's attention all-gathers each block's keys and values over the cp ranks (again
+        # when the block is recomputed); backward reduce-scatters their gradients.
+        kv = accum * layers * tokens * s.cp * model.kv_dim / s.tp * compute
+        again = s.recompute != "none"
+        out.append(
+            Collective("all_gather", "cp", accum * layers * 2 * (1 + again), kv * 2 * (1 + again))
+        )
+        out.append(Collective("reduce_scatter", "cp", accum * layers * 2, kv * 2))
     if s.pp > 1:
         stages = s.virtual_stages
         # Rank 0 holds stages 0, pp, 2·pp, ...: each sends its output on (all do: the last

@@ -388,7 +388,7 @@ def step_time(
 
     psi = params_per_device(model, s)
     trainable = psi if s.finetune == "full" else lora_params(model, s)
-    owned = trainable / (s.shard_ranks if s.zero_stage >= 1 else 1)
+    owned = trainable / (s.state_shards if s.zero_stage >= 1 else 1)
     offload = offload_time(model, hw, s, owned, m)
     if s.activation_offload:
         # Each block's saved activations go to host memory in forward and come back in
@@ -439,7 +439,7 @@ def offload_time(model: ModelShape, hw: Hardware, s: Strategy, owned: float, m: 
             io = 2 * owned * sharing * NVME_STATE_BYTES / (hw.disk_gbps * 1e9 * share)
             cpu = max(cpu, io)
         return owned * (grad_bytes + weight_bytes) / host_link + cpu
-    shard = params_per_device(model, s) / (s.shard_ranks if s.zero_stage >= 3 else 1)
+    shard = params_per_device(model, s) / (s.state_shards if s.zero_stage >= 3 else 1)
     return owned * (grad_bytes + weight_bytes) / host_link + cpu + 2 * m * shard * 4 / host_link
 
 
@@ -472,7 +472,7 @@ def _data_parallel(
     # shard group, then all-reduces the shard across the replicas.
     grads = trainable * min(grad_bytes, 4)
     if s.zero_stage >= 3:
-        shard, replicas = s.shard_ranks * s.cp, s.dp // s.shard_ranks
+        shard, replicas = s.state_shards, s.dp // s.shard_ranks
         reduce = cost.collective(grads, shard, 1, stride)
         reduce += cost.collective(grads / shard, replicas, 2, stride * shard)
     else:

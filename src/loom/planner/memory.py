@@ -59,7 +59,7 @@ def model_state_bytes(params: float, s: Strategy) -> tuple[float, float, float]:
     """Weights, gradients and optimizer bytes per device for `params` parameters on that
     device (already divided by tensor and pipeline parallelism), sharded by the ZeRO stage."""
     weight, grad, optim = state_bytes(s)
-    dp = s.shard_ranks
+    dp = s.state_shards
     return (
         params * weight / (dp if s.zero_stage >= 3 else 1),
         params * grad / (dp if s.zero_stage >= 2 else 1),
@@ -99,7 +99,7 @@ def adapter_state_bytes(model: ModelShape, psi: float, s: Strategy) -> tuple[flo
         layers = max(rank_layers(model.layers, s.pp, s.virtual_stages))
         projections = layers * model.matmul_params_per_layer() / s.tp
         base -= projections * (dense_bytes - NF4_BYTES)
-    base /= s.shard_ranks if s.zero_stage >= 3 else 1
+    base /= s.state_shards if s.zero_stage >= 3 else 1
     weights, grads, optim = model_state_bytes(lora_params(model, s), s)
     return base + weights, grads, optim
 
@@ -256,14 +256,14 @@ def accumulation_runs(s: Strategy) -> int:
 
 
 def loss_buffers(model: ModelShape, s: Strategy) -> float:
-    """Loom's loss backward, at the start of backward on the device that computes the loss:
-    besides the saved fp32 log-softmax (an activation), the fp32 gradient of the logits
-    (torch's fused cross-entropy backward); under tensor parallelism loss-parallel's unfused
-    backward (torch.distributed.tensor.parallel.loss) holds three such vocabulary-shard
-    buffers at once (measured with `loom train --simulate`: 8B tp 2, 70B tp 8)."""
+    """Loom's loss backward, at its start on the device that computes the loss: besides the
+    saved fp32 log-softmax (an activation), two fp32 logits-sized buffers of torch's fused
+    cross-entropy backward, three of loss-parallel's unfused one under tensor parallelism
+    (torch.distributed.tensor.parallel.loss), as `loom train --simulate` shows at 8B (tp 1, 2;
+    cp 4) and 70B (tp 8) widths."""
     if s.framework != "loom" or s.pp > 1 or model.arch != "llama":
         return 0.0
-    return log_softmax_bytes(model, s) * (3 if s.tp > 1 else 1)
+    return log_softmax_bytes(model, s) * (3 if s.tp > 1 else 2)
 
 
 def pipeline_fsdp_buffers(model: ModelShape, s: Strategy, psi: float) -> float:
@@ -337,11 +337,9 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
         other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
         return Memory(weights, grads, optim, acts, other, host, disk)
 
-    if s.framework == "loom" and fsdp and s.tp > 1 and s.pp == 1 and trains_outer:
+    if s.framework == "loom" and fsdp and s.pp == 1 and trains_outer and model.arch == "llama":
         return max(
-            _tensor_parallel_fsdp_moments(
-                model, s, moment, acts, blocks, outer, (grads, sharded_grads)
-            ),
+            _fsdp_backward_moments(model, s, moment, acts, blocks, outer, (grads, sharded_grads)),
             key=lambda m: m.total,
         )
     buffers = blocks + (2 * outer if trains_outer else outer)
@@ -350,7 +348,7 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     return moment(grads, acts, buffers + loss_buffers(model, s))
 
 
-def _tensor_parallel_fsdp_moments(
+def _fsdp_backward_moments(
     model: ModelShape,
     s: Strategy,
     moment: Callable[[float, float, float], Memory],
@@ -359,20 +357,21 @@ def _tensor_parallel_fsdp_moments(
     outer: float,
     grads: tuple[float, float],
 ) -> list[Memory]:
-    """FSDP with tensor parallelism, as `loom train --simulate` shows it: three candidate peaks
-    instead of the union of every buffer. The loss's backward (all activations, the root
-    group's gathered weights, loss-parallel's buffers); the last block's backward (the
-    log-softmax freed, the root group's gradients made, two blocks gathered with their
-    gradients, and the block's recomputed activations with their gradients: twice what
-    recomputation spared, as measured at 70B and 405B widths); the embedding's backward at the
-    very end (activations freed). `grads` are the gradient bytes held during backward and at
-    its end."""
+    """A Loom FSDP backward as `loom train --simulate` shows it: candidate peaks instead of
+    the union of every buffer. The loss's backward (all activations, the root group's gathered
+    weights, the loss's buffers); the last block's backward (the log-softmax freed, the root
+    group's gradients made, two blocks gathered with their gradients, and the block's
+    recomputed activations with their gradients: twice what recomputation spared, as measured
+    at 70B and 405B widths); under tensor parallelism, the embedding's backward at the very end
+    (activations freed). `grads` are the gradient bytes held during backward and at its end."""
     during, after = grads
     loss = moment(during, acts, outer + loss_buffers(model, s))
     recomputed = activation_bytes_per_layer(model, replace(s, recompute="none"))
     recomputed -= activation_bytes_per_layer(model, s)
     held = acts - log_softmax_bytes(model, s) + 2 * recomputed
     last_block = moment(during, held, 2 * outer + blocks)
+    if s.tp == 1:
+        return [loss, last_block]
     end = moment(after, 0.0, embedding_backward_buffers(model, s))
     return [loss, last_block, end]
 
@@ -406,7 +405,7 @@ def optimizer_offload(model: ModelShape, s: Strategy, trained: float) -> tuple[f
     moments and an fp32 master move to host memory, sharded as the optimizer state is (ZeRO
     stage >= 1: each rank owns 1/dp of its `trained` parameters). With offload_nvme they live
     in files and host memory holds a window of them."""
-    owned = trained / (s.shard_ranks if s.zero_stage >= 1 else 1)
+    owned = trained / (s.state_shards if s.zero_stage >= 1 else 1)
     if not s.offload_nvme:
         return owned * OFFLOAD_HOST_BYTES, 0.0
     disk = owned * NVME_STATE_BYTES

@@ -194,6 +194,12 @@ class Strategy:
         return self.dp_shard or self.dp
 
     @property
+    def state_shards(self) -> int:
+        """The ranks ZeRO / FSDP splits model states over: the sharding data-parallel ranks
+        with their context-parallel ones (each holds other tokens of the same sequences)."""
+        return self.shard_ranks * self.cp
+
+    @property
     def microbatches(self) -> int:
         """Micro-batches per optimizer step on each data-parallel replica."""
         return self.global_batch // (self.dp * self.micro_batch)

@@ -141,11 +141,11 @@ class _CommCounter(TorchDispatchMode):
 
 
 def _group_dims(mesh: DeviceMesh) -> dict[str, str]:
-    """Process-group name -> mesh dimension name (and the flattened HSDP group)."""
-    names = {}
-    for dim in MESH_DIMS:
-        names[mesh.get_group(dim).group_name] = dim
-    return names
+    """Process-group name -> mesh dimension name (and FSDP's flattened dp_shard × cp one)."""
+    dims = [*(mesh.mesh_dim_names or ())]
+    if "cp" in dims:
+        dims.append("dp_shard_cp")
+    return {mesh.get_group(dim).group_name: dim for dim in dims}
 
 
 @contextmanager
@@ -231,15 +231,15 @@ def check_request(world_size: int, rank: int) -> None:
 def layout_of(dims: ParallelDims, rank: int) -> dict[str, Any]:
     """The layout's degrees and this rank's coordinate on each mesh dimension."""
     coords, rest = {}, rank
-    for name in reversed(MESH_DIMS):
+    for name in reversed(dims.mesh_dims):
         size = getattr(dims, name)
         coords[name] = rest % size
         rest //= size
     return {
-        **{name: getattr(dims, name) for name in MESH_DIMS},
+        **{name: getattr(dims, name) for name in dims.mesh_dims},
         "stages_per_rank": dims.stages_per_rank,
         "microbatches": dims.microbatches,
-        "coordinates": {name: coords[name] for name in MESH_DIMS},
+        "coordinates": {name: coords[name] for name in dims.mesh_dims},
     }
 
 
@@ -586,7 +586,7 @@ def config_for_plan(model: ModelShape, s: Strategy) -> Config:
     """The `loom train` config that runs the planner's layout `s` of `model`: the planner's
     model and strategy fields, one by one, or a refusal naming the one Loom cannot run."""
     refusals = {
-        "strategy.cp": (s.cp > 1, "--simulate does not split sequences (parallel.cp) yet"),
+        "strategy.cp": (s.cp > 1 and s.tp * s.pp > 1, "Loom splits sequences with tp = pp = 1"),
         "strategy.framework": (s.framework == "megatron", "Loom does not run Megatron"),
         "strategy.zero_stage": (s.zero_stage in (1, 2), "Loom runs ZeRO-3 (FSDP) or none"),
         "strategy.finetune": (s.finetune != "full", "simulated pretraining steps only"),
