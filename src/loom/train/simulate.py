@@ -526,11 +526,15 @@ def _peak_tracker(params: list[torch.Tensor], store: ActivationStore | None) -> 
             super()._pre_fw_hook(module, inputs)
 
         def _update_peak_stats(self, peak_state: Any) -> None:
-            before = dict(self._peak_mem)
-            super()._update_peak_stats(peak_state)
-            if self._peak_mem != before:
-                self.grads_at_peak = sum(_local_bytes(p.grad) for p in params if p.grad is not None)
-                self.host_at_peak = store.held_bytes if store is not None else 0
+            # The step's peak only: MemTracker's own also scans every module for per-module
+            # peaks at each operation, which nothing here reads (quadratic in the blocks).
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
+                    self._peak_mem[device] = snapshot[_TOTAL_KEY]
+                    self._peak_mem_snap[device] = dict(snapshot)
+                    grads = (_local_bytes(p.grad) for p in params if p.grad is not None)
+                    self.grads_at_peak = sum(grads)
+                    self.host_at_peak = store.held_bytes if store is not None else 0
 
         def categories(self, param_bytes: int) -> dict[str, float]:
             """The planner's keys: persistent shards as params / grads / optimizer, saved
