@@ -77,6 +77,25 @@ def test_tier_costs_traffic_cpu_step_and_disk() -> None:
     assert 0 <= acts.offload <= copies
 
 
+def test_on_a_cpu_the_device_is_host_memory() -> None:
+    """Loom's fp32 CPU parameters are their own master weights (8 B of moments per parameter to
+    host or files, not 12), nothing crosses a host link, and the runtime allowance is the CPU
+    process's, not a CUDA context's."""
+    cpu = replace(ONE, host_device=True, runtime_gb=0.25)
+    opt = replace(BASE, offload="optimizer")
+    assert estimate(SMALL, cpu, opt).host == PARAMS * 8
+    nvme = estimate(SMALL, cpu, replace(opt, offload_nvme=True))
+    assert nvme.disk == PARAMS * 8 and nvme.host == pytest.approx(PARAMS * 8 * 2 / L)
+    assert estimate(SMALL, ONE, opt).other - estimate(SMALL, cpu, opt).other == pytest.approx(
+        0.75 * GB
+    )
+    assert step_time(SMALL, cpu, opt).offload == pytest.approx(PARAMS / 1e8)  # the CPU step only
+    disk = 2 * PARAMS * 8 / 2e9
+    assert step_time(SMALL, cpu, replace(opt, offload_nvme=True)).offload == pytest.approx(
+        max(PARAMS / 1e8, disk)
+    )
+
+
 def test_a_layout_that_overfills_host_memory_is_refused() -> None:
     small_host = replace(ONE, host_memory_gb=PARAMS * 16 / GB / 2)
     memory = estimate(SMALL, small_host, replace(BASE, offload="params", zero_stage=3))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -177,6 +179,7 @@ def calibrate(collective: bool = True) -> dict[str, Any]:
         "memory_gbps": _memory_bandwidth(),
         "collective_gbps": _collective_bandwidth() if collective else None,
         "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB,
+        "runtime_gb": runtime_gb(),
         "threads": threads,
     }
     path = profile_path()
@@ -187,6 +190,19 @@ def calibrate(collective: bool = True) -> dict[str, Any]:
     path.write_text(json.dumps(profile, indent=2))
     logger.info("saved %s: %s", path, json.dumps(profile))
     return profile
+
+
+def runtime_gb() -> float:
+    """Resident memory of a fresh Python process with torch and Loom's trainer loaded: what a
+    `loom train` process holds before its first tensor."""
+    code = (
+        "import loom.train.trainer; from loom.core.device import process_memory_bytes as m; "
+        "print(m(peak=False))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LoomError(f"measuring a Loom process's memory failed: {done.stderr[-500:]}")
+    return int(done.stdout) / GB
 
 
 def best_of(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +279,8 @@ def this_machine(
         matmul_efficiency=1.0,
         matmul_half_size=p["matmul_half_size"],
         attention_efficiency=attention,
+        runtime_gb=p.get("runtime_gb") or runtime_gb(),  # profiles before it: measured now
+        host_device=True,
     )
 
 

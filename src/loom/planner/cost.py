@@ -29,10 +29,10 @@ from dataclasses import dataclass, field, replace
 from loom.planner.memory import (
     BYTES,
     NF4_BYTES,
-    NVME_STATE_BYTES,
     activation_bytes_per_layer,
     lora_params,
     lora_params_per_layer,
+    offload_state_bytes,
     params_per_device,
     rank_layers,
     state_bytes,
@@ -430,13 +430,15 @@ def offload_time(model: ModelShape, hw: Hardware, s: Strategy, owned: float, m: 
     if s.offload == "none":
         return 0.0
     weight_bytes, grad_bytes, _ = state_bytes(s)
-    host_link = hw.host_link_gbps * 1e9
+    # A CPU device is host memory: nothing crosses a link.
+    host_link = float("inf") if hw.host_device else hw.host_link_gbps * 1e9
     sharing = min(hw.devices, hw.devices_per_node)  # devices whose step one node's CPUs run
     share = sharing / hw.devices_per_node  # ... with their share of its CPUs and drives
     cpu = owned * sharing / (hw.cpu_adam_params_per_s * share)
     if s.offload == "optimizer":
         if s.offload_nvme:
-            io = 2 * owned * sharing * NVME_STATE_BYTES / (hw.disk_gbps * 1e9 * share)
+            state = offload_state_bytes(hw, s)
+            io = 2 * owned * sharing * state / (hw.disk_gbps * 1e9 * share)
             cpu = max(cpu, io)
         return owned * (grad_bytes + weight_bytes) / host_link + cpu
     shard = params_per_device(model, s) / (s.state_shards if s.zero_stage >= 3 else 1)

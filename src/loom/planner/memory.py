@@ -17,7 +17,7 @@ GB = 1e9
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 NF4_BYTES = 0.5 + 4 / 64 / 4 + 4 / 64 / 256  # 4-bit weights, double-quantised absmax per 64
 LORA_TARGETS = 7  # q, k, v, o, gate, up, down in every block
-CONTEXT_BYTES = 1.0 * GB  # CUDA context, NCCL and allocator workspaces
+CONTEXT_BYTES = 1.0 * GB  # a GPU's runtime_gb (Hardware): CUDA context, NCCL, workspaces
 FRAGMENTATION = 0.05  # of the tensors above, lost to the caching allocator
 
 
@@ -301,7 +301,7 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     host = disk = 0.0
     if s.offload == "optimizer":
         trained = psi if s.finetune == "full" else lora_params(model, s)
-        host, disk = optimizer_offload(model, s, trained)
+        host, disk = optimizer_offload(model, hw, s, trained)
         optim = 0.0
     elif s.offload == "params":
         host, weights, grads, optim = weights + grads + optim, 0.0, 0.0, 0.0
@@ -334,7 +334,7 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     trains_outer = s.finetune == "full"
 
     def moment(grads: float, acts: float, buffers: float) -> Memory:
-        other = CONTEXT_BYTES + buffers + FRAGMENTATION * (weights + grads + optim + acts)
+        other = hw.runtime_gb * GB + buffers + FRAGMENTATION * (weights + grads + optim + acts)
         return Memory(weights, grads, optim, acts, other, host, disk)
 
     if s.framework == "loom" and fsdp and s.pp == 1 and trains_outer and model.arch == "llama":
@@ -390,16 +390,26 @@ def embedding_backward_buffers(model: ModelShape, s: Strategy) -> float:
 
 
 # Host bytes per trained parameter under offload=optimizer (loom.train.offload.OffloadAdamW):
-# Adam's two fp32 moments and the fp32 master weight the CPU steps; the NVMe tier keeps all
-# three in files and holds NVME_WINDOW_BLOCKS blocks' worth in host memory (the chunk stepped,
-# the one prefetched).
-OFFLOAD_HOST_BYTES = 8 + 4
-NVME_STATE_BYTES = OFFLOAD_HOST_BYTES
+# Adam's two fp32 moments and the fp32 master weight the CPU steps (none when the device is
+# the CPU and the weights are fp32: they are their own master); the NVMe tier keeps them in
+# files and holds NVME_WINDOW_BLOCKS blocks' worth in host memory (the chunk stepped, the one
+# prefetched).
+MOMENT_BYTES = 8
+MASTER_BYTES = 4
 NVME_WINDOW_BLOCKS = 2
 ACTIVATION_WINDOW_BLOCKS = 2  # blocks whose activations are on the device: computed, copied
 
 
-def optimizer_offload(model: ModelShape, s: Strategy, trained: float) -> tuple[float, float]:
+def offload_state_bytes(hw: Hardware, s: Strategy) -> float:
+    """Host (or file) bytes per offloaded parameter: the moments, and an fp32 master unless
+    the parameters already are fp32 host tensors (Loom's on a CPU)."""
+    own_master = hw.host_device and (s.framework == "loom" or s.precision == "fp32")
+    return MOMENT_BYTES + (0 if own_master else MASTER_BYTES)
+
+
+def optimizer_offload(
+    model: ModelShape, hw: Hardware, s: Strategy, trained: float
+) -> tuple[float, float]:
     """offload=optimizer: host and disk bytes per device. The device keeps its weights and
     gradients as they are (Loom: fp32; Megatron-style: 16-bit) and no optimizer state; the
     moments and an fp32 master move to host memory, sharded as the optimizer state is (ZeRO
@@ -407,8 +417,8 @@ def optimizer_offload(model: ModelShape, s: Strategy, trained: float) -> tuple[f
     in files and host memory holds a window of them."""
     owned = trained / (s.state_shards if s.zero_stage >= 1 else 1)
     if not s.offload_nvme:
-        return owned * OFFLOAD_HOST_BYTES, 0.0
-    disk = owned * NVME_STATE_BYTES
+        return owned * offload_state_bytes(hw, s), 0.0
+    disk = owned * offload_state_bytes(hw, s)
     blocks = max(rank_layers(model.layers, s.pp, s.virtual_stages))
     return disk * min(1.0, NVME_WINDOW_BLOCKS / blocks), disk
 

@@ -143,6 +143,12 @@ class Hardware:
     power_limit_w: float = 0.0  # a power cap below the part's TDP lowers its clocks; 0 = none
     tdp_w: float = 0.0
     new_tensor_instructions: bool = False  # Hopper / Blackwell: generic kernels fall short
+    # Memory a process takes before any tensor: the CUDA context, NCCL and allocator workspaces
+    # on a GPU; on a CPU, Python with torch and Loom loaded (measured).
+    runtime_gb: float = 1.0
+    # The device is the host CPU: one RAM, nothing crosses a host link, and fp32 parameters
+    # are their own master weights when the optimizer is offloaded.
+    host_device: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from loom.core.config import Config
+from loom.core.device import process_memory_bytes
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.parallel.dims import ParallelDims, resolve
@@ -31,7 +33,13 @@ def local_hardware(device: torch.device, world: int) -> Hardware:
         devices=world,
         devices_per_node=max(world, 1),
         host_memory_gb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB,
+        # On a CPU: this process as it stands before its model is built, and one RAM.
+        **({} if device.type == "cuda" else _cpu_device()),
     )
+
+
+def _cpu_device() -> dict[str, Any]:
+    return {"runtime_gb": process_memory_bytes(peak=False) / GB, "host_device": True}
 
 
 def strategy_for(cfg: Config, dims: ParallelDims) -> Strategy:

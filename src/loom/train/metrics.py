@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import resource
-import sys
 from pathlib import Path
 
 import torch
 
+from loom.core.device import process_memory_bytes
 from loom.core.log import logger
 from loom.core.run_files import MetricsLine, RunFiles, metrics_line_json
 
@@ -17,14 +16,7 @@ def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated tensor memory on a GPU; peak resident memory of the process on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    status = Path("/proc/self/status")
-    if status.exists():  # Linux: this address space's own high-water mark
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    # ru_maxrss also counts what a parent held when it forked this process (kept across exec)
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / (2**30 if sys.platform == "darwin" else 2**20)  # macOS reports bytes
+    return process_memory_bytes() / 2**30
 
 
 class MetricsWriter:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from loom.parallel.parallelize import ParallelModel, parallelize
 from loom.parallel.pipeline import stages_of_rank
 from loom.planner.collectives import Collective, collectives
 from loom.planner.layout import config_overrides
-from loom.planner.memory import CONTEXT_BYTES, FRAGMENTATION
+from loom.planner.memory import CONTEXT_BYTES, FRAGMENTATION, GB
 from loom.planner.report import describe
 from loom.planner.spec import ModelShape, Strategy, model_from_config
 from loom.planner.training import local_hardware, predicted_memory, strategy_for
@@ -580,7 +580,13 @@ def _tensor_memory(memory: Any) -> dict[str, float]:
 def planner_prediction(cfg: Config, world_size: int) -> tuple[dict[str, float], list[Collective]]:
     """The planner's memory (GiB, tensors only) and collectives for the same layout."""
     dims = resolve(cfg, world_size)
-    hw = local_hardware(torch.device("cpu"), world_size)
+    # The fake ranks stand for GPUs: a GPU's runtime allowance (taken out again below), and
+    # device memory apart from the host's.
+    hw = replace(
+        local_hardware(torch.device("cpu"), world_size),
+        runtime_gb=CONTEXT_BYTES / GB,
+        host_device=False,
+    )
     model = model_from_config(cfg.model, cfg.train.seq_len)
     predicted = collectives(model, hw, strategy_for(cfg, dims))
     return _tensor_memory(predicted_memory(cfg, dims, hw)), predicted
