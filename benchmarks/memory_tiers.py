@@ -54,6 +54,18 @@ TIERS = {
     ],
 }
 GB = 1e9
+# The peer: DeepSpeed's offload tiers on the same model, batch and steps (random tokens), each in
+# its own process under --deepspeed-python; gloo as the process group, its CPU accelerator.
+DEEPSPEED_TIERS = {
+    "DeepSpeed ZeRO-Offload (stage 2, optimizer on CPU)": {
+        "stage": 2,
+        "offload_optimizer": {"device": "cpu"},
+    },
+    "DeepSpeed ZeRO-Infinity (stage 3, optimizer on NVMe)": {
+        "stage": 3,
+        "offload_optimizer": {"device": "nvme", "nvme_path": "{dir}"},
+    },
+}
 
 
 def model_args(a: argparse.Namespace) -> list[str]:
@@ -86,7 +98,7 @@ def tier_args(a: argparse.Namespace, tier: str, offload_dir: Path) -> list[str]:
 def train_once(
     a: argparse.Namespace, data: Path, root: Path, tier: str, repeat: int
 ) -> tuple[float, float]:
-    """Peak RSS (bytes, ru_maxrss at the last step, before the last checkpoint) and the median
+    """Peak RSS (bytes, its own VmHWM at the last step, before the last checkpoint) and the median
     step seconds after the first `a.warmup` steps of one `loom train` process."""
     run_dir = root / f"{tier.replace(' ', '')}-{repeat}"
     cmd = [sys.executable, "-m", "loom.cli", "train", str(CONFIG), f"--data.path={data}"]
@@ -113,6 +125,70 @@ def predicted(a: argparse.Namespace, tier: str, adam_rate: float) -> tuple[float
     model = model_from_config(cfg.model, cfg.train.seq_len)
     seconds = step_time(model, hw, strategy_for(cfg, dims)).total
     return memory.total + memory.host, memory.disk, seconds
+
+
+def deepspeed_child(a: argparse.Namespace, tier: str, offload_dir: str) -> dict[str, float]:
+    """In the DeepSpeed interpreter: `a.steps` AdamW steps of the tier's model under
+    deepspeed.initialize; the process's peak RSS at the last step and the median step seconds
+    after the first `a.warmup`."""
+    import deepspeed
+
+    from loom.core.device import process_memory_bytes
+    from loom.core.loss import cross_entropy
+    from loom.models.llama import build_model
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_PORT", "29571")
+    cfg = load_config(CONFIG, model_args(a))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cpu")
+    model.init_weights()
+    zero = json.loads(json.dumps(DEEPSPEED_TIERS[tier]).replace("{dir}", offload_dir))
+    config = {
+        "train_batch_size": a.batch,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1}},
+        "zero_optimization": zero,
+        "aio": {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1},
+    }
+    deepspeed.init_distributed(dist_backend="gloo")
+    engine, *_ = deepspeed.initialize(
+        model=model, config=config, model_parameters=model.parameters()
+    )
+    tokens = torch.randint(0, cfg.model.vocab_size, (a.batch, a.seq + 1))
+    seconds = []
+    for _ in range(a.steps):
+        start = time.perf_counter()
+        loss = cross_entropy(engine(tokens[:, :-1]), tokens[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        seconds.append(time.perf_counter() - start)
+    rss = process_memory_bytes()
+    return {"rss": rss, "seconds": statistics.median(seconds[a.warmup :])}
+
+
+def deepspeed_once(
+    a: argparse.Namespace, root: Path, tier: str, repeat: int
+) -> tuple[float, float]:
+    """`deepspeed_child` in its own process under `a.deepspeed_python`."""
+    offload_dir = root / f"ds-{repeat}-{len(tier)}"
+    offload_dir.mkdir()
+    cmd = [a.deepspeed_python, __file__, *sys.argv[1:], "--deepspeed-child", tier, str(offload_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+    if done.returncode != 0:
+        sys.exit(f"{tier} failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return out["rss"], out["seconds"]
+
+
+def _child_env() -> dict[str, str]:
+    """This venv's torch and Loom for a child under another interpreter."""
+    env = dict(os.environ)
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, site, env.get("PYTHONPATH", "")])
+    return env
 
 
 # -- the CPU AdamW step --------------------------------------------------------------------------
@@ -158,12 +234,8 @@ def optimizer_steps(numel: int, rounds: int) -> dict[str, list[float]]:
 
 def optimizer_comparison(python: str, numel: int, rounds: int) -> dict[str, list[float]]:
     """`optimizer_steps` in a child process under `python` (one with deepspeed, if given)."""
-    env = dict(os.environ)
-    site = next(p for p in sys.path if p.endswith("site-packages"))
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, site, env.get("PYTHONPATH", "")])
     cmd = [python, __file__, "--optimizer-child", str(numel), str(rounds)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     if done.returncode != 0:
         sys.exit(f"optimizer comparison failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -190,10 +262,15 @@ def main() -> None:
     parser.add_argument("--deepspeed-python", default=sys.executable)
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
     parser.add_argument("--optimizer-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed-child", nargs=2, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.optimizer_child:
         print(json.dumps(optimizer_steps(*a.optimizer_child)))
         return
+    if a.deepspeed_child:
+        print(json.dumps(deepspeed_child(a, *a.deepspeed_child)))
+        return
+    peers = list(DEEPSPEED_TIERS) if _deepspeed_version(a.deepspeed_python) != "?" else []
 
     cfg = load_config(CONFIG, model_args(a))
     numel = cfg.model.num_params()
@@ -202,15 +279,19 @@ def main() -> None:
     adam_rate = numel / statistics.median(steps["OffloadAdamW"])
     print(json.dumps({k: statistics.median(v) for k, v in steps.items()}), flush=True)
 
-    results: dict[str, list[tuple[float, float]]] = {tier: [] for tier in TIERS}
+    results: dict[str, list[tuple[float, float]]] = {tier: [] for tier in [*TIERS, *peers]}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="loom-memory-tiers-") as tmp:
         root = Path(tmp)
         data = prepare(root)
         for repeat in range(a.repeats):
-            order = list(TIERS) if repeat % 2 == 0 else list(reversed(TIERS))
+            order = list(results) if repeat % 2 == 0 else list(reversed(results))
             for tier in order:
-                results[tier].append(train_once(a, data, root, tier, repeat))
+                if tier in DEEPSPEED_TIERS:
+                    result = deepspeed_once(a, root, tier, repeat)
+                else:
+                    result = train_once(a, data, root, tier, repeat)
+                results[tier].append(result)
                 loads.append(os.getloadavg()[0])
                 print(tier, repeat, results[tier][-1], flush=True)
 
@@ -219,10 +300,14 @@ def main() -> None:
     for tier, runs in results.items():
         rss = [r / GB for r, _ in runs]
         secs = [s for _, s in runs]
-        p_mem, p_disk, p_secs = predicted(a, tier, adam_rate)
+        if tier in DEEPSPEED_TIERS:
+            planner = "| – | – | – |"
+        else:
+            p_mem, p_disk, p_secs = predicted(a, tier, adam_rate)
+            planner = f"| {p_mem / GB:.2f} | {p_disk / GB:.2f} | {p_secs:.2f} |"
         rows.append(
             f"| {tier} | {spread(rss)} | {statistics.median(rss) - base_rss / GB:+.2f} "
-            f"| {spread(secs)} | {p_mem / GB:.2f} | {p_disk / GB:.2f} | {p_secs:.2f} |"
+            f"| {spread(secs)} {planner}"
         )
     ratio_rows = []
     for name, times in steps.items():
@@ -239,7 +324,8 @@ def main() -> None:
             "and exp_avg_sq; fp32 CPU parameters are their own master weights). Each tier: "
             f"{a.repeats} `loom train` processes of {a.steps} steps at batch {a.batch} × seq "
             f"{a.seq}, the tier order reversed every other repeat. Peak RSS = the process's "
-            "ru_maxrss at its last step (before the final checkpoint); step = median seconds of "
+            "own high-water mark (VmHWM) at its last step (before the final checkpoint); "
+            "step = median seconds of "
             f"steps {a.warmup + 1} on (this VM is slow at a process's first touches of fresh "
             "memory, so the first steps are not timed). Cells: median (min–max over the "
             "repeats). NVMe: memory.offload_dir in "
@@ -248,11 +334,26 @@ def main() -> None:
             "Planner: `predicted_memory` and `step_time` for the same config on this machine's "
             "calibrated profile, given the CPU AdamW rate measured below and the profile's "
             "memory bandwidth as disk bandwidth. On a CPU the device and the host are one RAM: "
-            "the planner's device bytes plus its host bytes are the prediction of RSS (it has "
-            "no CPU-as-device tier, so it does not know they are the same memory). The machine "
+            "the planner's device bytes plus its host bytes are the prediction of RSS; the "
+            "profile tells it the device is host memory (fp32 weights are their own master, "
+            "nothing crosses a link) and what a Loom process holds before its tensors (its "
+            "runtime allowance, measured at calibration). The machine "
             "is shared: its 1-minute load average (2 cores) after each process ranged "
             f"{min(loads):.1f}–{max(loads):.1f}, so step times carry other jobs' load; the "
-            "peak RSS figures do not.",
+            "peak RSS figures do not."
+            + (
+                " DeepSpeed rows: the same model (built by Loom's code, fp32), batch and steps "
+                "on random tokens under `deepspeed.initialize` (deepspeed "
+                + _deepspeed_version(a.deepspeed_python)
+                + ", its CPU accelerator, a gloo process group of one), in their own processes "
+                "in the same alternating order: ZeRO-Offload is stage 2 with the optimizer "
+                "offloaded to the CPU (DeepSpeedCPUAdam), ZeRO-Infinity stage 3 with the "
+                "optimizer state in files (libaio, in the same temporary folder); their step "
+                "is timed around forward, backward and step, Loom's from its metrics (data "
+                "loading included)."
+                if peers
+                else ""
+            ),
             "",
             "| memory | peak RSS GB | vs none GB | step s | planner RAM GB | planner disk GB "
             "| planner step s |",

@@ -167,6 +167,12 @@ def activation_bytes_per_layer(model: ModelShape, s: Strategy) -> float:
     share = replicated / units
     split = share * (1 / t if s.sp else 1.0) + (1 - share) / t
     kept = per_sbh * sbh * split + (lse if s.recompute != "full" else 0.0)
+    if s.sp and t > 1 and s.recompute != "full":
+        # torch's sequence parallelism all-gathers the attention's and the MLP's input and the
+        # projections save that whole tensor for their weight gradients (Megatron gathers it
+        # again in backward instead): two 16-bit [tokens, hidden] tensors, counted above as
+        # 1/t of one each (measured with `loom train --simulate`: 8B tp 2, 405B tp 8).
+        kept += 2 * sbh * (4 if s.precision == "fp32" else 2) * (1 - 1 / t)
     if _autocast_copies(s) and s.recompute == "none":
         kept += 2 * model.matmul_params_per_layer() / t  # bf16 weight copies saved by matmuls
     return kept
