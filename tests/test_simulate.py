@@ -122,6 +122,29 @@ def test_70b_widths_on_1024_ranks_hsdp_with_tp() -> None:
     assert memory["total"] == pytest.approx(result.memory_gib["total"], rel=0.10)
 
 
+def test_fsdp_pads_tensors_with_fewer_rows_than_ranks_and_the_planner_knows() -> None:
+    """tp 8 × dp_shard 512 of 8B widths: each K/V projection keeps 128 rows per tp rank, fewer
+    than the 512 FSDP ranks, and the MLP's 1,792 do not divide by 512: FSDP pads every rank's
+    shard (7% here, 19% of a block). The planner's state bytes and FSDP traffic include the padding."""
+    args = [
+        "--model.preset=llama3-8b",
+        "--model.n_layers=2",
+        "--train.seq_len=1024",
+        "--train.precision=bf16",
+        "--train.device=cpu",
+        "--train.batch_size=512",
+        "--train.micro_batch_size=512",
+        "--parallel.tp=8",
+        "--memory.recompute=full",
+    ]
+    cfg = load_config(None, args)
+    result = simulate(cfg, 4096)
+    assert result.param_bytes > 1.05 * shard_bytes(cfg, tp=8, dp_shard=512)
+    check_against_planner(cfg, 4096, result)
+    memory, _ = planner_prediction(cfg, 4096)
+    assert memory["params"] == pytest.approx(result.param_bytes / 2**30, rel=0.01)
+
+
 def test_tp_fsdp_without_recompute_peaks_in_the_loss_backward() -> None:
     """8B widths, tp 2 × FSDP 4, no recomputation: the peak is the loss's backward (every
     activation kept, loss-parallel's fp32 vocabulary-shard buffers), which the planner costs as

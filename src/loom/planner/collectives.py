@@ -18,6 +18,7 @@ they are a few bytes per call. Pure Python: the planner must not need torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from loom.planner.spec import Hardware, ModelShape, Strategy
@@ -68,6 +69,8 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
             # backward that follows a forward does not) and once more: chunks + 1 times.
             runs, block_gathers = accum, chunks + 1
         gathers = runs * (1 + layers * block_gathers)
+        padded_block, padded_outer = fsdp_padding(model, s)
+        block, outer = block * padded_block, outer * padded_outer
         gathered = runs * (block_gathers * layers * block + outer)
         # With context parallelism FSDP shards over the dp_shard and cp ranks together.
         shards = "dp_shard" if s.cp == 1 else "dp_shard_cp"
@@ -118,3 +121,24 @@ def pipeline_microbatches(s: Strategy) -> int:
         return 1
     stages = s.pp * s.virtual_stages
     return stages if s.microbatches % stages == 0 else s.microbatches
+
+
+def fsdp_padding(model: ModelShape, s: Strategy) -> tuple[float, float]:
+    """How much larger FSDP2's shards are than an even split, for a block and for the root group
+    (embedding, head, final norm): it splits each tensor's first dimension into equal chunks,
+    padding the last, so a tensor of fewer rows than ranks costs every rank a whole row (at
+    tp 8 × dp_shard 2,048 Llama-3 405B's K/V projections, 128 rows each, take 16x their share)."""
+    n = s.state_shards
+    fsdp2 = s.framework in ("loom", "pytorch") and model.arch == "llama" and not model.moe_layers
+    if n == 1 or s.zero_stage < 3 or not fsdp2:
+        return 1.0, 1.0
+    t, h = s.tp, model.hidden
+    q, kv, f = model.q_dim // t, model.kv_dim // t, model.ffn_hidden // t
+    block = [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f), (h, 1), (h, 1)]
+    root = [(model.vocab // t, h)] * (1 if model.tied else 2) + [(h, 1)]
+
+    def factor(tensors: list[tuple[int, int]]) -> float:
+        padded = sum(math.ceil(rows / n) * cols for rows, cols in tensors)
+        return padded / sum(rows * cols / n for rows, cols in tensors)
+
+    return factor(block), factor(root)

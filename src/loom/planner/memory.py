@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from loom.planner.collectives import pipeline_microbatches
+from loom.planner.collectives import fsdp_padding, pipeline_microbatches
 from loom.planner.spec import Hardware, ModelShape, Strategy
 
 GB = 1e9
@@ -65,6 +65,16 @@ def model_state_bytes(params: float, s: Strategy) -> tuple[float, float, float]:
         params * grad / (dp if s.zero_stage >= 2 else 1),
         params * optim / (dp if s.zero_stage >= 1 else 1),
     )
+
+
+def padded_share(model: ModelShape, s: Strategy) -> float:
+    """FSDP2's padding (collectives.fsdp_padding) over this rank's blocks and root group."""
+    padded_block, padded_outer = fsdp_padding(model, s)
+    if padded_block == padded_outer == 1.0:
+        return 1.0
+    blocks = max(rank_layers(model.layers, s.pp, s.virtual_stages)) * model.layer_params()
+    outer = outer_params_per_device(model, s) * s.tp
+    return (blocks * padded_block + outer * padded_outer) / (blocks + outer)
 
 
 def lora_params_per_layer(model: ModelShape, s: Strategy) -> float:
@@ -298,6 +308,8 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     psi = params_per_device(model, s)
     if s.finetune == "full":
         weights, grads, optim = model_state_bytes(psi, s)
+        padding = padded_share(model, s)
+        weights, grads, optim = weights * padding, grads * padding, optim * padding
         if s.framework == "loom" and s.tp > 1 and s.zero_stage < 3:
             # Without FSDP, DTensor's backward of the vocabulary-parallel embedding leaves its
             # gradient whole on every tensor-parallel rank (measured, tests/test_parallel.py).
