@@ -33,6 +33,7 @@ from loom.planner.memory import (
     lora_params,
     lora_params_per_layer,
     offload_state_bytes,
+    padded_share,
     params_per_device,
     rank_layers,
     state_bytes,
@@ -460,7 +461,7 @@ def _data_parallel(
     its forward and again before its backward, prefetched while the layer before computes, so
     only what a layer's compute cannot hide shows. With LoRA / QLoRA only the adapters'
     gradients are reduced, but every weight is gathered."""
-    psi = params_per_device(model, s)
+    psi = params_per_device(model, s) * padded_share(model, s)  # FSDP moves padded shards
     experts = 0.0
     if s.ep > 1:  # split experts are neither gathered nor reduced across all the dp ranks
         experts = model.expert_params_per_layer() / s.tp * layers
