@@ -125,7 +125,7 @@ def test_70b_widths_on_1024_ranks_hsdp_with_tp() -> None:
 def test_fsdp_pads_tensors_with_fewer_rows_than_ranks_and_the_planner_knows() -> None:
     """tp 8 × dp_shard 512 of 8B widths: each K/V projection keeps 128 rows per tp rank, fewer
     than the 512 FSDP ranks, and the MLP's 1,792 do not divide by 512: FSDP pads every rank's
-    shard (7% here, 19% of a block). The planner's state bytes and FSDP traffic include the padding."""
+    shard (7% here, 19% of a block). The planner's state bytes and FSDP traffic include it."""
     args = [
         "--model.preset=llama3-8b",
         "--model.n_layers=2",
