@@ -9,6 +9,10 @@ state) is in both runs and cancels.
 
     python benchmarks/context_memory.py            # writes context_memory
     python benchmarks/context_memory.py --seq 4096 --no-write
+    python benchmarks/context_memory.py --budget 2.5   # writes context_budget
+
+`--budget GIB`: for each cp, the longest sequence (doubling from 4,096 up to `--max-seq`) whose
+run keeps every rank's peak resident memory under the budget, measured the same way.
 """
 
 from __future__ import annotations
@@ -65,11 +69,48 @@ def peak_per_rank(data: Path, run_dir: Path, cp: int, seq: int) -> list[float]:
     return last.get("peak_mem_gib_per_rank", [last["peak_mem_gib"]])
 
 
+def largest_under(data: Path, root: Path, budget: float, max_seq: int) -> list[str]:
+    """Table rows: per cp, the longest doubling sequence length whose busiest rank peaks under
+    `budget` GiB, with that peak and the next length's (the first over, or none tried)."""
+    rows = []
+    for cp in (1, 2, 4):
+        best, best_peak, over = 0, 0.0, "not tried (the cap)"
+        seq = 4096
+        while seq <= max_seq:
+            peak = max(peak_per_rank(data, root / f"budget{cp}-{seq}", cp, seq))
+            print(f"cp {cp} seq {seq}: {peak:.2f} GiB", flush=True)
+            if peak > budget:
+                over = f"{seq:,}: {peak:.2f}"
+                break
+            best, best_peak = seq, peak
+            seq *= 2
+        rows.append(f"| {cp} | {best:,} | {best_peak:.2f} | {over} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--budget", type=float, help="GiB per rank: the longest sequence under it")
+    parser.add_argument("--max-seq", type=int, default=32768)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.budget:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = largest_under(prepare(Path(tmp)), Path(tmp), args.budget, args.max_seq)
+        body = f"""The same runs (tiny preset, 4 layers, one sequence per step, 3 steps, fp32), the
+sequence doubled from 4,096 tokens until the busiest rank's peak resident memory passes
+{args.budget} GiB (whole-process memory: torch, the model and its optimizer state included),
+up to {args.max_seq:,} tokens.
+
+| cp | longest sequence under {args.budget} GiB per rank | its peak GiB | next length: peak GiB |
+|---|---|---|---|
+{chr(10).join(rows)}
+"""
+        if not args.no_write:
+            write_section("context_budget", body)
+        print(body)
+        return
     rows, costs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
