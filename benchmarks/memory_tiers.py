@@ -268,8 +268,8 @@ def main() -> None:
         print(json.dumps(optimizer_steps(*a.optimizer_child)))
         return
     if a.deepspeed_child:
-        print(json.dumps(deepspeed_child(a, *a.deepspeed_child)))
-        return
+        print(json.dumps(deepspeed_child(a, *a.deepspeed_child)), flush=True)
+        os._exit(0)  # DeepSpeed's AIO threads now and then abort at interpreter shutdown
     peers = list(DEEPSPEED_TIERS) if _deepspeed_version(a.deepspeed_python) != "?" else []
 
     cfg = load_config(CONFIG, model_args(a))
