@@ -113,18 +113,21 @@ def simulated(cfg: Config, world: int) -> dict[str, object]:
 
 # FSDP shapes that were not looked at when the planner's backward moments were modelled (those
 # came from 2-block runs of the 8B, 8B TP2, 8B CP4, 70B TP8 and 405B TP8 shapes of LAYOUTS).
+QWEN_7B_4_BLOCKS = [
+    "--model.preset=llama3-8b",
+    "--model.dim=3584",
+    "--model.n_heads=28",
+    "--model.n_kv_heads=4",
+    "--model.ffn_hidden=18944",
+    "--model.vocab_size=152064",
+    "--model.n_layers=4",
+]
 HELD_OUT: list[tuple[str, int, list[str]]] = [
     (
         "Qwen2.5-7B widths, 4 blocks, TP4 × FSDP4, full, 8K",
         16,
         [
-            "--model.preset=llama3-8b",
-            "--model.dim=3584",
-            "--model.n_heads=28",
-            "--model.n_kv_heads=4",
-            "--model.ffn_hidden=18944",
-            "--model.vocab_size=152064",
-            "--model.n_layers=4",
+            *QWEN_7B_4_BLOCKS,
             "--parallel.tp=4",
             "--memory.recompute=full",
             "--train.seq_len=8192",
@@ -161,13 +164,7 @@ HELD_OUT: list[tuple[str, int, list[str]]] = [
         "Qwen2.5-7B widths, 4 blocks, FSDP8, no recompute, 4K",
         8,
         [
-            "--model.preset=llama3-8b",
-            "--model.dim=3584",
-            "--model.n_heads=28",
-            "--model.n_kv_heads=4",
-            "--model.ffn_hidden=18944",
-            "--model.vocab_size=152064",
-            "--model.n_layers=4",
+            *QWEN_7B_4_BLOCKS,
             "--train.seq_len=4096",
         ],
     ),
