@@ -258,6 +258,9 @@ def this_machine(
     assert p is not None
     if devices > 1 and p["collective_gbps"] is None:
         p = calibrate(collective=True)
+    if p.get("runtime_gb") is None:  # a profile from before it: measured once, kept
+        p = {**p, "runtime_gb": runtime_gb()}
+        path.write_text(json.dumps(p, indent=2))
     attention = p["attention_efficiency"]
     if attention_shape is not None:
         attention = attention_at(attention_shape, p["peak_tflops"])
@@ -279,7 +282,7 @@ def this_machine(
         matmul_efficiency=1.0,
         matmul_half_size=p["matmul_half_size"],
         attention_efficiency=attention,
-        runtime_gb=p.get("runtime_gb") or runtime_gb(),  # profiles before it: measured now
+        runtime_gb=p["runtime_gb"],
         host_device=True,
     )
 
