@@ -178,9 +178,22 @@ def test_resume_continues_exactly(method: str, base: Path, pydoc: Path, tmp_path
 
 
 @pytest.mark.slow
-def test_lora_under_fsdp_matches_one_process(base: Path, pydoc: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [],
+        # each packed row split over 2 ranks: document masks per chunk pair, and the loss
+        # token-weighted over the ranks (their shares hold different numbers of targets)
+        ["--parallel.cp=2", "--parallel.dp_shard=1", "--train.batch_size=2"],
+    ],
+    ids=["fsdp2", "cp2_packed"],
+)
+def test_lora_under_fsdp_matches_one_process(
+    base: Path, pydoc: Path, tmp_path: Path, layout: list[str]
+) -> None:
     single = tmp_path / "single"
-    finetune(config(base, pydoc, single, "--train.steps=4"))
+    batch = [arg for arg in layout if arg.startswith("--train.batch_size")]
+    finetune(config(base, pydoc, single, "--train.steps=4", *batch))
     sharded = tmp_path / "fsdp"
     toml = tmp_path / "ft.toml"
     toml.write_text(
@@ -191,6 +204,7 @@ def test_lora_under_fsdp_matches_one_process(base: Path, pydoc: Path, tmp_path: 
         "--train.steps=4",
         "--train.batch_size=4",
         f"--train.seq_len={SEQ}",
+        *layout,
         "--train.eval_interval=0",
         "--optimizer.lr=1e-2",
         "--optimizer.warmup_steps=0",

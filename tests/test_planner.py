@@ -123,8 +123,8 @@ def test_search_finds_a_fitting_layout_for_405b_on_16k_gpus() -> None:
     # idles a third of its step in the bubble with one micro-batch per replica.
     assert any(p.strategy.pp > 2 for p in ranked)
     assert best.time.bubble < 0.2 * best.time.total
-    # loom train splits sequences under FSDP only (no tp or pp beside cp)
-    assert all(p.strategy.cp == 1 or p.strategy.tp == p.strategy.pp == 1 for p in ranked)
+    # loom train splits sequences with the model sharded over the dp and cp ranks
+    assert all(p.strategy.cp == 1 or p.strategy.zero_stage == 3 for p in ranked)
 
 
 def test_uneven_pipeline_splits_as_loom_train_makes_them() -> None:
@@ -187,7 +187,7 @@ def test_pipeline_bubble_with_fewer_micro_batches_than_stages() -> None:
 
 def test_context_parallelism_is_costed_and_never_beats_physics() -> None:
     """cp splits each sequence: attention FLOPs per rank fall by cp (local queries against all
-    keys), K/V all-gathers appear, and even at 256K tokens MFU stays below 1."""
+    keys), K/V ring passes appear, and even at 256K tokens MFU stays below 1."""
     from loom.planner.cost import step_time
 
     raw = {
@@ -210,16 +210,19 @@ def test_context_parallelism_is_costed_and_never_beats_physics() -> None:
     slow_link = replace(hw, intra_node_gbps=1.0)
     exposed = step_time(m, slow_link, Strategy(cp=8, global_batch=1, **common))
     assert exposed.context_parallel > 0
-    with pytest.raises(LoomError, match="splits sequences under FSDP only"):
-        parse_spec({**raw, "strategy": {"cp": 2, "tp": 2, "zero_stage": 3}})
+    with pytest.raises(LoomError, match="shards the model over the dp and cp ranks"):
+        parse_spec({**raw, "strategy": {"cp": 2, "tp": 2, "zero_stage": 0}})
+    parse_spec({**raw, "strategy": {"cp": 2, "tp": 2, "pp": 2, "zero_stage": 3}})
     best, ranked = plan(parse_spec({**raw, "search": {"framework": "pytorch", "global_batch": 8}}))
     # at 256K tokens splitting sequences is among the fastest layouts (tp 4 with sequence
     # parallelism ties with it)
     assert any(p.strategy.cp > 1 and p.mfu >= 0.99 * best.mfu for p in ranked)
-    # what loom train runs: cp over FSDP ranks, offered with the command that runs it
+    # what loom train runs: cp over FSDP ranks, beside tp and pp too, offered with the
+    # command that runs it
     split = [s for s in candidates(m, hw, Strategy(global_batch=8), 8) if s.cp > 1]
     assert {s.cp for s in split} == {2, 4, 8}
-    assert all(s.zero_stage == 3 and s.tp == s.pp == 1 for s in split)
+    assert all(s.zero_stage == 3 for s in split)
+    assert {(s.tp > 1, s.pp > 1) for s in split} == {(a, b) for a in (0, 1) for b in (0, 1)}
     assert config_overrides(m, split[0])["parallel.cp"] == str(split[0].cp)
 
 

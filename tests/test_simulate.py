@@ -327,7 +327,7 @@ def test_loom_plan_simulate_runs_the_planners_layout_and_prints_both(tmp_path: P
 
 def test_context_parallel_layout_against_the_planner() -> None:
     """cp 4 × FSDP 2 (FSDP over the flattened dp_shard × cp ranks): the planner's memory within
-    10% and its collectives call for call, the K/V all-gathers over cp included."""
+    10% and its collectives call for call, the ring attention's K/V hops over cp included."""
     args = [
         "--model.preset=llama3-8b",
         "--model.n_layers=2",
@@ -353,15 +353,49 @@ def test_context_parallel_layout_against_the_planner() -> None:
     assert result.unsharded_params == []
     assert result.param_bytes == pytest.approx(shard_bytes(cfg, tp=1, dp_shard=8), rel=0.01)
     check_against_planner(cfg, 8, result)
-    assert {("all_gather", "cp"), ("reduce_scatter", "dp_shard_cp")} <= set(keyed(result))
+    assert {("all_to_all", "cp"), ("reduce_scatter", "dp_shard_cp")} <= set(keyed(result))
     memory, _ = planner_prediction(cfg, 8)
+    assert memory["total"] == pytest.approx(result.memory_gib["total"], rel=0.10)
+
+
+def test_context_parallel_with_tensor_and_pipeline_parallel_against_the_planner() -> None:
+    """pp 2 × cp 2 × tp 2 (sequence parallel) × FSDP 2 at 16K tokens, a middle rank: the
+    pipeline's stages get this rank's share of the sequence, the ring's hops and the tp
+    collectives are the planner's call for call, memory within 10%."""
+    args = [
+        "--model.preset=llama3-8b",
+        "--model.n_layers=4",
+        "--model.max_seq_len=16384",
+        "--train.seq_len=16384",
+        "--train.precision=bf16",
+        "--train.device=cpu",
+        "--train.batch_size=4",
+        "--parallel.pp=2",
+        "--parallel.cp=2",
+        "--parallel.tp=2",
+        "--parallel.dp_shard=2",
+        "--parallel.sequence_parallel=true",
+        "--memory.recompute=full",
+    ]
+    cfg = load_config(None, args)
+    result = simulate(cfg, 16, rank=6)
+    assert result.layout["coordinates"] == {
+        "pp": 0,
+        "dp_replicate": 0,
+        "dp_shard": 1,
+        "cp": 1,
+        "tp": 0,
+    }
+    check_against_planner(cfg, 16, result)
+    assert {("all_to_all", "cp"), ("send", "pp"), ("all_gather", "tp")} <= set(keyed(result))
+    memory, _ = planner_prediction(cfg, 16)
     assert memory["total"] == pytest.approx(result.memory_gib["total"], rel=0.10)
 
 
 def test_plan_layouts_loom_cannot_run_are_refused_by_name() -> None:
     model = ModelShape(4, 256, 4, 4, 768, 8192, 128)
-    with pytest.raises(LoomError, match="strategy.cp=2 cannot be simulated: Loom splits seq"):
-        config_for_plan(model, Strategy(tp=2, cp=2, dp=2, zero_stage=3, global_batch=8))
+    split = config_for_plan(model, Strategy(tp=2, cp=2, dp=2, zero_stage=3, global_batch=8))
+    assert (split.parallel.cp, split.parallel.tp, split.parallel.dp_shard) == (2, 2, 2)
     with pytest.raises(LoomError, match="strategy.framework=megatron cannot be simulated"):
         config_for_plan(model, Strategy(dp=8, framework="megatron", global_batch=8))
     cfg = config_for_plan(model, Strategy(tp=2, pp=2, dp=2, zero_stage=3, global_batch=16))

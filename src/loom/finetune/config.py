@@ -122,6 +122,11 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             "parallel.tp > 1 works for full fine-tuning without packing only; set parallel.tp=1 "
             "(FSDP shards the model as well) or finetune.method=full with data.packing=false"
         )
+    if p.cp > 1 and cfg.finetune.method == "dpo":
+        raise LoomError(
+            "parallel.cp > 1 splits the sequences of SFT, LoRA and full fine-tuning; DPO "
+            "scores whole sequences in one process each: set parallel.cp=1"
+        )
     if cfg.finetune.method == "qlora" and (p.dp_replicate > 1 or p.tp > 1 or p.dp_shard > 1):
         raise LoomError(
             "finetune.method=qlora runs in one process (NF4 weights are not sharded yet); "

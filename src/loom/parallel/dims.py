@@ -207,10 +207,10 @@ def _check_context_parallel(cfg: Config) -> None:
             f"parallel.cp={p.cp} splits each sequence into 2 × cp = {2 * p.cp} equal chunks; "
             f"train.seq_len={t.seq_len} must be a multiple of {2 * p.cp}"
         )
-    if p.tp > 1 or p.pp > 1 or p.ep > 1 or cfg.memory.offload != "none":
+    if p.ep > 1 or cfg.memory.offload != "none":
         raise LoomError(
-            "parallel.cp > 1 runs with FSDP / HSDP for now: set parallel.tp=1, parallel.pp=1, "
-            "parallel.ep=1 and memory.offload=none"
+            "parallel.cp > 1 runs with FSDP / HSDP, tp and pp for now: set parallel.ep=1 and "
+            "memory.offload=none"
         )
 
 

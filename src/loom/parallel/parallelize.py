@@ -80,7 +80,8 @@ class ParallelModel:
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Called by the schedule on each micro-batch of the last stage; what it returns is
         backpropagated, so it carries the accumulation scale and the 1/micro-batches mean."""
-        return self.loss_fn(logits, targets) * (self._loss_scale / self.dims.microbatches)
+        loss_fn = self.loss_fn if self.context is None else self.context.loss
+        return loss_fn(logits, targets) * (self._loss_scale / self.dims.microbatches)
 
     def forward_backward(
         self,
@@ -108,7 +109,7 @@ class ParallelModel:
                 with torch.no_grad():
                     if self.context is not None:
                         assert self.forward_loss is not None
-                        return self.forward_loss(inputs, targets, doc_ids)
+                        return _local(self.forward_loss(inputs, targets, doc_ids))
                     logits = self.parts[0](inputs, doc_ids=doc_ids)
                     return _local(self.loss_fn(logits, targets))
             if self.forward_only_eval:
@@ -126,6 +127,9 @@ class ParallelModel:
     ) -> torch.Tensor | None:
         assert self.schedule is not None
         self._loss_scale = scale
+        if self.context is not None:
+            self.context.begin(None)
+            inputs, targets = self.context.shard(inputs), self.context.shard(targets)
         losses: list[torch.Tensor] = []
         run = self.schedule.step if train else self.schedule.eval
         args = (inputs,) if self.has_first_stage else ()
@@ -218,6 +222,7 @@ def parallelize(
         stage_ids = [0]
         parts = [build_model(cfg.model)]
     store = ActivationStore(device) if memory.activation_offload else None
+    context = ContextParallel(mesh["cp"], t.seq_len) if dims.cp > 1 and mesh else None
     if store is not None and t.compile:
         raise LoomError(
             "memory.activation_offload runs the blocks eagerly (saved-tensor hooks do not reach "
@@ -229,6 +234,8 @@ def parallelize(
             adapt(part)
         if t.float8:
             convert_to_float8(part)
+        if context is not None:
+            context.apply(part)
         if dims.tp > 1:
             assert mesh is not None
             apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel, p.loss_parallel)
@@ -271,6 +278,7 @@ def parallelize(
         has_last_stage=dims.num_stages - 1 in stage_ids,
         forward_only_eval=p.schedule not in V_SCHEDULES and hasattr(_PipelineSchedule, "eval"),
         activation_store=store,
+        context=context,
     )
     if dims.pp > 1:
         assert mesh is not None
@@ -282,10 +290,8 @@ def parallelize(
         single_graph = t.compile and mesh is None
         build = compile_forward_loss if single_graph else forward_loss
         model.forward_loss = build(parts[0], loss_fn)
-        if dims.cp > 1:
-            assert mesh is not None
-            model.context = ContextParallel(mesh["cp"], t.seq_len)
-            model.forward_loss = context_parallel_loss(parts[0], loss_fn, model.context)
+        if context is not None:
+            model.forward_loss = context_parallel_loss(parts[0], context)
     return model
 
 

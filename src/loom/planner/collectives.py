@@ -94,14 +94,17 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
             calls = accum * chunks * (per_block * layers + ends)
             out.append(Collective(kind, "tp", calls, calls * tokens * model.hidden * width))
     if s.cp > 1:
-        # Loom's attention all-gathers each block's keys and values over the cp ranks (again
-        # when the block is recomputed); backward reduce-scatters their gradients.
-        kv = accum * layers * tokens * s.cp * model.kv_dim / s.tp * compute
-        again = s.recompute != "none"
-        out.append(
-            Collective("all_gather", "cp", accum * layers * 2 * (1 + again), kv * 2 * (1 + again))
-        )
-        out.append(Collective("reduce_scatter", "cp", accum * layers * 2, kv * 2))
+        # Ring attention: one permutation (an all-to-all) per hop of a block's keys and values
+        # round the cp ranks: cp − 1 hops in forward (again when the block is recomputed) and
+        # in backward, where their fp32 gradients take cp hops home. Per micro-batch the loss
+        # all-reduces the number of targets over cp (it is token-weighted).
+        hop = tokens * 2 * model.kv_dim / s.tp
+        runs = accum * chunks * layers
+        forward = (s.cp - 1) * (2 + (s.recompute != "none"))
+        calls, volume = runs * (forward + s.cp), runs * (forward * compute + s.cp * 4) * hop
+        out.append(Collective("all_to_all", "cp", calls, volume))
+        if s.pp == 1:  # the loss is rank 0's
+            out.append(Collective("all_reduce", "cp", accum * chunks, accum * chunks * 8))
     if s.pp > 1:
         stages = s.virtual_stages
         # Rank 0 holds stages 0, pp, 2·pp, ...: each sends its output on (all do: the last

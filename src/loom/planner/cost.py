@@ -317,15 +317,18 @@ def step_time(
     per_collective = cost.collective(activation, t, 2, 1)
     tp_layer = (4 + (2 if s.recompute == "full" else 0)) * per_collective * (1 - cal.tp_overlap)
 
-    # Context parallelism: each layer all-gathers K and V over the cp ranks (forward, again in
-    # backward) and reduce-scatters their gradients; the attention kernel hides what it can.
+    # Context parallelism (ring attention): each layer passes every rank's keys and values
+    # round the cp ranks in cp − 1 hops (the volume and steps of a ring all-gather; again when
+    # the forward is recomputed); backward passes them round again, with their fp32
+    # gradients, which take one hop more to get home. Each hop overlaps a block of attention.
     cp_layer = 0.0
     if cp > 1:
         kv_bytes = 2 * b * model.seq_len * kv / t * half
-        gather = cost.collective(kv_bytes, cp, 1, t)
+        ring = cost.collective(kv_bytes, cp, 1, t)
+        gradients = ring * 4 / half * cp / (cp - 1)
         passes_fwd = 2 if s.recompute == "full" else 1
-        cp_layer = passes_fwd * max(0.0, gather - attention) + max(
-            0.0, 2 * gather - attention_backward
+        cp_layer = passes_fwd * max(0.0, ring - attention) + max(
+            0.0, ring + gradients - attention_backward
         )
 
     # Expert parallelism: each MoE layer sends every token's hidden state to its top-k experts'

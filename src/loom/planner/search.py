@@ -97,11 +97,9 @@ def candidates(
     for tp, cp in itertools.product(tps, cps):
         if devices % (tp * cp):
             continue
-        if base.framework == "loom" and cp > 1 and tp > 1:
-            continue  # loom train splits sequences under FSDP / HSDP only
         loom = base.framework == "loom"
         for pp in _divisors(devices // (tp * cp)):
-            if pp > model.layers or (moe_loom and pp > 1) or (loom and cp > 1 and pp > 1):
+            if pp > model.layers or (moe_loom and pp > 1):
                 break
             dp = devices // (tp * cp * pp)
             if global_batch % dp:

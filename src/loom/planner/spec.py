@@ -592,9 +592,9 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy, unbuilt: bool =
             f"strategy: {refusal}; or framework=megatron to plan a Megatron / DeepSpeed run, "
             "or spec.unbuilt=true (--unbuilt) to plan the tier before loom train runs it"
         )
-    if s.cp > 1 and s.framework == "loom" and (s.tp > 1 or s.pp > 1 or s.zero_stage != 3):
+    if s.cp > 1 and s.framework == "loom" and s.zero_stage != 3:
         raise LoomError(
-            f"strategy.cp={s.cp}: loom train splits sequences under FSDP only (tp=1, pp=1, "
+            f"strategy.cp={s.cp}: loom train shards the model over the dp and cp ranks (FSDP, "
             "zero_stage=3); or framework=pytorch (torchtitan-style) or megatron to plan a run "
             "of another trainer"
         )

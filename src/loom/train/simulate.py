@@ -412,6 +412,11 @@ class _Pipeline:
         entry[0] += 1
         entry[1] += _nbytes(t)
 
+    def _share(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the sequences (all of them without context parallelism)."""
+        context = self.model.context
+        return tokens if context is None else context.shard(tokens)
+
     def run(self, local_batch: int, scale: float) -> None:
         model, dims = self.model, self.model.dims
         size = local_batch // dims.microbatches
@@ -432,14 +437,14 @@ class _Pipeline:
                 stage, part = self.stage_ids[k], model.parts[k]
                 if op == "forward":
                     if stage == 0:
-                        inputs = torch.zeros(size, seq_len, dtype=torch.long)
+                        inputs = self._share(torch.zeros(size, seq_len, dtype=torch.long))
                     else:
                         shape = (size, self.sequence, self.cfg.model.dim)
                         inputs = torch.empty(shape, dtype=self.dtype, requires_grad=True)
                         self._message("recv", inputs)
                     out = part(inputs)
                     if stage == last_stage:
-                        targets = torch.zeros(size, seq_len, dtype=torch.long)
+                        targets = self._share(torch.zeros(size, seq_len, dtype=torch.long))
                         out = model._pipeline_loss(out, targets)
                     else:
                         self._message("send", out)
@@ -503,7 +508,7 @@ def _pipeline_counter(cfg: Config, model: ParallelModel, mesh: DeviceMesh) -> _P
         model,
         stages_of_rank(pp_rank, dims, cfg.parallel.schedule) if dims.pp > 1 else [0],
         pp_rank,
-        cfg.train.seq_len // (dims.tp if sp else 1),
+        cfg.train.seq_len // dims.cp // (dims.tp if sp else 1),
         torch.bfloat16 if bf16 else torch.float32,
     )
 
@@ -596,7 +601,6 @@ def config_for_plan(model: ModelShape, s: Strategy) -> Config:
     """The `loom train` config that runs the planner's layout `s` of `model`: the planner's
     model and strategy fields, one by one, or a refusal naming the one Loom cannot run."""
     refusals = {
-        "strategy.cp": (s.cp > 1 and s.tp * s.pp > 1, "Loom splits sequences with tp = pp = 1"),
         "strategy.framework": (s.framework == "megatron", "Loom does not run Megatron"),
         "strategy.zero_stage": (s.zero_stage in (1, 2), "Loom runs ZeRO-3 (FSDP) or none"),
         "strategy.finetune": (s.finetune != "full", "simulated pretraining steps only"),
