@@ -3,8 +3,8 @@
 For cp = 1, 2 and 4, `loom train` (cp processes, one sequence per step, so every rank holds a
 share of the same sequence) runs the tiny preset with 4 layers at a long sequence and at a
 short one; each rank's peak resident memory comes from metrics.jsonl. The long run's peak minus
-the short run's is what the sequence costs the rank (activations, attention's gathered keys and
-values, logits): it should fall about as 1/cp. Process memory (torch, the model, optimizer
+the short run's is what the sequence costs the rank (activations, the ring's blocks in flight,
+logits): it should fall about as 1/cp. Process memory (torch, the model, optimizer
 state) is in both runs and cancels.
 
     python benchmarks/context_memory.py            # writes context_memory
@@ -132,20 +132,13 @@ up to {args.max_seq:,} tokens.
 vocabulary 8,192), one {args.seq:,}-token sequence per step, on cp processes (`parallel.cp`,
 each rank two chunks of the sequence); 3 steps, fp32. Peak resident memory of the busiest rank
 from metrics.jsonl, and the same with {SHORT}-token sequences: their difference is what the long
-sequence costs a rank (its activations, attention's gathered keys and values and mask, its
-logits and loss).
+sequence costs a rank (its activations, the ring attention's blocks in flight and its
+tiles of scores, its logits and loss). cp 1 runs PyTorch's fused attention, cp > 1 Loom's ring
+attention. Each rank's peak is its own process's.
 
 {header}
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
-
-What does not shrink with cp: the gathered keys and values (the whole sequence's, per layer,
-kept for backward) and the additive causal mask, [tokens per rank × sequence] in fp32, made once
-and shared by the layers; so the cost falls slower than 1/cp (vs cp 1 against 1/cp in the
-table). Everything else a rank keeps is its own tokens'. (A boolean mask, turned into a new one
-in every layer by the attention kernel, kept 0.91× at cp 2 and 0.45× at cp 4 in an earlier run;
-a ring implementation merging per-block softmaxes would need no mask at all.) Each rank's peak
-is its own process's.
 """
     if not args.no_write:
         write_section("context_memory", body)

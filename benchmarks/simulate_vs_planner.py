@@ -62,6 +62,12 @@ LAYOUTS: list[tuple[str, int, list[str], int]] = [
     ("405B HSDP 16 × 128 × TP8", 16384, ["parallel.dp_replicate=16", "parallel.tp=8", "full"], 16),
     ("8B CP4 × FSDP2 full, 32K", 8, ["parallel.cp=4", "full", "seq=32768"], 32),
     ("70B CP8 × FSDP16 full, 128K", 128, ["parallel.cp=8", "full", "seq=131072"], 16),
+    (
+        "8B CP2 × TP2+SP × PP2 × FSDP2 full, 32K",
+        16,
+        ["parallel.cp=2", "parallel.tp=2", "parallel.pp=2", "full", "seq=32768"],
+        32,
+    ),
 ]
 SHORT = {"full": "memory.recompute=full", "sel": "memory.recompute=selective"}
 PRESET = {"8B": "llama3-8b", "70B": "llama3-70b", "405B": "llama3-405b"}

@@ -3,9 +3,9 @@
     torchrun --standalone --nproc-per-node N tests/ring_attention_ranks.py OUT_DIR
 
 For cp = N and (when N is even and above 2) cp = 2 on a sub-mesh, with and without packed
-documents (and with queries in small tiles), each rank writes OUT_DIR/rank<R>.json:
-{case: [output, dq, dk, dv] max |error|} against `scaled_dot_product_attention` of the whole
-sequence (fp32, grouped-query heads).
+documents (and with queries in small tiles, and value heads narrower than key heads), each
+rank writes OUT_DIR/rank<R>.json: {case: [output, dq, dk, dv] max |error|} against
+`scaled_dot_product_attention` of the whole sequence (fp32, grouped-query heads).
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from loom.parallel import context
 from loom.parallel.context import ContextParallel
 
 
-def errors(cp: ContextParallel, doc_ids: torch.Tensor | None, seq: int) -> list[float]:
+def errors(
+    cp: ContextParallel, doc_ids: torch.Tensor | None, seq: int, values: int = 8
+) -> list[float]:
+    """`values`: the value head width (latent attention's is narrower than its keys')."""
     generator = torch.Generator().manual_seed(0)
-    shapes = [(2, 4, seq, 8), (2, 2, seq, 8), (2, 2, seq, 8), (2, 4, seq, 8)]
+    shapes = [(2, 4, seq, 8), (2, 2, seq, 8), (2, 2, seq, values), (2, 4, seq, values)]
     q, k, v, grad = (torch.randn(shape, generator=generator) for shape in shapes)
     whole = [x.clone().requires_grad_() for x in (q, k, v)]
     mask = None if doc_ids is None else document_mask(doc_ids, torch.float32)
@@ -62,6 +65,7 @@ def main() -> None:
         results[f"{name}_documents"] = errors(cp, docs, seq)
     context.TILE_SCORES = 40  # queries a few rows at a time (long sequences' tiling)
     results[f"{name}_documents_tiled"] = errors(cp, docs, seq)  # the last mesh's
+    results[f"{name}_narrow_values"] = errors(cp, None, seq, values=6)
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 

@@ -298,7 +298,8 @@ def test_ring_attention_equals_full_attention_forward_and_backward(tmp_path: Pat
     """Keys and values passed round the ring, merged by online softmax, with chunk pairs above
     the diagonal skipped: output and the gradients of q, k and v equal full attention's within
     1e-5 on every rank (fp32, grouped-query heads, cp 4 and cp 2, causal and packed documents,
-    queries in one tile and in tiles of a few rows)."""
+    queries in one tile and in tiles of a few rows, value heads narrower than the keys' as in
+    latent attention)."""
     script = Path(__file__).parent / "ring_attention_ranks.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
     done = subprocess.run([*cmd, str(script), str(tmp_path)], capture_output=True, text=True)
@@ -309,6 +310,7 @@ def test_ring_attention_equals_full_attention_forward_and_backward(tmp_path: Pat
             "cp2_causal",
             "cp2_documents",
             "cp2_documents_tiled",
+            "cp2_narrow_values",
             "cp4_causal",
             "cp4_documents",
         ]

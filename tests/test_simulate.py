@@ -358,6 +358,7 @@ def test_context_parallel_layout_against_the_planner() -> None:
     assert memory["total"] == pytest.approx(result.memory_gib["total"], rel=0.10)
 
 
+@pytest.mark.slow
 def test_context_parallel_with_tensor_and_pipeline_parallel_against_the_planner() -> None:
     """pp 2 × cp 2 × tp 2 (sequence parallel) × FSDP 2 at 16K tokens, a middle rank: the
     pipeline's stages get this rank's share of the sequence, the ring's hops and the tp

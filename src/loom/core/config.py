@@ -509,8 +509,16 @@ def validate(cfg: Config) -> None:
             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
             "(grouped-query attention shares each key/value head among a group of query heads)"
         )
-    if m.attn_head_dim % 2:
-        raise LoomError(f"head dimension {m.attn_head_dim} must be even for rotary embeddings")
+    if m.latent_attention and not (
+        m.head_dim > m.rope_head_dim > 0 and m.v_head_dim > 0 and m.q_lora_rank >= 0
+    ):
+        raise LoomError(
+            f"model.kv_lora_rank={m.kv_lora_rank} makes the attention latent (DeepSeek's MLA): "
+            "set model.head_dim (query/key head width), model.rope_head_dim (its rotary part, "
+            "above 0 and below head_dim) and model.v_head_dim (value head width)"
+        )
+    if m.rope_dim % 2:
+        raise LoomError(f"rotary width {m.rope_dim} must be even (model.head_dim/rope_head_dim)")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         divisors = [d for d in range(1, t.batch_size + 1) if t.batch_size % d == 0]
         raise LoomError(

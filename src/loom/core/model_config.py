@@ -63,10 +63,44 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # DeepSeek's multi-head latent attention when kv_lora_rank > 0: keys and values are
+    # expanded from one kv_lora_rank-wide vector per token (plus one rope_head_dim-wide rotary
+    # key shared by the heads), queries from a q_lora_rank-wide one (0: a full projection);
+    # head_dim is then the query/key head width (rope_head_dim of it rotary), v_head_dim the
+    # value head width
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     @property
     def attn_head_dim(self) -> int:
         return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def latent_attention(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """The width the rotary embedding turns (a latent-attention head: its rotary part)."""
+        return self.rope_head_dim if self.latent_attention else self.attn_head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.latent_attention else self.attn_head_dim
+
+    def attention_params(self) -> int:
+        """Weights of one attention block (its norms included for latent attention)."""
+        d, hd, heads = self.dim, self.attn_head_dim, self.n_heads
+        if self.latent_attention:
+            r, kv = self.q_lora_rank, self.kv_lora_rank
+            query = d * r + r + r * heads * hd if r else d * heads * hd
+            nope = hd - self.rope_head_dim
+            keys_values = d * (kv + self.rope_head_dim) + kv + kv * heads * (nope + self.v_head_dim)
+            return query + keys_values + heads * self.v_head_dim * d
+        q, kv = heads * hd, self.n_kv_heads * hd
+        return d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
 
     @property
     def expert_hidden(self) -> int:
@@ -86,6 +120,9 @@ class ModelConfig:
         arch = asdict(self)
         for informational in ("preset", "init_std"):
             arch.pop(informational)
+        if not self.latent_attention:  # checkpoints of other models predate these fields
+            for latent in ("q_lora_rank", "kv_lora_rank", "rope_head_dim", "v_head_dim"):
+                arch.pop(latent)
         moe = arch["moe"]
         if not self.moe.enabled:
             arch.pop("moe")  # a dense model's checkpoints predate the section
@@ -97,10 +134,8 @@ class ModelConfig:
     def num_params(self, active: bool = False) -> int:
         """Exact parameter count, computed from the shapes (no model needed); `active`: the
         parameters one token uses (its top-k experts of each MoE layer, not all)."""
-        d, hd = self.dim, self.attn_head_dim
-        q, kv = self.n_heads * hd, self.n_kv_heads * hd
-        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
-        per_layer = attn + 2 * d
+        d = self.dim
+        per_layer = self.attention_params() + 2 * d
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         dense_mlp = 3 * d * self.ffn_hidden
         m = self.moe
@@ -116,14 +151,22 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int, frozen: bool = False) -> float:
         """Training FLOPs per token: 6·N_matmul + 12·L·(heads·head_dim)·seq_len.
 
+        (Latent attention: 6·L·heads·(head_dim + v_head_dim)·seq_len, its value heads being
+        narrower than its query/key heads.)
+
         N_matmul counts every weight used in a matmul (the output projection included, the
         input embedding lookup excluded); the second term is attention's QKᵀ and AV products
         over the full sequence (PaLM's convention, not halved for the causal mask). With the
         weights `frozen` (adapter training) backward skips their gradients: 4·N_matmul. An MoE
         model counts the weights a token uses (its top-k experts).
         """
-        n_matmul = self.num_params(active=True) - self.dim * (2 * self.n_layers + 1)  # no norms
+        norms = self.dim * (2 * self.n_layers + 1)
+        if self.latent_attention:
+            norms += self.n_layers * (self.q_lora_rank + self.kv_lora_rank)
+        n_matmul = self.num_params(active=True) - norms
         if not self.tie_embeddings:
             n_matmul -= self.vocab_size * self.dim  # input embedding is a lookup
-        attention = 12 * self.n_layers * self.n_heads * self.attn_head_dim * seq_len
+        # QKᵀ over the query/key head width, AV over the value head width
+        widths = self.attn_head_dim + self.value_head_dim
+        attention = 6 * self.n_layers * self.n_heads * widths * seq_len
         return (4 if frozen else 6) * n_matmul + attention

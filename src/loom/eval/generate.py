@@ -23,9 +23,11 @@ class ContiguousKVCache:
     def __init__(
         self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
     ) -> None:
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.attn_head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # latent attention expands keys and values per head (value heads may be narrower)
+        heads = cfg.n_heads if cfg.latent_attention else cfg.n_kv_heads
+        shape = (cfg.n_layers, batch, heads, max_len)
+        self.keys = torch.zeros(*shape, cfg.attn_head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros(*shape, cfg.value_head_dim, device=device, dtype=dtype)
         self.pos = 0  # position of the first token of the current forward pass
 
     def attend(

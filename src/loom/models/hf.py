@@ -32,6 +32,11 @@ _PREFIX = "model."
 def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     """`config.json` content for `transformers`: Llama, Qwen2 when the model has QKV bias,
     Mixtral or Qwen2-MoE for a mixture of experts."""
+    if cfg.latent_attention:
+        raise LoomError(
+            "exporting a latent-attention model (model.kv_lora_rank > 0) to Hugging Face format "
+            "is not built; keep Loom's checkpoint format"
+        )
     model_type, architecture = (
         ("qwen2", "Qwen2ForCausalLM") if cfg.qkv_bias else ("llama", "LlamaForCausalLM")
     )

@@ -35,7 +35,7 @@ class KVCache(Protocol):
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with Llama-3 scaling when configured."""
-    hd = cfg.attn_head_dim
+    hd = cfg.rope_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     s = cfg.rope_scaling
     if s is None:
@@ -111,6 +111,65 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
+class LatentAttention(nn.Module):
+    """DeepSeek's multi-head latent attention: each token's keys and values are expanded from
+    one kv_lora_rank-wide vector (what a cache would keep), its queries from a q_lora_rank-wide
+    one; a rope_head_dim-wide rotary key is shared by all heads and appended to each head's
+    key. Names follow DeepSeek-V3's Hugging Face layout."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        heads, self.head_dim, self.rope = cfg.n_heads, cfg.attn_head_dim, cfg.rope_head_dim
+        self.v_head_dim, rank, kv_rank = cfg.v_head_dim, cfg.q_lora_rank, cfg.kv_lora_rank
+        self.q_proj: nn.Linear | None = None
+        if rank:
+            self.q_a_proj = nn.Linear(cfg.dim, rank, bias=False)
+            self.q_a_layernorm = RMSNorm(rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(rank, heads * self.head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.dim, heads * self.head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, kv_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(kv_rank, cfg.norm_eps)
+        nope = self.head_dim - self.rope
+        self.kv_b_proj = nn.Linear(kv_rank, heads * (nope + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        cos, sin = cos[:seq], sin[:seq]
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(batch, seq, -1, self.head_dim)
+        nope = self.head_dim - self.rope
+        q_nope, q_rope = q.split([nope, self.rope], dim=-1)
+        q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split(
+            [self.kv_b_proj.in_features, self.rope], -1
+        )
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(
+            batch, seq, -1, nope + self.v_head_dim
+        )
+        k_nope, v = kv.split([nope, self.v_head_dim], dim=-1)
+        k_rope = apply_rope(k_rope.view(batch, seq, 1, self.rope), cos, sin)
+        k = torch.cat((k_nope, k_rope.expand(*k_nope.shape[:-1], self.rope)), dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            out = kv_cache.attend(self.layer_id, q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -128,7 +187,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_id)
+        self.self_attn: Attention | LatentAttention = (
+            LatentAttention(cfg, layer_id) if cfg.latent_attention else Attention(cfg, layer_id)
+        )
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp: MLP | MoE = MLP(cfg.dim, cfg.ffn_hidden)
         if cfg.is_moe_layer(layer_id):
@@ -157,7 +218,7 @@ class Transformer(nn.Module):
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied models reuse embed_tokens.weight for the output projection (no lm_head).
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, False)
-        shape = (cfg.max_seq_len, cfg.attn_head_dim)
+        shape = (cfg.max_seq_len, cfg.rope_dim)
         self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
         self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
 

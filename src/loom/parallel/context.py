@@ -188,12 +188,13 @@ class _RingAttention(torch.autograd.Function):
         groups = q.shape[1] // k.shape[1]
         scale = 1.0 / math.sqrt(q.shape[-1])
         query = _grouped(q.float(), groups)  # [b, kv heads, groups, seq, d]
-        out = torch.zeros_like(query)
+        widths = [k.shape[-1], v.shape[-1]]  # (latent attention's value heads are narrower)
+        out = query.new_zeros(*query.shape[:-1], widths[1])
         lse = torch.full(query.shape[:-1], float("-inf"), device=q.device)
-        kv = torch.stack((k, v))
+        kv = torch.cat((k, v), dim=-1)
         for step in range(ring.ranks):
             coming = ring.shift(kv) if step < ring.ranks - 1 else None
-            keys, values = kv.float().unsqueeze(3).unbind(0)  # [b, kv heads, 1, seq, d]
+            keys, values = kv.float().unsqueeze(2).split(widths, dim=-1)  # [b, kvh, 1, seq, d]
             for a, c, mask in blocks[(rank - step) % ring.ranks]:
                 kc, vc = _chunk(keys, c), _chunk(values, c)
                 for rows, qt in _tiles(_chunk(query, a), kc):
@@ -209,7 +210,7 @@ class _RingAttention(torch.autograd.Function):
             if coming is not None:
                 kv = coming
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.blocks, ctx.ring, ctx.rank, ctx.scale = blocks, ring, rank, scale
+        ctx.blocks, ctx.ring, ctx.rank, ctx.scale, ctx.widths = blocks, ring, rank, scale, widths
         return out.flatten(1, 2).to(q.dtype)
 
     @staticmethod
@@ -226,12 +227,12 @@ class _RingAttention(torch.autograd.Function):
         d_out = _grouped(grad_out.float(), groups)
         delta = (d_out * out).sum(-1, keepdim=True)  # rowsum(dO ∘ O)
         d_query = torch.zeros_like(query)
-        kv = torch.stack((k, v))
+        kv = torch.cat((k, v), dim=-1)
         d_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
         for step in range(ring.ranks):
             coming = ring.shift(kv) if step < ring.ranks - 1 else None
-            keys, values = kv.float().unsqueeze(3).unbind(0)
-            d_keys, d_values = d_kv.unbind(0)
+            keys, values = kv.float().unsqueeze(2).split(ctx.widths, dim=-1)
+            d_keys, d_values = d_kv.split(ctx.widths, dim=-1)
             for a, c, mask in ctx.blocks[(ctx.rank - step) % ring.ranks]:
                 kc, vc, dk, dv = (_chunk(x, c) for x in (keys, values, d_keys, d_values))
                 for rows, qt in _tiles(_chunk(query, a), kc):
@@ -247,7 +248,7 @@ class _RingAttention(torch.autograd.Function):
             d_kv = ring.shift(d_kv)  # after the last hop each gradient is home
             if coming is not None:
                 kv = coming
-        d_k, d_v = d_kv.unbind(0)
+        d_k, d_v = d_kv.split(ctx.widths, dim=-1)
         d_q = d_query.flatten(1, 2).to(q.dtype)
         return d_q, d_k.to(k.dtype), d_v.to(v.dtype), None, None, None
 

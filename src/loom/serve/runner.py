@@ -77,6 +77,11 @@ def run_step(
 def kv_blocks(model: Transformer, setup: RunnerSetup, device: torch.device) -> int:
     """How many cache blocks fit this process's budget (its share of the heads under TP)."""
     cfg = model.cfg
+    if cfg.latent_attention:
+        raise LoomError(
+            "serving a latent-attention model (model.kv_lora_rank > 0) is not built: the paged "
+            "cache holds keys and values of one head width; use `loom generate` or `loom eval`"
+        )
     dtype_bytes = model.rope_cos.new_empty((), dtype=model_dtype(model)).element_size()
     per_block = PagedKVCache.bytes_per_block(
         cfg.n_layers, setup.block_size, cfg.n_kv_heads // setup.tp, cfg.attn_head_dim, dtype_bytes
