@@ -26,6 +26,8 @@ PUBLISHED = {
 }
 # mixtures of experts: (total, active per token) in billions, as their model cards round them
 PUBLISHED_MOE = {"mixtral-8x7b": (46.7, 12.9), "qwen1.5-moe-a2.7b": (14.3, 2.7)}
+# DeepSeek-V3's report: "671B total parameters with 37B activated", whole billions cut down
+PUBLISHED_MOE_WHOLE = {"deepseek-v3": (671, 37)}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -42,7 +44,11 @@ def test_preset_parameter_count(name: str) -> None:
             total,
             active,
         )
-    assert name in PUBLISHED or name in PUBLISHED_MOE or name.startswith("tiny")
+    if name in PUBLISHED_MOE_WHOLE:
+        whole = (counted // 10**9, cfg.num_params(active=True) // 10**9)
+        assert whole == PUBLISHED_MOE_WHOLE[name]
+    published = {**PUBLISHED, **PUBLISHED_MOE, **PUBLISHED_MOE_WHOLE}
+    assert name in published or name.startswith("tiny")
 
 
 def test_required_presets_exist() -> None:
@@ -127,6 +133,52 @@ def test_meta_build_then_seeded_init_is_deterministic() -> None:
     assert torch.equal(a["norm.weight"], torch.ones(cfg.dim))
 
 
+def latent(**changes: object) -> ModelConfig:
+    """A small model with DeepSeek's latent attention (query/key heads of 20, 8 of them
+    rotary, value heads of 10)."""
+    fields = dict(n_kv_heads=4, head_dim=20, q_lora_rank=24, kv_lora_rank=16, rope_head_dim=8)
+    return small(**{**fields, "v_head_dim": 10, **changes})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("q_lora_rank", [24, 0], ids=["compressed-queries", "full-queries"])
+def test_latent_attention_matches_transformers_deepseek_v3(q_lora_rank: int) -> None:
+    """Loom's latent attention and transformers' DeepseekV3 (dense layers, non-interleaved
+    rotary) give the same logits for the same weights, loaded by name."""
+    cfg = latent(q_lora_rank=q_lora_rank)
+    hf_cfg = transformers.DeepseekV3Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        q_lora_rank=q_lora_rank or None,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_rope_head_dim=cfg.rope_head_dim,
+        qk_nope_head_dim=cfg.head_dim - cfg.rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        first_k_dense_replace=cfg.n_layers,  # no experts: Loom's router is not DeepSeek's
+        rope_interleave=False,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
+    with torch.no_grad():  # norms away from one, so that they are really compared
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.normal_(1.0, 0.1)
+    model = build_model(cfg, "cpu")
+    model.init_buffers()
+    weights = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    model.load_state_dict(weights, strict=True)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf.eval()(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_flops_per_token_counts_every_matmul_weight() -> None:
     """6·N counts each weight used in a matmul: all nn.Linear weights plus a tied embedding."""
     for cfg in (small(), small(tie_embeddings=True)):
@@ -139,7 +191,11 @@ def test_flops_per_token_counts_every_matmul_weight() -> None:
         assert cfg.flops_per_token(seq) == 6 * linear + attention
 
 
-@pytest.mark.parametrize("cfg", [small(), small(qkv_bias=True, tie_embeddings=True)])
+@pytest.mark.parametrize(
+    "cfg",
+    [small(), small(qkv_bias=True, tie_embeddings=True), latent()],
+    ids=["gqa", "tied", "mla"],
+)
 def test_kv_cache_generation_equals_full_recompute(cfg: ModelConfig) -> None:
     torch.manual_seed(0)
     model = build_model(cfg, "cpu")

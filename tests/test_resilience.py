@@ -135,7 +135,7 @@ def test_killed_and_hung_workers_restart_and_match_the_uninterrupted_run(
     run_dir = tmp_path / "run"
     # Attempt 0: rank 1 is SIGKILLed at step 7. Attempt 1: rank 0 hangs in step 10.
     # Attempt 2: every rank raises in step 15.
-    launch(
+    err = launch(
         small_data,
         run_dir,
         "--max-restarts",
@@ -148,8 +148,16 @@ def test_killed_and_hung_workers_restart_and_match_the_uninterrupted_run(
     ledger = json.loads((run_dir / "goodput.json").read_text())
     assert ledger["restarts"] == 3
     assert ledger["high_water"] == STEPS
-    # Lost work: at most one checkpoint interval (4 steps) per failure.
-    assert 0 < ledger["recomputed_steps"] <= 3 * 4
+    # Each restart resumes from a checkpoint step (interval 4) before the failing step: the
+    # newest one, or with an async save still in flight when the fault hits, the one before.
+    failing = [7, 10, 15]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ \(step (\d+)\)", err)]
+    assert len(resumed) == len(failing), err[-4000:]
+    for fail, step in zip(failing, resumed, strict=True):
+        assert step % 4 == 0 and fail - 2 * 4 <= step < fail, (fail, step)
+    # Lost work: no more than the steps between each resume point and its failure.
+    lost = sum(fail - 1 - step for fail, step in zip(failing, resumed, strict=True))
+    assert 0 < ledger["recomputed_steps"] <= lost
     assert 0 < ledger["goodput"] < 1
     dump = (run_dir / "hangs" / "rank-0-attempt-1.txt").read_text()
     assert "step 10 took longer than resilience.hang_timeout_s=3" in dump

@@ -192,6 +192,40 @@ PRESETS: dict[str, Preset] = {
         "Qwen/Qwen1.5-MoE-A2.7B",
         2_700_000_000,  # "2.7B activated parameters" (the name's A2.7B)
     ),
+    "deepseek-v3": Preset(
+        # DeepSeek-V3's shapes (its Hugging Face config): latent attention, 3 dense layers, then
+        # 58 layers of 256 routed experts (top 8) beside one shared expert; 4,096-token
+        # pre-training sequences (the YaRN extension to 128K and the multi-token-prediction
+        # module, 14B more, are left out). The router is Loom's (softmax top-k, bias
+        # balancing), not DeepSeek's sigmoid group-limited one: the same weights and FLOPs.
+        ModelConfig(
+            preset="deepseek-v3",
+            vocab_size=129280,
+            dim=7168,
+            n_layers=61,
+            n_heads=128,
+            n_kv_heads=128,
+            head_dim=192,
+            ffn_hidden=18432,
+            max_seq_len=4096,
+            norm_eps=1e-6,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            rope_head_dim=64,
+            v_head_dim=128,
+            moe=MoEConfig(
+                experts=256,
+                top_k=8,
+                shared_experts=1,
+                expert_ffn_hidden=2048,
+                first_dense_layers=3,
+                balance="bias",
+            ),
+        ),
+        671_000_000_000,  # "671B total parameters" (the technical report, MTP module excluded)
+        "deepseek-ai/DeepSeek-V3",
+        37_000_000_000,  # "37B activated for each token"
+    ),
 }
 
 

@@ -111,6 +111,11 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
+# DeepSeek's code (and transformers') norms the compressed vectors with a fixed epsilon,
+# whatever the model's norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
 class LatentAttention(nn.Module):
     """DeepSeek's multi-head latent attention: each token's keys and values are expanded from
     one kv_lora_rank-wide vector (what a cache would keep), its queries from a q_lora_rank-wide
@@ -125,12 +130,12 @@ class LatentAttention(nn.Module):
         self.q_proj: nn.Linear | None = None
         if rank:
             self.q_a_proj = nn.Linear(cfg.dim, rank, bias=False)
-            self.q_a_layernorm = RMSNorm(rank, cfg.norm_eps)
+            self.q_a_layernorm = RMSNorm(rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(rank, heads * self.head_dim, bias=False)
         else:
             self.q_proj = nn.Linear(cfg.dim, heads * self.head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, kv_rank + self.rope, bias=False)
-        self.kv_a_layernorm = RMSNorm(kv_rank, cfg.norm_eps)
+        self.kv_a_layernorm = RMSNorm(kv_rank, LATENT_NORM_EPS)
         nope = self.head_dim - self.rope
         self.kv_b_proj = nn.Linear(kv_rank, heads * (nope + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * self.v_head_dim, cfg.dim, bias=False)

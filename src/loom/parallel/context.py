@@ -33,7 +33,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from loom.core.loss import cross_entropy
 from loom.parallel.compile import ForwardLoss
 
-TILE_SCORES = 2**22  # fp32 attention scores computed at a time (16 MiB)
+# fp32 attention scores computed at a time: as many as the rank's query elements (a tile's
+# scores, exponentials and gradients then stay the size of the layer's own activations), and at
+# least MIN_TILE_SCORES (16 MiB); set a number to fix it. Smaller tiles mean more kernel launches
+# (and more ops for `--simulate`'s fake tensors) for no saving in peak memory.
+TILE_SCORES: int | None = None
+MIN_TILE_SCORES = 2**22
 
 # The chunk pairs of one (queries, keys-from-rank-j) block: (query chunk, key chunk, additive
 # mask or None for "all visible"). Pairs with nothing visible are left out.
@@ -273,8 +278,9 @@ def _tiles(query: torch.Tensor, keys: torch.Tensor) -> Iterator[tuple[slice, tor
     """The query chunk in tiles of rows whose scores against `keys` stay near TILE_SCORES
     elements: a long sequence's [chunk × chunk] scores (and their exponentials and
     gradients) would otherwise be the largest tensors of the step."""
+    budget = TILE_SCORES or max(MIN_TILE_SCORES, 2 * query.numel())  # 2 chunks: the rank's
     per_row = query[..., 0, 0].numel() * keys.shape[-2]
-    step = max(1, TILE_SCORES // per_row)
+    step = max(1, budget // per_row)
     for start in range(0, query.shape[-2], step):
         rows = slice(start, start + step)
         yield rows, query[..., rows, :]
