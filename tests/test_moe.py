@@ -431,3 +431,43 @@ def test_the_planner_offers_expert_parallelism_as_loom_runs_it() -> None:
     ]:
         with pytest.raises(LoomError, match=message):
             check_strategy(shape, hw, strategy)
+
+
+def test_the_planner_splits_expert_states_over_ep_and_reads_latent_attention() -> None:
+    """DeepSeek-V3 in the planner: its parameters and FLOPs are the model's (latent attention's
+    low-rank projections and narrow value heads included); under Megatron-style ZeRO-1 with ep
+    64, each rank holds 1/64 of the experts' weights and gradients and 1/dp of their optimizer
+    state, the rest whole (weights, gradients) or 1/dp (optimizer)."""
+    from dataclasses import replace
+
+    from loom.core.presets import get_preset
+    from loom.planner.cost import model_flops_per_token
+    from loom.planner.memory import rank_layers
+
+    cfg = get_preset("deepseek-v3")
+    model = model_from_config(cfg, 4096)
+    assert model.params() == cfg.num_params()
+    no_mla = replace(model, attention_weights=0, value_head_dim=0)
+    assert no_mla.params() > model.params()  # 128 full-width q/k/v/o heads would be larger
+    s = Strategy(pp=16, dp=128, ep=64, zero_stage=1, precision="fp8", framework="megatron")
+    assert model_flops_per_token(model, s) == pytest.approx(cfg.flops_per_token(4096), rel=1e-5)
+    hw = gpu_hardware("h800", 2048)
+    layers = max(rank_layers(model.layers, 16, 1))
+    experts = layers * model.expert_params_per_layer()
+    split, whole = estimate(model, hw, s), estimate(model, hw, replace(s, ep=1))
+    assert whole.params - split.params == pytest.approx(2 * experts * (1 - 1 / 64), rel=1e-9)
+    assert whole.grads - split.grads == pytest.approx(2 * experts * (1 - 1 / 64), rel=1e-9)
+    assert split.optimizer == pytest.approx(whole.optimizer, rel=1e-9)  # 1/dp either way
+
+
+def test_a_spec_gives_a_mixture_of_experts_shape_or_is_refused() -> None:
+    """A whole shape's expert keys reach the planner (they were once accepted and dropped)."""
+    from loom.planner.spec import parse_model
+
+    shape = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "ffn_hidden": 14336}
+    shape.update(vocab=32000, seq_len=4096)
+    dense = parse_model(shape)
+    moe = parse_model({**shape, "experts": 8, "top_k": 2, "expert_ffn": 14336, "moe_layers": 32})
+    assert moe.experts == 8 and moe.params() > 4 * dense.params()
+    with pytest.raises(LoomError, match="top_k"):
+        parse_model({**shape, "experts": 8, "expert_ffn": 14336, "moe_layers": 32})

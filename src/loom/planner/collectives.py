@@ -98,7 +98,7 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
         # round the cp ranks: cp − 1 hops in forward (again when the block is recomputed) and
         # in backward, where their fp32 gradients take cp hops home. Per micro-batch the loss
         # all-reduces the number of targets over cp (it is token-weighted).
-        hop = tokens * 2 * model.kv_dim / s.tp
+        hop = tokens * (model.kv_dim + model.kv_value_dim) / s.tp
         runs = accum * chunks * layers
         forward = (s.cp - 1) * (2 + (s.recompute != "none"))
         calls, volume = runs * (forward + s.cp), runs * (forward * compute + s.cp * 4) * hop

@@ -180,7 +180,7 @@ class _Cost:
 def layer_forward_flops(model: ModelShape, tokens: float) -> float:
     """Matmul and attention FLOPs of one block's forward pass over `tokens` tokens, attention
     counted over the full (not causal) square as PaLM's MFU convention does."""
-    attention = 4 * tokens * model.seq_len * model.q_dim
+    attention = 4 * tokens * model.seq_len * model.attention_width
     return 2 * tokens * model.matmul_params_per_layer() + attention
 
 
@@ -188,7 +188,7 @@ def model_flops_per_token(model: ModelShape, s: Strategy) -> float:
     """6·N_matmul + 12·L·H·Q·T: training FLOPs per token without recomputation (PaLM). LoRA /
     QLoRA: 4·N_matmul (the frozen weights get no gradients) + 6 per adapter parameter."""
     n = model.layers * model.matmul_params_per_layer() + model.vocab * model.hidden
-    attention = 12 * model.layers * model.q_dim * model.seq_len
+    attention = 12 * model.layers * model.attention_width * model.seq_len
     if s.finetune == "full":
         return 6 * n + attention
     adapters = model.layers * lora_params_per_layer(model, s) * s.tp
@@ -206,16 +206,16 @@ def executed_flops_per_token(model: ModelShape, s: Strategy) -> float:
     recomputation repeats the forward (full) or the attention core (selective, unfused)."""
     flash = _flash(model, s)
     flops = model_flops_per_token(model, s)
-    attention = 12 * model.layers * model.q_dim * model.seq_len
+    attention = 12 * model.layers * model.attention_width * model.seq_len
     if flash:
         flops -= attention / 2
     if s.recompute == "full":
         forward = layer_forward_flops(model, 1.0) - (
-            2 * model.q_dim * model.seq_len if flash else 0
+            2 * model.attention_width * model.seq_len if flash else 0
         )
         flops += model.layers * forward
     elif s.recompute == "selective" and not flash:
-        flops += model.layers * 4 * model.seq_len * model.q_dim
+        flops += model.layers * 4 * model.seq_len * model.attention_width
     return flops
 
 
@@ -248,13 +248,14 @@ def step_time(
     fused = s.fused_kernels
 
     # One block, one micro-batch: forward matmuls (sharded by tp), attention, elementwise.
-    forward_gemms = (
-        cost.gemm(tokens, (q + 2 * kv) / t, h)
-        + cost.gemm(tokens, h, q / t)
-        + cost.gemm(tokens, mlp_in * f / t, h)
-        + cost.gemm(tokens, h, f / t)
+    # (latent attention's low-rank projections: as one matmul of their weights from h)
+    projections = (
+        cost.gemm(tokens, (q + 2 * kv) / t, h) + cost.gemm(tokens, h, q / t)
+        if not model.attention_weights
+        else cost.gemm(tokens, model.attention_weights / h / t, h)
     )
-    head_dim = q / model.heads
+    forward_gemms = projections + cost.gemm(tokens, mlp_in * f / t, h) + cost.gemm(tokens, h, f / t)
+    head_dim = model.attention_width / model.heads
     heads = model.heads / t * b
     flash = _flash(model, s)
     if hw.attention_efficiency and half in (2, 4):
@@ -323,7 +324,7 @@ def step_time(
     # gradients, which take one hop more to get home. Each hop overlaps a block of attention.
     cp_layer = 0.0
     if cp > 1:
-        kv_bytes = 2 * b * model.seq_len * kv / t * half
+        kv_bytes = b * model.seq_len * (kv + model.kv_value_dim) / t * half
         ring = cost.collective(kv_bytes, cp, 1, t)
         gradients = ring * 4 / half * cp / (cp - 1)
         passes_fwd = 2 if s.recompute == "full" else 1

@@ -55,16 +55,25 @@ def state_bytes(s: Strategy) -> tuple[float, float, float]:
     return 4.0, 4.0, 8.0
 
 
-def model_state_bytes(params: float, s: Strategy) -> tuple[float, float, float]:
+def model_state_bytes(
+    params: float, s: Strategy, experts: float = 0.0
+) -> tuple[float, float, float]:
     """Weights, gradients and optimizer bytes per device for `params` parameters on that
-    device (already divided by tensor and pipeline parallelism), sharded by the ZeRO stage."""
+    device (already divided by tensor and pipeline parallelism), sharded by the ZeRO stage. Of
+    them, `experts` are routed experts' weights: expert parallelism splits them over its ep
+    ranks and ZeRO shards each expert over the ranks that hold a copy of it (dp·cp / ep)."""
     weight, grad, optim = state_bytes(s)
-    dp = s.state_shards
-    return (
-        params * weight / (dp if s.zero_stage >= 3 else 1),
-        params * grad / (dp if s.zero_stage >= 2 else 1),
-        params * optim / (dp if s.zero_stage >= 1 else 1),
-    )
+
+    def sharded(n: float, shards: float) -> tuple[float, float, float]:
+        return (
+            n * weight / (shards if s.zero_stage >= 3 else 1),
+            n * grad / (shards if s.zero_stage >= 2 else 1),
+            n * optim / (shards if s.zero_stage >= 1 else 1),
+        )
+
+    dense = sharded(params - experts, s.state_shards)
+    split = sharded(experts / s.ep, s.state_shards / s.ep)
+    return dense[0] + split[0], dense[1] + split[1], dense[2] + split[2]
 
 
 def padded_share(model: ModelShape, s: Strategy) -> float:
@@ -307,7 +316,10 @@ def _in_flight(s: Strategy) -> int:
 def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     psi = params_per_device(model, s)
     if s.finetune == "full":
-        weights, grads, optim = model_state_bytes(psi, s)
+        experts = max(rank_layers(model.layers, s.pp, s.virtual_stages)) * (
+            model.expert_params_per_layer() / s.tp
+        )
+        weights, grads, optim = model_state_bytes(psi, s, experts)
         padding = padded_share(model, s)
         weights, grads, optim = weights * padding, grads * padding, optim * padding
         if s.framework == "loom" and s.tp > 1 and s.zero_stage < 3:

@@ -41,6 +41,11 @@ class ModelShape:
     expert_ffn: int = 0
     shared_ffn: int = 0
     moe_layers: int = 0
+    # latent attention (DeepSeek's MLA): the weights of one block's attention projections
+    # (low-rank query and key/value, instead of q/k/v/o of heads × head_dim) and the value
+    # heads' width (narrower than the query/key heads' head_dim); 0 = standard attention
+    attention_weights: int = 0
+    value_head_dim: int = 0
 
     def _mlp_width(self, experts: int) -> float:
         """MLP width per layer, averaged over the layers, with `experts` experts per MoE layer."""
@@ -68,10 +73,31 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.kv_heads * (self.head_dim or self.hidden // self.heads)
 
+    @property
+    def v_dim(self) -> int:
+        """The width of the values all query heads read (the query width unless MLA)."""
+        return self.heads * self.value_head_dim if self.value_head_dim else self.q_dim
+
+    @property
+    def kv_value_dim(self) -> int:
+        """The width of one token's values (the keys' width unless MLA)."""
+        return self.kv_heads * self.value_head_dim if self.value_head_dim else self.kv_dim
+
+    @property
+    def attention_width(self) -> float:
+        """Per token and key, attention's two matmuls (scores and values) take 2 · this many
+        multiply-adds: the query width for standard attention."""
+        return (self.q_dim + self.v_dim) / 2
+
+    def attention_matmul_params(self) -> float:
+        """The weights of one block's attention projections."""
+        h = self.hidden
+        return self.attention_weights or h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+
     def layer_params(self) -> float:
         """Parameters of one block (an MoE model's: the average over its blocks)."""
         h = self.hidden
-        attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+        attn = self.attention_matmul_params()
         if self.arch == "gpt":  # 2 MLP matrices, biases, LayerNorm weight + bias
             return (
                 attn
@@ -107,7 +133,7 @@ class ModelShape:
         the shared MLP and the router)."""
         h = self.hidden
         mlp = (2 if self.arch == "gpt" else 3) * h * self.active_ffn + self._router_params()
-        return h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h + mlp
+        return self.attention_matmul_params() + mlp
 
 
 # AdamW parameters updated per second by one node's CPUs, for the offload tiers' optimizer
@@ -229,6 +255,8 @@ GPU_TABLE: dict[str, tuple[dict[str, float], float, float, float]] = {
     "a100": ({"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}, 80, 300, 2039),
     "a100-40gb": ({"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}, 40, 300, 1555),
     "h100": ({"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7}, 80, 450, 3350),
+    # H800: the H100 SXM's compute and memory with NVLink cut to 400 GB/s (both directions)
+    "h800": ({"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7}, 80, 200, 3350),
     "h100-pcie": ({"bf16": 756.0, "fp16": 756.0, "fp8": 1513.0, "fp32": 378.0}, 80, 300, 2000),
     "h200": ({"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 494.5}, 141, 450, 4800),
     "b200": ({"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "fp32": 1100.0}, 180, 900, 8000),
@@ -252,6 +280,7 @@ NODE_TABLE: dict[str, tuple[float, float, float]] = {
     "a100-40gb": (1000, 15360, 12),
     "h100": (2000, 30720, 24),
     "h100-pcie": (2000, 30720, 24),
+    "h800": (2000, 30720, 24),
     "h200": (2000, 30720, 24),
     "b200": (4000, 30720, 24),
     "gb200": (36 * 480, 72 * 3840, 72 * 3),
@@ -264,7 +293,14 @@ NODE_TABLE: dict[str, tuple[float, float, float]] = {
 
 
 # Board power the datasheet peaks are quoted at (W), for parts run under a lower power cap.
-TDP_W = {"a100": 400.0, "a100-40gb": 400.0, "h100": 700.0, "h200": 700.0, "b200": 1000.0}
+TDP_W = {
+    "a100": 400.0,
+    "a100-40gb": 400.0,
+    "h100": 700.0,
+    "h800": 700.0,
+    "h200": 700.0,
+    "b200": 1000.0,
+}
 
 
 def gpu_hardware(name: str, devices: int, **overrides: Any) -> Hardware:
@@ -285,14 +321,14 @@ def gpu_hardware(name: str, devices: int, **overrides: Any) -> Hardware:
     }
     if key in ("rtx4090", "l40s"):  # PCIe cards: no NVLink, slower network
         values.update(devices_per_node=4, inter_node_gbps=12.5)
-    if key == "h100" or key == "h200" or key == "b200":
+    if key in ("h100", "h800", "h200", "b200"):
         values.update(inter_node_gbps=50.0, host_link_gbps=50.0)  # 400 Gb/s per GPU
     if key in ("gb200", "gb300"):  # NVL72: one NVLink domain of 72 GPUs
         values.update(devices_per_node=72, inter_node_gbps=50.0, host_link_gbps=50.0)
     host, disk, disk_gbps = NODE_TABLE[key]
     values.update(host_memory_gb=host, disk_gb=disk, disk_gbps=disk_gbps)
     values["tdp_w"] = TDP_W.get(key, 0.0)
-    values["new_tensor_instructions"] = key.startswith(("h100", "h200", "b200", "gb"))
+    values["new_tensor_instructions"] = key.startswith(("h100", "h800", "h200", "b200", "gb"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Hardware(**values)
 
@@ -371,7 +407,21 @@ def model_from_config(cfg: ModelConfig, seq_len: int) -> ModelShape:
         expert_ffn=cfg.expert_hidden if moe.enabled else 0,
         shared_ffn=moe.shared_experts * cfg.expert_hidden if moe.enabled else 0,
         moe_layers=cfg.moe_layers,
+        attention_weights=cfg.attention_params() if cfg.latent_attention else 0,
+        value_head_dim=cfg.v_head_dim if cfg.latent_attention else 0,
     )
+
+
+# A whole shape's keys that default to 0: a mixture of experts, latent attention.
+OPTIONAL_SHAPE_KEYS = (
+    "experts",
+    "top_k",
+    "expert_ffn",
+    "shared_ffn",
+    "moe_layers",
+    "attention_weights",
+    "value_head_dim",
+)
 
 
 def parse_model(raw: Any, seq_len: int | None = None) -> ModelShape:
@@ -424,7 +474,15 @@ def parse_model(raw: Any, seq_len: int | None = None) -> ModelShape:
         arch=arch,
         tied=bool(raw.get("tied", arch == "gpt")),
         head_dim=_int(raw, "head_dim", "model") if raw.get("head_dim") is not None else 0,
+        **{k: _int(raw, k, "model") for k in OPTIONAL_SHAPE_KEYS if raw.get(k) is not None},
     )
+    complete = 0 < shape.top_k <= shape.experts and shape.expert_ffn > 0 and shape.moe_layers > 0
+    if (shape.experts and not complete) or shape.moe_layers > shape.layers:
+        raise LoomError(
+            f"spec.model: experts={shape.experts} makes a mixture of experts: give top_k (1 to "
+            f"experts), expert_ffn (each expert's width) and moe_layers (1 to layers="
+            f"{shape.layers}; shared_ffn for shared experts)"
+        )
     if shape.ffn_hidden <= 0:
         raise LoomError("spec.model.ffn_hidden is needed for a Llama-style model")
     if shape.heads % shape.kv_heads or (not shape.head_dim and shape.hidden % shape.heads):
