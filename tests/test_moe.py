@@ -169,7 +169,7 @@ def test_moe_section_turns_a_model_into_experts_and_refuses_bad_values(tmp_path:
         (["--moe.experts=4", "--moe.balance=loss"], "balance"),
         (["--moe.experts=4", "--moe.shared_expert_gate=true"], "set moe.shared_experts"),
         (["--moe.experts=4", "--moe.first_dense_layers=9"], "leaves no MoE layer"),
-        (["--moe.experts=4", "--parallel.tp=2"], "tp=1 and pp=1"),
+        (["--moe.experts=4", "--parallel.pp=2"], "with pp=1"),
     ]:
         with pytest.raises(LoomError, match=message):
             load_config(None, ["--model.preset=tiny", *overrides])
@@ -177,6 +177,11 @@ def test_moe_section_turns_a_model_into_experts_and_refuses_bad_values(tmp_path:
         (2, ["--parallel.ep=2"], "the model has none"),
         (2, ["--moe.experts=3", "--moe.top_k=1", "--parallel.ep=2"], "must divide moe.experts=3"),
         (4, ["--moe.experts=4", "--parallel.ep=2"], "must equal parallel.dp_shard=4"),
+        (
+            4,
+            ["--moe.experts=4", "--parallel.ep=2", "--parallel.cp=2"],
+            r"dp_shard × parallel.cp = 2 × 2.*set parallel.ep=4",
+        ),
         (
             4,
             ["--moe.experts=4", "--parallel.ep=2", "--parallel.dp_replicate=2"],
@@ -317,8 +322,9 @@ def test_data_and_expert_parallel_layouts_train_an_moe_like_one_process(
     tiny_config, data_dir: Path, tmp_path: Path
 ) -> None:
     """Routing is per token, the bias balancing sums the counts over ranks first, and expert
-    parallelism only moves tokens to where their experts live: FSDP, DDP and ep 2 and 4 train
-    the model one process trains, and a checkpoint reshards ep 2 → ep 4 → one process."""
+    parallelism only moves tokens to where their experts live: FSDP, DDP, ep 2 and 4, and tp 2
+    (with ep 2 and sequence parallelism too; each tp rank runs the MoE on the block's tokens)
+    train the model one process trains, and a checkpoint reshards ep 2 → ep 4 → one process."""
     moe = ["--moe.experts=4", "--moe.top_k=2", "--moe.balance=bias", "--moe.bias_update_rate=0.05"]
     moe += ["--train.batch_size=8", "--train.micro_batch_size=4", "--metrics.tensorboard=false"]
     moe += ["--checkpoint.interval=2"]
@@ -335,9 +341,19 @@ def test_data_and_expert_parallel_layouts_train_an_moe_like_one_process(
     records = launch(2, spec, tmp_path)
     ep4 = tiny_args(data_dir, tmp_path / "ep4", *moe, "--parallel.ep=4")
     resumed = tiny_args(data_dir, tmp_path / "ep2_to_ep4", *moe, "--parallel.ep=4")
+    tp = ["--parallel.dp_shard=2", "--parallel.tp=2"]
+    tensor = {
+        "tp2": [*tp, "--parallel.sequence_parallel=false"],
+        "ep2_tp2_sp": [*tp, "--parallel.ep=2", "--parallel.sequence_parallel=true"],
+        "ep4_cp2": ["--parallel.dp_shard=2", "--parallel.cp=2", "--parallel.ep=4"],
+    }
     records |= launch(
         4,
         [
+            *(
+                {"name": n, "args": tiny_args(data_dir, tmp_path / n, *moe, *a)}
+                for n, a in tensor.items()
+            ),
             {"name": "ep4", "args": ep4},
             {
                 "name": "ep2_to_ep4",
@@ -347,13 +363,22 @@ def test_data_and_expert_parallel_layouts_train_an_moe_like_one_process(
         ],
         tmp_path,
     )
+    # dp_shard 2 × cp 2 × tp 2 with experts over the 4 FSDP ranks (ep = dp_shard × cp)
+    tensor["ep4_cp2_tp2"] = [*tp, "--parallel.cp=2", "--parallel.ep=4"]
+    spec = [
+        {
+            "name": "ep4_cp2_tp2",
+            "args": tiny_args(data_dir, tmp_path / "ep4_cp2_tp2", *moe, *tensor["ep4_cp2_tp2"]),
+        }
+    ]
+    records |= launch(8, spec, tmp_path)
     roll_back(tmp_path / "ep2_to_ep4", tmp_path / "ep4_to_one", 6)
     one = train(tiny_config(*moe, run_dir=tmp_path / "ep4_to_one"))
     assert {k: v for k, v in single.train_losses.items() if k > 6} == pytest.approx(
         one.train_losses, abs=1e-5
     )
     reference = load_for_generation(tmp_path / "single", torch.device("cpu"))[0].state_dict()
-    for name in [*layouts, "ep4", "ep2_to_ep4", "ep4_to_one"]:
+    for name in [*layouts, *tensor, "ep4", "ep2_to_ep4", "ep4_to_one"]:
         if name in records:
             losses = {int(k): v for k, v in records[name][0]["losses"].items()}
             expected = {k: v for k, v in single.train_losses.items() if k in losses}
@@ -366,9 +391,21 @@ def test_data_and_expert_parallel_layouts_train_an_moe_like_one_process(
     # parameter, the experts' all included) against what each rank holds; FSDP pads a tensor
     # that does not split evenly by at most one row per rank
     model = model_from_config(load_config(None, tiny_args(data_dir, tmp_path, *moe)).model, 32)
-    for name, ranks in [("fsdp2", 2), ("ep2", 2), ("ep4", 4), ("ddp2", 2)]:
+    for name, ranks, tp in [
+        ("fsdp2", 2, 1),
+        ("ep2", 2, 1),
+        ("ep4", 4, 1),
+        ("ddp2", 2, 1),
+        ("tp2", 4, 2),
+        ("ep2_tp2_sp", 4, 2),
+    ]:
         strategy = Strategy(
-            precision="fp32", framework="loom", dp=ranks, zero_stage=0 if name == "ddp2" else 3
+            precision="fp32",
+            framework="loom",
+            tp=tp,
+            dp=ranks // tp,
+            ep=2 if name.startswith("ep2") else 4 if name == "ep4" else 1,
+            zero_stage=0 if name == "ddp2" else 3,
         )
         memory = estimate(model, gpu_hardware("h100", ranks), strategy)
         for kind, value in [("params", memory.params), ("optimizer", memory.optimizer)]:
@@ -404,7 +441,7 @@ def test_the_planner_costs_active_parameters_and_holds_all_of_them() -> None:
 
 
 def test_the_planner_offers_expert_parallelism_as_loom_runs_it() -> None:
-    """An ep layout (ep = dp under FSDP) beside each FSDP one: the all-to-alls cost time, the
+    """An ep layout (ep = dp × cp under FSDP) beside each FSDP one: the all-to-alls cost time, the
     experts leave FSDP's traffic, and its command runs `--parallel.ep`; ep that Loom does not
     run is refused."""
     from dataclasses import replace
@@ -418,7 +455,9 @@ def test_the_planner_offers_expert_parallelism_as_loom_runs_it() -> None:
     hw = gpu_hardware("h100", 4)
     found = candidates(model, hw, Strategy(global_batch=64), 64)
     split = [s for s in found if s.ep > 1]
-    assert split and all(s.ep == s.dp == 4 and s.zero_stage == 3 for s in split)
+    assert split and all(s.ep == s.dp * s.cp and s.zero_stage == 3 for s in split)
+    assert {(s.tp, s.ep) for s in split} >= {(1, 4), (2, 2)}  # each tp rank runs the MoE whole
+    split = [s for s in split if s.ep == 4 and s.cp == 1]
     ep, fsdp = evaluate(model, hw, split[0]).time, evaluate(model, hw, replace(split[0], ep=1)).time
     assert ep.expert_parallel > 0 == fsdp.expert_parallel
     assert ep.data_parallel <= fsdp.data_parallel
@@ -426,7 +465,7 @@ def test_the_planner_offers_expert_parallelism_as_loom_runs_it() -> None:
     dense = model_from_config(get_preset("llama3-8b"), 4096)
     for shape, strategy, message in [
         (dense, split[0], "the model needs experts"),
-        (model, replace(split[0], ep=2), "ep = dp = 4"),
+        (model, replace(split[0], ep=2), "ep = dp × cp = 4"),
         (model, replace(split[0], ep=3), "must divide them"),
     ]:
         with pytest.raises(LoomError, match=message):

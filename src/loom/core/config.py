@@ -459,11 +459,11 @@ def validate(cfg: Config) -> None:
     """Reject impossible values up front, naming the key and the fix."""
     m, t, o = cfg.model, cfg.train, cfg.optimizer
     check_moe(m)
-    if m.moe.enabled and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
+    if m.moe.enabled and cfg.parallel.pp > 1:
         raise LoomError(
-            f"parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}: a mixture-of-experts "
-            "model trains with tp=1 and pp=1 for now (experts are not split over tensor-parallel "
-            "ranks or pipeline stages yet); shard it with parallel.dp_shard instead"
+            f"parallel.pp={cfg.parallel.pp}: a mixture-of-experts model trains with pp=1 for now "
+            "(experts are not split over pipeline stages yet); shard it with parallel.dp_shard "
+            "(and parallel.tp, parallel.ep) instead"
         )
     _positive(
         {

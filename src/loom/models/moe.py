@@ -168,7 +168,8 @@ class RoutingStats:
         """DeepSeek-V3's auxiliary-loss-free balancing, after an optimizer step: raise the bias
         of experts that received fewer tokens than the mean in this step, lower the others.
         The counts are summed over all ranks first (every rank holds every layer: MoE trains
-        with tp=pp=1), so every replica keeps the same bias."""
+        with pp=1; tp ranks count the same tokens, which the sign does not see), so every
+        replica keeps the same bias."""
         load = self.load.clone()
         if dist.is_initialized():
             dist.all_reduce(load)

@@ -27,7 +27,7 @@ class ParallelDims:
     tp: int
     stages_per_rank: int
     microbatches: int
-    ep: int = 1  # experts split over the dp_shard ranks (1, or dp_shard)
+    ep: int = 1  # experts split over the FSDP ranks (1, or dp_shard × cp)
     cp: int = 1  # each sequence split over this many ranks
 
     @property
@@ -212,11 +212,8 @@ def _check_context_parallel(cfg: Config) -> None:
             f"parallel.cp={p.cp} splits each sequence into 2 × cp = {2 * p.cp} equal chunks; "
             f"train.seq_len={t.seq_len} must be a multiple of {2 * p.cp}"
         )
-    if p.ep > 1 or cfg.memory.offload != "none":
-        raise LoomError(
-            "parallel.cp > 1 runs with FSDP / HSDP, tp and pp for now: set parallel.ep=1 and "
-            "memory.offload=none"
-        )
+    if cfg.memory.offload != "none":
+        raise LoomError("parallel.cp > 1 does not run with memory.offload yet; set it to none")
 
 
 def _check_expert_parallel(cfg: Config, dp_shard: int) -> None:
@@ -229,10 +226,16 @@ def _check_expert_parallel(cfg: Config, dp_shard: int) -> None:
             f"parallel.ep={p.ep} splits a mixture of experts; the model has none (set "
             "moe.experts) or use parallel.ep=1"
         )
-    if p.ep != dp_shard:
+    if p.ep != dp_shard * p.cp:
+        ranks = (
+            f"parallel.dp_shard × parallel.cp = {dp_shard} × {p.cp}"
+            if p.cp > 1
+            else (f"parallel.dp_shard={dp_shard}")
+        )
         raise LoomError(
-            f"parallel.ep={p.ep} must equal parallel.dp_shard={dp_shard}: the experts are split "
-            "over the FSDP ranks (experts sharded over a subgroup of them is not built yet)"
+            f"parallel.ep={p.ep} must equal {ranks}: the experts are split over the FSDP ranks "
+            f"(set parallel.ep={dp_shard * p.cp}; experts over a subgroup of them are not built "
+            "yet)"
         )
     if moe.experts % p.ep:
         good = [d for d in _divisors(moe.experts) if d > 1]

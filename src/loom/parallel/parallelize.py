@@ -240,8 +240,10 @@ def parallelize(
             assert mesh is not None
             apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel, p.loss_parallel)
         experts = set()
-        if dims.ep > 1 and mesh is not None:
-            experts = apply_expert_parallel(part, mesh["dp_shard"])
+        if dims.ep > 1 and mesh is not None:  # over the FSDP ranks: dp_shard (× cp)
+            experts = apply_expert_parallel(
+                part, mesh["dp_shard_cp" if dims.cp > 1 else "dp_shard"]
+            )
         apply_recompute(part, memory.recompute, memory.recompute_every)
         if t.compile and mesh is not None:
             for block in part.layers.values():

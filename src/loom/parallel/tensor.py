@@ -6,6 +6,10 @@ sequence parallelism, an all-gather before and a reduce-scatter after, with norm
 sharded along the sequence). With loss parallelism the output projection keeps the logits
 sharded over the vocabulary and the cross-entropy is computed without gathering them.
 
+A mixture-of-experts layer is not split: each tensor-parallel rank runs it on the block's
+whole (gathered) tokens and keeps its own sequence shard of the output, so its weights and
+their gradients are the same on every tp rank (expert tensor parallelism is not built).
+
 Tied embeddings (Megatron's way): the embedding is vocabulary-parallel (each rank holds a slice
 of the rows), and the same slice is the output projection's: the final norm hands the model a
 replicated DTensor, so the model's `F.linear(h, embed_tokens.weight)` gives vocabulary-sharded
@@ -22,6 +26,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
@@ -29,6 +34,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from loom.models.llama import Transformer
+from loom.models.moe import MoE
 
 
 def apply_tensor_parallel(
@@ -63,13 +69,23 @@ def apply_tensor_parallel(
             "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(),
             "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-            "mlp": PrepareModuleInput(
-                input_layouts=(residual,), desired_input_layouts=(Replicate(),)
-            ),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
         }
+        if isinstance(block.mlp, MoE):
+            plan["mlp"] = PrepareModuleInputOutput(
+                input_layouts=(residual,),
+                desired_input_layouts=(Replicate(),),
+                use_local_input=True,
+                output_layouts=(Replicate(),),
+                desired_output_layouts=(residual,),
+                use_local_output=True,
+            )
+        else:
+            plan["mlp"] = PrepareModuleInput(
+                input_layouts=(residual,), desired_input_layouts=(Replicate(),)
+            )
+            plan["mlp.gate_proj"] = ColwiseParallel()
+            plan["mlp.up_proj"] = ColwiseParallel()
+            plan["mlp.down_proj"] = RowwiseParallel(output_layouts=residual)
         if sequence_parallel:
             plan["input_layernorm"] = SequenceParallel()
             plan["post_attention_layernorm"] = SequenceParallel()

@@ -254,7 +254,10 @@ def step_time(
         if not model.attention_weights
         else cost.gemm(tokens, model.attention_weights / h / t, h)
     )
-    forward_gemms = projections + cost.gemm(tokens, mlp_in * f / t, h) + cost.gemm(tokens, h, f / t)
+    # (loom train runs an MoE layer whole on every tp rank: its share of f is not split)
+    whole = model.moe_active_ffn if s.framework == "loom" else 0.0
+    mlp = (f - whole) / t + whole
+    forward_gemms = projections + cost.gemm(tokens, mlp_in * mlp, h) + cost.gemm(tokens, h, mlp)
     head_dim = model.attention_width / model.heads
     heads = model.heads / t * b
     flash = _flash(model, s)
@@ -339,7 +342,8 @@ def step_time(
     if s.ep > 1 and model.moe_layers:
         routed = tokens * model.top_k * h * half
         exchanges = 4 + (2 if s.recompute == "full" else 0)
-        all_to_all = cost.collective(routed, s.ep, 1, t * s.cp)
+        # (ep within the dp ranks: cp·tp apart; over dp × cp, as loom train runs it: tp apart)
+        all_to_all = cost.collective(routed, s.ep, 1, t * (s.cp if s.ep <= s.dp else 1))
         ep_layer = exchanges * all_to_all * model.moe_layers / model.layers
 
     # The busiest pipeline rank: its layers (uneven splits give some ranks one more) plus the
@@ -468,7 +472,8 @@ def _data_parallel(
     psi = params_per_device(model, s) * padded_share(model, s)  # FSDP moves padded shards
     experts = 0.0
     if s.ep > 1:  # split experts are neither gathered nor reduced across all the dp ranks
-        experts = model.expert_params_per_layer() / s.tp * layers
+        split = 1 if s.framework == "loom" else s.tp  # loom train: whole on each tp rank
+        experts = model.expert_params_per_layer() / split * layers
         psi -= experts
     trainable = psi if s.finetune == "full" else lora_params(model, s)
     _, grad_bytes, _ = state_bytes(s)
@@ -486,7 +491,8 @@ def _data_parallel(
         shard = dp_ranks
         reduce = cost.collective(grads, dp_ranks, 2, stride)
     if experts and s.finetune == "full":  # each expert's copies: dp / ep of them
-        reduce += cost.collective(experts / s.ep * min(grad_bytes, 4), s.dp // s.ep, 2, stride)
+        copies = dp_ranks // s.ep
+        reduce += cost.collective(experts / s.ep * min(grad_bytes, 4), copies, 2, stride)
     exposed = max(0.0, reduce - cal.dp_overlap * backward_pass * layers)
     if s.zero_stage >= 3:
         gathered = psi * BYTES[s.precision if s.precision != "fp8" else "bf16"]

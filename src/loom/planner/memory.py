@@ -137,11 +137,18 @@ def rank_layers(layers: int, pp: int, virtual_stages: int = 1) -> list[int]:
 def params_per_device(model: ModelShape, s: Strategy) -> float:
     """Parameters on the most loaded device: its share of the layers plus the embedding (first
     stage) or the head (last stage); tensor parallelism splits all but the norms."""
-    replicated = model.replicated_params_per_layer()
+    replicated = model.replicated_params_per_layer() + unsplit_moe_params(model, s)
     per_layer = (model.layer_params() - replicated) / s.tp + replicated
     return max(rank_layers(model.layers, s.pp, s.virtual_stages)) * per_layer + (
         outer_params_per_device(model, s)
     )
+
+
+def unsplit_moe_params(model: ModelShape, s: Strategy) -> float:
+    """An MoE layer's weights per block that tensor parallelism leaves whole: all of them under
+    `loom train` (each tp rank runs the MoE on the block's tokens), none where experts are
+    split by tensor parallelism too (Megatron)."""
+    return model.moe_params_per_layer() if s.framework == "loom" else 0.0
 
 
 def outer_params_per_device(model: ModelShape, s: Strategy) -> float:
@@ -317,7 +324,7 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
     psi = params_per_device(model, s)
     if s.finetune == "full":
         experts = max(rank_layers(model.layers, s.pp, s.virtual_stages)) * (
-            model.expert_params_per_layer() / s.tp
+            model.expert_params_per_layer() / (1 if s.framework == "loom" else s.tp)
         )
         weights, grads, optim = model_state_bytes(psi, s, experts)
         padding = padded_share(model, s)

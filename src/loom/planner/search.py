@@ -88,9 +88,7 @@ def candidates(
     ]
     if "cp" in fixed:
         cps = [base.cp]
-    moe_loom = base.framework == "loom" and model.moe_layers > 0
-    if moe_loom and "tp" not in fixed:
-        tps = [1]  # loom train runs a mixture of experts with tp = pp = 1
+    moe_loom = base.framework == "loom" and model.moe_layers > 0  # runs with pp = 1
     micro = (base.micro_batch,) if "micro_batch" in fixed else (1, 2, 4, 8)
     modes = (base.recompute,) if "recompute" in fixed else ("none", "selective", "full")
     out: list[Strategy] = []
@@ -146,18 +144,20 @@ def candidates(
                     if not finetune_refusal(layout):
                         out.append(layout)
                     if expert_parallel(model, layout) and "ep" not in fixed:
-                        out.append(replace(layout, ep=dp))
+                        out.append(replace(layout, ep=dp * (cp if loom else 1)))
     return out
 
 
 def expert_parallel(model: ModelShape, s: Strategy) -> bool:
-    """Whether `s` may also run with its experts split over its dp ranks as `loom train` does
-    (ep = dp under ZeRO-3; other frameworks: any ep dividing dp and the experts)."""
+    """Whether `s` may also run with its experts split over its FSDP ranks as `loom train` does
+    (ep = dp × cp under ZeRO-3; other frameworks: ep = dp)."""
+    loom = s.framework == "loom"
+    ranks = s.dp * (s.cp if loom else 1)
     return (
         model.moe_layers > 0
-        and s.dp > 1
-        and model.experts % s.dp == 0
-        and (s.framework != "loom" or (s.zero_stage == 3 and s.cp == 1))
+        and ranks > 1
+        and model.experts % ranks == 0
+        and (not loom or s.zero_stage == 3)
     )
 
 

@@ -62,6 +62,17 @@ class ModelShape:
         """The routed experts' weights per layer (averaged over the layers)."""
         return self.moe_layers * 3 * self.hidden * self.expert_ffn * self.experts / self.layers
 
+    def moe_params_per_layer(self) -> float:
+        """An MoE layer's weights (routed and shared experts, router), averaged over the
+        layers."""
+        shared = self.moe_layers * 3 * self.hidden * self.shared_ffn / self.layers
+        return self.expert_params_per_layer() + shared + self._router_params()
+
+    @property
+    def moe_active_ffn(self) -> float:
+        """The part of `active_ffn` in MoE layers (top-k experts and the shared MLP)."""
+        return self.moe_layers * (self.top_k * self.expert_ffn + self.shared_ffn) / self.layers
+
     def _router_params(self) -> float:
         return self.moe_layers * self.hidden * self.experts / self.layers
 
@@ -629,20 +640,21 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy, unbuilt: bool =
             "states together; use offload=params, or framework=megatron to plan a Megatron / "
             "DeepSpeed run"
         )
-    if s.ep > 1 and (not model.moe_layers or model.experts % s.ep or s.dp % s.ep):
+    if s.ep > 1 and (not model.moe_layers or model.experts % s.ep or (s.dp * s.cp) % s.ep):
         raise LoomError(
             f"strategy.ep={s.ep} splits a mixture of experts: the model needs experts, and ep "
-            f"must divide them ({model.experts}) and strategy.dp={s.dp}"
+            f"must divide them ({model.experts}) and strategy.dp × cp = {s.dp * s.cp}"
         )
-    if s.framework == "loom" and s.ep > 1 and (s.ep != s.dp or s.zero_stage != 3 or s.cp > 1):
+    fsdp_ranks = s.dp * s.cp
+    if s.framework == "loom" and s.ep > 1 and (s.ep != fsdp_ranks or s.zero_stage != 3):
         raise LoomError(
             f"strategy.ep={s.ep}: loom train splits the experts over all its FSDP ranks "
-            f"(ep = dp = {s.dp}, zero_stage=3, cp=1)"
+            f"(ep = dp × cp = {fsdp_ranks}, zero_stage=3)"
         )
-    if s.framework == "loom" and model.moe_layers and (s.tp > 1 or s.pp > 1):
+    if s.framework == "loom" and model.moe_layers and s.pp > 1:
         raise LoomError(
-            f"strategy: tp={s.tp}, pp={s.pp}: loom train runs a mixture of experts with tp=1 "
-            "and pp=1; or framework=megatron to plan a Megatron / DeepSpeed run"
+            f"strategy: pp={s.pp}: loom train runs a mixture of experts with pp=1; or "
+            "framework=megatron to plan a Megatron / DeepSpeed run"
         )
     refusal = loom_refusal(s, unbuilt)
     if refusal:
