@@ -459,12 +459,6 @@ def validate(cfg: Config) -> None:
     """Reject impossible values up front, naming the key and the fix."""
     m, t, o = cfg.model, cfg.train, cfg.optimizer
     check_moe(m)
-    if m.moe.enabled and cfg.parallel.pp > 1:
-        raise LoomError(
-            f"parallel.pp={cfg.parallel.pp}: a mixture-of-experts model trains with pp=1 for now "
-            "(experts are not split over pipeline stages yet); shard it with parallel.dp_shard "
-            "(and parallel.tp, parallel.ep) instead"
-        )
     _positive(
         {
             "model.vocab_size": m.vocab_size,

@@ -16,6 +16,7 @@ Names follow transformers' in-memory layout (`mlp.gate.weight`, `mlp.experts.gat
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -142,39 +143,80 @@ def moe_layers(parts: list[nn.Module]) -> list[MoE]:
     return [m for part in parts for m in part.modules() if isinstance(m, MoE)]
 
 
-class RoutingStats:
-    """The routing of one optimizer step, summed over its micro-batches: collected after each
-    micro-batch's forward and backward (a recomputed forward rewrites, not adds, the layer's
-    counts), used by the bias balancing and logged to metrics.jsonl."""
+def _recomputing() -> bool:
+    """Inside autograd's backward pass: a forward running now is activation recomputation."""
+    return torch._C._current_graph_task_id() != -1
 
-    def __init__(self, parts: list[nn.Module]) -> None:
-        self.layers = moe_layers(parts)
+
+# torch.distributed.pipelining runs each stage once on its first schedule call to learn the
+# shapes it sends (on real or empty tensors, depending on the torch version): not a micro-batch.
+_SHAPE_PASSES = {"_shape_inference", "_forward_metadata_inference"}
+
+
+def _inferring_shapes() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in _SHAPE_PASSES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class RoutingStats:
+    """The routing of one optimizer step, summed over every training forward pass of its
+    micro-batches (pipeline schedules run several per call; recomputed forwards are not
+    counted), used by the bias balancing and logged to metrics.jsonl. Rows are the model's
+    layer numbers, so pipeline stages, which hold different layers, sum the same table."""
+
+    def __init__(self, parts: list[nn.Module], n_layers: int | None = None) -> None:
+        self.layers, rows = [], []
+        for part in parts:
+            for name, module in part.named_modules():
+                if isinstance(module, MoE):
+                    self.layers.append(module)
+                    number = name.split(".")[1] if name.startswith("layers.") else ""
+                    rows.append(int(number) if number.isdigit() else len(rows))
+        self.rows = rows
+        self.table_rows = n_layers or len(rows)
+        for row, layer in zip(rows, self.layers, strict=True):
+            layer.register_forward_hook(lambda m, args, out, row=row: self._count(m, row, out))
         self.reset()
 
     def reset(self) -> None:
-        self.micro_batches = 0
-        self.load = torch.stack([m.tokens_per_expert for m in self.layers]).zero_()
-        self.dropped = 0.0
-        self.balance_loss = 0.0
+        first = self.layers[0].tokens_per_expert if self.layers else torch.zeros(0)
+        self.table = first.new_zeros(self.table_rows, first.numel())  # on the layers' device
+        self.dropped = first.new_zeros(())
+        self.balance_loss = first.new_zeros(())
+        self.forwards = 0
 
-    def collect(self) -> None:
-        self.micro_batches += 1
-        self.load += torch.stack([m.tokens_per_expert for m in self.layers])
-        self.dropped += sum(float(m.dropped) for m in self.layers)
-        self.balance_loss += sum(float(m.balance_loss) for m in self.layers) / len(self.layers)
+    @torch.compiler.disable  # bookkeeping outside a compiled block's graph
+    def _count(self, layer: MoE, row: int, out: torch.Tensor) -> None:
+        # (not: evaluation, recomputation, a pipeline stage's shape inference)
+        if not layer.training or out.is_meta or _recomputing() or _inferring_shapes():
+            return
+        self.table[row] += layer.tokens_per_expert
+        self.dropped += layer.dropped
+        self.balance_loss += layer.balance_loss
+        self.forwards += 1
+
+    @property
+    def load(self) -> torch.Tensor:
+        """[this rank's MoE layers, experts]: tokens routed to each expert in this step."""
+        return self.table[self.rows]
 
     @torch.no_grad()
     def update_balance_bias(self) -> None:
         """DeepSeek-V3's auxiliary-loss-free balancing, after an optimizer step: raise the bias
         of experts that received fewer tokens than the mean in this step, lower the others.
-        The counts are summed over all ranks first (every rank holds every layer: MoE trains
-        with pp=1; tp ranks count the same tokens, which the sign does not see), so every
-        replica keeps the same bias."""
-        load = self.load.clone()
+        The counts are summed over all ranks first (each stage fills its own layers' rows; tp
+        ranks count the same tokens, which the sign does not see), so every replica keeps the
+        same bias."""
+        table = self.table.clone()
         if dist.is_initialized():
-            dist.all_reduce(load)
-        for layer, counts in zip(self.layers, load, strict=True):
+            dist.all_reduce(table)
+        for row, layer in zip(self.rows, self.layers, strict=True):
             if layer.cfg.balance == "bias":
+                counts = table[row]
                 layer.balance_bias += layer.cfg.bias_update_rate * torch.sign(
                     counts.mean() - counts
                 )
@@ -182,13 +224,14 @@ class RoutingStats:
     def metrics(self) -> dict[str, float | list[float]]:
         """This rank's routing: each expert's share of the routed tokens (summed over layers),
         the busiest expert's load over the mean per layer (1.0 = balanced, averaged over
-        layers), dropped assignments and the balance loss (mean over micro-batches)."""
+        layers), dropped assignments and the balance loss (mean over layers and micro-batches);
+        under pipeline parallelism, this rank's stage's layers."""
         load = self.load.float()
         total = load.sum(dim=0)
         imbalance = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)
         return {
             "moe_expert_load": [round(float(x), 5) for x in total / total.sum().clamp(min=1)],
             "moe_max_load": float(imbalance.mean()),
-            "moe_dropped_tokens": self.dropped,
-            "moe_balance_loss": self.balance_loss / max(self.micro_batches, 1),
+            "moe_dropped_tokens": float(self.dropped),
+            "moe_balance_loss": float(self.balance_loss) / max(self.forwards, 1),
         }

@@ -257,6 +257,10 @@ def step_time(
     # (loom train runs an MoE layer whole on every tp rank: its share of f is not split)
     whole = model.moe_active_ffn if s.framework == "loom" else 0.0
     mlp = (f - whole) / t + whole
+    if model.moe_layers and (s.framework == "loom" or s.ep > 1):
+        # the busiest expert (Loom pads every group to it) or ep rank sets the pace
+        routed = model.moe_layers * model.top_k * model.expert_ffn / model.layers
+        mlp += routed * (s.moe_imbalance - 1) / (1 if s.framework == "loom" else t)
     forward_gemms = projections + cost.gemm(tokens, mlp_in * mlp, h) + cost.gemm(tokens, h, mlp)
     head_dim = model.attention_width / model.heads
     heads = model.heads / t * b
@@ -340,7 +344,7 @@ def step_time(
     # recomputed); nothing overlaps them. Per layer on average over the model's layers.
     ep_layer = 0.0
     if s.ep > 1 and model.moe_layers:
-        routed = tokens * model.top_k * h * half
+        routed = tokens * model.top_k * h * half * s.moe_imbalance  # the busiest rank's
         exchanges = 4 + (2 if s.recompute == "full" else 0)
         # (ep within the dp ranks: cp·tp apart; over dp × cp, as loom train runs it: tp apart)
         all_to_all = cost.collective(routed, s.ep, 1, t * (s.cp if s.ep <= s.dp else 1))

@@ -42,6 +42,7 @@ def layout(plan: Plan) -> dict[str, Any]:
         "activation_offload": s.activation_offload,
         "precision": s.precision,
         "ep": s.ep,
+        "moe_imbalance": s.moe_imbalance,
     }
 
 

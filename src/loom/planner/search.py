@@ -88,7 +88,6 @@ def candidates(
     ]
     if "cp" in fixed:
         cps = [base.cp]
-    moe_loom = base.framework == "loom" and model.moe_layers > 0  # runs with pp = 1
     micro = (base.micro_batch,) if "micro_batch" in fixed else (1, 2, 4, 8)
     modes = (base.recompute,) if "recompute" in fixed else ("none", "selective", "full")
     out: list[Strategy] = []
@@ -97,7 +96,7 @@ def candidates(
             continue
         loom = base.framework == "loom"
         for pp in _divisors(devices // (tp * cp)):
-            if pp > model.layers or (moe_loom and pp > 1):
+            if pp > model.layers:
                 break
             dp = devices // (tp * cp * pp)
             if global_batch % dp:

@@ -215,7 +215,11 @@ class Strategy:
     dp_shard: int = 0  # ZeRO shards over this many of the dp ranks (HSDP: fewer); 0 = all
     compile: bool = False  # torch.compile fuses the elementwise kernels
     flash_attention: bool = True  # false: unfused attention over the full square (2021-22 GPT)
-    ep: int = 1  # expert parallelism over the dp ranks (loom train: ep = dp with ZeRO-3)
+    ep: int = 1  # expert parallelism over the dp ranks (loom train: ep = dp × cp, ZeRO-3)
+    # routed tokens of the busiest expert over the mean (1.0 = balanced; loom train logs it as
+    # moe_max_load): the busiest ep rank sets the pace, and Loom pads every expert's group to
+    # the longest, so routed-expert compute (and under ep, the all-to-all) scales with it
+    moe_imbalance: float = 1.0
 
     @property
     def fused_kernels(self) -> bool:
@@ -380,6 +384,7 @@ STRATEGY_KEYS = (*(f.name for f in fields(Strategy)), *RENAMED)
 # The fields the search keeps as given (search.candidates); it chooses the others itself.
 SEARCH_KEYS = (
     "cp",
+    "moe_imbalance",
     "micro_batch",
     "recompute",
     "zero_stage",
@@ -548,10 +553,18 @@ def parse_strategy(raw: Any, devices: int, defaults: Strategy | None = None) -> 
     check_keys(raw, "spec.strategy", STRATEGY_KEYS)
     base = defaults or Strategy()
     values: dict[str, Any] = {}
-    whole = ("tp", "pp", "cp", "micro_batch", "global_batch", "virtual_stages", "lora_rank")
+    whole = ("tp", "pp", "cp", "ep", "micro_batch", "global_batch", "virtual_stages", "lora_rank")
     for key in (*whole, "dp_shard"):
         if raw.get(key) is not None:
             values[key] = _int(raw, key, "strategy")
+    if raw.get("moe_imbalance") is not None:
+        imbalance = _opt_float(raw, "moe_imbalance")
+        if imbalance is None or imbalance < 1:
+            raise LoomError(
+                f"spec.strategy.moe_imbalance={raw['moe_imbalance']!r} is the busiest expert's "
+                "tokens over the mean: 1.0 (balanced) or more"
+            )
+        values["moe_imbalance"] = imbalance
     if raw.get("zero_stage") is not None:
         values["zero_stage"] = _int(raw, "zero_stage", "strategy")
     for key in ("sp", "compile", "flash_attention", "offload_nvme", "activation_offload"):
@@ -650,11 +663,6 @@ def check_strategy(model: ModelShape, hw: Hardware, s: Strategy, unbuilt: bool =
         raise LoomError(
             f"strategy.ep={s.ep}: loom train splits the experts over all its FSDP ranks "
             f"(ep = dp × cp = {fsdp_ranks}, zero_stage=3)"
-        )
-    if s.framework == "loom" and model.moe_layers and s.pp > 1:
-        raise LoomError(
-            f"strategy: pp={s.pp}: loom train runs a mixture of experts with pp=1; or "
-            "framework=megatron to plan a Megatron / DeepSpeed run"
         )
     refusal = loom_refusal(s, unbuilt)
     if refusal:

@@ -112,7 +112,8 @@ class Trainer:
         # Input is valid: from here on the run folder is written.
         mesh = self._start_run()
         self.model: ParallelModel = self.task.build_model(self, mesh)
-        self.routing = RoutingStats(self.model.parts) if cfg.model.moe.enabled else None
+        moe = cfg.model.moe.enabled
+        self.routing = RoutingStats(self.model.parts, cfg.model.n_layers) if moe else None
         self.optimizers = Optimizers(
             self.model.parts, self.cfg.optimizer, self.cfg.train.steps, self.cfg.memory
         )
@@ -314,8 +315,6 @@ class Trainer:
             shares.append(share)
             batch = [x.to(self.device, non_blocking=True) for x in self.loader.batch(share)]
             loss = self.task.micro_step(self, batch, 1.0 / accum)
-            if self.routing is not None:
-                self.routing.collect()
             if loss is not None:
                 loss_sum = loss if loss_sum is None else loss_sum + loss
         self.batches += 1
