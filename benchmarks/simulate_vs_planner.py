@@ -68,9 +68,13 @@ LAYOUTS: list[tuple[str, int, list[str], int]] = [
         ["parallel.cp=2", "parallel.tp=2", "parallel.pp=2", "full", "seq=32768"],
         32,
     ),
+    # Mixtral-8x7B widths (8 experts, top 2), routed as if balanced (capacity factor 1.0)
+    ("Mixtral FSDP8 full", 8, ["full"], 4),
+    ("Mixtral EP8 × FSDP8 full", 8, ["parallel.ep=8", "full"], 4),
+    ("Mixtral TP2+SP × EP4 × FSDP4 full", 8, ["parallel.tp=2", "parallel.ep=4", "full"], 4),
 ]
 SHORT = {"full": "memory.recompute=full", "sel": "memory.recompute=selective"}
-PRESET = {"8B": "llama3-8b", "70B": "llama3-70b", "405B": "llama3-405b"}
+PRESET = {"8B": "llama3-8b", "70B": "llama3-70b", "405B": "llama3-405b", "Mixtral": "mixtral-8x7b"}
 
 
 def layout_config(name: str, world: int, overrides: list[str], layers: int) -> Config:

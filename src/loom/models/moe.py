@@ -103,7 +103,9 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
-        load = torch.bincount(chosen.flatten(), minlength=m.experts).to(scores.dtype)
+        load = scores.new_zeros(m.experts).scatter_add_(  # (a bincount of static shape)
+            0, chosen.flatten(), scores.new_ones(chosen.numel())
+        )
         aux = m.experts * (load / chosen.numel() * scores.mean(dim=0)).sum()
         with torch.no_grad():
             self.tokens_per_expert.copy_(load)
@@ -120,7 +122,8 @@ class MoE(nn.Module):
         experts = self.cfg.experts
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=experts)
+        counts = torch.zeros(experts, dtype=flat.dtype, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         starts = torch.cumsum(counts, 0) - counts
         expert_of = flat[order]
         slot = torch.arange(flat.numel(), device=x.device) - starts[expert_of]
@@ -128,14 +131,17 @@ class MoE(nn.Module):
             capacity = math.ceil(self.cfg.capacity_factor * tokens * k / experts)
         else:
             capacity = int(counts.max())  # dropless: every group as long as the longest
+        # Shapes stay static (fake tensors can run this): an assignment over capacity is
+        # written to an overflow row that is cut off, and its output is weighted by zero.
         kept = slot < capacity
-        order, expert_of, slot = order[kept], expert_of[kept], slot[kept]
         with torch.no_grad():
-            self.dropped.fill_(flat.numel() - order.numel())
+            self.dropped.copy_((~kept).sum())
         token = order // k
-        groups = x.new_zeros(experts, capacity, x.shape[-1])
-        groups[expert_of, slot] = x[token]
-        y = self.experts(groups)[expert_of, slot] * weights.flatten()[order, None]
+        groups = x.new_zeros(experts, capacity + 1, x.shape[-1])
+        groups[expert_of, torch.where(kept, slot, capacity)] = x[token]
+        done = self.experts(groups[:, :capacity])
+        weight = weights.flatten()[order] * kept
+        y = done[expert_of, slot.clamp(max=capacity - 1)] * weight[:, None]
         return x.new_zeros(x.shape).index_add_(0, token, y)
 
 

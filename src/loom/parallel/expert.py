@@ -32,9 +32,10 @@ class ExpertParallel(nn.Module):
     """A drop-in for `Experts` (same parameter names and whole shapes) holding this rank's
     experts only."""
 
-    def __init__(self, experts: Experts, mesh: DeviceMesh) -> None:
+    def __init__(self, experts: Experts, mesh: DeviceMesh, fixed_capacity: bool = False) -> None:
         super().__init__()
         self.mesh = mesh
+        self.fixed_capacity = fixed_capacity  # training groups all as long (capacity_factor)
         for name in ("gate_up_proj", "down_proj"):
             whole = getattr(experts, name)
             shard = distribute_tensor(whole, mesh, [Shard(0)], src_data_rank=None)
@@ -44,9 +45,11 @@ class ExpertParallel(nn.Module):
         """groups [experts, capacity, dim] of this rank's tokens -> their experts' outputs."""
         ep, group = self.mesh.size(), self.mesh.get_group()
         experts, capacity, dim = groups.shape
-        longest = torch.tensor(capacity, device=groups.device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
-        padded = F.pad(groups, (0, 0, 0, int(longest) - capacity))
+        padded = groups
+        if not (self.fixed_capacity and self.training):
+            longest = torch.tensor(capacity, device=groups.device)
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+            padded = F.pad(groups, (0, 0, 0, int(longest) - capacity))
         local = experts // ep
         # chunk r of dim 0 (rank r's experts) goes to rank r; chunk s of the result came from s
         received = _all_to_all(padded, group).reshape(ep, local, -1, dim)
@@ -89,6 +92,7 @@ def apply_expert_parallel(model: Transformer, mesh: DeviceMesh) -> set[nn.Parame
     params: set[nn.Parameter] = set()
     for module in model.modules():
         if isinstance(module, MoE) and isinstance(module.experts, Experts):
-            module.experts = ExpertParallel(module.experts, mesh)  # type: ignore[assignment]
+            fixed = module.cfg.capacity_factor > 0
+            module.experts = ExpertParallel(module.experts, mesh, fixed)  # type: ignore[assignment]
             params.update(module.experts.parameters())
     return params

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loom.planner.spec import Hardware, ModelShape, Strategy
+from loom.planner.spec import Hardware, ModelShape, Strategy, unsplit_moe_params
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8 runs matmuls only; tensors are bf16
 REDUCE_BYTES = 4.0  # Loom reduces gradients in fp32 (parallel.mixed_precision.reduce_dtype)
@@ -49,8 +49,12 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
     # (the residual stream stays fp32).
     width = compute if fsdp else 4
 
-    replicated = model.replicated_params_per_layer()
+    # (loom train: an MoE layer is whole on every tp rank; with ep its experts are held, not
+    # gathered or reduced by FSDP)
+    replicated = model.replicated_params_per_layer() + unsplit_moe_params(model, s)
     block = (model.layer_params() - replicated) / s.tp + replicated
+    if s.ep > 1:
+        block -= model.expert_params_per_layer() / (1 if s.framework == "loom" else s.tp)
     embedding = model.embedding_params() / s.tp
     head = (model.head_params() - model.hidden) / s.tp + model.hidden
     outer = embedding + (head if s.pp == 1 else 0.0)  # rank 0: the embedding, and the head
@@ -90,7 +94,13 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
         # block's forward again up to its last saved tensor: two all-gathers, one reduce-scatter.
         ends = 2 if s.pp == 1 else 1
         again = s.recompute != "none"
-        for kind, per_block in (("all_gather", 4 + 2 * again), ("reduce_scatter", 4 + again)):
+        # An MoE block's layer takes the gathered tokens and hands back its shard, with no
+        # reduce-scatter: two fewer per block (forward, backward).
+        moe = 2 * model.moe_layers / model.layers if s.framework == "loom" else 0.0
+        for kind, per_block in (
+            ("all_gather", 4 + 2 * again),
+            ("reduce_scatter", 4 + again - moe),
+        ):
             calls = accum * chunks * (per_block * layers + ends)
             out.append(Collective(kind, "tp", calls, calls * tokens * model.hidden * width))
     if s.cp > 1:
@@ -105,6 +115,14 @@ def collectives(model: ModelShape, hw: Hardware, s: Strategy) -> list[Collective
         out.append(Collective("all_to_all", "cp", calls, volume))
         if s.pp == 1:  # the loss is rank 0's
             out.append(Collective("all_reduce", "cp", accum * chunks, accum * chunks * 8))
+    if s.ep > 1 and model.moe_layers:
+        # Each MoE layer sends every token's top-k copies to their experts' ranks and back:
+        # two all-to-alls in forward, two in backward, two more when recomputed.
+        again = s.recompute != "none"
+        calls = accum * chunks * round(layers * model.moe_layers / model.layers) * (4 + 2 * again)
+        routed = tokens * model.top_k * model.hidden * compute * s.moe_imbalance
+        group = "dp_shard" if s.cp == 1 else "dp_shard_cp"
+        out.append(Collective("all_to_all", group, calls, calls * routed))
     if s.pp > 1:
         stages = s.virtual_stages
         # Rank 0 holds stages 0, pp, 2·pp, ...: each sends its output on (all do: the last

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from loom.planner.collectives import fsdp_padding, pipeline_microbatches
-from loom.planner.spec import Hardware, ModelShape, Strategy
+from loom.planner.spec import Hardware, ModelShape, Strategy, unsplit_moe_params
 
 GB = 1e9
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -142,13 +142,6 @@ def params_per_device(model: ModelShape, s: Strategy) -> float:
     return max(rank_layers(model.layers, s.pp, s.virtual_stages)) * per_layer + (
         outer_params_per_device(model, s)
     )
-
-
-def unsplit_moe_params(model: ModelShape, s: Strategy) -> float:
-    """An MoE layer's weights per block that tensor parallelism leaves whole: all of them under
-    `loom train` (each tp rank runs the MoE on the block's tokens), none where experts are
-    split by tensor parallelism too (Megatron)."""
-    return model.moe_params_per_layer() if s.framework == "loom" else 0.0
 
 
 def outer_params_per_device(model: ModelShape, s: Strategy) -> float:
@@ -361,7 +354,10 @@ def estimate(model: ModelShape, hw: Hardware, s: Strategy) -> Memory:
         # gathers a LoRA run's base like any weight), and their unsharded gradients before the
         # reduce-scatter (with adapters, only the adapters have gradients).
         width = BYTES[s.precision if s.precision != "fp8" else "bf16"]
-        block = model.layer_params() / s.tp * width
+        whole = unsplit_moe_params(model, s)  # not split by tp
+        experts = model.expert_params_per_layer() if s.ep > 1 else 0.0  # held, not gathered
+        split = model.layer_params() - whole
+        block = (split / s.tp + whole - experts / (1 if s.framework == "loom" else s.tp)) * width
         trained = block if s.finetune == "full" else lora_params_per_layer(model, s) * width
         blocks = 2 * (block + trained)
         if s.framework == "loom":

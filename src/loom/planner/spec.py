@@ -263,6 +263,13 @@ class PlanSpec:
     unbuilt: bool = False  # plan offload tiers `loom train` does not run yet
 
 
+def unsplit_moe_params(model: ModelShape, s: Strategy) -> float:
+    """An MoE layer's weights per block that tensor parallelism leaves whole: all of them under
+    `loom train` (each tp rank runs the MoE on the block's tokens), none where experts are
+    split by tensor parallelism too (Megatron)."""
+    return model.moe_params_per_layer() if s.framework == "loom" else 0.0
+
+
 # -- hardware table ----------------------------------------------------------------------------
 
 # name: (peak TFLOP/s by precision, memory GB, NVLink GB/s per direction, HBM GB/s)

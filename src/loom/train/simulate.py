@@ -260,6 +260,12 @@ def simulate(
         )
     if cfg.train.compile:
         raise LoomError("--simulate does not run torch.compile; set train.compile=false")
+    moe = cfg.model.moe
+    if moe.enabled and moe.capacity_factor == 0:
+        # dropless groups are as long as the busiest expert's, which fake tensors cannot know
+        logger.info("--simulate routes an MoE as if balanced: moe.capacity_factor=1.0")
+        model_cfg = replace(cfg.model, moe=replace(moe, capacity_factor=1.0))
+        cfg = replace(cfg, model=model_cfg)
     dims = resolve(cfg, world_size)
     device = torch.device("cpu")
     with _fake_world(world_size, rank):
