@@ -442,3 +442,37 @@ def test_planner_predicts_the_bytes_each_layout_holds(
         busiest = max(m[kind] for m in measured)
         slack = padding * (2 if kind == "optimizer" else 1) if n > 1 else 0
         assert value - slack <= busiest <= value + slack, (kind, busiest, value)
+
+
+@pytest.mark.slow
+def test_latent_attention_under_tp_and_cp_trains_like_one_process(
+    tiny_config, data_dir: Path, tmp_path: Path
+) -> None:
+    """DeepSeek's latent attention split by heads over tp (with and without sequence
+    parallelism, and with cp 2): the shared rotary key's gradient is summed over the tp ranks,
+    so losses and final weights equal one process's."""
+    from conftest import tiny_args
+
+    from loom.eval.generate import load_for_generation
+    from loom.train.trainer import train
+
+    mla = ["--model.n_kv_heads=4", "--model.head_dim=20", "--model.q_lora_rank=24"]
+    mla += ["--model.kv_lora_rank=16", "--model.rope_head_dim=8", "--model.v_head_dim=10"]
+    mla += ["--train.batch_size=4", "--metrics.tensorboard=false"]
+    single = train(tiny_config(*mla, run_dir=tmp_path / "single"))
+    layouts = {
+        "fsdp2_tp2": ["--parallel.tp=2", "--parallel.sequence_parallel=false"],
+        "fsdp2_tp2_sp": ["--parallel.tp=2", "--parallel.sequence_parallel=true"],
+        "cp2_tp2": ["--parallel.cp=2", "--parallel.tp=2", "--parallel.dp_shard=1"],
+    }
+    spec = [
+        {"name": n, "args": tiny_args(data_dir, tmp_path / n, *mla, *a)} for n, a in layouts.items()
+    ]
+    records = launch(4, spec, tmp_path)
+    reference = load_for_generation(tmp_path / "single", torch.device("cpu"))[0].state_dict()
+    for name in layouts:
+        losses = {int(k): v for k, v in records[name][0]["losses"].items()}
+        assert losses == pytest.approx(single.train_losses, abs=1e-5), name
+        state = load_for_generation(tmp_path / name, torch.device("cpu"))[0].state_dict()
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, atol=1e-4, rtol=0, msg=name)

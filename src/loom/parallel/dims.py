@@ -96,11 +96,6 @@ def resolve(cfg: Config, world_size: int) -> ParallelDims:
             f"running; {fix}"
         )
 
-    if p.tp > 1 and m.latent_attention:
-        raise LoomError(
-            "parallel.tp > 1 does not split latent attention (model.kv_lora_rank > 0) yet; set "
-            "parallel.tp=1 (FSDP, pp, cp and ep split such a model)"
-        )
     if p.tp > 1:
         heads = _divisors(m.n_kv_heads)
         if m.n_heads % p.tp or m.n_kv_heads % p.tp:

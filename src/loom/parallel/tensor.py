@@ -6,6 +6,9 @@ sequence parallelism, an all-gather before and a reduce-scatter after, with norm
 sharded along the sequence). With loss parallelism the output projection keeps the logits
 sharded over the vocabulary and the cross-entropy is computed without gathering them.
 
+Latent attention (DeepSeek's MLA) is split by heads at its up-projections; its low-rank
+down-projections stay whole on every rank.
+
 A mixture-of-experts layer is not split: each tensor-parallel rank runs it on the block's
 whole (gathered) tokens and keeps its own sequence shard of the output, so its weights and
 their gradients are the same on every tp rank (expert tensor parallelism is not built).
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -33,7 +38,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from loom.models.llama import Transformer
+from loom.models.llama import LatentAttention, Transformer
 from loom.models.moe import MoE
 
 
@@ -65,11 +70,19 @@ def apply_tensor_parallel(
                 input_layouts=(residual, None, None, None, None),
                 desired_input_layouts=(Replicate(), None, None, None, None),
             ),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
             "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
         }
+        attention = block.self_attn
+        if isinstance(attention, LatentAttention):
+            plan["self_attn"] = PrepareModuleInput(  # plain tensors for the whole projections
+                input_layouts=(residual, None, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None, None),
+                use_local_output=True,
+            )
+            _split_latent_attention(attention, mesh, plan)
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                plan[f"self_attn.{name}"] = ColwiseParallel()
         if isinstance(block.mlp, MoE):
             plan["mlp"] = PrepareModuleInputOutput(
                 input_layouts=(residual,),
@@ -90,6 +103,41 @@ def apply_tensor_parallel(
             plan["input_layernorm"] = SequenceParallel()
             plan["post_attention_layernorm"] = SequenceParallel()
         parallelize_module(block, mesh, plan)
+
+
+def _split_latent_attention(
+    attention: LatentAttention, mesh: DeviceMesh, plan: dict[str, object]
+) -> None:
+    """Latent attention by heads: the up-projections from the latent vectors (q_b or q, kv_b)
+    are column-parallel, the down-projections and their norms stay whole on every rank. Each
+    rank's heads use the one rotary key all heads share, so its gradient on a rank covers that
+    rank's heads only: it is summed over the tp ranks on its way back into the replicated
+    down-projection (the latent part's gradient arrives summed already, through kv_b)."""
+    for name in ("q_proj", "q_b_proj", "kv_b_proj"):
+        if getattr(attention, name, None) is not None:
+            plan[f"self_attn.{name}"] = ColwiseParallel()
+    group, latent = mesh.get_group(), attention.kv_b_proj.in_features
+    attention.kv_a_proj_with_mqa.register_forward_hook(
+        lambda module, args, out: _SumGradientTail.apply(out, latent, group)
+    )
+
+
+class _SumGradientTail(torch.autograd.Function):
+    """Identity; in backward the gradient's last-dimension columns from `start` on are summed
+    over `group`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, start: int, group: Any) -> torch.Tensor:
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        grad = grad.clone()
+        tail = grad[..., ctx.start :].contiguous()
+        dist.all_reduce(tail, group=ctx.group)
+        grad[..., ctx.start :] = tail
+        return grad, None, None
 
 
 def _tie_output(model: Transformer, mesh: DeviceMesh, residual: Any, loss_parallel: bool) -> None:
