@@ -476,3 +476,13 @@ def test_latent_attention_under_tp_and_cp_trains_like_one_process(
         state = load_for_generation(tmp_path / name, torch.device("cpu"))[0].state_dict()
         for key, value in reference.items():
             torch.testing.assert_close(state[key], value, atol=1e-4, rtol=0, msg=name)
+    # the planner's weights per rank under tp 2 × FSDP 2 (the down-projections whole on each
+    # tp rank) against what each rank holds
+    from loom.planner.memory import estimate
+    from loom.planner.spec import Strategy, gpu_hardware, model_from_config
+
+    model = model_from_config(tiny_config(*mla).model, 32)
+    strategy = Strategy(precision="fp32", tp=2, dp=2, zero_stage=3)
+    predicted = estimate(model, gpu_hardware("h100", 4), strategy).params
+    held = [r["bytes"]["params"] for r in records["fsdp2_tp2"].values()]
+    assert max(held) == pytest.approx(predicted, rel=0.02)

@@ -46,6 +46,7 @@ class ModelShape:
     # heads' width (narrower than the query/key heads' head_dim); 0 = standard attention
     attention_weights: int = 0
     value_head_dim: int = 0
+    attention_unsplit: int = 0  # of them, what tp leaves whole (down-projections, their norms)
 
     def _mlp_width(self, experts: int) -> float:
         """MLP width per layer, averaged over the layers, with `experts` experts per MoE layer."""
@@ -136,8 +137,9 @@ class ModelShape:
         )
 
     def replicated_params_per_layer(self) -> int:
-        """Norm weights (and GPT's LayerNorm biases): copied, not split, by tensor parallelism."""
-        return 4 * self.hidden if self.arch == "gpt" else 2 * self.hidden
+        """Norm weights (and GPT's LayerNorm biases; latent attention's down-projections):
+        copied, not split, by tensor parallelism."""
+        return (4 * self.hidden if self.arch == "gpt" else 2 * self.hidden) + self.attention_unsplit
 
     def matmul_params_per_layer(self) -> float:
         """The weights one token multiplies by in a block (an MoE block: its top-k experts,
@@ -432,7 +434,17 @@ def model_from_config(cfg: ModelConfig, seq_len: int) -> ModelShape:
         moe_layers=cfg.moe_layers,
         attention_weights=cfg.attention_params() if cfg.latent_attention else 0,
         value_head_dim=cfg.v_head_dim if cfg.latent_attention else 0,
+        attention_unsplit=_latent_down_projections(cfg),
     )
+
+
+def _latent_down_projections(cfg: ModelConfig) -> int:
+    """Latent attention's weights that tensor parallelism leaves whole: the query and key/value
+    down-projections and their norms (loom.parallel.tensor splits the rest by heads)."""
+    if not cfg.latent_attention:
+        return 0
+    q, kv = cfg.q_lora_rank, cfg.kv_lora_rank
+    return (cfg.dim * q + q if q else 0) + cfg.dim * (kv + cfg.rope_head_dim) + kv
 
 
 # A whole shape's keys that default to 0: a mixture of experts, latent attention.
@@ -444,6 +456,7 @@ OPTIONAL_SHAPE_KEYS = (
     "moe_layers",
     "attention_weights",
     "value_head_dim",
+    "attention_unsplit",
 )
 
 
