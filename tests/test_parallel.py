@@ -322,14 +322,15 @@ def test_ring_attention_equals_full_attention_forward_and_backward(tmp_path: Pat
 def test_context_parallel_layouts_match_one_process(
     runs: dict[str, Any], data_dir: Path, tmp_path: Path
 ) -> None:
-    """Each sequence split over cp ranks (two balanced chunks each), ring attention: cp 4, and
-    cp 2 with FSDP 2, with 2 replicas, with tp 2 (sequence and loss parallel) and with pp 2,
-    train as one process does (forward and backward of attention included), validation too.
+    """Each sequence split over cp ranks (two balanced chunks each), ring attention: cp 4 (with
+    selective recomputation, which recomputes the ring whole), and cp 2 with FSDP 2, with 2
+    replicas, with tp 2 (sequence and loss parallel) and with pp 2, train as one process does
+    (forward and backward of attention included), validation too.
     (pp 2 × cp 2 × tp 2 is in LAYOUTS.)"""
     args = base_args(data_dir)
     one = "--parallel.dp_shard=1"
     layouts = {
-        "cp4": ["--parallel.cp=4"],
+        "cp4_selective": ["--parallel.cp=4", "--memory.recompute=selective"],
         "cp2_fsdp2": ["--parallel.cp=2"],
         "cp2_hsdp2": ["--parallel.cp=2", "--parallel.dp_replicate=2"],
         "cp2_tp2_sp": [

@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from loom.core.loss import cross_entropy
 from loom.parallel.compile import ForwardLoss
+from loom.parallel.recompute import recomputed_whole
 
 # fp32 attention scores computed at a time: as many as the rank's query elements (a tile's
 # scores, exponentials and gradients then stay the size of the layer's own activations), and at
@@ -177,7 +178,7 @@ class _RingAttention(torch.autograd.Function):
         ring: _Ring,
         rank: int,
     ) -> torch.Tensor:
-        with torch.autocast(q.device.type, enabled=False):
+        with torch.autocast(q.device.type, enabled=False), recomputed_whole():
             return _RingAttention._forward(ctx, q, k, v, blocks, ring, rank)
 
     @staticmethod

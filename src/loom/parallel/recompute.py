@@ -8,6 +8,10 @@ keeps the outputs of the expensive ops (matmuls and attention) and recomputes th
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -26,8 +30,26 @@ SAVED_OPS = {
 }
 
 
+_region = threading.local()
+
+
+@contextmanager
+def recomputed_whole() -> Iterator[None]:
+    """Ops run inside are recomputed by `selective`, matmuls too: an attention kernel written
+    as many small matmuls (ring attention's score tiles) would otherwise keep every tile, the
+    whole [queries × keys] score matrix that attention kernels exist not to keep. (Megatron's
+    selective recomputation recomputes the attention core the same way.)"""
+    _region.depth = getattr(_region, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _region.depth -= 1
+
+
 def _keep_expensive(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in SAVED_OPS and not getattr(_region, "depth", 0):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_contexts() -> object:

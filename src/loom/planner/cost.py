@@ -201,6 +201,12 @@ def _flash(model: ModelShape, s: Strategy) -> bool:
     return s.flash_attention
 
 
+def _ring_recomputed(s: Strategy) -> bool:
+    """Loom's selective recomputation recomputes ring attention (context parallelism) whole:
+    its kernel is tiles of matmuls whose scores would otherwise all be kept."""
+    return s.recompute == "selective" and s.cp > 1 and s.framework == "loom"
+
+
 def executed_flops_per_token(model: ModelShape, s: Strategy) -> float:
     """FLOPs the hardware executes per token: causal flash attention computes half the square;
     recomputation repeats the forward (full) or the attention core (selective, unfused)."""
@@ -216,6 +222,8 @@ def executed_flops_per_token(model: ModelShape, s: Strategy) -> float:
         flops += model.layers * forward
     elif s.recompute == "selective" and not flash:
         flops += model.layers * 4 * model.seq_len * model.attention_width
+    elif _ring_recomputed(s):
+        flops += model.layers * 2 * model.seq_len * model.attention_width
     return flops
 
 
@@ -309,9 +317,11 @@ def step_time(
     recompute = {
         "none": 0.0,
         "full": forward,
-        # Unfused attention: the attention core again; flash attention recomputes nothing
-        # more, Loom's Llama recomputes its cheap elementwise ops.
-        "selective": (attention + 0.5 * elementwise_time) if not flash else elementwise_time,
+        # Unfused attention (and Loom's ring attention): the attention core again; flash
+        # attention recomputes nothing more, Loom's Llama recomputes its cheap elementwise ops.
+        "selective": (attention + 0.5 * elementwise_time)
+        if not flash or _ring_recomputed(s)
+        else elementwise_time,
     }[s.recompute]
     # A layer never runs faster than the CPU launches its kernels (eager: one per op).
     launches = cal.kernels_per_layer * (1 / 3 if fused else 1.0) * cal.kernel_launch_s

@@ -393,7 +393,6 @@ STRATEGY_KEYS = (*(f.name for f in fields(Strategy)), *RENAMED)
 # The fields the search keeps as given (search.candidates); it chooses the others itself.
 SEARCH_KEYS = (
     "cp",
-    "moe_imbalance",
     "micro_batch",
     "recompute",
     "zero_stage",
@@ -402,6 +401,7 @@ SEARCH_KEYS = (
     "framework",
     "finetune",
     "lora_rank",
+    "moe_imbalance",
 )
 TRAINING_KEYS = ("tokens", "seq_len", "global_batch_tokens")
 SPEC_KEYS = ("model", "hardware", "strategy", "search", "training", "unbuilt")
