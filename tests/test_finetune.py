@@ -1,5 +1,6 @@
 """`loom finetune`: LoRA adapters that real PEFT reads with the same logits, merge, packing
-that never attends across examples, exact resume, FSDP = one process, QLoRA, DPO, bad input.
+that never attends across examples, exact resume, FSDP = one process, QLoRA, DPO, reward models
+(TRL's loss, transformers' scores, `loom eval`'s pairwise accuracy), bad input.
 
 A tiny random Llama (saved by transformers) with SmolLM2's real tokenizer and chat template,
 trained on questions about standard-library functions answered by their docstrings."""
@@ -21,15 +22,20 @@ import transformers
 from loom.cli import main as loom
 from loom.core.errors import LoomError
 from loom.core.lora import base_weight_bytes, lora_layers
-from loom.eval.generate import generate
+from loom.eval.generate import generate, generate_text
 from loom.finetune.config import FinetuneConfig, load_finetune_config
 from loom.finetune.docstrings import build_docstring_dataset
-from loom.finetune.sft_data import Rows, build_sft
-from loom.finetune.trainer import finetune, finetune_trainer
+from loom.finetune.rows import row_tensors
+from loom.finetune.sft_data import Rows, build_preferences, build_sft
+from loom.finetune.trainer import Finetuning, finetune, finetune_trainer
+from loom.models.convert import write_hf
 from loom.models.hf import load_hf_model
-from loom.models.sources import load_checkpoint_model
+from loom.models.llama import build_model
+from loom.models.sources import find_checkpoint, load_checkpoint_model
+from loom.parallel.recompute import clean_name
 from loom.serve.engine import SamplingParams, Sequence
 from loom.serve.server import ServeOptions, build_engine
+from loom.train.trainer import Trainer
 
 SEQ = 128
 
@@ -306,6 +312,179 @@ def test_dpo_starts_at_log2_and_learns_the_preference(
     assert result.val_losses[10] < math.log(2) - 0.03
     assert last["val_reward_accuracy"] >= 0.75 and last["val_reward_margin"] > 0
     assert (run / "adapter").is_dir() == (adapters == "true")
+
+
+def whole_sequence(inputs: torch.Tensor, targets: torch.Tensor) -> list[int]:
+    """A preference row's tokens: its inputs through the last trained target, and that target."""
+    last = int((targets != -100).nonzero().max())
+    return [*inputs[: last + 1].tolist(), int(targets[last])]
+
+
+def test_reward_model_loss_and_gradients_equal_trl(base: Path, pydoc: Path, tmp_path: Path) -> None:
+    """A reward model's Bradley–Terry loss (with TRL's reward centring) on a fixed batch of
+    pairs equals TRL's RewardTrainer on transformers' reward model holding the same weights
+    (written by Loom's HF export), and so do the gradients."""
+    import trl
+    from datasets import Dataset
+
+    data = preferences(pydoc, tmp_path / "pref.jsonl", 8)
+    centred = "--reward.center_rewards_coefficient=0.01"
+    method, paths = "--finetune.method=reward", [f"--data.path={data}", f"--data.val_path={data}"]
+    ft = config(base, pydoc, tmp_path / "rm", method, *paths, centred)
+    finetuning = Finetuning(ft)
+    trainer = Trainer(finetuning.config, finetuning.task())
+    assert finetuning.pairs is not None
+    rows = trainer.loader.rows
+    batch = row_tensors(rows, torch.arange(4), packed=False)
+    losses, chosen, rejected = finetuning.pairs.pairs(trainer, batch)
+    losses.mean().backward()
+    model = trainer.model.parts[0]
+    assert model.lm_head.weight.shape == (1, 64) and model.cfg.num_labels == 1
+
+    plain = build_model(model.cfg, "cpu")
+    plain.load_state_dict({clean_name(k): v for k, v in model.state_dict().items()})
+    (tmp_path / "hf").mkdir()
+    write_hf(plain, base, tmp_path / "hf", "fp32")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "LlamaForSequenceClassification"
+    args = trl.RewardConfig(
+        output_dir=str(tmp_path / "trl"),
+        report_to="none",
+        center_rewards_coefficient=0.01,
+        bf16=False,
+        use_cpu=True,
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    pairs = Dataset.from_list([{"chosen": "yes", "rejected": "no"}])
+    peer = trl.RewardTrainer(hf, args=args, train_dataset=pairs, processing_class=tokenizer)
+    c_in, c_tg, r_in, r_tg = batch
+    examples = [
+        {
+            "chosen_ids": whole_sequence(c_in[i], c_tg[i]),
+            "rejected_ids": whole_sequence(r_in[i], r_tg[i]),
+        }
+        for i in range(4)
+    ]
+    # transformers scores each row at its last token that is not padding: Loom at its last token
+    pad = hf.config.pad_token_id
+    assert all(e["chosen_ids"][-1] != pad and e["rejected_ids"][-1] != pad for e in examples)
+    inputs = peer.data_collator(examples)
+    hf.train()
+    expected = peer.compute_loss(hf, inputs)
+    expected.backward()
+    assert losses.mean().item() == pytest.approx(expected.item(), abs=1e-5)
+    rewards = hf(**inputs).logits.squeeze(-1).detach()
+    assert torch.allclose(torch.cat([chosen, rejected]), rewards, atol=1e-5)
+    grads = {clean_name(n): p.grad for n, p in model.named_parameters()}
+    assert torch.allclose(grads["lm_head.weight"], hf.score.weight.grad, atol=1e-5)
+    for name in (
+        "layers.0.self_attn.q_proj.weight",
+        "layers.1.mlp.down_proj.weight",
+        "norm.weight",
+    ):
+        assert torch.allclose(grads[name], hf.get_parameter(f"model.{name}").grad, atol=1e-5)
+    # (transformers' embedding takes pad_token_id as padding_idx: that row gets no gradient,
+    # though <|im_end|>, SmolLM2's pad token, is a real token of every conversation)
+    embedding = hf.model.embed_tokens.weight.grad
+    others = torch.arange(len(embedding)) != pad
+    assert torch.allclose(grads["embed_tokens.weight"][others], embedding[others], atol=1e-5)
+
+
+UNHELPFUL = ["I don't know.", "Look it up yourself.", "No idea, sorry.", "Why do you ask?"]
+
+
+def unhelpful_rejected(pydoc: Path, out: Path, lines: range) -> Path:
+    """Chosen: the function's own docstring answer; rejected: an unhelpful reply."""
+    records = [
+        json.loads(line) for line in (pydoc / "all" / "train.jsonl").read_text().splitlines()
+    ]
+    with out.open("w") as fh:
+        for i in lines:
+            question, answer = (m["content"] for m in records[i]["messages"])
+            pair = {"prompt": question, "chosen": answer, "rejected": UNHELPFUL[i % 4]}
+            fh.write(json.dumps(pair) + "\n")
+    return out
+
+
+@pytest.mark.slow
+def test_reward_model_learns_and_scores_alike_in_eval_and_transformers(
+    base: Path, pydoc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reward model trained on 24 pairs ranks 12 held-out ones; `loom eval` reports the
+    trainer's own pairwise accuracy for the run and for its HF export, whose scores
+    transformers' reward model reproduces; it cannot generate, nor be fine-tuned as an LM."""
+    data = unhelpful_rejected(pydoc, tmp_path / "pref.jsonl", range(0, 24))
+    held_out = unhelpful_rejected(pydoc, tmp_path / "held_out.jsonl", range(40, 52))
+    run = tmp_path / "rm"
+    finetune(
+        config(
+            base,
+            pydoc,
+            run,
+            "--finetune.method=reward",
+            f"--data.path={data}",
+            f"--data.val_path={held_out}",
+            "--optimizer.lr=1e-3",
+            "--train.steps=10",
+            "--optimizer.decay_steps=10",
+        )
+    )
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    before, last = records[0], records[-1]
+    assert before["step"] == 0 and last["step"] == 10
+    assert last["val_loss"] < before["val_loss"] / 2  # on held-out pairs
+    assert last["val_reward_accuracy"] == 1.0
+    assert last["val_reward_margin"] > before["val_reward_margin"] + 1
+
+    capsys.readouterr()
+    assert loom(["eval", str(run), "--tasks", str(held_out), "--json"]) == 0
+    task = json.loads(capsys.readouterr().out)["tasks"]["held_out.jsonl"]
+    assert task["kind"] == "preference" and task["n"] == 12
+    assert task["accuracy"] == pytest.approx(last["val_reward_accuracy"])
+    assert task["margin"] == pytest.approx(last["val_reward_margin"], abs=1e-5)
+
+    hf_dir = tmp_path / "hf"
+    assert loom(["convert", str(run), "--out", str(hf_dir), "--format", "hf"]) == 0
+    assert loom(["eval", str(hf_dir), "--tasks", str(held_out), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)["tasks"]["held_out.jsonl"]
+    assert exported["margin"] == pytest.approx(task["margin"], abs=1e-5)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    rows = build_preferences(held_out, base, SEQ - 1, val_fraction=0.0).train
+    loom_model = load_checkpoint_model(find_checkpoint(run)[0], "cpu", tmp_path)
+    for i in range(2):
+        ids = torch.tensor([whole_sequence(rows.chosen.inputs[i], rows.chosen.targets[i])])
+        with torch.no_grad():
+            expected = hf(ids).logits[0, 0]
+            assert loom_model(ids)[0, -1, 0] == pytest.approx(expected.item(), abs=1e-5)
+
+    with pytest.raises(LoomError, match="is a reward model"):
+        generate_text(run, "What does json.dumps do?")
+    with pytest.raises(LoomError, match="finetune.method=reward"):
+        finetune(config(hf_dir, pydoc, tmp_path / "sft"))
+
+
+def test_a_language_model_ranks_pairs_by_the_answers_log_probability(
+    base: Path, pydoc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`loom eval` on preference pairs with a language model: each pair's margin is the
+    chosen answer's summed log-probability minus the rejected one's, as transformers gives."""
+    data = preferences(pydoc, tmp_path / "pref.jsonl", 4)
+    assert loom(["eval", str(base), "--tasks", str(data), "--json"]) == 0
+    task = json.loads(capsys.readouterr().out)["tasks"]["pref.jsonl"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    rows = build_preferences(data, base, 255, val_fraction=0.0).train
+    margins = []
+    for i in range(4):
+        logps = []
+        for side in (rows.chosen, rows.rejected):
+            inputs, targets = side.inputs[i : i + 1], side.targets[i : i + 1]
+            with torch.no_grad():
+                logp = model(inputs).logits.log_softmax(-1)
+            picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            logps.append(float(picked[targets != -100].sum()))
+        margins.append(logps[0] - logps[1])
+    assert task["margin"] == pytest.approx(sum(margins) / 4, abs=1e-4)
+    assert task["accuracy"] == sum(m > 0 for m in margins) / 4
 
 
 def test_bad_input_is_refused_before_training(base: Path, pydoc: Path, tmp_path: Path) -> None:

@@ -491,8 +491,14 @@ def validate(cfg: Config) -> None:
             "optimizer.grad_clip": o.grad_clip,
             "model.head_dim": m.head_dim,
             "model.init_std": m.init_std,
+            "model.num_labels": m.num_labels,
         }
     )
+    if m.num_labels and m.tie_embeddings:
+        raise LoomError(
+            f"model.num_labels={m.num_labels} gives the model a score head of its own, which "
+            "cannot be tied to the embedding; set model.tie_embeddings=false"
+        )
     if m.head_dim == 0 and m.dim % m.n_heads:
         raise LoomError(
             f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; "

@@ -72,6 +72,9 @@ class ModelConfig:
     kv_lora_rank: int = 0
     rope_head_dim: int = 0
     v_head_dim: int = 0
+    # > 0: a score head of this many outputs per position in place of the language-model head
+    # (a reward or value model, as HF's *ForSequenceClassification; never tied to the embedding)
+    num_labels: int = 0
 
     @property
     def attn_head_dim(self) -> int:
@@ -120,6 +123,8 @@ class ModelConfig:
         arch = asdict(self)
         for informational in ("preset", "init_std"):
             arch.pop(informational)
+        if not self.num_labels:  # language models' checkpoints predate the field
+            arch.pop("num_labels")
         if not self.latent_attention:  # checkpoints of other models predate these fields
             for latent in ("q_lora_rank", "kv_lora_rank", "rope_head_dim", "v_head_dim"):
                 arch.pop(latent)
@@ -136,7 +141,8 @@ class ModelConfig:
         parameters one token uses (its top-k experts of each MoE layer, not all)."""
         d = self.dim
         per_layer = self.attention_params() + 2 * d
-        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        head = 0 if self.tie_embeddings else (self.num_labels or self.vocab_size) * d
+        embeddings = self.vocab_size * d + head
         dense_mlp = 3 * d * self.ffn_hidden
         m = self.moe
         experts = m.top_k if active else m.experts

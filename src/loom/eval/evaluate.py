@@ -1,5 +1,6 @@
-"""`loom eval`: perplexity, multiple-choice accuracy and greedy-generation match of any model
-Loom loads (run folder or checkpoint, HF folder, GGUF).
+"""`loom eval`: perplexity, multiple-choice accuracy, greedy-generation match and preference-pair
+accuracy of any model Loom loads (run folder or checkpoint, HF folder, GGUF; reward models for
+preference pairs only).
 
 Everything is scored as "sum of log-probabilities of the last c tokens of a sequence", so
 perplexity windows and multiple-choice continuations share one batched, right-padded forward
@@ -32,8 +33,13 @@ from loom.core.tokenizer import EOS, load_tokenizer, tokenizer_hash
 from loom.data.shards import TokenDataset
 from loom.eval.generate import generate
 from loom.eval.tasks import Choice, Prompt, Task, load_task
+from loom.finetune.dpo import sequence_logps
+from loom.finetune.pairs import joined
+from loom.finetune.reward import last_token_scores
+from loom.finetune.rows import row_tensors
+from loom.finetune.sft_data import build_preferences
 from loom.models.llama import Transformer
-from loom.models.sources import find_checkpoint, load_model
+from loom.models.sources import find_checkpoint, load_model, require_language_model
 
 
 @dataclass
@@ -326,10 +332,45 @@ def _generation(
     return _scored(task, "generation", metrics, outputs)
 
 
+@torch.no_grad()
+def _preference(
+    model: Transformer, task: Task, tokenizer_dir: Path, opts: EvalOptions
+) -> TaskResult:
+    """Pairwise accuracy: the share of pairs whose chosen answer the model puts first, by its
+    score (a reward model) or by the answer's summed log-probability (a language model); the
+    pairs rendered as fine-tuning renders them (the tokenizer's chat template)."""
+    width = model.cfg.max_seq_len - 1  # (a reward model also reads the last token)
+    rows = build_preferences(task.path, tokenizer_dir, width, val_fraction=0.0).train
+    n = len(rows) if opts.limit is None else min(opts.limit, len(rows))
+    device = model.embed_tokens.weight.device
+    model.eval()
+    margins = []
+    for start in range(0, n, max(1, opts.batch_tokens // (2 * width))):
+        index = torch.arange(start, min(n, start + max(1, opts.batch_tokens // (2 * width))))
+        inputs, targets = (t.to(device) for t in joined(row_tensors(rows, index, False)))
+        if model.cfg.num_labels:
+            scores = last_token_scores(model, inputs, targets).float()
+        else:
+            scores = sequence_logps(model(inputs), targets)
+        chosen, rejected = scores.chunk(2)
+        margins.append(chosen - rejected)
+    margin = torch.cat(margins).double()
+    result = TaskResult(task.name, "preference", n, malformed=len(task.malformed))
+    accuracy = float((margin > 0).double().mean())
+    result.metrics = {"accuracy": accuracy, "margin": float(margin.mean())}
+    spread = float(margin.std() / math.sqrt(n)) if n > 1 else None
+    result.stderr = {"accuracy": _stderr(accuracy, n), "margin": spread}
+    result.details = margin.tolist()
+    return result
+
+
 def run_task(
     model: Transformer, tokenizer: Tokenizer, tokenizer_dir: Path, task: Task, opts: EvalOptions
 ) -> TaskResult:
     """Score one parsed task with a loaded model."""
+    if task.kind == "preference":
+        return _preference(model, task, tokenizer_dir, opts)
+    require_language_model(model, task.path, f"be scored on a {task.kind} task")
     if task.kind == "perplexity":
         max_len = model.cfg.max_seq_len
         seq_len = opts.seq_len or min(max_len, 1024)

@@ -14,7 +14,7 @@ from loom.core.run_files import RunFiles
 from loom.core.sampling import sample_next
 from loom.core.tokenizer import EOS, load_tokenizer
 from loom.models.llama import ModelConfig, Transformer
-from loom.models.sources import find_checkpoint, load_checkpoint_model
+from loom.models.sources import find_checkpoint, load_checkpoint_model, require_language_model
 
 
 class ContiguousKVCache:
@@ -113,6 +113,7 @@ def generate_text(
 ) -> str:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, run_dir = load_for_generation(path, device)
+    require_language_model(model, path, "generate text")
     tokenizer = load_tokenizer(RunFiles(run_dir).tokenizer)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     new = generate(

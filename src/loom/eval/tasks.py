@@ -1,6 +1,6 @@
 """Evaluation task files, their kind told by their content: token shards or text (perplexity),
-multiple-choice JSONL and generation JSONL. Lines that do not parse are counted, not dropped
-silently, so a half-broken file cannot pass for a small one."""
+multiple-choice JSONL, generation JSONL and preference-pair JSONL. Lines that do not parse are
+counted, not dropped silently, so a half-broken file cannot pass for a small one."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.data.shards import is_shard_folder
 
-Kind = Literal["perplexity", "multiple_choice", "generation"]
+Kind = Literal["perplexity", "multiple_choice", "generation", "preference"]
 
 SHAPES = (
     "a token-shard folder made by `loom data tokenize` (perplexity on its val split); "
     'a .txt file or a .jsonl of {"text": str} (perplexity); '
     'a .jsonl of {"context": str, "choices": [str, ...], "answer": int} (multiple choice); '
     'a .jsonl of {"prompt": str, "answer": str} or {"prompt": str, "answers": [str, ...]} '
-    "(generation)"
+    "(generation); "
+    'a .jsonl of {"prompt", "chosen", "rejected"} (preference pairs: pairwise accuracy)'
 )
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -52,7 +53,8 @@ class Task:
     kind: Kind
     shards: bool = False  # perplexity on a token-shard folder (else on `texts`)
     texts: list[str] = field(default_factory=list)
-    examples: list[Choice] | list[Prompt] = field(default_factory=list)
+    # (preference pairs: the records, rendered with the model's chat template when scored)
+    examples: list[Choice] | list[Prompt] | list[dict[str, Any]] = field(default_factory=list)
     malformed: list[int] = field(default_factory=list)
 
 
@@ -74,6 +76,9 @@ def _shape_of(record: Any) -> Kind | None:
             and 0 <= answer < len(record["choices"])
         )
         return "multiple_choice" if ok else None
+    if "chosen" in record or "rejected" in record:
+        # (the answers' forms are checked when the pairs are rendered, as for DPO data)
+        return "preference" if {"prompt", "chosen", "rejected"} <= set(record) else None
     if "prompt" in record:
         answers = record.get("answers", [record.get("answer")])
         ok = isinstance(record["prompt"], str) and _is_str_list(answers)
@@ -83,7 +88,9 @@ def _shape_of(record: Any) -> Kind | None:
     return None
 
 
-def _example(kind: Kind, record: dict[str, Any]) -> Choice | Prompt | str:
+def _example(kind: Kind, record: dict[str, Any]) -> Choice | Prompt | str | dict[str, Any]:
+    if kind == "preference":
+        return record
     if kind == "multiple_choice":
         return Choice(record["context"], list(record["choices"]), record["answer"])
     if kind == "generation":

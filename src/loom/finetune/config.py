@@ -22,7 +22,7 @@ from loom.core.lora import LoRAConfig
 from loom.models.llama import ModelConfig
 from loom.models.sources import describe
 
-Method = Literal["full", "lora", "qlora", "dpo"]
+Method = Literal["full", "lora", "qlora", "dpo", "reward"]
 
 
 @dataclass
@@ -33,7 +33,7 @@ class BaseModelConfig:
 @dataclass
 class FinetuneDataConfig:
     path: str = ""  # JSONL: chat `messages`, prompt/completion, instruction/input/output;
-    # for DPO: prompt/chosen/rejected
+    # for DPO and reward models: prompt/chosen/rejected
     val_path: str = ""  # a separate validation file; empty = hold out val_fraction of `path`
     val_fraction: float = 0.05
     template: Literal["auto", "chatml", "none"] = "auto"  # auto = the tokenizer's chat template
@@ -54,12 +54,20 @@ class DPOConfig:
 
 
 @dataclass
+class RewardConfig:
+    # > 0: add this times (r_chosen + r_rejected)² to each pair's loss, keeping the rewards
+    # centred on zero (TRL's center_rewards_coefficient; Eisenstein et al. 2023 use 0.01)
+    center_rewards_coefficient: float = 0.0
+
+
+@dataclass
 class FinetuneConfig(TrainingSections):
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     finetune: MethodConfig = field(default_factory=MethodConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, seq_len=512))
 
     @property
@@ -70,7 +78,14 @@ class FinetuneConfig(TrainingSections):
 
 # Learning rates that suit each method unless the config says otherwise (pretraining's 3e-3
 # would wreck a pretrained model): adapters start from zero and take a larger step.
-DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dpo": 5e-6, "dpo-lora": 5e-5}
+DEFAULT_LR = {
+    "full": 2e-5,
+    "lora": 2e-4,
+    "qlora": 2e-4,
+    "dpo": 5e-6,
+    "dpo-lora": 5e-5,
+    "reward": 1e-5,
+}
 
 
 def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ()) -> FinetuneConfig:
@@ -109,6 +124,13 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         raise LoomError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     if cfg.dpo.beta <= 0:
         raise LoomError(f"dpo.beta={cfg.dpo.beta} must be greater than 0")
+    if cfg.reward.center_rewards_coefficient < 0:
+        raise LoomError(
+            f"reward.center_rewards_coefficient={cfg.reward.center_rewards_coefficient} must be "
+            "0 (off) or more"
+        )
+    if cfg.finetune.method == "reward" and cfg.train.seq_len < 2:
+        raise LoomError("finetune.method=reward scores whole sequences: train.seq_len must be >= 2")
     if cfg.uses_lora:
         cfg.lora.validate()
     p = cfg.parallel
@@ -117,15 +139,16 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             "parallel.pp > 1: fine-tuning runs data parallel (FSDP/DDP) and tensor parallel "
             "(full fine-tuning); set parallel.pp=1"
         )
-    if p.tp > 1 and (cfg.uses_lora or cfg.data.packing or cfg.finetune.method == "dpo"):
+    pairs = cfg.finetune.method in ("dpo", "reward")
+    if p.tp > 1 and (cfg.uses_lora or cfg.data.packing or pairs):
         raise LoomError(
             "parallel.tp > 1 works for full fine-tuning without packing only; set parallel.tp=1 "
             "(FSDP shards the model as well) or finetune.method=full with data.packing=false"
         )
-    if p.cp > 1 and cfg.finetune.method == "dpo":
+    if p.cp > 1 and pairs:
         raise LoomError(
-            "parallel.cp > 1 splits the sequences of SFT, LoRA and full fine-tuning; DPO "
-            "scores whole sequences in one process each: set parallel.cp=1"
+            "parallel.cp > 1 splits the sequences of SFT, LoRA and full fine-tuning; DPO and "
+            "reward models score whole sequences in one process each: set parallel.cp=1"
         )
     if cfg.finetune.method == "qlora" and (p.dp_replicate > 1 or p.tp > 1 or p.dp_shard > 1):
         raise LoomError(

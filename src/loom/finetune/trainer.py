@@ -4,8 +4,9 @@ What differs from pretraining is decided here and nowhere else: the data (render
 loss on replies only, packed without cross-attention), the weights (loaded from the base after
 the parallel layout is built, LoRA adapters added before it, NF4 base weights for QLoRA), the
 checkpoint (only the trainable weights when adapters train), the loss (DPO against a frozen
-reference) and the output (`<run_dir>/adapter/` in PEFT's layout). Layouts, resume, restarts,
-guards, metrics and checkpoints are the shared trainer's.
+reference, Bradley–Terry for a reward model's score head) and the output (`<run_dir>/adapter/`
+in PEFT's layout). Layouts, resume, restarts, guards, metrics and checkpoints are the shared
+trainer's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,12 @@ from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 from loom.finetune.adapter import save_adapter
 from loom.finetune.config import FinetuneConfig, training_config
 from loom.finetune.dpo import Preference
+from loom.finetune.pairs import PairObjective
+from loom.finetune.reward import RewardModeling
 from loom.finetune.rows import RowLoader, validation_batches
 from loom.finetune.sft_data import build_preferences, build_sft
 from loom.models.convert import copy_tokenizer_files
+from loom.models.llama import ModelConfig, init_parameter_
 from loom.models.sources import describe, load_model
 from loom.parallel.parallelize import ParallelModel, parallelize, set_whole_parameter
 from loom.parallel.recompute import clean_name
@@ -60,11 +64,33 @@ class Finetuning:
         self.base_path = Path(ft.model.path).resolve()
         self._scratch = tempfile.TemporaryDirectory(prefix="loom-base-")
         base_cfg, self.base_tokenizer_dir = describe(self.base_path, Path(self._scratch.name))
-        self.config: Config = training_config(ft, base_cfg)
+        self.config: Config = training_config(ft, self._architecture(base_cfg))
         self.dpo = Preference(ft.dpo.beta) if self.method == "dpo" else None
+        self.pairs: PairObjective | None = self.dpo
+        if self.method == "reward":
+            self.pairs = RewardModeling(ft.reward.center_rewards_coefficient)
+
+    def _architecture(self, base: ModelConfig) -> ModelConfig:
+        """The base's architecture; a reward model's has a one-output score head (new unless
+        the base is a reward model already)."""
+        if self.method == "reward":
+            if base.num_labels > 1:
+                raise LoomError(
+                    f"model.path {self.base_path} is a classifier of {base.num_labels} labels; a "
+                    "reward model has one score: start from a language model or a reward model"
+                )
+            return replace(base, num_labels=1, tie_embeddings=False)
+        if base.num_labels:
+            raise LoomError(
+                f"model.path {self.base_path} is a reward or value model (num_labels="
+                f"{base.num_labels}), not a language model: fine-tune it with "
+                "finetune.method=reward, or start from a language model"
+            )
+        return base
 
     def task(self) -> TrainTask:
-        """SFT, LoRA and QLoRA train on the model's own loss; DPO on preference pairs."""
+        """SFT, LoRA and QLoRA train on the model's own loss; DPO and reward models on
+        preference pairs."""
         task = TrainTask(
             open_data=self.open_data,
             build_model=self.build_model,
@@ -79,9 +105,9 @@ class Finetuning:
             planner_strategy=self.planner_strategy(),
             trainable_only=self.ft.uses_lora,
         )
-        if self.dpo is not None:
-            task.micro_step, task.evaluate = self.dpo.micro_step, self.dpo.evaluate
-            task.metrics = self.dpo.metrics
+        if self.pairs is not None:
+            task.micro_step, task.evaluate = self.pairs.micro_step, self.pairs.evaluate
+            task.metrics = self.pairs.metrics
         return task
 
     # -- data ---------------------------------------------------------------------------------
@@ -108,8 +134,10 @@ class Finetuning:
             "val_path": d.val_path or None,
             "seed": t.seed,
         }
-        if self.method == "dpo":
-            data: Any = build_preferences(d.path, tokenizer_dir, t.seq_len, **options)
+        if self.pairs is not None:
+            # (a reward model scores the whole sequence, its last token too: seq_len tokens)
+            width = t.seq_len - 1 if self.method == "reward" else t.seq_len
+            data: Any = build_preferences(d.path, tokenizer_dir, width, **options)
         else:
             data = build_sft(d.path, tokenizer_dir, t.seq_len, packing=d.packing, **options)
         self.report = data.report
@@ -151,7 +179,9 @@ class Finetuning:
             apply_lora(part, ft.lora)
 
         def init(name: str, tensor: torch.Tensor) -> None:
-            init_lora_parameter_(name, tensor, seed)  # base weights: loaded next
+            if not init_lora_parameter_(name, tensor, seed) and name in fresh:
+                init_parameter_(trainer.cfg.model, name, tensor, seed)
+            # (the base's weights are loaded next)
 
         qlora = self.method == "qlora"
         if qlora and trainer.dims.world_size > 1:
@@ -162,9 +192,13 @@ class Finetuning:
         base, _ = load_model(self.base_path, torch.float32, Path(self._scratch.name))
         merge_lora(base)  # a LoRA run as the base: its adapters are part of the base now
         weights = base.state_dict()
+        fresh: frozenset[str] = frozenset()
+        if self.method == "reward" and not base.cfg.num_labels:
+            weights.pop("lm_head.weight", None)  # the language-model head gives way to the score
+            fresh = frozenset({"lm_head.weight"})
         # QLoRA: the fp32 copy stays in host memory; only NF4 weights reach the device.
         adapted = adapt if ft.uses_lora else None
-        model = _parallel_copy(trainer, mesh, weights, adapted, init, on_host=qlora)
+        model = _parallel_copy(trainer, mesh, weights, adapted, init, on_host=qlora, fresh=fresh)
         if self.dpo is not None and not ft.dpo.lora:
             self.dpo.reference = _parallel_copy(trainer, mesh, weights, None, init)
             for part in self.dpo.reference.parts:
@@ -287,15 +321,17 @@ def _parallel_copy(
     adapt: Any,
     init: Any,
     on_host: bool = False,
+    fresh: frozenset[str] = frozenset(),
 ) -> ParallelModel:
-    """The model in this run's layout, holding the base weights (sliced to the shards)."""
+    """The model in this run's layout, holding the base weights (sliced to the shards) except
+    the `fresh` parameters, which keep the values `init` gave them."""
     model = parallelize(
         trainer.cfg, trainer.dims, mesh, trainer.device, cross_entropy, adapt, init, on_host
     )
     for part in model.parts:
         for name, param in part.named_parameters():
             name = clean_name(name)
-            if ".lora_" not in name:
+            if ".lora_" not in name and name not in fresh:
                 set_whole_parameter(param, name, lambda n, t: t.copy_(weights[n]))
     return model
 

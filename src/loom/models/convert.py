@@ -89,10 +89,13 @@ def write_hf(model: Transformer, tokenizer_dir: Path, out: Path, dtype: str) -> 
     cfg = model.cfg
     config = hf_config_dict(cfg) | {"torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
     tokenizer_config = _tokenizer_config(tokenizer_dir)
-    for key in ("bos_token", "eos_token"):
+    for key in ("bos_token", "eos_token", "pad_token"):
         token_id = _token_id(tokenizer_dir, tokenizer_config.get(key))
         if token_id is not None:
             config[f"{key}_id"] = token_id
+    if cfg.num_labels and "pad_token_id" not in config and "eos_token_id" in config:
+        # transformers' reward models find each row's last token by its padding
+        config["pad_token_id"] = config["eos_token_id"]
     (out / "config.json").write_text(json.dumps(config, indent=2))
     state = to_hf_state_dict(model.state_dict(), cfg)
     if cfg.tie_embeddings:

@@ -27,6 +27,8 @@ from loom.models.hf_moe import (
 from loom.models.llama import ModelConfig, RopeScaling, Transformer, build_model
 
 _PREFIX = "model."
+# HF's class of reward and value models: the decoder with a `score` head in place of lm_head
+_SCORED = "ForSequenceClassification"
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -63,6 +65,10 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.moe.enabled:
         config = {k: v for k, v in config.items() if k not in ("attention_bias", "mlp_bias")}
         config |= hf_moe_fields(cfg)
+    if cfg.num_labels:  # a reward or value model: HF's sequence-classification class
+        config["architectures"] = [config["architectures"][0].replace("ForCausalLM", _SCORED)]
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
         config["rope_scaling"] = {
@@ -80,6 +86,8 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         model_type = hf_moe_type(cfg)
         state = {k: v for n, t in state.items() for k, v in to_hf_moe(n, t, model_type).items()}
     out = {name if name.startswith("lm_head.") else _PREFIX + name: t for name, t in state.items()}
+    if cfg.num_labels:
+        out["score.weight"] = out.pop("lm_head.weight")
     if cfg.tie_embeddings:
         out["lm_head.weight"] = state["embed_tokens.weight"]
     return out
@@ -126,6 +134,9 @@ def config_from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         differs.append(f"rope_scaling.rope_type={rope_type!r} (Loom: llama3 or none)")
     if differs:
         raise LoomError(f"{source}: unsupported {model_type} variant: {'; '.join(differs)}")
+    num_labels = 0
+    if any(_SCORED in name for name in raw.get("architectures") or []):
+        num_labels = len(raw.get("id2label") or {}) or int(raw.get("num_labels", 2))
     try:
         if model_type in ARCHITECTURES:
             moe, ffn_hidden = moe_from_hf(raw, source)
@@ -147,9 +158,10 @@ def config_from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
             rope_theta=float(rope_theta),
             rope_scaling=_rope_scaling(scaling) if scaling is not None else None,
             qkv_bias=model_type in ("qwen2", "qwen2_moe"),
-            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)) and not num_labels,
             init_std=float(raw.get("initializer_range", 0.02)),
             moe=moe,
+            num_labels=num_labels,
         )
     except KeyError as e:
         raise LoomError(f"{source}: config.json lacks {e.args[0]}") from None
@@ -166,7 +178,8 @@ def _rope_scaling(raw: dict[str, Any]) -> RopeScaling:
 
 
 def loom_name(hf_name: str) -> str:
-    return hf_name.removeprefix(_PREFIX)
+    """(A sequence-classification model's `score` head is Loom's lm_head.)"""
+    return "lm_head.weight" if hf_name == "score.weight" else hf_name.removeprefix(_PREFIX)
 
 
 def load_hf_model(

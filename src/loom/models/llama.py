@@ -221,8 +221,10 @@ class Transformer(nn.Module):
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
-        # Tied models reuse embed_tokens.weight for the output projection (no lm_head).
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, False)
+        # Tied models reuse embed_tokens.weight for the output projection (no lm_head); a reward
+        # or value model (num_labels > 0) scores each position instead.
+        outputs = cfg.num_labels or cfg.vocab_size
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, outputs, False)
         shape = (cfg.max_seq_len, cfg.rope_dim)
         self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
         self.register_buffer("rope_sin", torch.empty(shape), persistent=False)

@@ -50,6 +50,16 @@ def describe(src: Path, scratch: Path) -> tuple[ModelConfig, Path]:
     return model_config(read_state(checkpoint)["model"]), RunFiles(run_dir).tokenizer
 
 
+def require_language_model(model: Transformer, src: str | Path, use: str) -> None:
+    """Refuse a reward or value model (a score head, no language-model head) for `use`."""
+    if model.cfg.num_labels:
+        raise LoomError(
+            f"{src} is a reward model (a score head of {model.cfg.num_labels} output(s), no "
+            f"language-model head), so it cannot {use}; score preference pairs with it: "
+            '`loom eval MODEL PAIRS.jsonl` with {"prompt", "chosen", "rejected"} records'
+        )
+
+
 def load_model(
     src: Path, dtype: torch.dtype, scratch: Path, device: torch.device | str = "cpu"
 ) -> tuple[Transformer, Path]:

@@ -16,7 +16,7 @@ from loom.core.log import logger
 from loom.core.lora import lora_layers, merge_lora
 from loom.core.quantize import quantize_int8_weight_only
 from loom.models.llama import Transformer
-from loom.models.sources import load_model
+from loom.models.sources import load_model, require_language_model
 from loom.serve.adapters import adapter_layers, attach_adapters, select_adapters
 from loom.serve.engine import StepBatch
 from loom.serve.kv_cache import PagedKVCache
@@ -122,6 +122,7 @@ def load_served_model(
     dtype_name = setup.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     model, tokenizer_dir = load_model(src, torch.float32, scratch, device)
+    require_language_model(model, src, "be served")
     if any(True for _ in lora_layers(model)):
         merged = merge_lora(model)
         logger.info("merged the LoRA adapters of %d layers into the base weights", merged)
