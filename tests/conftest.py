@@ -103,6 +103,9 @@ def smollm2_gguf() -> Path:
     return path
 
 
+SMOLLM2_VOCAB = 49152
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The SmolLM2 tokenizer folder (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
@@ -155,21 +158,29 @@ def tiny_config(data_dir: Path, tmp_path: Path) -> Callable[..., object]:
     return make
 
 
-def save_tiny_llama(folder: Path, tokenizer_dir: Path, max_positions: int = 128) -> object:
-    """A random 2-layer `transformers` Llama (seed 0) saved in `folder` with the test
-    tokenizer's files; returns the model."""
+def save_tiny_llama(
+    folder: Path,
+    tokenizer_dir: Path,
+    max_positions: int = 128,
+    vocab_size: int = TEST_VOCAB,
+    intermediate: int = 96,
+    tied: bool = False,
+) -> object:
+    """A random 2-layer `transformers` Llama (seed 0) saved in `folder` with the files of the
+    tokenizer in `tokenizer_dir` (of `vocab_size` tokens); returns the model."""
     import torch
     import transformers
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=TEST_VOCAB,
+        vocab_size=vocab_size,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
+        tie_word_embeddings=tied,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(folder)

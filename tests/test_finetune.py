@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import peft
 import pytest
 import torch
 import transformers
+from conftest import SMOLLM2_VOCAB, save_tiny_llama
 
 from loom.cli import main as loom
 from loom.core.errors import LoomError
@@ -44,20 +44,7 @@ SEQ = 128
 def base(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama in HF format with SmolLM2's tokenizer files."""
     folder = tmp_path_factory.mktemp("tiny-hf")
-    config = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for file in smollm2_tokenizer.iterdir():
-        shutil.copy(file, folder / file.name)
+    save_tiny_llama(folder, smollm2_tokenizer, 256, SMOLLM2_VOCAB, intermediate=128, tied=True)
     return folder
 
 

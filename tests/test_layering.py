@@ -21,7 +21,8 @@ PACKAGE_LAYERS = {
     "loom": CORE,  # the package itself: its version
     "core": CORE,
     **dict.fromkeys(
-        ("data", "models", "parallel", "train", "finetune", "planner", "eval", "serve"), FEATURE
+        ("data", "models", "parallel", "train", "finetune", "align", "planner", "eval", "serve"),
+        FEATURE,
     ),
     **dict.fromkeys(
         ("commands", "pipeline", "report", "demo", "demo_finetune", "cli", "__main__"),

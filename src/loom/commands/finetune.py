@@ -1,4 +1,5 @@
-"""`loom finetune`: full, LoRA, QLoRA or DPO fine-tuning of a released model."""
+"""`loom finetune`: full, LoRA, QLoRA, DPO, reward-model or GRPO fine-tuning of a released
+model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from loom.commands.train import LaunchOptions, launch_or_run
 
 DESCRIPTION = (
     "Fine-tune from a TOML config (model.path, data.path, finetune.method, "
-    "lora.*, dpo.*, train.*, ...); override any key as --section.key=value."
+    "lora.*, dpo.*, reward.*, grpo.*, train.*, ...); override any key as --section.key=value."
 )
 TAKES_OVERRIDES = True
 
@@ -19,9 +20,9 @@ class Options(LaunchOptions):
 
 
 def run(options: Options) -> int:
+    from loom.align.trainer import trainer_for
     from loom.finetune.config import load_finetune_config, with_base_architecture
-    from loom.finetune.trainer import finetune
 
     cfg = load_finetune_config(options.config, options.overrides)
     layout = with_base_architecture(cfg) if options.nproc is not None else cfg
-    return launch_or_run(options, cfg, layout, "loom.finetune", finetune)
+    return launch_or_run(options, cfg, layout, "loom.finetune", trainer_for(cfg))

@@ -9,8 +9,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from tokenizers import Tokenizer
+
 from loom.core.errors import LoomError
 from loom.core.log import logger
+from loom.core.tokenizer import EOS
 
 TemplateMode = Literal["auto", "chatml", "none"]
 TEMPLATE_MODES: tuple[str, ...] = ("auto", "chatml", "none")
@@ -219,3 +222,17 @@ class ChatTemplate:
             raise TemplateRejected(
                 f"the chat template from {self.origin} rejected it: {e}"
             ) from None
+
+
+def stop_token_ids(tokenizer: Tokenizer, tokenizer_dir: Path, template: ChatTemplate) -> set[int]:
+    """End of text as the model knows it: the tokenizer's eos token, the HF generation
+    config's eos ids (what `transformers` stops on), and Loom's own end-of-text token."""
+    ids: set[int] = set()
+    for text in (template.eos_token, EOS):
+        if text is not None and (i := tokenizer.token_to_id(text)) is not None:
+            ids.add(i)
+    generation = tokenizer_dir / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    return ids

@@ -22,7 +22,10 @@ from loom.core.lora import LoRAConfig
 from loom.models.llama import ModelConfig
 from loom.models.sources import describe
 
-Method = Literal["full", "lora", "qlora", "dpo", "reward"]
+Method = Literal["full", "lora", "qlora", "dpo", "reward", "grpo"]
+# Methods that learn from the policy's own samples (loom.align): they train through the same
+# trainer, but `loom finetune` hands them to the align feature.
+ONLINE_METHODS = ("grpo",)
 
 
 @dataclass
@@ -33,7 +36,8 @@ class BaseModelConfig:
 @dataclass
 class FinetuneDataConfig:
     path: str = ""  # JSONL: chat `messages`, prompt/completion, instruction/input/output;
-    # for DPO and reward models: prompt/chosen/rejected
+    # for DPO and reward models: prompt/chosen/rejected; for GRPO: prompt (a string or chat
+    # messages) and any fields the reward functions read
     val_path: str = ""  # a separate validation file; empty = hold out val_fraction of `path`
     val_fraction: float = 0.05
     template: Literal["auto", "chatml", "none"] = "auto"  # auto = the tokenizer's chat template
@@ -61,6 +65,29 @@ class RewardConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Group-relative policy optimisation (DeepSeekMath): each prompt's `group_size` samples
+    are scored, and each sample's advantage is its reward against its group's."""
+
+    group_size: int = 8  # completions sampled per prompt
+    # Python reward functions as "module:function": each gets prompt=, completion= and the
+    # data row's fields as keyword arguments and returns a number
+    rewards: list[str] = field(default_factory=list)
+    reward_model: str = ""  # a reward model (Loom run or HF folder) scoring prompt + completion
+    reward_weights: list[float] = field(default_factory=list)  # functions, then the model; [] = 1s
+    beta: float = 0.0  # KL penalty to the reference policy (TRL's default; DeepSeekMath: 0.04)
+    clip: float = 0.2  # the policy ratio's clipping range ε
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # per-token loss averaged: "dapo" over all tokens of the micro-batch, "grpo" per completion
+    # then over completions, "dr_grpo" summed over max_new_tokens per completion (Dr. GRPO)
+    loss: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage / std (none: Dr. GRPO)
+    lora: bool = True  # train LoRA adapters (reference = adapters off); false = full fine-tuning
+
+
+@dataclass
 class FinetuneConfig(TrainingSections):
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
@@ -68,12 +95,24 @@ class FinetuneConfig(TrainingSections):
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, seq_len=512))
 
     @property
     def uses_lora(self) -> bool:
         method = self.finetune.method
-        return method in ("lora", "qlora") or (method == "dpo" and self.dpo.lora)
+        return (
+            method in ("lora", "qlora")
+            or (method == "dpo" and self.dpo.lora)
+            or (method == "grpo" and self.grpo.lora)
+        )
+
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen copy of the base beside the policy: DPO, or GRPO's KL term, in full
+        fine-tuning (with adapters the reference is the policy with its adapters off)."""
+        method = self.finetune.method
+        return not self.uses_lora and (method == "dpo" or (method == "grpo" and self.grpo.beta > 0))
 
 
 # Learning rates that suit each method unless the config says otherwise (pretraining's 3e-3
@@ -85,6 +124,8 @@ DEFAULT_LR = {
     "dpo": 5e-6,
     "dpo-lora": 5e-5,
     "reward": 1e-5,
+    "grpo": 1e-6,
+    "grpo-lora": 1e-5,
 }
 
 
@@ -101,7 +142,8 @@ def finetune_config_from_dict(raw: dict[str, Any]) -> FinetuneConfig:
     set_by_user = raw.get("optimizer", {})
     if "lr" not in set_by_user:
         method = cfg.finetune.method
-        cfg.optimizer.lr = DEFAULT_LR["dpo-lora" if method == "dpo" and cfg.dpo.lora else method]
+        adapters = (method == "dpo" and cfg.dpo.lora) or (method == "grpo" and cfg.grpo.lora)
+        cfg.optimizer.lr = DEFAULT_LR[f"{method}-lora" if adapters else method]
     if "weight_decay" not in set_by_user:
         cfg.optimizer.weight_decay = 0.0
     return cfg
@@ -129,6 +171,8 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             f"reward.center_rewards_coefficient={cfg.reward.center_rewards_coefficient} must be "
             "0 (off) or more"
         )
+    if cfg.finetune.method == "grpo":
+        validate_grpo(cfg)
     if cfg.finetune.method == "reward" and cfg.train.seq_len < 2:
         raise LoomError("finetune.method=reward scores whole sequences: train.seq_len must be >= 2")
     if cfg.uses_lora:
@@ -139,7 +183,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             "parallel.pp > 1: fine-tuning runs data parallel (FSDP/DDP) and tensor parallel "
             "(full fine-tuning); set parallel.pp=1"
         )
-    pairs = cfg.finetune.method in ("dpo", "reward")
+    pairs = cfg.finetune.method in ("dpo", "reward", *ONLINE_METHODS)
     if p.tp > 1 and (cfg.uses_lora or cfg.data.packing or pairs):
         raise LoomError(
             "parallel.tp > 1 works for full fine-tuning without packing only; set parallel.tp=1 "
@@ -160,6 +204,41 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             "finetune.method=qlora keeps the NF4 base on the device: FSDP's memory.offload=params "
             "does not take NF4 weights; set memory.offload=none or finetune.method=lora"
         )
+
+
+def validate_grpo(cfg: FinetuneConfig) -> None:
+    g = cfg.grpo
+    if g.group_size < 2:
+        raise LoomError(
+            f"grpo.group_size={g.group_size}: advantages compare samples of one prompt; "
+            "set 2 or more"
+        )
+    if not g.rewards and not g.reward_model:
+        raise LoomError(
+            'finetune.method=grpo needs rewards: grpo.rewards = ["module:function", ...] and/or '
+            "grpo.reward_model = PATH"
+        )
+    for name in g.rewards:
+        module, _, function = name.partition(":")
+        if not module or not function:
+            raise LoomError(f'grpo.rewards entry {name!r} must read "module:function"')
+    count = len(g.rewards) + bool(g.reward_model)
+    if g.reward_weights and len(g.reward_weights) != count:
+        raise LoomError(
+            f"grpo.reward_weights has {len(g.reward_weights)} weights for {count} rewards (the "
+            "functions, then the reward model); give one each or leave it empty"
+        )
+    if g.reward_model and not Path(g.reward_model).exists():
+        raise LoomError(f"grpo.reward_model {g.reward_model} does not exist")
+    for key, value in (("beta", g.beta), ("clip", g.clip), ("temperature", g.temperature)):
+        if value < 0:
+            raise LoomError(f"grpo.{key}={value} must be 0 or more")
+    if g.temperature == 0:
+        raise LoomError("grpo.temperature=0 samples one answer per prompt: use a temperature > 0")
+    if not 0 < g.top_p <= 1:
+        raise LoomError(f"grpo.top_p={g.top_p} must be in (0, 1]")
+    if g.max_new_tokens < 1:
+        raise LoomError(f"grpo.max_new_tokens={g.max_new_tokens} must be at least 1")
 
 
 def training_config(cfg: FinetuneConfig, model: ModelConfig) -> Config:

@@ -20,6 +20,7 @@ from typing import Any
 
 import tomli_w
 import torch
+from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -67,6 +68,7 @@ class Finetuning:
         self.config: Config = training_config(ft, self._architecture(base_cfg))
         self.dpo = Preference(ft.dpo.beta) if self.method == "dpo" else None
         self.pairs: PairObjective | None = self.dpo
+        self.reference: ParallelModel | None = None  # a frozen base (None: adapters off)
         if self.method == "reward":
             self.pairs = RewardModeling(ft.reward.center_rewards_coefficient)
 
@@ -112,8 +114,9 @@ class Finetuning:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def open_data(self, cfg: Config) -> TaskData:
-        ft, t = self.ft, cfg.train
+    def base_tokenizer(self, cfg: Config) -> tuple[Tokenizer, Path]:
+        """The base model's tokenizer, and a folder of its files alone (an HF folder also holds
+        weights: only the tokenizer files travel to <run_dir>/tokenizer)."""
         tokenizer_file = self.base_tokenizer_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise LoomError(f"{self.base_path} has no tokenizer.json; fine-tuning needs one")
@@ -123,9 +126,13 @@ class Finetuning:
                 f"the tokenizer of {self.base_path} has {tokenizer.get_vocab_size()} tokens, more "
                 f"than the model's {cfg.model.vocab_size}"
             )
-        # Only the tokenizer files travel to <run_dir>/tokenizer (an HF folder also holds weights).
         tokenizer_dir = Path(self._scratch.name) / "tokenizer"
         copy_tokenizer_files(self.base_tokenizer_dir, tokenizer_dir)
+        return tokenizer, tokenizer_dir
+
+    def open_data(self, cfg: Config) -> TaskData:
+        ft, t = self.ft, cfg.train
+        tokenizer, tokenizer_dir = self.base_tokenizer(cfg)
         d = ft.data
         options: dict[str, Any] = {
             "template": d.template,
@@ -145,7 +152,7 @@ class Finetuning:
         val = [data.val] if len(data.val) else []
         if not val:
             logger.warning("no validation examples (data.val_fraction=0, no data.val_path)")
-        identity = [_fingerprint(d, t.seed)]
+        identity = [fingerprint(d, t.seed)]
         return TaskData(loader, val, identity, tokenizer_hash(tokenizer), tokenizer_dir)
 
     def planner_strategy(self) -> dict[str, object]:
@@ -155,9 +162,11 @@ class Finetuning:
         return {"finetune": kind, "lora_rank": self.ft.lora.rank}
 
     def flops_per_token(self, trainer: Trainer) -> float:
-        """LoRA / QLoRA: the frozen base's backward skips its weight gradients (4·N), the
-        adapters train in full (6 per parameter). DPO and full fine-tuning count as pretraining."""
-        if self.method not in ("lora", "qlora"):
+        """LoRA / QLoRA (and GRPO's adapters): the frozen base's backward skips its weight
+        gradients (4·N), the adapters train in full (6 per parameter). DPO and full fine-tuning
+        count as pretraining (GRPO's sampling is not counted)."""
+        adapters = self.method in ("lora", "qlora") or (self.method == "grpo" and self.ft.uses_lora)
+        if not adapters:
             return dense_flops_per_token(trainer)
         adapters = sum(
             p.numel() for part in trainer.model.parts for p in part.parameters() if p.requires_grad
@@ -199,10 +208,12 @@ class Finetuning:
         # QLoRA: the fp32 copy stays in host memory; only NF4 weights reach the device.
         adapted = adapt if ft.uses_lora else None
         model = _parallel_copy(trainer, mesh, weights, adapted, init, on_host=qlora, fresh=fresh)
-        if self.dpo is not None and not ft.dpo.lora:
-            self.dpo.reference = _parallel_copy(trainer, mesh, weights, None, init)
-            for part in self.dpo.reference.parts:
+        if ft.needs_reference:
+            self.reference = _parallel_copy(trainer, mesh, weights, None, init)
+            for part in self.reference.parts:
                 part.requires_grad_(False)
+            if self.dpo is not None:
+                self.dpo.reference = self.reference
         del base, weights
         if qlora:
             count = sum(quantize_base_nf4(part, trainer.device) for part in model.parts)
@@ -336,7 +347,7 @@ def _parallel_copy(
     return model
 
 
-def _fingerprint(d: Any, seed: int) -> str:
+def fingerprint(d: Any, seed: int) -> str:
     """The data files' bytes and the settings that decide the rows (a resumed run must get the
     same rows)."""
     digest = hashlib.sha256()

@@ -101,6 +101,7 @@ class Sequence:
         self.on_event = on_event
         self.adapter = adapter
         self.output_ids: list[int] = []
+        self.stop_token: int | None = None  # the end-of-text token that ended it (not output)
         self.blocks: list[int] = []
         self.computed = 0  # tokens whose keys/values are in the cache
         self.text = ""
@@ -368,6 +369,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.first_token(seq.first_token_at - seq.arrived)
         if token in self.stop_ids:
+            seq.stop_token = token
             self._finish(seq, "stop")
             return
         seq.output_ids.append(token)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import tempfile
@@ -14,12 +13,11 @@ from pathlib import Path
 import torch
 import uvicorn
 from fastapi import FastAPI
-from tokenizers import Tokenizer
 
-from loom.core.chat import ChatTemplate
+from loom.core.chat import ChatTemplate, stop_token_ids
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.core.tokenizer import EOS, load_tokenizer
+from loom.core.tokenizer import load_tokenizer
 from loom.serve.api import ServingApp
 from loom.serve.engine import Engine, EngineConfig, EngineMetrics, ModelRunner
 from loom.serve.metrics import ServeMetrics
@@ -114,20 +112,6 @@ def adapter_pairs(items: list[str]) -> dict[str, str]:
             raise LoomError(f"--adapter {item!r}: write NAME=PATH")
         adapters[name] = path
     return adapters
-
-
-def stop_token_ids(tokenizer: Tokenizer, tokenizer_dir: Path, template: ChatTemplate) -> set[int]:
-    """End of text as the model knows it: the tokenizer's eos token, the HF generation
-    config's eos ids (what `transformers` stops on), and Loom's own end-of-text token."""
-    ids: set[int] = set()
-    for text in (template.eos_token, EOS):
-        if text is not None and (i := tokenizer.token_to_id(text)) is not None:
-            ids.add(i)
-    generation = tokenizer_dir / "generation_config.json"
-    if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else eos or [])
-    return ids
 
 
 def runner_setup(opts: ServeOptions) -> RunnerSetup:

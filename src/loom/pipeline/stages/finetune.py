@@ -7,6 +7,7 @@ import copy
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from loom.align.trainer import trainer_for
 from loom.core.config import Config
 from loom.core.errors import LoomError
 from loom.finetune.config import (
@@ -16,7 +17,6 @@ from loom.finetune.config import (
     validate_finetune,
     with_base_architecture,
 )
-from loom.finetune.trainer import finetune
 from loom.pipeline.sections import expand, need
 from loom.pipeline.stage import BaseStage, Loading
 from loom.pipeline.stages.training import TrainingStage, read_training_section
@@ -58,7 +58,7 @@ class FinetuneStage(TrainingStage):
         return cls(at.folder, cfg, inputs, hardware=read.hardware, launch=read.launch)
 
     def trainer(self) -> Callable[[Any], TrainResult]:
-        return finetune
+        return trainer_for(self.options)
 
     def training_config(self, earlier: list[BaseStage]) -> Config:
         pretrain = next((s for s in earlier if s.name == "pretrain"), None)

@@ -1,0 +1,266 @@
+"""GRPO through the shared trainer: each micro-step samples `group_size` completions of each of
+its prompts with the serving engine, scores them, and takes the policy-gradient step on them.
+Everything else (LoRA or full weights, the reference, checkpoints, resume, guards, metrics)
+is fine-tuning's."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from loom.align.grpo import GRPOLoss, group_advantages, grpo_loss, token_logps
+from loom.align.prompts import Prompt, PromptLoader, load_prompts
+from loom.align.rewards import Rewards
+from loom.align.rollout import Completion, Rollouts
+from loom.core.chat import ChatTemplate
+from loom.core.config import Config
+from loom.core.errors import LoomError
+from loom.core.lora import adapters_disabled
+from loom.core.tokenizer import tokenizer_hash
+from loom.finetune.config import ONLINE_METHODS, FinetuneConfig
+from loom.finetune.trainer import Finetuning, finetune, fingerprint
+from loom.parallel.parallelize import ParallelModel
+from loom.train.task import TaskData, TrainTask
+from loom.train.trainer import Trainer, TrainResult
+
+
+class OnlineFinetuning(Finetuning):
+    """A GRPO run's own state: the prompts, the rollout engine, the rewards, and the figures
+    kept between metric records."""
+
+    def __init__(self, ft: FinetuneConfig) -> None:
+        super().__init__(ft)
+        self.grpo = ft.grpo
+        self.prompts: list[Prompt] = []
+        self.rollouts: Rollouts | None = None
+        self.rewards: Rewards | None = None
+        self._rewards_scratch = tempfile.TemporaryDirectory(prefix="loom-reward-")
+        self._records: list[dict[str, float]] = []  # one per micro-step since the last record
+        self._val: dict[str, float] = {}
+        self._calls = (-1, 0)  # (step, micro-steps in it): each draws its own sampling seeds
+
+    def task(self) -> TrainTask:
+        task = super().task()
+        task.metrics = self.metrics
+        return task
+
+    # -- data and model -----------------------------------------------------------------------
+
+    def open_data(self, cfg: Config) -> TaskData:
+        ft, t, g = self.ft, cfg.train, self.grpo
+        self.tokenizer, tokenizer_dir = self.base_tokenizer(cfg)
+        self.tokenizer_dir = tokenizer_dir
+        template = ChatTemplate.from_tokenizer_dir(tokenizer_dir, ft.data.template)
+        longest = t.seq_len - g.max_new_tokens
+        if longest < 1:
+            raise LoomError(
+                f"train.seq_len={t.seq_len} leaves no room for a prompt before "
+                f"grpo.max_new_tokens={g.max_new_tokens}; raise train.seq_len"
+            )
+        d = ft.data
+        val_path = Path(d.val_path) if d.val_path else None
+        self.prompts, val, self.report = load_prompts(
+            Path(d.path), val_path, self.tokenizer, template, longest, d.val_fraction, t.seed
+        )
+        loader = PromptLoader(self.prompts, t.seq_len, t.seed)
+        identity = [fingerprint(d, t.seed)]
+        return TaskData(
+            loader, [val] if val else [], identity, tokenizer_hash(self.tokenizer), tokenizer_dir
+        )
+
+    def build_model(self, trainer: Trainer, mesh: DeviceMesh | None) -> ParallelModel:
+        if trainer.dims.world_size > 1:
+            raise LoomError(
+                "finetune.method=grpo runs in one process for now (rollouts shared out over "
+                "data-parallel ranks are not built); launch without --nproc"
+            )
+        model = super().build_model(trainer, mesh)
+        self.rollouts = Rollouts(model.parts[0], self.tokenizer, self.tokenizer_dir)
+        self.rewards = Rewards(self.grpo, trainer.device, Path(self._rewards_scratch.name))
+        return model
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _seeds(self, trainer: Trainer, count: int) -> list[int]:
+        """Sampling seeds of this micro-step's completions, from (train.seed, step, micro-step):
+        a resumed run samples what the uninterrupted one did."""
+        step, calls = self._calls
+        self._calls = (trainer.step, calls + 1 if step == trainer.step else 0)
+        key = f"{trainer.cfg.train.seed}/{trainer.step}/{self._calls[1]}"
+        base = zlib.crc32(key.encode()) << 20
+        return [base + i for i in range(count)]
+
+    def sample(
+        self, prompts: list[Prompt], seeds: list[int], greedy: bool = False
+    ) -> list[Completion]:
+        """`len(seeds) // len(prompts)` completions of each prompt, in prompt order."""
+        assert self.rollouts is not None
+        per_prompt = len(seeds) // len(prompts)
+        g = self.grpo
+        return self.rollouts.sample(
+            [p.ids for p in prompts for _ in range(per_prompt)],
+            seeds,
+            g.max_new_tokens,
+            0.0 if greedy else g.temperature,
+            1.0 if greedy else g.top_p,
+        )
+
+    def score(
+        self, prompts: list[Prompt], completions: list[Completion]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each completion's reward per source and weighted (completion text without the
+        end-of-text token)."""
+        assert self.rewards is not None
+        per_prompt = len(completions) // len(prompts)
+        texts = [
+            self.tokenizer.decode(c.ids[:-1] if c.stopped else c.ids, skip_special_tokens=True)
+            for c in completions
+        ]
+        records = [p.record for p in prompts for _ in range(per_prompt)]
+        return self.rewards.score(records, texts)
+
+    def policy_loss(
+        self,
+        trainer: Trainer,
+        prompt_ids: list[list[int]],
+        completion_ids: list[list[int]],
+        advantages: torch.Tensor,
+        old_logps: torch.Tensor | None = None,
+    ) -> GRPOLoss:
+        """GRPO's loss of completions of prompts (one row each, right-padded), with gradients.
+        `old_logps` [completions, longest completion]: the sampling policy's (None: this
+        policy's, detached: one update per rollout)."""
+        g, device = self.grpo, trainer.device
+        width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
+        tokens = torch.zeros(len(prompt_ids), width, dtype=torch.long)
+        longest = max(map(len, completion_ids))
+        index = torch.zeros(len(prompt_ids), longest, dtype=torch.long)  # completion positions
+        mask = torch.zeros(len(prompt_ids), longest, dtype=torch.bool)
+        for row, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            tokens[row, : len(p) + len(c)] = torch.tensor(p + c)
+            index[row, : len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+            mask[row, : len(c)] = True
+        tokens, index, mask = tokens.to(device), index.to(device), mask.to(device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:].gather(1, index)
+        policy = trainer.model.parts[0]
+
+        def logps_of(model: torch.nn.Module) -> torch.Tensor:
+            logits = model(inputs)
+            picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+            return token_logps(picked, targets, g.temperature)
+
+        with trainer.model.autocast:
+            logps = logps_of(policy)
+            ref_logps = None
+            if g.beta:
+                off: AbstractContextManager[object] = (
+                    adapters_disabled(policy) if self.reference is None else nullcontext()
+                )
+                reference = policy if self.reference is None else self.reference.parts[0]
+                with torch.no_grad(), off:
+                    ref_logps = logps_of(reference)
+        old = logps.detach() if old_logps is None else old_logps.to(device)
+        return grpo_loss(
+            logps,
+            old,
+            ref_logps,
+            advantages.to(device),
+            mask,
+            g.beta,
+            g.clip,
+            g.loss,
+            g.max_new_tokens,
+        )
+
+    def micro_step(
+        self, trainer: Trainer, batch: list[torch.Tensor], scale: float
+    ) -> torch.Tensor | None:
+        g = self.grpo
+        prompts = [self.prompts[i] for i in batch[0].tolist()]
+        began = time.perf_counter()
+        completions = self.sample(prompts, self._seeds(trainer, len(prompts) * g.group_size))
+        sampled = time.perf_counter()
+        per_source, rewards = self.score(prompts, completions)
+        advantages = group_advantages(rewards, g.group_size, g.scale_rewards)
+        scored = time.perf_counter()
+        prompt_ids = [p.ids for p in prompts for _ in range(g.group_size)]
+        out = self.policy_loss(trainer, prompt_ids, [c.ids for c in completions], advantages)
+        (out.loss * scale).backward()
+        lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
+        record = {
+            "reward": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "kl": out.kl,
+            "clip_fraction": out.clip_fraction,
+            "completion_tokens": lengths.mean().item(),
+            "stopped_fraction": sum(c.stopped for c in completions) / len(completions),
+            "rollout_s": sampled - began,
+            "reward_s": scored - sampled,
+            "update_s": time.perf_counter() - scored,
+            "rollout_tokens_per_s": lengths.sum().item() / max(sampled - began, 1e-9),
+        }
+        for name, column in zip(
+            self.rewards.names if self.rewards else [], per_source.T, strict=True
+        ):
+            record[f"reward_{name}"] = column.mean().item()
+        self._records.append(record)
+        return out.loss.detach()
+
+    # -- validation and metrics ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, trainer: Trainer) -> float:
+        """Minus the mean reward of greedy answers to the validation prompts (a loss: lower is
+        better); the reward and its standard error go to the metrics."""
+        val: list[Prompt] = trainer.val[0]
+        completions = self.sample(val, [0] * len(val), greedy=True)
+        per_source, rewards = self.score(val, completions)
+        n = len(val)
+        mean = rewards.mean().item()
+        stderr = rewards.std().item() / math.sqrt(n) if n > 1 else 0.0
+        self._val = {"val_reward": mean, "val_reward_stderr": stderr}
+        assert self.rewards is not None
+        for name, column in zip(self.rewards.names, per_source.T, strict=True):
+            self._val[f"val_reward_{name}"] = column.mean().item()
+        return -mean
+
+    def metrics(self, trainer: Trainer) -> dict[str, float]:
+        """The means of the micro-steps' figures since the last record (rollout times summed),
+        and the last validation's rewards."""
+        record: dict[str, float] = {}
+        if self._records:
+            for key in self._records[0]:
+                values = [r[key] for r in self._records]
+                summed = key.endswith("_s")
+                record[key] = sum(values) if summed else sum(values) / len(values)
+            self._records = []
+        record.update(self._val)
+        self._val = {}
+        return record
+
+    def finish(self, trainer: Trainer, result: TrainResult) -> None:
+        super().finish(trainer, result)
+        self._rewards_scratch.cleanup()
+
+
+def align_trainer(ft: FinetuneConfig) -> Trainer:
+    """The shared trainer, configured by the GRPO task of `ft`."""
+    online = OnlineFinetuning(ft)
+    return Trainer(online.config, online.task())
+
+
+def align(ft: FinetuneConfig) -> TrainResult:
+    return align_trainer(ft).run()
+
+
+def trainer_for(ft: FinetuneConfig) -> Callable[[FinetuneConfig], TrainResult]:
+    """Fine-tuning's trainer, or this feature's for the methods that sample online."""
+    return align if ft.finetune.method in ONLINE_METHODS else finetune

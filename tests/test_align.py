@@ -1,0 +1,191 @@
+"""GRPO (`finetune.method = "grpo"`): the loss and gradients of a fixed batch of completions
+equal TRL's GRPOTrainer; rollouts come from the serving engine over the policy's own weights;
+a run records its rewards, resumes exactly and refuses bad input before it starts.
+
+A tiny random Llama (saved by transformers) with SmolLM2's real tokenizer and chat template."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import SMOLLM2_VOCAB, save_tiny_llama
+
+from loom.align.grpo import group_advantages
+from loom.align.trainer import OnlineFinetuning
+from loom.finetune.config import load_finetune_config
+from loom.models.convert import write_hf
+from loom.models.llama import build_model
+from loom.parallel.recompute import clean_name
+from loom.train.trainer import Trainer
+
+REWARDS = '''
+def digits(prompt, completion, **row):
+    """The share of the completion's characters that are digits."""
+    return sum(c.isdigit() for c in completion) / max(1, len(completion))
+
+
+def answer_length(prompt, completion, answer, **row):
+    """Closeness of the completion's length to the row's answer's."""
+    return -abs(len(completion) - len(answer)) / 10
+'''
+
+
+@pytest.fixture(scope="module")
+def base(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    save_tiny_llama(folder, smollm2_tokenizer, 256, SMOLLM2_VOCAB, intermediate=128)
+    return folder
+
+
+@pytest.fixture
+def prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Arithmetic questions with their answers; the reward functions importable as `rewards`."""
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("rewards", None)
+    path = tmp_path / "prompts.jsonl"
+    with path.open("w") as fh:
+        for a in range(12):
+            record = {"prompt": f"What is {a} + {a + 3}?", "answer": str(2 * a + 3)}
+            fh.write(json.dumps(record) + "\n")
+    return path
+
+
+def grpo_config(base: Path, prompts: Path, run_dir: Path, *overrides: str):
+    return load_finetune_config(
+        None,
+        [
+            f"--model.path={base}",
+            f"--data.path={prompts}",
+            f"--data.val_path={prompts}",
+            f"--run_dir={run_dir}",
+            "--finetune.method=grpo",
+            "--grpo.rewards=rewards:digits,rewards:answer_length",
+            "--grpo.reward_weights=1.0,0.5",
+            "--grpo.group_size=4",
+            "--grpo.max_new_tokens=12",
+            "--train.steps=4",
+            "--train.batch_size=2",
+            "--train.seq_len=64",
+            "--train.eval_interval=2",
+            "--optimizer.lr=1e-3",
+            "--optimizer.warmup_steps=0",
+            "--optimizer.decay_steps=4",
+            "--checkpoint.interval=2",
+            "--metrics.log_interval=1",
+            "--metrics.progress=plain",
+            "--metrics.tensorboard=false",
+            *overrides,
+        ],
+    )
+
+
+@pytest.mark.parametrize("loss", ["dapo", "grpo", "dr_grpo"])
+def test_grpo_loss_and_gradients_equal_trl(
+    loss: str, base: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """Completions sampled by Loom's engine, their rewards and group advantages, a reference
+    (the base) and sampling log-probabilities far enough from the policy's to clip: Loom's
+    loss and gradients equal TRL's GRPOTrainer._compute_loss on transformers' model holding
+    the same weights, for each loss variant."""
+    import trl
+    from datasets import Dataset
+
+    ft = grpo_config(
+        base,
+        prompts,
+        tmp_path / "run",
+        "--grpo.lora=false",
+        "--grpo.beta=0.1",
+        "--grpo.temperature=0.7",
+        f"--grpo.loss={loss}",
+    )
+    online = OnlineFinetuning(ft)
+    trainer = Trainer(online.config, online.task())
+    policy = trainer.model.parts[0]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the policy drifts from the reference
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    prompt = online.prompts[0]
+    completions = online.sample([prompt], [11, 12, 13, 14])
+    assert len({tuple(c.ids) for c in completions}) == 4  # four different samples
+    per_source, rewards = online.score([prompt], completions)
+    assert per_source.shape == (4, 2)
+    assert torch.allclose(rewards, per_source @ torch.tensor([1.0, 0.5]))
+    advantages = group_advantages(rewards, 4, "group")
+    assert torch.allclose(advantages, (rewards - rewards.mean()) / (rewards.std() + 1e-4))
+    ids = [c.ids for c in completions]
+    longest = max(map(len, ids))
+    old = torch.randn(4, longest, generator=generator) * 0.3  # sampled by a policy further off
+
+    plain = build_model(policy.cfg, "cpu")
+    plain.load_state_dict({clean_name(k): v for k, v in policy.state_dict().items()})
+    (tmp_path / "hf").mkdir()
+    write_hf(plain, base, tmp_path / "hf", "fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        num_generations=4,
+        per_device_train_batch_size=4,
+        beta=0.1,
+        epsilon=0.2,
+        loss_type=loss,
+        temperature=0.7,
+        max_completion_length=12,
+        scale_rewards="group",
+    )
+    peer = trl.GRPOTrainer(
+        hf,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "x"}]),
+        processing_class=tokenizer,
+    )
+    completion_ids = torch.zeros(4, longest, dtype=torch.long)
+    mask = torch.zeros(4, longest, dtype=torch.long)
+    for i, c in enumerate(ids):
+        completion_ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
+    prompt_ids = torch.tensor([prompt.ids] * 4)
+    sequences = torch.cat([prompt_ids, completion_ids], 1)
+    attention = torch.cat([torch.ones_like(prompt_ids), mask], 1)
+    with torch.no_grad():  # the reference's by hand, the policy's by TRL's own code
+        logits = reference(sequences).logits[:, -longest - 1 : -1] / 0.7
+        ref_logps = logits.log_softmax(-1).gather(-1, completion_ids[..., None])[..., 0]
+        old_logps = peer._get_per_token_logps_and_entropies(hf, sequences, attention, longest)[0]
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones_like(prompt_ids),
+        "completion_ids": completion_ids,
+        "completion_mask": mask,
+        "advantages": advantages,
+        "old_per_token_logps": old_logps + old,
+        "ref_per_token_logps": ref_logps,
+        "num_items_in_batch": mask.sum(),
+    }
+    expected = peer._compute_loss(hf, inputs)
+    with torch.no_grad():
+        current = online.policy_loss(trainer, [prompt.ids] * 4, ids, advantages)
+    out = online.policy_loss(trainer, [prompt.ids] * 4, ids, advantages, old_logps + old)
+    out.loss.backward()
+    assert out.clip_fraction > 0 and out.kl > 0 and current.clip_fraction == 0
+    expected.backward()
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    grads = {clean_name(n): p.grad for n, p in policy.named_parameters()}
+    for name in (
+        "layers.0.self_attn.q_proj.weight",
+        "layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    ):
+        hf_name = name if name.startswith("lm_head") else f"model.{name}"
+        assert torch.allclose(grads[name], hf.get_parameter(hf_name).grad, atol=1e-5), name
