@@ -78,15 +78,20 @@ class RewardModelScorer:
 class Rewards:
     """Each completion's reward from each source, and their weighted sum."""
 
-    def __init__(self, cfg: GRPOConfig, device: torch.device, scratch: Path) -> None:
+    def __init__(self, cfg: GRPOConfig) -> None:
+        """The functions imported now (a bad name fails before training starts); the reward
+        model is loaded by `load_model`, once the device is known."""
         self.functions = [(name, import_reward(name)) for name in cfg.rewards]
-        self.model = (
-            RewardModelScorer(Path(cfg.reward_model), device, scratch) if cfg.reward_model else None
-        )
+        self.model_path = Path(cfg.reward_model) if cfg.reward_model else None
+        self.model: RewardModelScorer | None = None
         self.names = [name.rpartition(":")[2] for name in cfg.rewards]
-        if self.model is not None:
+        if self.model_path is not None:
             self.names.append("reward_model")
         self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.names))
+
+    def load_model(self, device: torch.device, scratch: Path) -> None:
+        if self.model_path is not None:
+            self.model = RewardModelScorer(self.model_path, device, scratch)
 
     def score(
         self, records: list[dict[str, Any]], completions: list[str]

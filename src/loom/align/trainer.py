@@ -41,7 +41,7 @@ class OnlineFinetuning(Finetuning):
         self.grpo = ft.grpo
         self.prompts: list[Prompt] = []
         self.rollouts: Rollouts | None = None
-        self.rewards: Rewards | None = None
+        self.rewards = Rewards(ft.grpo)  # (the functions imported before anything starts)
         self._rewards_scratch = tempfile.TemporaryDirectory(prefix="loom-reward-")
         self._records: list[dict[str, float]] = []  # one per micro-step since the last record
         self._val: dict[str, float] = {}
@@ -84,7 +84,7 @@ class OnlineFinetuning(Finetuning):
             )
         model = super().build_model(trainer, mesh)
         self.rollouts = Rollouts(model.parts[0], self.tokenizer, self.tokenizer_dir)
-        self.rewards = Rewards(self.grpo, trainer.device, Path(self._rewards_scratch.name))
+        self.rewards.load_model(trainer.device, Path(self._rewards_scratch.name))
         return model
 
     # -- one step -----------------------------------------------------------------------------
@@ -118,7 +118,6 @@ class OnlineFinetuning(Finetuning):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each completion's reward per source and weighted (completion text without the
         end-of-text token)."""
-        assert self.rewards is not None
         per_prompt = len(completions) // len(prompts)
         texts = [
             self.tokenizer.decode(c.ids[:-1] if c.stopped else c.ids, skip_special_tokens=True)
@@ -207,9 +206,7 @@ class OnlineFinetuning(Finetuning):
             "update_s": time.perf_counter() - scored,
             "rollout_tokens_per_s": lengths.sum().item() / max(sampled - began, 1e-9),
         }
-        for name, column in zip(
-            self.rewards.names if self.rewards else [], per_source.T, strict=True
-        ):
+        for name, column in zip(self.rewards.names, per_source.T, strict=True):
             record[f"reward_{name}"] = column.mean().item()
         self._records.append(record)
         return out.loss.detach()
@@ -227,7 +224,6 @@ class OnlineFinetuning(Finetuning):
         mean = rewards.mean().item()
         stderr = rewards.std().item() / math.sqrt(n) if n > 1 else 0.0
         self._val = {"val_reward": mean, "val_reward_stderr": stderr}
-        assert self.rewards is not None
         for name, column in zip(self.rewards.names, per_source.T, strict=True):
             self._val[f"val_reward_{name}"] = column.mean().item()
         return -mean
