@@ -253,3 +253,38 @@ def test_bad_grpo_input_is_refused_before_training(
     bad.write_text('{"question": "no prompt"}\n[1, 2]\n')
     with pytest.raises(LoomError, match="no usable prompt"):
         align(grpo_config(base, bad, run, f"--data.val_path={bad}"))
+
+
+def test_an_align_stage_follows_finetune_in_a_pipeline(
+    base: Path, prompts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`[align]` starts from `[finetune]`'s model, trains GRPO unless told otherwise, and is
+    planned in a dry run; an offline method there is refused with the fix."""
+    from loom.cli import main
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "What is 1 + 2?", "completion": "3"}) + "\n")
+    text = f"""
+[finetune]
+model.path = "{base}"
+data.path = "{sft}"
+data.val_fraction = 0.0
+train.steps = 2
+train.seq_len = 64
+
+[align]
+data.path = "{prompts}"
+grpo.rewards = ["rewards:digits"]
+train.steps = 2
+train.seq_len = 64
+train.batch_size = 2
+"""
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    assert main(["run", str(path), f"--run_dir={tmp_path / 'run'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "align:" in out and "  align      run" in out
+    assert not (tmp_path / "run").exists()
+    path.write_text(text.replace("train.batch_size = 2", 'finetune.method = "dpo"'))
+    assert main(["run", str(path), f"--run_dir={tmp_path / 'run'}", "--dry-run"]) == 2
+    assert "[align] finetune.method='dpo'" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from loom.core.run_files import DATA_REPORT, GOODPUT, REPORT, GoodputRecord, Run
 
 FIG_SIZE = (7.0, 3.2)  # inches; at 100 dpi a 700 × 320 px image
 DPI = 100
-TRAINING_STAGES = ("pretrain", "finetune")
+TRAINING_STAGES = ("pretrain", "finetune", "align")
 FUNNEL_STAGES = ("read", "normalize", "filter", "pii", "exact_dedup", "near_dedup")
 GOODPUT_COLOURS = {
     "productive_s": "#2e7d32",

@@ -62,7 +62,9 @@ class Loading:
 
     @property
     def last_training(self) -> Stage | None:
-        return next((s for s in reversed(self.earlier) if s.name in ("pretrain", "finetune")), None)
+        return next(
+            (s for s in reversed(self.earlier) if s.name in ("pretrain", "finetune", "align")), None
+        )
 
 
 @dataclass

@@ -6,7 +6,7 @@ from loom.pipeline.stage import Stage
 from loom.pipeline.stages.data import DataStage
 from loom.pipeline.stages.eval import EvalStage
 from loom.pipeline.stages.export import ExportStage
-from loom.pipeline.stages.finetune import FinetuneStage
+from loom.pipeline.stages.finetune import AlignStage, FinetuneStage
 from loom.pipeline.stages.pretrain import PretrainStage
 from loom.pipeline.stages.serve import ServeStage
 from loom.pipeline.stages.tokenizer import TokenizerStage
@@ -18,6 +18,7 @@ STAGE_TYPES: dict[str, type[Stage]] = {
         TokenizerStage,
         PretrainStage,
         FinetuneStage,
+        AlignStage,
         EvalStage,
         ExportStage,
         ServeStage,

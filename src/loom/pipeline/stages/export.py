@@ -38,9 +38,10 @@ class ExportStage(BaseStage):
     def load(cls, at: Loading) -> ExportStage:
         options = tree_from_dict(ExportSection, at.section)
         model, inputs = model_source(at, options.model)
-        finetune = at.stage("finetune")
-        if finetune is not None and model == str(finetune.dir) and finetune.options.uses_lora:
-            options.merge = True  # a LoRA run exports with its adapters folded in
+        for name in ("finetune", "align"):
+            stage = at.stage(name)
+            if stage is not None and model == str(stage.dir) and stage.options.uses_lora:
+                options.merge = True  # a LoRA run exports with its adapters folded in
         return cls(at.folder, options, inputs, model)
 
     def run(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """`[finetune]`: a `loom finetune` config tree (optionally `config = ...` as a base);
-`model.path` defaults to the pretrain stage."""
+`model.path` defaults to the pretrain stage. `[align]`: the same tree for an online method
+(GRPO, the default), after `[finetune]`, whose model it starts from by default."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from loom.align.trainer import trainer_for
 from loom.core.config import Config
 from loom.core.errors import LoomError
 from loom.finetune.config import (
+    ONLINE_METHODS,
     FinetuneConfig,
     finetune_config_from_dict,
     training_config,
@@ -26,6 +28,7 @@ from loom.train.trainer import TrainResult
 class FinetuneStage(TrainingStage):
     name: ClassVar[str] = "finetune"
     module: ClassVar[str] = "loom.finetune"
+    sources: ClassVar[tuple[str, ...]] = ("pretrain",)  # model.path's default, first found
     options: FinetuneConfig
 
     @classmethod
@@ -34,18 +37,20 @@ class FinetuneStage(TrainingStage):
         model = read.tree.setdefault("model", {})
         given = at.section.get("model")
         inputs: list[str] = []
+        where = f"[{cls.name}]"
         if isinstance(given, dict) and given.get("path"):
-            model["path"] = expand(model["path"], at.base, "[finetune] model.path")
+            model["path"] = expand(model["path"], at.base, f"{where} model.path")
         else:
-            pretrain = at.stage("pretrain")
-            need("finetune", "model.path", "pretrain", pretrain is not None)
-            assert pretrain is not None
-            model["path"], inputs = str(pretrain.dir), ["pretrain"]
+            source = next((s for name in cls.sources if (s := at.stage(name))), None)
+            need(cls.name, "model.path", " or ".join(cls.sources), source is not None)
+            assert source is not None
+            model["path"], inputs = str(source.dir), [source.name]
+        cls.check_method(read.tree)
         data = read.tree.get("data", {})
         if isinstance(data, dict):
             for key in ("path", "val_path"):
                 if data.get(key):
-                    data[key] = expand(data[key], at.base, f"[finetune] data.{key}")
+                    data[key] = expand(data[key], at.base, f"{where} data.{key}")
         try:
             cfg = finetune_config_from_dict(read.tree)
             # the pretrain stage's folder does not exist yet: check everything else now
@@ -54,16 +59,21 @@ class FinetuneStage(TrainingStage):
                 checked.model.path = str(at.base)
             validate_finetune(checked)
         except LoomError as e:
-            raise LoomError(f"[finetune] {e}") from None
+            raise LoomError(f"{where} {e}") from None
         return cls(at.folder, cfg, inputs, hardware=read.hardware, launch=read.launch)
+
+    @classmethod
+    def check_method(cls, tree: dict[str, Any]) -> None:
+        """(`[finetune]` takes any method.)"""
 
     def trainer(self) -> Callable[[Any], TrainResult]:
         return trainer_for(self.options)
 
     def training_config(self, earlier: list[BaseStage]) -> Config:
-        pretrain = next((s for s in earlier if s.name == "pretrain"), None)
-        if "pretrain" in self.inputs and pretrain is not None:
-            return training_config(self.options, pretrain.options.model)
+        """The source stage's architecture (its folder holds no model before it has run)."""
+        for at, stage in enumerate(earlier):
+            if stage.name in self.inputs and isinstance(stage, TrainingStage):
+                return training_config(self.options, stage.training_config(earlier[:at]).model)
         return with_base_architecture(self.options)
 
     def planner_extra(self) -> dict[str, object]:
@@ -73,3 +83,18 @@ class FinetuneStage(TrainingStage):
             return {}
         method = "qlora" if ft.finetune.method == "qlora" else "lora"
         return {"finetune": method, "lora_rank": ft.lora.rank}
+
+
+class AlignStage(FinetuneStage):
+    name: ClassVar[str] = "align"
+    sources: ClassVar[tuple[str, ...]] = ("finetune", "pretrain")
+
+    @classmethod
+    def check_method(cls, tree: dict[str, Any]) -> None:
+        """An online method: GRPO unless the section names another."""
+        method = tree.setdefault("finetune", {}).setdefault("method", "grpo")
+        if method not in ONLINE_METHODS:
+            raise LoomError(
+                f"[align] finetune.method={method!r}: the align stage trains online methods "
+                f"({', '.join(ONLINE_METHODS)}); put {method} in [finetune]"
+            )
