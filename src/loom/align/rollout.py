@@ -30,10 +30,11 @@ class Rollouts:
     """Samples completions from `model` with the engine; one engine per call, over a KV cache
     kept between calls."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, tokenizer_dir: Path) -> None:
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, tokenizer_dir: Path, template: ChatTemplate
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        template = ChatTemplate.from_tokenizer_dir(tokenizer_dir)
         self.stop_ids = stop_token_ids(tokenizer, tokenizer_dir, template)
         device = model.rope_cos.device
         setup = RunnerSetup(None, None, BLOCK_SIZE, None, 1)

@@ -58,7 +58,7 @@ class OnlineFinetuning(Finetuning):
         ft, t, g = self.ft, cfg.train, self.grpo
         self.tokenizer, tokenizer_dir = self.base_tokenizer(cfg)
         self.tokenizer_dir = tokenizer_dir
-        template = ChatTemplate.from_tokenizer_dir(tokenizer_dir, ft.data.template)
+        self.template = template = ChatTemplate.from_tokenizer_dir(tokenizer_dir, ft.data.template)
         longest = t.seq_len - g.max_new_tokens
         if longest < 1:
             raise LoomError(
@@ -83,7 +83,7 @@ class OnlineFinetuning(Finetuning):
                 "data-parallel ranks are not built); launch without --nproc"
             )
         model = super().build_model(trainer, mesh)
-        self.rollouts = Rollouts(model.parts[0], self.tokenizer, self.tokenizer_dir)
+        self.rollouts = Rollouts(model.parts[0], self.tokenizer, self.tokenizer_dir, self.template)
         self.rewards.load_model(trainer.device, Path(self._rewards_scratch.name))
         return model
 
