@@ -22,6 +22,7 @@ from loom.finetune.config import load_finetune_config
 from loom.models.convert import write_hf
 from loom.models.llama import build_model
 from loom.parallel.recompute import clean_name
+from loom.report import write_report
 from loom.train.trainer import Trainer
 
 REWARDS = '''
@@ -86,14 +87,11 @@ def grpo_config(base: Path, prompts: Path, run_dir: Path, *overrides: str):
     )
 
 
-@pytest.mark.parametrize("loss", ["dapo", "grpo", "dr_grpo"])
-def test_grpo_loss_and_gradients_equal_trl(
-    loss: str, base: Path, prompts: Path, tmp_path: Path
-) -> None:
+def test_grpo_loss_and_gradients_equal_trl(base: Path, prompts: Path, tmp_path: Path) -> None:
     """Completions sampled by Loom's engine, their rewards and group advantages, a reference
     (the base) and sampling log-probabilities far enough from the policy's to clip: Loom's
     loss and gradients equal TRL's GRPOTrainer._compute_loss on transformers' model holding
-    the same weights, for each loss variant."""
+    the same weights, for each loss variant (dapo, grpo, dr_grpo)."""
     import trl
     from datasets import Dataset
 
@@ -104,7 +102,6 @@ def test_grpo_loss_and_gradients_equal_trl(
         "--grpo.lora=false",
         "--grpo.beta=0.1",
         "--grpo.temperature=0.7",
-        f"--grpo.loss={loss}",
     )
     online = OnlineFinetuning(ft)
     trainer = Trainer(online.config, online.task())
@@ -141,7 +138,6 @@ def test_grpo_loss_and_gradients_equal_trl(
         per_device_train_batch_size=4,
         beta=0.1,
         epsilon=0.2,
-        loss_type=loss,
         temperature=0.7,
         max_completion_length=12,
         scale_rewards="group",
@@ -174,22 +170,28 @@ def test_grpo_loss_and_gradients_equal_trl(
         "ref_per_token_logps": ref_logps,
         "num_items_in_batch": mask.sum(),
     }
-    expected = peer._compute_loss(hf, inputs)
     with torch.no_grad():
         current = online.policy_loss(trainer, [prompt.ids] * 4, ids, advantages)
-    out = online.policy_loss(trainer, [prompt.ids] * 4, ids, advantages, old_logps + old)
-    out.loss.backward()
-    assert out.clip_fraction > 0 and out.kl > 0 and current.clip_fraction == 0
-    expected.backward()
-    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    grads = {clean_name(n): p.grad for n, p in policy.named_parameters()}
-    for name in (
-        "layers.0.self_attn.q_proj.weight",
-        "layers.1.mlp.down_proj.weight",
-        "lm_head.weight",
-    ):
-        hf_name = name if name.startswith("lm_head") else f"model.{name}"
-        assert torch.allclose(grads[name], hf.get_parameter(hf_name).grad, atol=1e-5), name
+    assert current.clip_fraction == 0  # sampled by this policy: the ratio is 1
+    for loss in ("dapo", "grpo", "dr_grpo"):
+        online.grpo.loss = peer.loss_type = loss
+        for model in (policy, hf):
+            model.zero_grad()
+        out = online.policy_loss(trainer, [prompt.ids] * 4, ids, advantages, old_logps + old)
+        out.loss.backward()
+        assert out.clip_fraction > 0 and out.kl > 0
+        expected = peer._compute_loss(hf, inputs)
+        expected.backward()
+        assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5), loss
+        grads = {clean_name(n): p.grad for n, p in policy.named_parameters()}
+        for name in (
+            "layers.0.self_attn.q_proj.weight",
+            "layers.1.mlp.down_proj.weight",
+            "lm_head.weight",
+        ):
+            hf_name = name if name.startswith("lm_head") else f"model.{name}"
+            hf_grad = hf.get_parameter(hf_name).grad
+            assert torch.allclose(grads[name], hf_grad, atol=1e-5), (loss, name)
 
 
 def records(run_dir: Path) -> list[dict[str, float]]:
@@ -220,6 +222,10 @@ def test_a_grpo_run_records_its_rewards_and_resumes_exactly(
     assert steps[-1]["kl"] > 0
     assert {"val_reward", "val_reward_stderr"} <= set(done[-1])
     assert (whole / "adapter" / "adapter_model.safetensors").is_file()
+    html = write_report(whole).read_text()
+    held_out = [r["val_reward"] for r in done if "val_reward" in r]
+    assert f"GRPO reward vs step, last {steps[-1]['reward']:.4f} at step 4" in html
+    assert f"held-out reward {held_out[0]:.4f} at step 0, {held_out[-1]:.4f} at 4" in html
 
     resumed = tmp_path / "resumed"
     align(grpo_config(base, prompts, resumed, kl, "--train.steps=2"))
@@ -255,6 +261,7 @@ def test_bad_grpo_input_is_refused_before_training(
         align(grpo_config(base, bad, run, f"--data.val_path={bad}"))
 
 
+@pytest.mark.slow
 def test_an_align_stage_follows_finetune_in_a_pipeline(
     base: Path, prompts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -791,5 +791,5 @@ def test_every_registered_stage_is_a_stage_of_its_name() -> None:
         for method in ("load", "run", "identity"):
             assert callable(getattr(stage_type, method)), (name, method)
     resumable = {n for n, t in STAGE_TYPES.items() if t.resumable}
-    assert resumable == {"data", "pretrain", "finetune"}  # the module docstring's promise
+    assert resumable == {"data", "pretrain", "finetune", "align"}  # the module docstring's promise
     assert {n for n, t in STAGE_TYPES.items() if t.repeats} == {"serve"}

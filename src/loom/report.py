@@ -386,7 +386,7 @@ def _loss_section(page: Page, run: RunData, prefix: str, title: str) -> None:
     alt = f"{title}: loss vs step; " + "; ".join(parts)
     body = _figure(draw_loss, alt, "; ".join(parts) + " (from metrics.jsonl)")
     rewards = [k for k in ("reward_accuracy", "val_reward_accuracy") if _series(m, k)[0]]
-    if rewards:  # DPO: how often the chosen answer out-rewards the rejected one
+    if rewards:  # DPO and reward models: how often the chosen answer out-rewards the rejected
 
         def draw_rewards(fig: Any) -> None:
             ax = fig.subplots()
@@ -395,8 +395,34 @@ def _loss_section(page: Page, run: RunData, prefix: str, title: str) -> None:
             _style(ax, "share of pairs")
             ax.legend(fontsize=9)
 
-        body += _figure(draw_rewards, f"{title}: DPO reward accuracy vs step")
+        body += _figure(draw_rewards, f"{title}: pairwise reward accuracy vs step")
+    if _series(m, "reward")[0]:  # GRPO: the samples' reward, the held-out reward, KL, clipping
+        body += _figure(lambda fig: _draw_online(fig, m), _online_alt(m, title))
     page.add(f"{prefix}loss", f"{title}: training and validation loss", body)
+
+
+def _draw_online(fig: Any, m: list[dict[str, Any]]) -> None:
+    reward_ax, kl_ax = fig.subplots(1, 2)
+    reward_ax.plot(*_series(m, "reward"), color="#1565c0", lw=1.4, label="samples (mean)")
+    if _series(m, "val_reward")[0]:
+        reward_ax.plot(*_series(m, "val_reward"), "o-", color="#ef6c00", ms=4, label="held out")
+    _style(reward_ax, "reward")
+    reward_ax.legend(fontsize=9)
+    for key, color in (("kl", "#6a1b9a"), ("clip_fraction", "#2e7d32")):
+        if _series(m, key)[0]:
+            kl_ax.plot(*_series(m, key), color=color, lw=1.2, label=key.replace("_", " "))
+    _style(kl_ax, "KL to the reference / clipped share")
+    kl_ax.legend(fontsize=9)
+
+
+def _online_alt(m: list[dict[str, Any]], title: str) -> str:
+    steps, reward = _series(m, "reward")
+    text = f"{title}: GRPO reward vs step, last {reward[-1]:.4f} at step {steps[-1]}"
+    val_steps, val = _series(m, "val_reward")
+    if val:
+        first, last = f"{val[0]:.4f} at step {val_steps[0]}", f"{val[-1]:.4f} at {val_steps[-1]}"
+        text += f"; held-out reward {first}, {last}"
+    return text
 
 
 def _lr_section(page: Page, run: RunData, prefix: str, title: str) -> None:

@@ -1,5 +1,5 @@
-"""`loom run PIPELINE.toml`: the whole flow, data → tokenizer → pretrain → finetune → eval →
-export → serve, as named stages in one run folder, resumable and idempotent.
+"""`loom run PIPELINE.toml`: the whole flow, data → tokenizer → pretrain → finetune → align →
+eval → export → serve, as named stages in one run folder, resumable and idempotent.
 
 Each stage reuses the command it stands for and writes into `<run_dir>/<stage>/`:
 
@@ -14,6 +14,8 @@ Each stage reuses the command it stands for and writes into `<run_dir>/<stage>/`
   its sections (`[pretrain.train] steps = 60`); `data.path` defaults to the data stage.
 - `[finetune]`: a `loom finetune` config tree (optionally `config = ...` as a base);
   `model.path` defaults to the pretrain stage.
+- `[align]`: the same tree for an online method (`finetune.method = "grpo"`, the default);
+  `model.path` defaults to the finetune stage, else the pretrain stage.
 - `[pretrain.hardware]` / `[finetune.hardware]` (optional): the machine the stage is meant for
   (`gpu` as `loom plan --gpu` names it, `gpus` in all, `nodes`, `gpu_mem_gb`); the prediction
   is then made for that hardware and the stage's own `[parallel]` layout, so `--dry-run` on a
