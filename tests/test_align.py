@@ -295,3 +295,46 @@ train.batch_size = 2
     path.write_text(text.replace("train.batch_size = 2", 'finetune.method = "dpo"'))
     assert main(["run", str(path), f"--run_dir={tmp_path / 'run'}", "--dry-run"]) == 2
     assert "[align] finetune.method='dpo'" in capsys.readouterr().err
+
+
+def test_a_reward_model_scores_the_rendered_conversation(
+    base: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """grpo.reward_model: an HF reward model (transformers' LlamaForSequenceClassification)
+    scores prompt + completion rendered with its chat template, as transformers scores the
+    same text; its column is weighted with the functions'."""
+    config = transformers.AutoConfig.from_pretrained(base, num_labels=1)
+    config.pad_token_id = 0
+    torch.manual_seed(1)
+    scorer = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    (tmp_path / "rm").mkdir()
+    scorer.save_pretrained(tmp_path / "rm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (base / name).is_file():
+            (tmp_path / "rm" / name).write_bytes((base / name).read_bytes())
+    ft = grpo_config(
+        base,
+        prompts,
+        tmp_path / "run",
+        f"--grpo.reward_model={tmp_path / 'rm'}",
+        "--grpo.reward_weights=1.0,0.5,2.0",
+    )
+    online = OnlineFinetuning(ft)
+    Trainer(online.config, online.task())
+    prompt = online.prompts[3]
+    completions = online.sample([prompt], [1, 2])
+    per_source, rewards = online.score([prompt], completions)
+    assert online.rewards.names == ["digits", "answer_length", "reward_model"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    for i, c in enumerate(completions):
+        text = tokenizer.decode(c.ids[:-1] if c.stopped else c.ids, skip_special_tokens=True)
+        messages = [
+            {"role": "user", "content": prompt.record["prompt"]},
+            {"role": "assistant", "content": text},
+        ]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = tokenizer(rendered, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            expected = scorer(ids).logits[0, 0].item()
+        assert per_source[i, 2].item() == pytest.approx(expected, abs=1e-5)
+    assert torch.allclose(rewards, per_source @ torch.tensor([1.0, 0.5, 2.0]))
