@@ -7,6 +7,7 @@ A tiny random Llama (saved by transformers) with SmolLM2's real tokenizer and ch
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import transformers
 from conftest import SMOLLM2_VOCAB, save_tiny_llama
 
 from loom.align.grpo import group_advantages
+from loom.align.ppo import gae, ppo_loss, token_rewards, whiten
 from loom.align.trainer import OnlineFinetuning, align
 from loom.core.errors import LoomError
 from loom.finetune.config import load_finetune_config
@@ -250,6 +252,8 @@ def test_bad_grpo_input_is_refused_before_training(
         ("--grpo.max_new_tokens=64",): "no room for a prompt",
         ("--grpo.temperature=0",): "temperature > 0",
         ("--grpo.rewards=", one): "needs rewards",
+        ("--finetune.method=ppo", "--ppo.lam=2"): r"ppo.lam=2.0 must be in \[0, 1\]",
+        ("--finetune.method=ppo", "--grpo.group_size=0"): "PPO samples at least 1",
     }
     for overrides, message in cases.items():
         with pytest.raises(LoomError, match=message):
@@ -338,3 +342,80 @@ def test_a_reward_model_scores_the_rendered_conversation(
             expected = scorer(ids).logits[0, 0].item()
         assert per_source[i, 2].item() == pytest.approx(expected, abs=1e-5)
     assert torch.allclose(rewards, per_source @ torch.tensor([1.0, 0.5, 2.0]))
+
+
+def test_ppo_rewards_advantages_and_losses_equal_hand_computed_values() -> None:
+    """Per-token rewards, GAE and the clipped policy and value losses on two completions (3
+    tokens and 2), against the arithmetic written out by hand."""
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]])
+    ref = torch.tensor([[-1.2, -1.5, -0.5], [-0.3, -1.0, 0.0]])
+    rewards = token_rewards(torch.tensor([2.0, -1.0]), logps, ref, mask, 0.1)
+    # −0.1·(logp − ref) per token, the score added on the last one
+    assert torch.allclose(rewards, torch.tensor([[-0.02, 0.05, 2.0], [0.0, -0.98, 0.0]]))
+    values = torch.tensor([[0.5, 0.4, 0.3], [0.1, 0.2, 9.9]])  # 9.9: past the end, unused
+    advantages, returns = gae(rewards, values, mask.float(), gamma=0.9, lam=0.8)
+    a02 = 2.0 - 0.3
+    a01 = (0.05 + 0.9 * 0.3 - 0.4) + 0.72 * a02
+    a00 = (-0.02 + 0.9 * 0.4 - 0.5) + 0.72 * a01
+    a11 = -0.98 - 0.2
+    a10 = (0.0 + 0.9 * 0.2 - 0.1) + 0.72 * a11
+    expected = torch.tensor([[a00, a01, a02], [a10, a11, 0.0]])
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    assert torch.allclose(returns, (expected + values) * mask, atol=1e-6)
+    white = whiten(advantages, mask)
+    real = [a00, a01, a02, a10, a11]
+    mean = sum(real) / 5
+    std = (sum((a - mean) ** 2 for a in real) / 4) ** 0.5
+    assert white[0, 0].item() == pytest.approx((a00 - mean) / std, abs=1e-5)
+    assert white[1, 2].item() == 0.0
+
+    new_logps = logps + torch.tensor([[0.5, -0.05, 0.0], [-0.4, 0.1, 0.0]])
+    new_values = values + torch.tensor([[0.3, -0.1, 0.0], [0.05, -0.5, 0.0]])
+    out = ppo_loss(new_logps, logps, new_values, values, white, returns, mask, 0.2, 0.2, 0.1)
+    policy_terms, value_terms, clipped = [], [], 0
+    for i, j in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1)):
+        ratio = math.exp(new_logps[i, j] - logps[i, j])
+        a, r = white[i, j].item(), returns[i, j].item()
+        policy_terms.append(max(-a * ratio, -a * min(max(ratio, 0.8), 1.2)))
+        clipped += abs(ratio - 1) > 0.2
+        v, v_old = new_values[i, j].item(), values[i, j].item()
+        v_clipped = v_old + min(max(v - v_old, -0.2), 0.2)
+        value_terms.append(0.5 * max((v - r) ** 2, (v_clipped - r) ** 2))
+    policy, value = sum(policy_terms) / 5, sum(value_terms) / 5
+    assert out.policy_loss == pytest.approx(policy, abs=1e-6)
+    assert out.value_loss == pytest.approx(value, abs=1e-6)
+    assert out.loss.item() == pytest.approx(policy + 0.1 * value, abs=1e-6)
+    assert out.clip_fraction == pytest.approx(clipped / 5) and clipped == 2
+    assert out.value_clip_fraction == pytest.approx(2 / 5)
+
+
+@pytest.mark.slow
+def test_a_ppo_run_trains_its_value_head_and_resumes_exactly(
+    base: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """LoRA PPO through the trainer (2 samples per prompt, KL penalty to the adapters-off
+    reference): policy and value losses in metrics.jsonl, the adapter without the value head;
+    stopped after 2 steps and resumed, it samples and updates exactly as the uninterrupted run
+    (the value head, trained from zero, comes back from the checkpoint: its losses match)."""
+    ppo = ["--finetune.method=ppo", "--grpo.group_size=2", "--ppo.kl_coef=0.1"]
+    whole = tmp_path / "whole"
+    align(grpo_config(base, prompts, whole, *ppo))
+    steps = [r for r in records(whole) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert {"policy_loss", "value_loss", "clip_fraction", "value_clip_fraction"} <= set(r)
+        assert r["loss"] == pytest.approx(r["policy_loss"] + 0.1 * r["value_loss"], rel=1e-4)
+        assert {"reward", "reward_digits", "completion_tokens", "rollout_tokens_per_s"} <= set(r)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(".lora_" in k for k in adapter)  # the value head stays in the run
+
+    resumed = tmp_path / "resumed"
+    align(grpo_config(base, prompts, resumed, *ppo, "--train.steps=2"))
+    align(grpo_config(base, prompts, resumed, *ppo))
+    again = {r["step"]: r for r in records(resumed) if "loss" in r}
+    for r in steps:
+        for key in ("loss", "value_loss", "reward", "completion_tokens"):
+            assert again[r["step"]][key] == pytest.approx(r[key], abs=1e-6), (r["step"], key)

@@ -1,5 +1,6 @@
-"""GRPO through the shared trainer: each micro-step samples `group_size` completions of each of
-its prompts with the serving engine, scores them, and takes the policy-gradient step on them.
+"""GRPO and PPO through the shared trainer: each micro-step samples `group_size` completions of
+each of its prompts with the serving engine, scores them, and takes the policy-gradient step
+on them.
 Everything else (LoRA or full weights, the reference, checkpoints, resume, guards, metrics)
 is fine-tuning's."""
 
@@ -17,6 +18,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from loom.align.grpo import GRPOLoss, group_advantages, grpo_loss, token_logps
+from loom.align.ppo import gae, ppo_loss, token_rewards, whiten
 from loom.align.prompts import Prompt, PromptLoader, load_prompts
 from loom.align.rewards import Rewards
 from loom.align.rollout import Completion, Rollouts
@@ -126,18 +128,17 @@ class OnlineFinetuning(Finetuning):
         records = [p.record for p in prompts for _ in range(per_prompt)]
         return self.rewards.score(records, texts)
 
-    def policy_loss(
+    def completion_logps(
         self,
         trainer: Trainer,
         prompt_ids: list[list[int]],
         completion_ids: list[list[int]],
-        advantages: torch.Tensor,
-        old_logps: torch.Tensor | None = None,
-    ) -> GRPOLoss:
-        """GRPO's loss of completions of prompts (one row each, right-padded), with gradients.
-        `old_logps` [completions, longest completion]: the sampling policy's (None: this
-        policy's, detached: one update per rollout)."""
-        g, device = self.grpo, trainer.device
+        with_reference: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Log-probabilities [completions, longest completion] of the completions' tokens under
+        the policy (with gradients) and the reference (or None), at the sampling temperature;
+        the mask of real tokens; and where each token's logits sit in the padded rows."""
+        device = trainer.device
         width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
         tokens = torch.zeros(len(prompt_ids), width, dtype=torch.long)
         longest = max(map(len, completion_ids))
@@ -154,62 +155,94 @@ class OnlineFinetuning(Finetuning):
         def logps_of(model: torch.nn.Module) -> torch.Tensor:
             logits = model(inputs)
             picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
-            return token_logps(picked, targets, g.temperature)
+            return token_logps(picked, targets, self.grpo.temperature)
 
         with trainer.model.autocast:
             logps = logps_of(policy)
             ref_logps = None
-            if g.beta:
+            if with_reference:
                 off: AbstractContextManager[object] = (
                     adapters_disabled(policy) if self.reference is None else nullcontext()
                 )
                 reference = policy if self.reference is None else self.reference.parts[0]
                 with torch.no_grad(), off:
                     ref_logps = logps_of(reference)
-        old = logps.detach() if old_logps is None else old_logps.to(device)
+        return logps, ref_logps, mask, index
+
+    def policy_loss(
+        self,
+        trainer: Trainer,
+        prompt_ids: list[list[int]],
+        completion_ids: list[list[int]],
+        advantages: torch.Tensor,
+        old_logps: torch.Tensor | None = None,
+    ) -> GRPOLoss:
+        """GRPO's loss of completions of prompts (one row each, right-padded), with gradients.
+        `old_logps` [completions, longest completion]: the sampling policy's (None: this
+        policy's, detached: one update per rollout)."""
+        g = self.grpo
+        logps, ref_logps, mask, _ = self.completion_logps(
+            trainer, prompt_ids, completion_ids, bool(g.beta)
+        )
+        old = logps.detach() if old_logps is None else old_logps.to(logps.device)
+        advantages = advantages.to(logps.device)
         return grpo_loss(
-            logps,
-            old,
-            ref_logps,
-            advantages.to(device),
-            mask,
-            g.beta,
-            g.clip,
-            g.loss,
-            g.max_new_tokens,
+            logps, old, ref_logps, advantages, mask, g.beta, g.clip, g.loss, g.max_new_tokens
         )
 
     def micro_step(
         self, trainer: Trainer, batch: list[torch.Tensor], scale: float
     ) -> torch.Tensor | None:
+        """Sample, score, update; the figures of each part kept for the metrics."""
         g = self.grpo
         prompts = [self.prompts[i] for i in batch[0].tolist()]
         began = time.perf_counter()
         completions = self.sample(prompts, self._seeds(trainer, len(prompts) * g.group_size))
         sampled = time.perf_counter()
         per_source, rewards = self.score(prompts, completions)
-        advantages = group_advantages(rewards, g.group_size, g.scale_rewards)
         scored = time.perf_counter()
         prompt_ids = [p.ids for p in prompts for _ in range(g.group_size)]
-        out = self.policy_loss(trainer, prompt_ids, [c.ids for c in completions], advantages)
-        (out.loss * scale).backward()
+        loss, figures = self.update(trainer, prompt_ids, [c.ids for c in completions], rewards)
+        (loss * scale).backward()
+        self._records.append(
+            {
+                **self._rollout_record(completions, per_source, rewards),
+                **figures,
+                "rollout_s": sampled - began,
+                "reward_s": scored - sampled,
+                "update_s": time.perf_counter() - scored,
+            }
+        )
+        return loss.detach()
+
+    def update(
+        self,
+        trainer: Trainer,
+        prompt_ids: list[list[int]],
+        completion_ids: list[list[int]],
+        rewards: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """GRPO: advantages within each prompt's group, then the clipped ratio loss."""
+        g = self.grpo
+        advantages = group_advantages(rewards, g.group_size, g.scale_rewards)
+        out = self.policy_loss(trainer, prompt_ids, completion_ids, advantages)
+        return out.loss, {"kl": out.kl, "clip_fraction": out.clip_fraction}
+
+    def _rollout_record(
+        self, completions: list[Completion], per_source: torch.Tensor, rewards: torch.Tensor
+    ) -> dict[str, float]:
+        """What the metrics show of one micro-step's samples and their rewards."""
         lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
         record = {
             "reward": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
-            "kl": out.kl,
-            "clip_fraction": out.clip_fraction,
+            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "completion_tokens": lengths.mean().item(),
             "stopped_fraction": sum(c.stopped for c in completions) / len(completions),
-            "rollout_s": sampled - began,
-            "reward_s": scored - sampled,
-            "update_s": time.perf_counter() - scored,
-            "rollout_tokens_per_s": lengths.sum().item() / max(sampled - began, 1e-9),
+            "rollout_tokens": lengths.sum().item(),
         }
         for name, column in zip(self.rewards.names, per_source.T, strict=True):
             record[f"reward_{name}"] = column.mean().item()
-        self._records.append(record)
-        return out.loss.detach()
+        return record
 
     # -- validation and metrics ---------------------------------------------------------------
 
@@ -229,14 +262,17 @@ class OnlineFinetuning(Finetuning):
         return -mean
 
     def metrics(self, trainer: Trainer) -> dict[str, float]:
-        """The means of the micro-steps' figures since the last record (rollout times summed),
-        and the last validation's rewards."""
+        """The means of the micro-steps' figures since the last record (times and sampled
+        tokens summed: rollout tokens/s over all of them), and the last validation's rewards."""
         record: dict[str, float] = {}
         if self._records:
             for key in self._records[0]:
                 values = [r[key] for r in self._records]
-                summed = key.endswith("_s")
+                summed = key.endswith("_s") or key == "rollout_tokens"
                 record[key] = sum(values) if summed else sum(values) / len(values)
+            record["rollout_tokens_per_s"] = record.pop("rollout_tokens") / max(
+                record["rollout_s"], 1e-9
+            )
             self._records = []
         record.update(self._val)
         self._val = {}
@@ -247,9 +283,74 @@ class OnlineFinetuning(Finetuning):
         self._rewards_scratch.cleanup()
 
 
+class PPOFinetuning(OnlineFinetuning):
+    """PPO with a value head on the policy's last hidden states (one trunk, one optimizer):
+    per-token rewards (the score at the last token, a KL penalty on each), GAE, and the
+    clipped policy and value losses; one update per rollout."""
+
+    def __init__(self, ft: FinetuneConfig) -> None:
+        super().__init__(ft)
+        self.ppo = ft.ppo
+        self._hidden: torch.Tensor | None = None
+
+    def build_model(self, trainer: Trainer, mesh: DeviceMesh | None) -> ParallelModel:
+        model = super().build_model(trainer, mesh)
+        policy = model.parts[0]
+        head = torch.nn.Linear(policy.cfg.dim, 1, bias=False, device=trainer.device)
+        torch.nn.init.zeros_(head.weight)  # values start at 0
+        policy.value_head = head  # (a parameter of the model: trained, checkpointed, resumed)
+
+        def keep(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled():  # the policy's training forward, not the reference's
+                self._hidden = output
+
+        assert policy.norm is not None
+        policy.norm.register_forward_hook(keep)
+        return model
+
+    def values(self, trainer: Trainer, index: torch.Tensor) -> torch.Tensor:
+        """The value head on the hidden states of the last policy forward, at `index`."""
+        assert self._hidden is not None
+        width = self._hidden.shape[-1]
+        hidden = self._hidden.gather(1, index[..., None].expand(-1, -1, width))
+        self._hidden = None
+        return trainer.model.parts[0].value_head(hidden.float())[..., 0]
+
+    def update(
+        self,
+        trainer: Trainer,
+        prompt_ids: list[list[int]],
+        completion_ids: list[list[int]],
+        rewards: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """PPO's loss of scored completions (one update per rollout: the sampling policy's
+        log-probabilities and values are this forward's, detached)."""
+        p = self.ppo
+        logps, ref_logps, mask, index = self.completion_logps(
+            trainer, prompt_ids, completion_ids, self.ft.kl_to_reference
+        )
+        values = self.values(trainer, index)
+        old_logps, old_values = logps.detach(), values.detach()
+        per_token = token_rewards(rewards.to(logps.device), old_logps, ref_logps, mask, p.kl_coef)
+        advantages, returns = gae(per_token, old_values, mask.float(), p.gamma, p.lam)
+        if p.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        out = ppo_loss(
+            *(logps, old_logps, values, old_values, advantages, returns, mask),
+            *(self.grpo.clip, p.value_clip, p.value_coef),
+        )
+        figures = {
+            "policy_loss": out.policy_loss,
+            "value_loss": out.value_loss,
+            "clip_fraction": out.clip_fraction,
+            "value_clip_fraction": out.value_clip_fraction,
+        }
+        return out.loss, figures
+
+
 def align_trainer(ft: FinetuneConfig) -> Trainer:
-    """The shared trainer, configured by the GRPO task of `ft`."""
-    online = OnlineFinetuning(ft)
+    """The shared trainer, configured by the GRPO or PPO task of `ft`."""
+    online = PPOFinetuning(ft) if ft.finetune.method == "ppo" else OnlineFinetuning(ft)
     return Trainer(online.config, online.task())
 
 

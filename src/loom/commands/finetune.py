@@ -1,5 +1,5 @@
-"""`loom finetune`: full, LoRA, QLoRA, DPO, reward-model or GRPO fine-tuning of a released
-model."""
+"""`loom finetune`: full, LoRA, QLoRA, DPO, reward-model, GRPO or PPO fine-tuning of a
+released model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from loom.commands.train import LaunchOptions, launch_or_run
 
 DESCRIPTION = (
     "Fine-tune from a TOML config (model.path, data.path, finetune.method, "
-    "lora.*, dpo.*, reward.*, grpo.*, train.*, ...); override any key as --section.key=value."
+    "lora.*, dpo.*, reward.*, grpo.*, ppo.*, train.*, ...); override any key as "
+    "--section.key=value."
 )
 TAKES_OVERRIDES = True
 

@@ -22,10 +22,10 @@ from loom.core.lora import LoRAConfig
 from loom.models.llama import ModelConfig
 from loom.models.sources import describe
 
-Method = Literal["full", "lora", "qlora", "dpo", "reward", "grpo"]
+Method = Literal["full", "lora", "qlora", "dpo", "reward", "grpo", "ppo"]
 # Methods that learn from the policy's own samples (loom.align): they train through the same
 # trainer, but `loom finetune` hands them to the align feature.
-ONLINE_METHODS = ("grpo",)
+ONLINE_METHODS = ("grpo", "ppo")
 
 
 @dataclass
@@ -36,8 +36,8 @@ class BaseModelConfig:
 @dataclass
 class FinetuneDataConfig:
     path: str = ""  # JSONL: chat `messages`, prompt/completion, instruction/input/output;
-    # for DPO and reward models: prompt/chosen/rejected; for GRPO: prompt (a string or chat
-    # messages) and any fields the reward functions read
+    # for DPO and reward models: prompt/chosen/rejected; for GRPO and PPO: prompt (a string or
+    # chat messages) and any fields the reward functions read
     val_path: str = ""  # a separate validation file; empty = hold out val_fraction of `path`
     val_fraction: float = 0.05
     template: Literal["auto", "chatml", "none"] = "auto"  # auto = the tokenizer's chat template
@@ -67,7 +67,9 @@ class RewardConfig:
 @dataclass
 class GRPOConfig:
     """Group-relative policy optimisation (DeepSeekMath): each prompt's `group_size` samples
-    are scored, and each sample's advantage is its reward against its group's."""
+    are scored, and each sample's advantage is its reward against its group's. PPO reads the
+    sampling, reward, clip and adapter settings from here too (`beta`, `loss` and
+    `scale_rewards` are GRPO's own; PPO's group_size may be 1)."""
 
     group_size: int = 8  # completions sampled per prompt
     # Python reward functions as "module:function": each gets prompt=, completion= and the
@@ -88,6 +90,18 @@ class GRPOConfig:
 
 
 @dataclass
+class PPOConfig:
+    """PPO's own settings (sampling and rewards: [grpo]); defaults as TRL's PPOConfig."""
+
+    gamma: float = 1.0  # discount per token
+    lam: float = 0.95  # GAE's λ
+    kl_coef: float = 0.05  # per-token KL penalty to the reference, in the rewards
+    value_coef: float = 0.1  # weight of the value loss
+    value_clip: float = 0.2  # how far a value may move from its rollout estimate
+    whiten_advantages: bool = True
+
+
+@dataclass
 class FinetuneConfig(TrainingSections):
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
@@ -96,6 +110,7 @@ class FinetuneConfig(TrainingSections):
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, seq_len=512))
 
     @property
@@ -104,15 +119,21 @@ class FinetuneConfig(TrainingSections):
         return (
             method in ("lora", "qlora")
             or (method == "dpo" and self.dpo.lora)
-            or (method == "grpo" and self.grpo.lora)
+            or (method in ONLINE_METHODS and self.grpo.lora)
         )
 
     @property
     def needs_reference(self) -> bool:
-        """A frozen copy of the base beside the policy: DPO, or GRPO's KL term, in full
+        """A frozen copy of the base beside the policy: DPO, or GRPO's or PPO's KL term, in full
         fine-tuning (with adapters the reference is the policy with its adapters off)."""
+        return not self.uses_lora and (self.finetune.method == "dpo" or self.kl_to_reference)
+
+    @property
+    def kl_to_reference(self) -> bool:
         method = self.finetune.method
-        return not self.uses_lora and (method == "dpo" or (method == "grpo" and self.grpo.beta > 0))
+        return (method == "grpo" and self.grpo.beta > 0) or (
+            method == "ppo" and self.ppo.kl_coef > 0
+        )
 
 
 # Learning rates that suit each method unless the config says otherwise (pretraining's 3e-3
@@ -126,6 +147,8 @@ DEFAULT_LR = {
     "reward": 1e-5,
     "grpo": 1e-6,
     "grpo-lora": 1e-5,
+    "ppo": 1e-6,
+    "ppo-lora": 1e-5,
 }
 
 
@@ -142,7 +165,9 @@ def finetune_config_from_dict(raw: dict[str, Any]) -> FinetuneConfig:
     set_by_user = raw.get("optimizer", {})
     if "lr" not in set_by_user:
         method = cfg.finetune.method
-        adapters = (method == "dpo" and cfg.dpo.lora) or (method == "grpo" and cfg.grpo.lora)
+        adapters = (method == "dpo" and cfg.dpo.lora) or (
+            method in ONLINE_METHODS and cfg.grpo.lora
+        )
         cfg.optimizer.lr = DEFAULT_LR[f"{method}-lora" if adapters else method]
     if "weight_decay" not in set_by_user:
         cfg.optimizer.weight_decay = 0.0
@@ -171,7 +196,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             f"reward.center_rewards_coefficient={cfg.reward.center_rewards_coefficient} must be "
             "0 (off) or more"
         )
-    if cfg.finetune.method == "grpo":
+    if cfg.finetune.method in ONLINE_METHODS:
         validate_grpo(cfg)
     if cfg.finetune.method == "reward" and cfg.train.seq_len < 2:
         raise LoomError("finetune.method=reward scores whole sequences: train.seq_len must be >= 2")
@@ -208,7 +233,9 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
 
 def validate_grpo(cfg: FinetuneConfig) -> None:
     g = cfg.grpo
-    if g.group_size < 2:
+    if cfg.finetune.method == "ppo":
+        validate_ppo(cfg)
+    elif g.group_size < 2:
         raise LoomError(
             f"grpo.group_size={g.group_size}: advantages compare samples of one prompt; "
             "set 2 or more"
@@ -239,6 +266,18 @@ def validate_grpo(cfg: FinetuneConfig) -> None:
         raise LoomError(f"grpo.top_p={g.top_p} must be in (0, 1]")
     if g.max_new_tokens < 1:
         raise LoomError(f"grpo.max_new_tokens={g.max_new_tokens} must be at least 1")
+
+
+def validate_ppo(cfg: FinetuneConfig) -> None:
+    p = cfg.ppo
+    if cfg.grpo.group_size < 1:
+        raise LoomError(f"grpo.group_size={cfg.grpo.group_size}: PPO samples at least 1 per prompt")
+    for key in ("gamma", "lam"):
+        if not 0 <= getattr(p, key) <= 1:
+            raise LoomError(f"ppo.{key}={getattr(p, key)} must be in [0, 1]")
+    for key in ("kl_coef", "value_coef", "value_clip"):
+        if getattr(p, key) < 0:
+            raise LoomError(f"ppo.{key}={getattr(p, key)} must be 0 or more")
 
 
 def training_config(cfg: FinetuneConfig, model: ModelConfig) -> Config:

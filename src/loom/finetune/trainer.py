@@ -39,7 +39,7 @@ from loom.core.loss import cross_entropy
 from loom.core.run_files import RunFiles
 from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 from loom.finetune.adapter import save_adapter
-from loom.finetune.config import FinetuneConfig, training_config
+from loom.finetune.config import ONLINE_METHODS, FinetuneConfig, training_config
 from loom.finetune.dpo import Preference
 from loom.finetune.pairs import PairObjective
 from loom.finetune.reward import RewardModeling
@@ -162,10 +162,11 @@ class Finetuning:
         return {"finetune": kind, "lora_rank": self.ft.lora.rank}
 
     def flops_per_token(self, trainer: Trainer) -> float:
-        """LoRA / QLoRA (and GRPO's adapters): the frozen base's backward skips its weight
+        """LoRA / QLoRA (and GRPO's or PPO's adapters): the frozen base's backward skips its weight
         gradients (4·N), the adapters train in full (6 per parameter). DPO and full fine-tuning
-        count as pretraining (GRPO's sampling is not counted)."""
-        adapters = self.method in ("lora", "qlora") or (self.method == "grpo" and self.ft.uses_lora)
+        count as pretraining (online methods' sampling is not counted)."""
+        online = self.method in ONLINE_METHODS
+        adapters = self.method in ("lora", "qlora") or (online and self.ft.uses_lora)
         if not adapters:
             return dense_flops_per_token(trainer)
         adapters = sum(
@@ -318,7 +319,7 @@ class Finetuning:
         if trainer.rank == 0:
             folder = save_adapter(
                 trainer.run_dir / "adapter",
-                {clean_name(k): v for k, v in weights.items()},
+                {clean_name(k): v for k, v in weights.items() if ".lora_" in k},
                 self.ft.lora,
                 str(self.base_path),
             )
