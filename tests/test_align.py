@@ -301,6 +301,7 @@ train.batch_size = 2
     assert "[align] finetune.method='dpo'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_reward_model_scores_the_rendered_conversation(
     base: Path, prompts: Path, tmp_path: Path
 ) -> None:

@@ -450,6 +450,7 @@ def test_reward_model_learns_and_scores_alike_in_eval_and_transformers(
         finetune(config(hf_dir, pydoc, tmp_path / "sft"))
 
 
+@pytest.mark.slow
 def test_a_language_model_ranks_pairs_by_the_answers_log_probability(
     base: Path, pydoc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
