@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from loom.align.grpo import group_advantages
 from loom.align.ppo import gae, ppo_loss, token_rewards, whiten
 from loom.align.trainer import OnlineFinetuning, align
 from loom.core.errors import LoomError
-from loom.finetune.config import load_finetune_config
+from loom.finetune.config import FinetuneConfig, load_finetune_config
 from loom.models.convert import write_hf
 from loom.models.llama import build_model
 from loom.parallel.recompute import clean_name
@@ -60,33 +62,35 @@ def prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def grpo_config(base: Path, prompts: Path, run_dir: Path, *overrides: str):
-    return load_finetune_config(
-        None,
-        [
-            f"--model.path={base}",
-            f"--data.path={prompts}",
-            f"--data.val_path={prompts}",
-            f"--run_dir={run_dir}",
-            "--finetune.method=grpo",
-            "--grpo.rewards=rewards:digits,rewards:answer_length",
-            "--grpo.reward_weights=1.0,0.5",
-            "--grpo.group_size=4",
-            "--grpo.max_new_tokens=12",
-            "--train.steps=4",
-            "--train.batch_size=2",
-            "--train.seq_len=64",
-            "--train.eval_interval=2",
-            "--optimizer.lr=1e-3",
-            "--optimizer.warmup_steps=0",
-            "--optimizer.decay_steps=4",
-            "--checkpoint.interval=2",
-            "--metrics.log_interval=1",
-            "--metrics.progress=plain",
-            "--metrics.tensorboard=false",
-            *overrides,
-        ],
-    )
+def grpo_flags(base: Path, prompts: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """A small GRPO run's settings, as command-line overrides."""
+    return [
+        f"--model.path={base}",
+        f"--data.path={prompts}",
+        f"--data.val_path={prompts}",
+        f"--run_dir={run_dir}",
+        "--finetune.method=grpo",
+        "--grpo.rewards=rewards:digits,rewards:answer_length",
+        "--grpo.reward_weights=1.0,0.5",
+        "--grpo.group_size=4",
+        "--grpo.max_new_tokens=12",
+        "--train.steps=4",
+        "--train.batch_size=2",
+        "--train.seq_len=64",
+        "--train.eval_interval=2",
+        "--optimizer.lr=1e-3",
+        "--optimizer.warmup_steps=0",
+        "--optimizer.decay_steps=4",
+        "--checkpoint.interval=2",
+        "--metrics.log_interval=1",
+        "--metrics.progress=plain",
+        "--metrics.tensorboard=false",
+        *overrides,
+    ]
+
+
+def grpo_config(base: Path, prompts: Path, run_dir: Path, *overrides: str) -> FinetuneConfig:
+    return load_finetune_config(None, grpo_flags(base, prompts, run_dir, *overrides))
 
 
 def test_grpo_loss_and_gradients_equal_trl(base: Path, prompts: Path, tmp_path: Path) -> None:
@@ -420,3 +424,37 @@ def test_a_ppo_run_trains_its_value_head_and_resumes_exactly(
     for r in steps:
         for key in ("loss", "value_loss", "reward", "completion_tokens"):
             assert again[r["step"]][key] == pytest.approx(r[key], abs=1e-6), (r["step"], key)
+
+
+@pytest.mark.slow
+def test_grpo_on_two_fsdp_ranks_matches_one_process(
+    base: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """LoRA GRPO with FSDP over 2 processes (each samples its prompts on a copy gathered from
+    the sharded policy every step; a prompt's samples are seeded by the prompt, not the rank)
+    trains as one process does: the same losses, rewards and adapter (per-completion loss
+    means, so each rank's mean weighs as much as the other's)."""
+    common = ["--grpo.loss=grpo", "--train.eval_interval=0", "--checkpoint.interval=100"]
+    single = tmp_path / "single"
+    align(grpo_config(base, prompts, single, *common))
+    sharded = tmp_path / "fsdp"
+    toml = tmp_path / "grpo.toml"
+    toml.write_text("[train]\nseed = 0\n")
+    command = [sys.executable, "-m", "loom", "finetune", str(toml), "--nproc", "2"]
+    command += [*grpo_flags(base, prompts, sharded), *common]
+    path = os.pathsep.join([str(prompts.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}  # the workers import the reward functions too
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = {r["step"]: r for r in records(sharded) if "loss" in r}
+    theirs = {r["step"]: r for r in records(single) if "loss" in r}
+    assert ours.keys() == theirs.keys() == {1, 2, 3, 4}
+    for step, r in theirs.items():
+        for key in ("loss", "reward", "completion_tokens"):
+            assert ours[step][key] == pytest.approx(r[key], abs=1e-5), (step, key)
+    from safetensors.torch import load_file
+
+    a = load_file(single / "adapter" / "adapter_model.safetensors")
+    b = load_file(sharded / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

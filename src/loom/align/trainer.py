@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 from loom.align.grpo import GRPOLoss, group_advantages, grpo_loss, token_logps
@@ -22,14 +23,17 @@ from loom.align.ppo import gae, ppo_loss, token_rewards, whiten
 from loom.align.prompts import Prompt, PromptLoader, load_prompts
 from loom.align.rewards import Rewards
 from loom.align.rollout import Completion, Rollouts
+from loom.core import distributed
 from loom.core.chat import ChatTemplate
 from loom.core.config import Config
 from loom.core.errors import LoomError
-from loom.core.lora import adapters_disabled
+from loom.core.lora import adapters_disabled, apply_lora
 from loom.core.tokenizer import tokenizer_hash
 from loom.finetune.config import ONLINE_METHODS, FinetuneConfig
 from loom.finetune.trainer import Finetuning, finetune, fingerprint
+from loom.models.llama import Transformer, build_model
 from loom.parallel.parallelize import ParallelModel
+from loom.parallel.recompute import clean_name
 from loom.train.task import TaskData, TrainTask
 from loom.train.trainer import Trainer, TrainResult
 
@@ -48,6 +52,8 @@ class OnlineFinetuning(Finetuning):
         self._records: list[dict[str, float]] = []  # one per micro-step since the last record
         self._val: dict[str, float] = {}
         self._calls = (-1, 0)  # (step, micro-steps in it): each draws its own sampling seeds
+        self.sampler: Transformer | None = None  # the rollouts' copy of the policy (> 1 rank)
+        self._synced = -1  # the step whose weights the copy holds
 
     def task(self) -> TrainTask:
         task = super().task()
@@ -79,32 +85,53 @@ class OnlineFinetuning(Finetuning):
         )
 
     def build_model(self, trainer: Trainer, mesh: DeviceMesh | None) -> ParallelModel:
-        if trainer.dims.world_size > 1:
-            raise LoomError(
-                "finetune.method=grpo runs in one process for now (rollouts shared out over "
-                "data-parallel ranks are not built); launch without --nproc"
-            )
+        """The policy; rollouts run on it (one process) or on a whole copy per rank that each
+        step's weights are gathered into (sharded over data-parallel ranks: each rank samples
+        for its own prompts, and an FSDP module would need every rank in each forward)."""
         model = super().build_model(trainer, mesh)
-        self.rollouts = Rollouts(model.parts[0], self.tokenizer, self.tokenizer_dir, self.template)
+        self._trainer = trainer
+        sampler = model.parts[0]
+        if trainer.dims.world_size > 1:
+            sampler = build_model(trainer.cfg.model, trainer.device)
+            sampler.init_buffers()
+            if self.ft.uses_lora:
+                apply_lora(sampler, self.ft.lora)
+            self.sampler = sampler.requires_grad_(False)
+        self.rollouts = Rollouts(sampler, self.tokenizer, self.tokenizer_dir, self.template)
         self.rewards.load_model(trainer.device, Path(self._rewards_scratch.name))
         return model
 
+    def _sync(self) -> None:
+        """Gather this step's policy weights into the sampling copy (every rank at once)."""
+        trainer = self._trainer
+        if self.sampler is None or self._synced == trainer.step:
+            return
+        options = StateDictOptions(full_state_dict=True)
+        state = get_model_state_dict(trainer.model.parts[0], options=options)
+        self.sampler.load_state_dict({clean_name(k): v for k, v in state.items()})
+        self._synced = trainer.step
+
     # -- one step -----------------------------------------------------------------------------
 
-    def _seeds(self, trainer: Trainer, count: int) -> list[int]:
-        """Sampling seeds of this micro-step's completions, from (train.seed, step, micro-step):
-        a resumed run samples what the uninterrupted one did."""
+    def _seeds(self, trainer: Trainer, indices: list[int]) -> list[int]:
+        """Sampling seeds of the completions of the prompts at `indices` (group_size each),
+        from (train.seed, step, micro-step, prompt): a resumed run samples what the
+        uninterrupted one did, and a prompt's samples do not depend on the rank drawing it."""
         step, calls = self._calls
         self._calls = (trainer.step, calls + 1 if step == trainer.step else 0)
-        key = f"{trainer.cfg.train.seed}/{trainer.step}/{self._calls[1]}"
-        base = zlib.crc32(key.encode()) << 20
-        return [base + i for i in range(count)]
+        seeds = []
+        for index in indices:
+            key = f"{trainer.cfg.train.seed}/{trainer.step}/{self._calls[1]}/{index}"
+            base = zlib.crc32(key.encode()) << 12
+            seeds += [base + j for j in range(self.grpo.group_size)]
+        return seeds
 
     def sample(
         self, prompts: list[Prompt], seeds: list[int], greedy: bool = False
     ) -> list[Completion]:
         """`len(seeds) // len(prompts)` completions of each prompt, in prompt order."""
         assert self.rollouts is not None
+        self._sync()
         per_prompt = len(seeds) // len(prompts)
         g = self.grpo
         return self.rollouts.sample(
@@ -195,9 +222,10 @@ class OnlineFinetuning(Finetuning):
     ) -> torch.Tensor | None:
         """Sample, score, update; the figures of each part kept for the metrics."""
         g = self.grpo
-        prompts = [self.prompts[i] for i in batch[0].tolist()]
+        indices = batch[0].tolist()
+        prompts = [self.prompts[i] for i in indices]
         began = time.perf_counter()
-        completions = self.sample(prompts, self._seeds(trainer, len(prompts) * g.group_size))
+        completions = self.sample(prompts, self._seeds(trainer, indices))
         sampled = time.perf_counter()
         per_source, rewards = self.score(prompts, completions)
         scored = time.perf_counter()
@@ -263,17 +291,24 @@ class OnlineFinetuning(Finetuning):
 
     def metrics(self, trainer: Trainer) -> dict[str, float]:
         """The means of the micro-steps' figures since the last record (times and sampled
-        tokens summed: rollout tokens/s over all of them), and the last validation's rewards."""
+        tokens summed: rollout tokens/s over all of them), averaged over data-parallel ranks,
+        and the last validation's rewards."""
         record: dict[str, float] = {}
         if self._records:
             for key in self._records[0]:
                 values = [r[key] for r in self._records]
                 summed = key.endswith("_s") or key == "rollout_tokens"
                 record[key] = sum(values) if summed else sum(values) / len(values)
+            self._records = []
+            if trainer.distributed:  # every rank's samples: means of the ranks' figures
+                keys = sorted(record)
+                stats = torch.tensor([record[k] for k in keys], device=trainer.device)
+                stats = distributed.all_reduce(stats) / trainer.dims.dp
+                record = dict(zip(keys, stats.tolist(), strict=True))
+                record["rollout_tokens"] *= trainer.dims.dp  # (all of them)
             record["rollout_tokens_per_s"] = record.pop("rollout_tokens") / max(
                 record["rollout_s"], 1e-9
             )
-            self._records = []
         record.update(self._val)
         self._val = {}
         return record
@@ -294,6 +329,11 @@ class PPOFinetuning(OnlineFinetuning):
         self._hidden: torch.Tensor | None = None
 
     def build_model(self, trainer: Trainer, mesh: DeviceMesh | None) -> ParallelModel:
+        if trainer.dims.world_size > 1:
+            raise LoomError(
+                "finetune.method=ppo runs in one process for now (its value head is not "
+                "sharded with the policy); launch without --nproc, or use finetune.method=grpo"
+            )
         model = super().build_model(trainer, mesh)
         policy = model.parts[0]
         head = torch.nn.Linear(policy.cfg.dim, 1, bias=False, device=trainer.device)
