@@ -270,6 +270,7 @@ class OnlineFinetuning(Finetuning):
         }
         for name, column in zip(self.rewards.names, per_source.T, strict=True):
             record[f"reward_{name}"] = column.mean().item()
+            record[f"reward_{name}_std"] = column.std().item() if len(column) > 1 else 0.0
         return record
 
     # -- validation and metrics ---------------------------------------------------------------
