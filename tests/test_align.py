@@ -459,3 +459,54 @@ def test_grpo_on_two_fsdp_ranks_matches_one_process(
     b = load_file(sharded / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_grpo_run_killed_mid_run_resumes_to_the_same_result(
+    base: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """SIGKILLed at the start of step 3 (torchrun's agent restarts it), a GRPO run resumes from
+    its step-2 checkpoint and ends where the uninterrupted run ends: the same losses, rewards
+    and adapter (its samplers are seeded by step and prompt, so the redone step samples the
+    same completions)."""
+    whole = tmp_path / "whole"
+    align(grpo_config(base, prompts, whole))
+    killed = tmp_path / "killed"
+    toml = tmp_path / "grpo.toml"
+    toml.write_text("[train]\nseed = 0\n")
+    command = [sys.executable, "-m", "loom", "finetune", str(toml), "--nproc", "1"]
+    command += ["--max-restarts", "1", *grpo_flags(base, prompts, killed)]
+    path = os.pathsep.join([str(prompts.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "LOOM_FAULTS": "kill@3"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr + done.stdout
+    ours = {r["step"]: r for r in records(killed) if "loss" in r}  # (the redone steps' last)
+    theirs = {r["step"]: r for r in records(whole) if "loss" in r}
+    assert ours.keys() == theirs.keys() == {1, 2, 3, 4}
+    for step, r in theirs.items():
+        for key in ("loss", "reward", "completion_tokens"):
+            assert ours[step][key] == pytest.approx(r[key], abs=1e-6), (step, key)
+    from safetensors.torch import load_file
+
+    a = load_file(whole / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.slow
+def test_a_nan_grpo_step_is_skipped_and_training_continues(
+    base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's guard works for GRPO too: step 2's loss and gradients made NaN, the
+    update is skipped, the rest trains on finite weights."""
+    monkeypatch.setenv("LOOM_FAULTS", "nan@2")
+    run = tmp_path / "run"
+    align(grpo_config(base, prompts, run, "--train.eval_interval=0"))
+    steps = {r["step"]: r for r in records(run) if "loss" in r}
+    assert math.isnan(steps[2]["loss"]) and steps[2]["skipped_steps"] == 1
+    assert all(math.isfinite(steps[s]["loss"]) for s in (1, 3, 4))
+    from safetensors.torch import load_file
+
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
