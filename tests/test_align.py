@@ -274,8 +274,9 @@ def test_bad_grpo_input_is_refused_before_training(
 def test_an_align_stage_follows_finetune_in_a_pipeline(
     base: Path, prompts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`[align]` starts from `[finetune]`'s model, trains GRPO unless told otherwise, and is
-    planned in a dry run; an offline method there is refused with the fix."""
+    """`[align]` starts from `[finetune]`'s model, trains GRPO unless told otherwise, is
+    planned in a dry run, and runs after `[finetune]` in `loom run`; an offline method there is
+    refused with the fix."""
     from loom.cli import main
 
     sft = tmp_path / "sft.jsonl"
@@ -291,6 +292,7 @@ train.seq_len = 64
 [align]
 data.path = "{prompts}"
 grpo.rewards = ["rewards:digits"]
+grpo.max_new_tokens = 8
 train.steps = 2
 train.seq_len = 64
 train.batch_size = 2
@@ -304,6 +306,18 @@ train.batch_size = 2
     path.write_text(text.replace("train.batch_size = 2", 'finetune.method = "dpo"'))
     assert main(["run", str(path), f"--run_dir={tmp_path / 'run'}", "--dry-run"]) == 2
     assert "[align] finetune.method='dpo'" in capsys.readouterr().err
+
+    path.write_text(text)
+    assert main(["run", str(path), f"--run_dir={tmp_path / 'run'}"]) == 0
+    state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert [(stage["name"], stage["status"]) for stage in state["stages"]] == [
+        ("finetune", "done"),
+        ("align", "done"),
+    ]
+    config = (tmp_path / "run" / "align" / "config.toml").read_text()
+    assert f'path = "{tmp_path / "run" / "finetune"}"' in config  # from [finetune]'s model
+    steps = [r for r in records(tmp_path / "run" / "align") if "loss" in r]
+    assert steps[-1]["step"] == 2 and "reward_digits" in steps[-1]
 
 
 @pytest.mark.slow

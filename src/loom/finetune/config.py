@@ -266,6 +266,11 @@ def validate_grpo(cfg: FinetuneConfig) -> None:
         raise LoomError(f"grpo.top_p={g.top_p} must be in (0, 1]")
     if g.max_new_tokens < 1:
         raise LoomError(f"grpo.max_new_tokens={g.max_new_tokens} must be at least 1")
+    if cfg.train.seq_len <= g.max_new_tokens:
+        raise LoomError(
+            f"train.seq_len={cfg.train.seq_len} leaves no room for a prompt before "
+            f"grpo.max_new_tokens={g.max_new_tokens}; raise train.seq_len"
+        )
 
 
 def validate_ppo(cfg: FinetuneConfig) -> None:
