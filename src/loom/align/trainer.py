@@ -1,8 +1,7 @@
 """GRPO and PPO through the shared trainer: each micro-step samples `group_size` completions of
 each of its prompts with the serving engine, scores them, and takes the policy-gradient step
-on them.
-Everything else (LoRA or full weights, the reference, checkpoints, resume, guards, metrics)
-is fine-tuning's."""
+on them. Everything else (LoRA or full weights, the reference, checkpoints, resume, guards,
+metrics) is fine-tuning's."""
 
 from __future__ import annotations
 
@@ -39,8 +38,8 @@ from loom.train.trainer import Trainer, TrainResult
 
 
 class OnlineFinetuning(Finetuning):
-    """A GRPO run's own state: the prompts, the rollout engine, the rewards, and the figures
-    kept between metric records."""
+    """An online run's own state (GRPO's; PPO adds its value head): the prompts, the rollout
+    engine, the rewards, and the figures kept between metric records."""
 
     def __init__(self, ft: FinetuneConfig) -> None:
         super().__init__(ft)
@@ -67,12 +66,7 @@ class OnlineFinetuning(Finetuning):
         self.tokenizer, tokenizer_dir = self.base_tokenizer(cfg)
         self.tokenizer_dir = tokenizer_dir
         self.template = template = ChatTemplate.from_tokenizer_dir(tokenizer_dir, ft.data.template)
-        longest = t.seq_len - g.max_new_tokens
-        if longest < 1:
-            raise LoomError(
-                f"train.seq_len={t.seq_len} leaves no room for a prompt before "
-                f"grpo.max_new_tokens={g.max_new_tokens}; raise train.seq_len"
-            )
+        longest = t.seq_len - g.max_new_tokens  # (positive: checked with the config)
         d = ft.data
         val_path = Path(d.val_path) if d.val_path else None
         self.prompts, val, self.report = load_prompts(
