@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # torch for CPU machines; a machine whose venv already has torch (e.g. CUDA) keeps its own.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: demo finetune-demo test lint install install-dev chromium clean
+.PHONY: demo finetune-demo rl-demo test lint install install-dev chromium clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,3 +62,8 @@ clean:
 # LoRA-tune SmolLM2-135M-Instruct on questions about the standard library (CPU, minutes).
 finetune-demo: install-dev
 	$(PY) -m loom.demo_finetune
+
+# GRPO with LoRA on SmolLM2-135M-Instruct: held-out reward on small sums before and after
+# (CPU, about 4 minutes; the numbers in BENCHMARKS.md come from `benchmarks/grpo_demo.py`).
+rl-demo: install-dev
+	$(PY) benchmarks/grpo_demo.py --no-write

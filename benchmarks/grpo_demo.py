@@ -8,10 +8,12 @@ reward is that of greedy replies (Loom's validation), before the first step and 
 last, with its standard error over the 21 prompts; every setting is in SETTINGS below.
 
     python benchmarks/grpo_demo.py          # ≈ 4 min here; writes the grpo_demo section
+    make rl-demo                            # the same, printed only (--no-write)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -72,6 +74,9 @@ def prompts(folder: Path) -> tuple[Path, Path]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--no-write", action="store_true", help="print, leave BENCHMARKS.md")
+    options = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="loom-grpo-demo-"))
     (folder / "demo_rewards.py").write_text(REWARDS)
     sys.path.insert(0, str(folder))
@@ -110,7 +115,8 @@ def main() -> None:
         f"{minutes:.1f} min in all.",
     ]
     print("\n".join(rows))
-    write_section("grpo_demo", "\n".join(rows))
+    if not options.no_write:
+        write_section("grpo_demo", "\n".join(rows))
 
 
 if __name__ == "__main__":
