@@ -3,7 +3,7 @@ functions read, rendered for generation with the base model's chat template."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,6 @@ class PromptReport:
     val_prompts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 

@@ -15,8 +15,6 @@ from loom.models.llama import Transformer
 from loom.serve.engine import Engine, EngineConfig, SamplingParams, Sequence
 from loom.serve.runner import LocalRunner, RunnerSetup, kv_blocks, new_cache
 
-BLOCK_SIZE = 16
-
 
 @dataclass
 class Completion:
@@ -37,7 +35,7 @@ class Rollouts:
         self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(tokenizer, tokenizer_dir, template)
         device = model.rope_cos.device
-        setup = RunnerSetup(None, None, BLOCK_SIZE, None, 1)
+        setup = RunnerSetup(None, None, EngineConfig().block_size, None, 1)
         self.blocks = kv_blocks(model, setup, device)
         self.cache = new_cache(model, setup, self.blocks, device)
 

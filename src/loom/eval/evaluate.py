@@ -345,8 +345,9 @@ def _preference(
     device = model.embed_tokens.weight.device
     model.eval()
     margins = []
-    for start in range(0, n, max(1, opts.batch_tokens // (2 * width))):
-        index = torch.arange(start, min(n, start + max(1, opts.batch_tokens // (2 * width))))
+    pairs = max(1, opts.batch_tokens // (2 * width))  # per forward pass
+    for start in range(0, n, pairs):
+        index = torch.arange(start, min(n, start + pairs))
         inputs, targets = (t.to(device) for t in joined(row_tensors(rows, index, False)))
         if model.cfg.num_labels:
             scores = last_token_scores(model, inputs, targets).float()

@@ -4,6 +4,7 @@ and the rewards of the chosen and the rejected answers."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 PairBatch = list[torch.Tensor]
 
 
-class PairObjective:
+class PairObjective(ABC):
     """The hooks of a fine-tuning task on preference pairs, and the rewards they keep between
     metric records."""
 
@@ -26,11 +27,11 @@ class PairObjective:
         self._rewards: list[torch.Tensor] = []  # chosen − rejected rewards since the last record
         self._val_rewards: tuple[float, float] | None = None  # accuracy, margin
 
+    @abstractmethod
     def pairs(
         self, trainer: Trainer, batch: PairBatch
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each pair's loss, and the rewards of its chosen and its rejected answer."""
-        raise NotImplementedError
 
     def micro_step(self, trainer: Trainer, batch: PairBatch, scale: float) -> torch.Tensor:
         losses, chosen, rejected = self.pairs(trainer, batch)
