@@ -124,6 +124,11 @@ def test_grpo_loss_and_gradients_equal_trl(base: Path, prompts: Path, tmp_path: 
     assert torch.allclose(rewards, per_source @ torch.tensor([1.0, 0.5]))
     advantages = group_advantages(rewards, 4, "group")
     assert torch.allclose(advantages, (rewards - rewards.mean()) / (rewards.std() + 1e-4))
+    # top_p near 0 keeps only the most likely token: sampling becomes greedy decoding
+    greedy = online.sample([prompt], [0], greedy=True)[0].ids
+    online.grpo.top_p = 1e-9
+    assert [c.ids for c in online.sample([prompt], [5, 6])] == [greedy, greedy]
+    online.grpo.top_p = 1.0
     ids = [c.ids for c in completions]
     longest = max(map(len, ids))
     old = torch.randn(4, longest, generator=generator) * 0.3  # sampled by a policy further off
@@ -362,6 +367,16 @@ def test_a_reward_model_scores_the_rendered_conversation(
             expected = scorer(ids).logits[0, 0].item()
         assert per_source[i, 2].item() == pytest.approx(expected, abs=1e-5)
     assert torch.allclose(rewards, per_source @ torch.tensor([1.0, 0.5, 2.0]))
+
+
+def test_group_advantages_scale_by_group_batch_or_not_at_all() -> None:
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 16.0])  # two prompts, 3 samples each
+    centred = torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0])
+    assert torch.allclose(group_advantages(rewards, 3, "none"), centred)
+    per_group = torch.tensor([1.0, 1.0, 1.0, 12**0.5, 12**0.5, 12**0.5])
+    assert torch.allclose(group_advantages(rewards, 3, "group"), centred / (per_group + 1e-4))
+    whole = rewards.std()
+    assert torch.allclose(group_advantages(rewards, 3, "batch"), centred / (whole + 1e-4))
 
 
 def test_ppo_rewards_advantages_and_losses_equal_hand_computed_values() -> None:
