@@ -19,12 +19,13 @@ import transformers
 from conftest import SMOLLM2_VOCAB, save_tiny_llama
 
 from loom.align.grpo import group_advantages
-from loom.align.ppo import gae, ppo_loss, token_rewards, whiten
+from loom.align.ppo import gae, kl_estimate, ppo_loss, token_rewards, whiten
 from loom.align.trainer import OnlineFinetuning, align
 from loom.core.errors import LoomError
 from loom.finetune.config import FinetuneConfig, load_finetune_config
 from loom.models.convert import write_hf
 from loom.models.llama import build_model
+from loom.models.sources import load_model
 from loom.parallel.recompute import clean_name
 from loom.report import write_report
 from loom.train.trainer import Trainer
@@ -388,6 +389,8 @@ def test_ppo_rewards_advantages_and_losses_equal_hand_computed_values() -> None:
     rewards = token_rewards(torch.tensor([2.0, -1.0]), logps, ref, mask, 0.1)
     # −0.1·(logp − ref) per token, the score added on the last one
     assert torch.allclose(rewards, torch.tensor([[-0.02, 0.05, 2.0], [0.0, -0.98, 0.0]]))
+    assert kl_estimate(logps, ref, mask) == pytest.approx((0.2 - 0.5 + 0 + 0 - 0.2) / 5)
+    assert kl_estimate(logps, None, mask) == 0.0
     values = torch.tensor([[0.5, 0.4, 0.3], [0.1, 0.2, 9.9]])  # 9.9: past the end, unused
     advantages, returns = gae(rewards, values, mask.float(), gamma=0.9, lam=0.8)
     a02 = 2.0 - 0.3
@@ -488,6 +491,54 @@ def test_grpo_on_two_fsdp_ranks_matches_one_process(
     b = load_file(sharded / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_full_ppo_on_two_fsdp_ranks_matches_one_process_accumulating(
+    base: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """Full-weight PPO (the value head sharded with the policy, a frozen reference copy,
+    unwhitened advantages) over 2 FSDP ranks trains as one process accumulating the same two
+    micro-batches: a prompt's samples are seeded by the prompt and how often its step drew
+    it, not by rank or micro-step. The run's model loads back without its value head."""
+    common = [
+        "--finetune.method=ppo",
+        "--grpo.lora=false",
+        "--grpo.group_size=2",
+        "--ppo.kl_coef=0.1",
+        "--ppo.whiten_advantages=false",
+        "--optimizer.lr=1e-4",
+        "--train.steps=3",
+        "--optimizer.decay_steps=3",
+        "--train.eval_interval=0",
+        "--checkpoint.interval=100",
+    ]
+    single = tmp_path / "single"
+    align(grpo_config(base, prompts, single, *common, "--train.micro_batch_size=1"))
+    sharded = tmp_path / "fsdp"
+    toml = tmp_path / "ppo.toml"
+    toml.write_text("[train]\nseed = 0\n")
+    command = [sys.executable, "-m", "loom", "finetune", str(toml), "--nproc", "2"]
+    command += [*grpo_flags(base, prompts, sharded), *common]
+    path = os.pathsep.join([str(prompts.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}  # the workers import the reward functions too
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = {r["step"]: r for r in records(sharded) if "loss" in r}
+    theirs = {r["step"]: r for r in records(single) if "loss" in r}
+    assert ours.keys() == theirs.keys() == {1, 2, 3}
+    for step, r in theirs.items():
+        for key in ("loss", "policy_loss", "value_loss", "reward", "completion_tokens"):
+            assert ours[step][key] == pytest.approx(r[key], abs=1e-5), (step, key)
+    assert abs(theirs[1]["kl"]) < 1e-6 < abs(theirs[3]["kl"])  # (the policy starts as the ref.)
+    assert theirs[3]["value_loss"] != theirs[1]["value_loss"]  # the head trains
+    a, _ = load_model(single, torch.float32, tmp_path)
+    b, _ = load_model(sharded, torch.float32, tmp_path)
+    assert not hasattr(a, "value_head")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
+    original, _ = load_model(base, torch.float32, tmp_path)
+    assert (sa["lm_head.weight"] - original.state_dict()["lm_head.weight"]).abs().max() > 0
 
 
 @pytest.mark.slow

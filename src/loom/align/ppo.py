@@ -27,6 +27,15 @@ def token_rewards(
     return rewards
 
 
+def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor) -> float:
+    """Mean per-token log π − log π_ref over the sampled tokens (the KL the penalty charges;
+    0 without a reference)."""
+    if ref_logps is None:
+        return 0.0
+    mask = mask.to(logps.dtype)
+    return float(((logps - ref_logps) * mask).sum() / mask.sum().clamp(min=1.0))
+
+
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import math
 import tempfile
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -18,23 +19,24 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 
 from loom.align.grpo import GRPOLoss, group_advantages, grpo_loss, token_logps
-from loom.align.ppo import gae, ppo_loss, token_rewards, whiten
+from loom.align.ppo import gae, kl_estimate, ppo_loss, token_rewards, whiten
 from loom.align.prompts import Prompt, PromptLoader, load_prompts
 from loom.align.rewards import Rewards
 from loom.align.rollout import Completion, Rollouts
 from loom.core import distributed
 from loom.core.chat import ChatTemplate
 from loom.core.config import Config
-from loom.core.errors import LoomError
 from loom.core.lora import adapters_disabled, apply_lora
 from loom.core.tokenizer import tokenizer_hash
 from loom.finetune.config import ONLINE_METHODS, FinetuneConfig
 from loom.finetune.trainer import Finetuning, finetune, fingerprint
-from loom.models.llama import Transformer, build_model
+from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.parallel.parallelize import ParallelModel
 from loom.parallel.recompute import clean_name
 from loom.train.task import TaskData, TrainTask
 from loom.train.trainer import Trainer, TrainResult
+
+VALUE_HEAD = "value_head.weight"  # PPO's, on the policy
 
 
 class OnlineFinetuning(Finetuning):
@@ -50,7 +52,7 @@ class OnlineFinetuning(Finetuning):
         self._rewards_scratch = tempfile.TemporaryDirectory(prefix="loom-reward-")
         self._records: list[dict[str, float]] = []  # one per micro-step since the last record
         self._val: dict[str, float] = {}
-        self._calls = (-1, 0)  # (step, micro-steps in it): each draws its own sampling seeds
+        self._drawn: tuple[int, Counter[int]] = (-1, Counter())  # (step, draws of each prompt)
         self.sampler: Transformer | None = None  # the rollouts' copy of the policy (> 1 rank)
         self._synced = -1  # the step whose weights the copy holds
 
@@ -102,20 +104,26 @@ class OnlineFinetuning(Finetuning):
             return
         options = StateDictOptions(full_state_dict=True)
         state = get_model_state_dict(trainer.model.parts[0], options=options)
-        self.sampler.load_state_dict({clean_name(k): v for k, v in state.items()})
+        state = {clean_name(k): v for k, v in state.items()}
+        state.pop(VALUE_HEAD, None)  # (PPO's: not needed to sample)
+        self.sampler.load_state_dict(state)
         self._synced = trainer.step
 
     # -- one step -----------------------------------------------------------------------------
 
     def _seeds(self, trainer: Trainer, indices: list[int]) -> list[int]:
         """Sampling seeds of the completions of the prompts at `indices` (group_size each),
-        from (train.seed, step, micro-step, prompt): a resumed run samples what the
-        uninterrupted one did, and a prompt's samples do not depend on the rank drawing it."""
-        step, calls = self._calls
-        self._calls = (trainer.step, calls + 1 if step == trainer.step else 0)
+        from (train.seed, step, how often this step drew the prompt before, prompt): a resumed
+        run samples what the uninterrupted one did, and a prompt's samples depend neither on
+        the rank drawing it nor on the micro-step (one process accumulating micro-batches
+        samples what several ranks do)."""
+        if self._drawn[0] != trainer.step:
+            self._drawn = (trainer.step, Counter())
+        drawn = self._drawn[1]
         seeds = []
         for index in indices:
-            key = f"{trainer.cfg.train.seed}/{trainer.step}/{self._calls[1]}/{index}"
+            key = f"{trainer.cfg.train.seed}/{trainer.step}/{drawn[index]}/{index}"
+            drawn[index] += 1
             base = zlib.crc32(key.encode()) << 12
             seeds += [base + j for j in range(self.grpo.group_size)]
         return seeds
@@ -321,35 +329,46 @@ class PPOFinetuning(OnlineFinetuning):
     def __init__(self, ft: FinetuneConfig) -> None:
         super().__init__(ft)
         self.ppo = ft.ppo
-        self._hidden: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+
+    def adapt(self, part: torch.nn.Module) -> None:
+        """The value head joins the policy before it is sharded: a parameter of the model,
+        trained, sharded, checkpointed and resumed with it (never exported: the adapter and
+        the sampling copy hold the language model only)."""
+        super().adapt(part)
+        assert isinstance(part, Transformer)
+        assert part.norm is not None
+        device = part.norm.weight.device
+        part.value_head = torch.nn.Linear(part.cfg.dim, 1, bias=False, device=device)
+
+    def fresh_parameters(self, base: ModelConfig) -> frozenset[str]:
+        return super().fresh_parameters(base) | {VALUE_HEAD}
+
+    def init_fresh(self, trainer: Trainer, name: str, tensor: torch.Tensor) -> None:
+        if name == VALUE_HEAD:
+            tensor.zero_()  # values start at 0
+        else:
+            super().init_fresh(trainer, name, tensor)
 
     def build_model(self, trainer: Trainer, mesh: DeviceMesh | None) -> ParallelModel:
-        if trainer.dims.world_size > 1:
-            raise LoomError(
-                "finetune.method=ppo runs in one process for now (its value head is not "
-                "sharded with the policy); launch without --nproc, or use finetune.method=grpo"
-            )
         model = super().build_model(trainer, mesh)
         policy = model.parts[0]
-        head = torch.nn.Linear(policy.cfg.dim, 1, bias=False, device=trainer.device)
-        torch.nn.init.zeros_(head.weight)  # values start at 0
-        policy.value_head = head  # (a parameter of the model: trained, checkpointed, resumed)
 
         def keep(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
-            if torch.is_grad_enabled():  # the policy's training forward, not the reference's
-                self._hidden = output
+            """Values of every position, inside the policy's training forward (where a sharded
+            head is gathered); not in the reference's or the sampler's."""
+            if torch.is_grad_enabled():
+                self._values = policy.value_head(output).float()[..., 0]
 
         assert policy.norm is not None
         policy.norm.register_forward_hook(keep)
         return model
 
-    def values(self, trainer: Trainer, index: torch.Tensor) -> torch.Tensor:
-        """The value head on the hidden states of the last policy forward, at `index`."""
-        assert self._hidden is not None
-        width = self._hidden.shape[-1]
-        hidden = self._hidden.gather(1, index[..., None].expand(-1, -1, width))
-        self._hidden = None
-        return trainer.model.parts[0].value_head(hidden.float())[..., 0]
+    def values(self, index: torch.Tensor) -> torch.Tensor:
+        """The value head's outputs of the last policy forward, at `index`."""
+        assert self._values is not None
+        values, self._values = self._values.gather(1, index), None
+        return values
 
     def update(
         self,
@@ -364,7 +383,7 @@ class PPOFinetuning(OnlineFinetuning):
         logps, ref_logps, mask, index = self.completion_logps(
             trainer, prompt_ids, completion_ids, self.ft.kl_to_reference
         )
-        values = self.values(trainer, index)
+        values = self.values(index)
         old_logps, old_values = logps.detach(), values.detach()
         per_token = token_rewards(rewards.to(logps.device), old_logps, ref_logps, mask, p.kl_coef)
         advantages, returns = gae(per_token, old_values, mask.float(), p.gamma, p.lam)
@@ -375,6 +394,7 @@ class PPOFinetuning(OnlineFinetuning):
             *(self.grpo.clip, p.value_clip, p.value_coef),
         )
         figures = {
+            "kl": kl_estimate(old_logps, ref_logps, mask),
             "policy_loss": out.policy_loss,
             "value_loss": out.value_loss,
             "clip_fraction": out.clip_fraction,

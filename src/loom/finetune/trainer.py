@@ -185,12 +185,9 @@ class Finetuning:
     def build_model(self, trainer: Trainer, mesh: DeviceMesh | None) -> ParallelModel:
         ft, seed = self.ft, trainer.cfg.train.seed
 
-        def adapt(part: torch.nn.Module) -> None:
-            apply_lora(part, ft.lora)
-
         def init(name: str, tensor: torch.Tensor) -> None:
             if not init_lora_parameter_(name, tensor, seed) and name in fresh:
-                init_parameter_(trainer.cfg.model, name, tensor, seed)
+                self.init_fresh(trainer, name, tensor)
             # (the base's weights are loaded next)
 
         qlora = self.method == "qlora"
@@ -202,13 +199,11 @@ class Finetuning:
         base, _ = load_model(self.base_path, torch.float32, Path(self._scratch.name))
         merge_lora(base)  # a LoRA run as the base: its adapters are part of the base now
         weights = base.state_dict()
-        fresh: frozenset[str] = frozenset()
-        if self.method == "reward" and not base.cfg.num_labels:
-            weights.pop("lm_head.weight", None)  # the language-model head gives way to the score
-            fresh = frozenset({"lm_head.weight"})
+        fresh = self.fresh_parameters(base.cfg)
+        for name in fresh:
+            weights.pop(name, None)
         # QLoRA: the fp32 copy stays in host memory; only NF4 weights reach the device.
-        adapted = adapt if ft.uses_lora else None
-        model = _parallel_copy(trainer, mesh, weights, adapted, init, on_host=qlora, fresh=fresh)
+        model = _parallel_copy(trainer, mesh, weights, self.adapt, init, on_host=qlora, fresh=fresh)
         if ft.needs_reference:
             self.reference = _parallel_copy(trainer, mesh, weights, None, init)
             for part in self.reference.parts:
@@ -221,6 +216,22 @@ class Finetuning:
             logger.info("QLoRA: %d projections stored as NF4 on %s", count, trainer.device)
         self._log_parameters(trainer, model)
         return model
+
+    def adapt(self, part: torch.nn.Module) -> None:
+        """What this method adds to each model part before parallelism (on the meta device):
+        LoRA's adapters."""
+        if self.ft.uses_lora:
+            apply_lora(part, self.ft.lora)
+
+    def fresh_parameters(self, base: ModelConfig) -> frozenset[str]:
+        """Parameters the base does not give (initialised by `init_fresh`): a reward model's
+        score head where the base has a language-model head."""
+        if self.method == "reward" and not base.num_labels:
+            return frozenset({"lm_head.weight"})
+        return frozenset()
+
+    def init_fresh(self, trainer: Trainer, name: str, tensor: torch.Tensor) -> None:
+        init_parameter_(trainer.cfg.model, name, tensor, trainer.cfg.train.seed)
 
     def _log_parameters(self, trainer: Trainer, model: ParallelModel) -> None:
         parts = model.parts
