@@ -175,6 +175,32 @@ def test_chat_uses_the_template_and_matches_transformers(server: Server, referen
     assert got.choices[0].message.content == tok.decode(hf_greedy(reference, ids, 12))
 
 
+def test_a_conversation_resent_each_turn_reuses_its_cached_prefix(
+    server: Server, reference: tuple
+) -> None:
+    """Each turn re-sends the conversation: its earlier turns' full KV blocks come from the
+    prefix cache (counted in /metrics), and the answers stay transformers' greedy ones."""
+    client, tok = server.client(), reference[1]
+    messages = [{"role": "system", "content": "You answer in Python code, briefly. " * 4}]
+    previous, previous_ids = 0, []  # the last turn's prompt
+    for turn in ("Write a loop.", "Now a function.", "Add a docstring."):
+        messages.append({"role": "user", "content": turn})
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)
+        hits = server.metric("loom_prefix_cache_hit_tokens_total")
+        got = client.chat.completions.create(
+            model="tiny-llama", messages=messages, max_tokens=6, temperature=0
+        )
+        assert got.choices[0].message.content == tok.decode(hf_greedy(reference, ids, 6))
+        reused = server.metric("loom_prefix_cache_hit_tokens_total") - hits
+        assert ids[:previous] == previous_ids  # (the last prompt starts this one)
+        assert reused >= previous // 4 * 4 - 4  # its full blocks of 4 (the last one may differ)
+        previous, previous_ids = len(ids), ids
+        messages.append({"role": "assistant", "content": got.choices[0].message.content})
+    assert server.metric("loom_prefix_cache_query_tokens_total") >= len(ids)
+    assert server.metric("loom_queue_seconds_count") >= 3
+
+
 def test_streaming_equals_the_whole_answer(server: Server) -> None:
     client = server.client()
     whole = client.completions.create(
@@ -408,6 +434,7 @@ def limited(hf_dir: Path, peft_adapter: tuple) -> Iterator[Server]:
         "1",
         "--adapter",
         f"tuned={peft_adapter[0]}",
+        "--no-prefix-cache",
         env={"LOOM_API_KEY": "from-env"},
     )
     yield srv
@@ -463,6 +490,12 @@ def test_an_adapter_is_served_by_its_name(
     assert tuned.choices[0].text == tok.decode(out[0, len(ids) :].tolist())
     assert tuned.choices[0].text != plain.choices[0].text
     assert plain.choices[0].text == tok.decode(hf_greedy(reference, ids, 10))
+    again = client.completions.create(
+        model="tiny-llama", prompt=PROMPTS[0], max_tokens=10, temperature=0
+    )
+    assert again.choices[0].text == plain.choices[0].text
+    assert limited.metric("loom_prefix_cache_hit_tokens_total", "from-env") == 0  # (it is off)
+    assert limited.metric("loom_prefix_cache_query_tokens_total", "from-env") == 0
 
 
 @pytest.mark.slow

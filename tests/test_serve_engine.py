@@ -20,7 +20,7 @@ from loom.models.hf import load_hf_model
 from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.serve.adapters import attach_adapters
 from loom.serve.engine import Engine, EngineConfig, SamplingParams, Sequence, SequenceEvent
-from loom.serve.kv_cache import PagedKVCache
+from loom.serve.kv_cache import BlockAllocator, PagedKVCache, block_hashes
 from loom.serve.runner import LocalRunner
 from loom.serve.server import ServeOptions, build_engine
 
@@ -157,6 +157,61 @@ def test_an_aborted_sequence_frees_its_blocks_and_says_so(model: Transformer) ->
     assert other.output_ids == generate(model, [3, 4], 4, temperature=0)
 
 
+def test_a_shared_prefix_is_computed_once_and_answers_do_not_change(model: Transformer) -> None:
+    """Requests sharing a 41-token system prompt: each after the first computes only its own
+    tokens (the prefix's full blocks come from the cache, kept after the first one ended),
+    in chunks and under preemption as well; greedy answers equal uncached generation."""
+    system = random_prompts(1, 2, seed=5)[0] + list(range(100, 140))  # 41 tokens
+    prompts = [system + q for q in random_prompts(6, 12, seed=6)]
+    for step_tokens, num_blocks in ((256, 256), (8, 256), (24, 20)):  # plain, chunked, preempted
+        cached = make_engine(model, num_blocks, max_batch=3, step_tokens=step_tokens)
+        plain = make_engine(model, num_blocks, max_batch=3, step_tokens=step_tokens)
+        plain.config.prefix_cache = plain.allocator.prefix_cache = False
+        first = greedy(prompts[0], 6)
+        cached.submit([first])
+        run_all(cached)
+        assert first.output_ids == generate(model, prompts[0], 6, temperature=0)
+        rest = [greedy(p, 6) for p in prompts[1:]]
+        cached.submit(rest)
+        ran = sum(run_all(cached))
+        baseline = [greedy(p, 6) for p in prompts[1:]]
+        plain.submit(baseline)
+        ran_plain = sum(run_all(plain))
+        for prompt, seq, other in zip(prompts[1:], rest, baseline, strict=True):
+            assert seq.output_ids == other.output_ids == generate(model, prompt, 6, temperature=0)
+        if num_blocks == 256:  # 10 full blocks of the system prompt per request, not recomputed
+            assert ran == ran_plain - 5 * 40
+        else:
+            assert cached.preemptions > 0 and ran < ran_plain
+        assert cached.allocator.num_free == num_blocks  # cached blocks count as free
+
+
+def test_cached_blocks_are_shared_counted_and_evicted_least_recently_used() -> None:
+    allocator = BlockAllocator(4)
+    a, b = block_hashes(list(range(8)), 4, -1), block_hashes([9] * 8, 4, -1)
+    assert block_hashes(list(range(8)), 4, 0) != a  # another adapter, other keys
+    assert block_hashes(list(range(10)), 4, -1) == a  # partial blocks are not hashed
+    first = allocator.allocate(2)
+    for block, h in zip(first, a, strict=True):
+        allocator.register(block, h)
+    assert allocator.lookup(a) == first  # shared while the first holds them
+    allocator.free(first)
+    allocator.free(first)
+    assert allocator.num_free == 4 and allocator.num_cached == 2
+    second = allocator.allocate(2)  # the empty blocks go first
+    for block, h in zip(second, b, strict=True):
+        allocator.register(block, h)
+    allocator.free(second)
+    assert allocator.lookup(a[:1]) == first[:1]  # a's first block is now the most recent
+    allocator.free(first[:1])
+    taken = allocator.allocate(3)  # evicts, oldest first: a's second block, then b's
+    assert allocator.lookup(a) == first[:1] and allocator.lookup(b) == []
+    assert set(taken) == {first[1], *second}
+    allocator.free(first[:1])
+    with pytest.raises(Exception, match="2 KV blocks asked for, 1 free"):
+        allocator.allocate(2)
+
+
 def test_requests_beyond_the_context_or_the_cache_are_refused(model: Transformer) -> None:
     engine = make_engine(model, num_blocks=8)  # 32 tokens
     with pytest.raises(Exception, match="context of 256"):
@@ -205,6 +260,15 @@ def test_lora_adapters_are_chosen_per_sequence_in_one_batch(
         assert seq.output_ids == hf_greedy(references[w], prompt), w
         changed += w != "base" and seq.output_ids != hf_greedy(base, prompt)
     assert changed >= 2  # the adapters really change the answers
+
+    # The prefix cache keys blocks by adapter too: the same prompts again, each under another
+    # adapter than before, find no cached block of the first round and answer as their own.
+    again = ["base", "a", "b", "a", "base", "b"]
+    rerun = [greedy(p, 8, adapter=names.get(w, -1)) for p, w in zip(prompts, again, strict=True)]
+    engine.submit(rerun)
+    assert sum(run_all(engine)) == sum(len(p) + 7 for p in prompts)  # no prompt token reused
+    for prompt, w, seq in zip(prompts, again, rerun, strict=True):
+        assert seq.output_ids == hf_greedy(references[w], prompt), w
 
     # int8 serving keeps the adapters: every projection is int8, the adapted ones too, and an
     # adapter's answer stays close to the fp32 one.

@@ -37,8 +37,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f.name, **kwargs)
             continue
         names = m.get("flags") or (f"--{f.name.replace('_', '-')}",)
-        if tp is bool:
-            kwargs["action"] = "store_true"
+        if tp is bool:  # on by default: --flag / --no-flag
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         else:
             if tp is not str:
                 kwargs["type"] = tp

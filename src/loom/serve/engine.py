@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.sampling import sample_next
-from loom.serve.kv_cache import BlockAllocator, PrefillChunk, StepLayout
+from loom.serve.kv_cache import BlockAllocator, PrefillChunk, StepLayout, block_hashes
 
 
 class QueueFull(LoomError):
@@ -104,12 +104,15 @@ class Sequence:
         self.stop_token: int | None = None  # the end-of-text token that ended it (not output)
         self.blocks: list[int] = []
         self.computed = 0  # tokens whose keys/values are in the cache
+        self.block_hashes: list[bytes] = []  # of its full blocks' prefixes, as far as known
+        self.registered = 0  # leading blocks offered to the prefix cache
         self.text = ""
         self.sent = 0  # characters of `text` already sent
         self.pending_logprobs: list[TokenLogprob] = []
         self.pending_ids: list[int] = []
         self.finished = False
         self.arrived = time.perf_counter()
+        self.admitted = False
         self.first_token_at: float | None = None
         self.generator = torch.Generator().manual_seed(
             params.seed if params.seed is not None else random.getrandbits(63)
@@ -127,6 +130,7 @@ class EngineConfig:
     step_tokens: int = 256  # tokens of one forward pass (decodes + prompt chunks)
     block_size: int = 16
     num_blocks: int = 1024
+    prefix_cache: bool = True  # reuse the cached blocks of a prompt's known prefix
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "step_tokens", "block_size", "num_blocks"):
@@ -137,6 +141,8 @@ class EngineConfig:
 class EngineMetrics(Protocol):
     def step(self, running: int, waiting: int, blocks_used: int, tokens: int) -> None: ...
     def first_token(self, seconds: float) -> None: ...
+    def admitted(self, seconds: float) -> None: ...
+    def prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None: ...
     def finished(
         self, reason: str, seconds: float, prompt_tokens: int, completion_tokens: int
     ) -> None: ...
@@ -159,7 +165,7 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.config = config
         self.metrics = metrics
-        self.allocator = BlockAllocator(config.num_blocks)
+        self.allocator = BlockAllocator(config.num_blocks, config.prefix_cache)
         self.capacity = config.num_blocks * config.block_size  # tokens the cache holds
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -249,6 +255,7 @@ class Engine:
             logits = self.runner.forward(batch)
             for seq, n in plan:
                 seq.computed += n
+                self._register_blocks(seq)
             for row, seq in enumerate(samplers):
                 self._sample(seq, logits[row])
             self.running = [s for s in self.running if not s.finished]
@@ -271,7 +278,47 @@ class Engine:
     def _admit(self) -> None:
         with self._lock:
             while self.waiting and len(self.running) < self.config.max_batch:
-                self.running.append(self.waiting.popleft())
+                seq = self.waiting.popleft()
+                self.running.append(seq)
+                if not seq.admitted:
+                    seq.admitted = True
+                    if self.metrics is not None:
+                        self.metrics.admitted(time.perf_counter() - seq.arrived)
+
+    # -- the prefix cache ------------------------------------------------------------------
+
+    def _hashes(self, seq: Sequence, blocks: int) -> list[bytes]:
+        """The prefix hashes of the first `blocks` full blocks of the sequence (extended as
+        its tokens grow; the adapter is part of the key)."""
+        known = seq.block_hashes
+        if len(known) < blocks:
+            bs = self.config.block_size
+            tokens = seq.ids[len(known) * bs : blocks * bs]
+            parent = known[-1] if known else b""
+            known += block_hashes(tokens, bs, seq.adapter, parent)
+        return known[:blocks]
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a sequence with no cache after the cached blocks of its longest known prefix
+        (at least its last token is computed: its logits are needed)."""
+        if not self.config.prefix_cache:
+            return
+        bs = self.config.block_size
+        seq.blocks = self.allocator.lookup(self._hashes(seq, (len(seq.ids) - 1) // bs))
+        seq.registered = len(seq.blocks)
+        seq.computed = len(seq.blocks) * bs
+        if self.metrics is not None:
+            self.metrics.prefix_lookup(len(seq.ids), seq.computed)
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Offer the blocks a step filled to the prefix cache."""
+        full = seq.computed // self.config.block_size
+        if not self.config.prefix_cache or full <= seq.registered:
+            return
+        hashes = self._hashes(seq, full)[seq.registered :]
+        for block, h in zip(seq.blocks[seq.registered : full], hashes, strict=True):
+            self.allocator.register(block, h)
+        seq.registered = full
 
     def _blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.config.block_size)
@@ -279,7 +326,7 @@ class Engine:
     def _preempt(self, victim: Sequence) -> None:
         """Free a sequence's cache and queue it first; it is recomputed from its tokens."""
         self.allocator.free(victim.blocks)
-        victim.blocks, victim.computed = [], 0
+        victim.blocks, victim.computed, victim.registered = [], 0, 0
         self.running.remove(victim)
         with self._lock:
             self.waiting.appendleft(victim)
@@ -297,6 +344,8 @@ class Engine:
         for seq in prefilling:
             if budget == 0:
                 break
+            if not seq.blocks:  # new, or preempted: start after its cached prefix
+                self._reuse_prefix(seq)
             n = min(len(seq.ids) - seq.computed, budget)
             wanted.append((seq, n))
             budget -= n

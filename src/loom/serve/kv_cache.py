@@ -8,6 +8,9 @@ of tokens; `StepLayout` says where each token's keys go and which keys each quer
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -17,25 +20,89 @@ from loom.core.errors import LoomError
 
 
 class BlockAllocator:
-    """The pool of free block ids."""
+    """The pool of block ids, with a prefix cache: a full block whose keys and values are
+    computed can be registered under the hash of its tokens and everything before them; a
+    later sequence with the same prefix takes it (reference counted) instead of recomputing it.
+    A released block with a hash stays cached until its memory is needed (least recently used
+    first), so a finished request's prompt still serves the next one."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, prefix_cache: bool = True) -> None:
         if num_blocks < 1:
             raise LoomError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.prefix_cache = prefix_cache
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}  # registered block → its prefix hash
+        self._block_of: dict[bytes, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached, unused: oldest first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks that can be handed out: empty ones and cached ones no sequence uses."""
+        return len(self._free) + len(self._idle)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._hash_of)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise LoomError(f"{n} KV blocks asked for, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise LoomError(f"{n} KV blocks asked for, {self.num_free} free")
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.pop()
+            else:  # evict the least recently used cached block
+                block, _ = self._idle.popitem(last=False)
+                del self._block_of[self._hash_of.pop(block)]
+            self._refs[block] = 1
+            blocks.append(block)
+        return blocks
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Release a sequence's blocks: cached ones stay cached (the latest most recent)."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            if block in self._hash_of:
+                self._idle[block] = None
+            else:
+                self._free.append(block)
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of `hashes` from the start, now also used by
+        the caller (release them with `free`)."""
+        found = []
+        for h in hashes:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            if not self._refs[block]:
+                del self._idle[block]
+            self._refs[block] += 1
+            found.append(block)
+        return found
+
+    def register(self, block: int, prefix_hash: bytes) -> None:
+        """`block` (full, computed) holds the tokens `prefix_hash` names; a prefix already
+        cached in another block keeps that one."""
+        if self.prefix_cache and prefix_hash not in self._block_of and block not in self._hash_of:
+            self._block_of[prefix_hash] = block
+            self._hash_of[block] = prefix_hash
+
+
+def block_hashes(tokens: list[int], block_size: int, salt: int, parent: bytes = b"") -> list[bytes]:
+    """Hashes of the full blocks of `tokens`, each over its tokens and the hash before it (the
+    first over `salt`: what else decides the keys, e.g. the adapter)."""
+    hashes = []
+    previous = parent or salt.to_bytes(8, "little", signed=True)
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        block = array("q", tokens[start : start + block_size]).tobytes()
+        previous = hashlib.blake2b(previous + block, digest_size=16).digest()
+        hashes.append(previous)
+    return hashes
 
 
 @dataclass

@@ -50,6 +50,22 @@ class ServeMetrics:
             "Sequences evicted from a full KV cache (recomputed later)",
             registry=r,
         )
+        self.queue_time = Histogram(
+            "loom_queue_seconds",
+            "From arrival to a place in the running batch, per sequence",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            "loom_prefix_cache_hit_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache",
+            registry=r,
+        )
+        self.prefix_cache_query_tokens = Counter(
+            "loom_prefix_cache_query_tokens",
+            "Tokens of the sequences started (hit rate: hit tokens / these)",
+            registry=r,
+        )
         self.queue_depth = Gauge("loom_queue_depth", "Sequences waiting for a slot", registry=r)
         self.running = Gauge("loom_running_sequences", "Sequences in the batch", registry=r)
         self.batch_occupancy = Gauge(
@@ -75,6 +91,13 @@ class ServeMetrics:
 
     def first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)
+
+    def admitted(self, seconds: float) -> None:
+        self.queue_time.observe(seconds)
+
+    def prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        self.prefix_cache_query_tokens.inc(prompt_tokens)
+        self.prefix_cache_hit_tokens.inc(hit_tokens)
 
     def finished(
         self, reason: str, seconds: float, prompt_tokens: int, completion_tokens: int

@@ -56,6 +56,10 @@ class ServeOptions:
         default=_ENGINE.step_tokens, metadata=_flag("tokens per forward pass (prefill chunks)")
     )
     block_size: int = field(default=_ENGINE.block_size, metadata=_flag("tokens per KV cache block"))
+    prefix_cache: bool = field(
+        default=_ENGINE.prefix_cache,
+        metadata=_flag("reuse the KV blocks of prompts' shared prefixes (default: on)"),
+    )
     kv_cache_mb: int | None = field(
         default=None, metadata=_flag("default 1024 on CPU, 80%% of free GPU memory")
     )
@@ -91,7 +95,12 @@ class ServeOptions:
 
     def engine_config(self, num_blocks: int) -> EngineConfig:
         return EngineConfig(
-            self.max_batch, self.max_queue, self.step_tokens, self.block_size, num_blocks
+            self.max_batch,
+            self.max_queue,
+            self.step_tokens,
+            self.block_size,
+            num_blocks,
+            self.prefix_cache,
         )
 
 
