@@ -8,8 +8,11 @@ their usual exceptions; a bad request never reaches the engine (see `requests`).
 from __future__ import annotations
 
 import hmac
+import json
+import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,6 +52,7 @@ class ServingApp:
         app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
         app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
         app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+        app.add_exception_handler(Exception, _internal_error)
         app.add_middleware(AuthorizeAndCount, api_key=api_key, metrics=metrics)
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.prometheus, methods=["GET"])
@@ -85,7 +89,7 @@ class ServingApp:
         response_id = job.form.id_prefix + uuid.uuid4().hex
         header = {"id": response_id, "created": int(time.time()), "model": req.model}
         if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 stream(generation, header, job.form, include_usage),
                 media_type="text/event-stream",
@@ -94,32 +98,65 @@ class ServingApp:
         return JSONResponse(await collect(generation, request, header, job.form))
 
 
-async def _api_error(request: Request, e: APIError) -> JSONResponse:
+class ErrorResponse(JSONResponse):
+    """An error body in ASCII JSON: it may quote a client's text, lone surrogates included,
+    which UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+async def _api_error(request: Request, e: APIError) -> ErrorResponse:
     kind = "invalid_request_error" if e.status < 500 else "server_error"
-    return JSONResponse(error_body(e.message, kind, e.param, e.code), status_code=e.status)
+    return ErrorResponse(error_body(e.message, kind, e.param, e.code), status_code=e.status)
 
 
-async def _invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
+async def _invalid_request(request: Request, e: RequestValidationError) -> ErrorResponse:
     """pydantic's complaints as one OpenAI error: 400 for bad JSON, else 422 naming fields."""
-    first = e.errors()[0]
-    if first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON in UTF-8: " + str(first.get("ctx", ""))
-        return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body')}: {err.get('msg')}"
-        for err in e.errors()[:5]
-    )
-    return JSONResponse(
-        error_body(problems, "invalid_request_error", where or None), status_code=422
-    )
+    errors = e.errors() or [{"loc": (), "msg": "the request body is not valid"}]
+    if errors[0].get("type") == "json_invalid":
+        message = "the request body is not valid JSON in UTF-8: " + str(errors[0].get("ctx", ""))
+        return ErrorResponse(error_body(message, "invalid_request_error"), status_code=400)
+    problems = "; ".join(_problem(err) for err in errors[:5])
+    param = _field(errors[0].get("loc", ())) or None
+    return ErrorResponse(error_body(problems, "invalid_request_error", param), status_code=422)
 
 
-async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+def _problem(error: dict[str, Any]) -> str:
+    where = _field(error.get("loc", ()))
+    if not where:  # the body itself: not an object, or not sent as JSON
+        return (
+            f"the request body must be a JSON object sent as application/json ({error.get('msg')})"
+        )
+    return f"{where}: {error.get('msg')}"
+
+
+def _field(loc: Sequence[object]) -> str:
+    """pydantic's error location as the field's name in the body (`messages[0].content`),
+    without the union branch pydantic tried (`str`, `list[ContentPart]`, ...)."""
+    where = ""
+    for part in loc:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part != "body" and not _UNION_BRANCH.match(str(part)):
+            where += f".{part}" if where else str(part)
+    return where
+
+
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> ErrorResponse:
     message = str(e.detail)
     if e.status_code == 400:  # FastAPI could not read the body (e.g. invalid UTF-8)
         message = f"the request body is not valid JSON in UTF-8 ({message})"
-    return JSONResponse(error_body(message, "invalid_request_error"), status_code=e.status_code)
+    return ErrorResponse(error_body(message, "invalid_request_error"), status_code=e.status_code)
+
+
+async def _internal_error(request: Request, e: Exception) -> ErrorResponse:
+    """A bug, not a bad request: still OpenAI's body (the traceback goes to the log)."""
+    message = f"internal error ({type(e).__name__}); see the server log"
+    return ErrorResponse(error_body(message, "server_error"), status_code=500)
 
 
 class AuthorizeAndCount:
@@ -148,7 +185,7 @@ class AuthorizeAndCount:
             if self.api_key is not None and path != "/health":
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                    refusal = JSONResponse(
+                    refusal = ErrorResponse(
                         error_body(
                             "missing or wrong API key: send 'Authorization: Bearer <key>'",
                             "invalid_request_error",

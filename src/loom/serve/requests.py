@@ -1,63 +1,97 @@
 """The OpenAI request bodies and their validation, in one place: a request either becomes a
 `Job` the engine can run, or an `APIError` in OpenAI's error body; a bad request never
-reaches the engine."""
+reaches the engine.
+
+The schema is strict about JSON types (no `true` for a number, no `"5"` for an integer, no
+NaN or infinity) and takes `null` for an optional field as its default, as OpenAI does. Wrong
+types and out-of-range fields are pydantic's 422s; what the schema cannot see (the model name,
+token ids, invalid Unicode, seeds, the context) is checked here and answered with 400."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from tokenizers import Tokenizer
 
 from loom.core.chat import ChatTemplate
 from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.serve.engine import Engine, SamplingParams
 from loom.serve.responses import CHAT, COMPLETION, APIError, ResponseForm
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_LOGPROBS = 5
+# torch.Generator takes seeds in [-2**63, 2**64); choice i of a request is seeded seed + i,
+# wrapped into that range (so every seed OpenAI accepts, the int64 range, works).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Below this a temperature (or top_p) keeps only the most likely token: sampled as greedy, since
+# dividing the logits by a smaller temperature overflows float32 (and a top_p below float32's
+# smallest number drops every token) and would fail the engine's whole step.
+GREEDY_BELOW = 1e-6
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool | None = None
 
 
 class BaseRequest(BaseModel):
-    """Fields shared by both endpoints; unknown fields are ignored, as OpenAI's server does."""
+    """Fields shared by both endpoints; unknown fields are ignored, as OpenAI's server does,
+    except the ones below that ask for something loom serve cannot do (refused with 400)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stream_options: dict[str, Any] | None = None
+    model: StrictStr
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    n: StrictInt | None = Field(default=None, ge=1, le=MAX_N)
+    stream: StrictBool | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    stream_options: StreamOptions | None = None
+    # Not supported: any value but the default is refused (see RequestValidator.unsupported).
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    functions: Any = None
 
 
 class CompletionRequest(BaseRequest):
-    prompt: str | Annotated[list[int], Field(min_length=1)]
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    prompt: StrictStr | list[Any]
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool | None = None
+    best_of: Any = None
+    suffix: Any = None
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    """One part of a message's content array (only `text` parts are served)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: StrictStr
+    text: StrictStr | None = None
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart]
+    content: StrictStr | list[ContentPart] | None = None
 
 
 class ChatRequest(BaseRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=5)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 @dataclass
@@ -91,43 +125,50 @@ class RequestValidator:
 
     def completion(self, req: CompletionRequest) -> Job:
         adapter = self.adapter_of(req.model)
+        self.unsupported(req)
         if req.echo:
-            raise APIError(400, "echo is not supported by loom serve", "echo")
+            raise APIError(400, "echo is not supported by loom serve; leave it false", "echo")
+        if req.best_of not in (None, 1):
+            raise APIError(400, "best_of is not supported by loom serve; use n", "best_of")
+        if req.suffix:
+            raise APIError(400, "suffix (insertion) is not supported by loom serve", "suffix")
+        params = self.sampling(req, req.logprobs)
         if isinstance(req.prompt, str):
+            check_unicode(req.prompt, "prompt")
             prompt = self.served.tokenizer.encode(req.prompt).ids
         else:
-            prompt = req.prompt
-            vocab = self.served.tokenizer.get_vocab_size()
-            if any(not 0 <= t < vocab for t in prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+            prompt = self.token_ids(req.prompt)
         if not prompt:
-            raise APIError(400, "the prompt is empty after tokenization", "prompt")
+            raise APIError(400, "the prompt is empty after tokenization; send some text", "prompt")
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
-        self.check_length(prompt, max_tokens)
-        return Job(prompt, self.sampling(req, max_tokens, req.logprobs), adapter, COMPLETION)
+        self.check_length(prompt, max_tokens, "prompt")
+        return Job(prompt, params.with_max_tokens(max_tokens), adapter, COMPLETION)
 
     def chat(self, req: ChatRequest) -> Job:
         adapter = self.adapter_of(req.model)
+        self.unsupported(req)
+        params = self.sampling(req, (req.top_logprobs or 0) if req.logprobs else None)
         messages = [
-            {
-                "role": m.role,
-                "content": m.content
-                if isinstance(m.content, str)
-                else "".join(p.text for p in m.content),
-            }
-            for m in req.messages
+            {"role": m.role, "content": message_text(m, i)} for i, m in enumerate(req.messages)
         ]
         try:
             text = self.served.template.render(messages, add_generation_prompt=True)
         except LoomError as e:
             raise APIError(400, str(e), "messages") from None
+        except Exception as e:  # the model's own template code, failing on these messages
+            logger.warning("the chat template failed: %s: %s", type(e).__name__, e)
+            raise APIError(
+                400,
+                f"the model's chat template cannot render these messages "
+                f"({type(e).__name__}: {_clip(str(e))}); change the roles or their order",
+                "messages",
+            ) from None
         prompt = self.served.tokenizer.encode(text, add_special_tokens=False).ids
         limit = req.max_completion_tokens or req.max_tokens
         room = self.served.context - len(prompt)
         max_tokens = limit if limit is not None else max(min(self.default_chat_tokens, room), 1)
-        self.check_length(prompt, max_tokens)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return Job(prompt, self.sampling(req, max_tokens, logprobs), adapter, CHAT)
+        self.check_length(prompt, max_tokens, "messages")
+        return Job(prompt, params.with_max_tokens(max_tokens), adapter, CHAT)
 
     def adapter_of(self, model: str) -> int:
         if model == self.served.name:
@@ -137,35 +178,155 @@ class RequestValidator:
         known = ", ".join([self.served.name, *self.served.adapters])
         raise APIError(
             400,
-            f"model {model!r} is not served here; use one of: {known}",
+            f"model {_clip(repr(model))} is not served here; use one of: {known}",
             "model",
             "model_not_found",
         )
 
-    def check_length(self, prompt: list[int], max_tokens: int) -> None:
+    def token_ids(self, prompt: list[Any]) -> list[int]:
+        """A prompt given as token ids: integers in the vocabulary."""
+        if any(isinstance(t, str | list) for t in prompt):
+            raise APIError(
+                400,
+                "prompt holds several prompts; loom serve takes one per request (a string or "
+                "a list of token ids): send one request per prompt",
+                "prompt",
+            )
+        if any(type(t) is not int for t in prompt):
+            raise APIError(
+                400, "prompt must be a string or a list of token ids (integers)", "prompt"
+            )
+        vocab = self.served.tokenizer.get_vocab_size()
+        if any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+        return prompt
+
+    def check_length(self, prompt: list[int], max_tokens: int, field: str) -> None:
+        """OpenAI's context-length error (400, code context_length_exceeded); its param is
+        the prompt when the prompt alone fills the context, else max_tokens."""
         try:
             self.engine.check_fits(len(prompt), max_tokens)
         except LoomError as e:
-            raise APIError(400, str(e), "max_tokens", "context_length_exceeded") from None
+            param = field if len(prompt) >= self.served.context else "max_tokens"
+            raise APIError(400, str(e), param, "context_length_exceeded") from None
 
     @staticmethod
-    def sampling(req: BaseRequest, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+    def unsupported(req: BaseRequest) -> None:
+        """Refuse options loom serve cannot honour (their defaults are accepted)."""
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
                 raise APIError(400, f"{name} is not supported by loom serve; leave it at 0", name)
+        for name in ("logit_bias", "tools", "functions"):
+            if getattr(req, name):
+                raise APIError(400, f"{name} is not supported by loom serve; leave it out", name)
+        if req.response_format not in (None, {"type": "text"}):
+            raise APIError(
+                400,
+                "response_format is not supported by loom serve (only plain text); leave it out",
+                "response_format",
+            )
+
+    def sampling(self, req: BaseRequest, logprobs: int | None) -> Sampling:
+        """The sampling settings shared by a request's choices (max_tokens comes later)."""
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOP:
             raise APIError(400, f"stop holds {len(stops)} strings; at most {MAX_STOP}", "stop")
         if any(not s for s in stops):
             raise APIError(400, "stop strings must not be empty", "stop")
+        for i, stop in enumerate(stops):
+            check_unicode(stop, "stop" if isinstance(req.stop, str) else f"stop[{i}]")
+        if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
+            raise APIError(
+                400,
+                f"seed {_clip(str(req.seed))} is out of range; use an integer from "
+                f"{SEED_MIN} to {SEED_MAX}",
+                "seed",
+            )
+        n = req.n if req.n is not None else 1
+        if n > self.engine.config.max_queue:
+            raise APIError(
+                400,
+                f"n={n} is more than the server queues at once (--max-queue "
+                f"{self.engine.config.max_queue}); lower n",
+                "n",
+            )
+        temperature = req.temperature if req.temperature is not None else 1.0
+        top_p = req.top_p if req.top_p is not None else 1.0
+        if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:
+            temperature, top_p = 0.0, 1.0
+        return Sampling(n, temperature, top_p, req.seed, stops, logprobs)
+
+
+@dataclass
+class Sampling:
+    """A request's checked sampling settings; one SamplingParams per choice."""
+
+    n: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    logprobs: int | None
+
+    def with_max_tokens(self, max_tokens: int) -> list[SamplingParams]:
         return [
             SamplingParams(
                 max_tokens=max_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                seed=None if req.seed is None else req.seed + i,
-                stop=stops,
-                logprobs=logprobs,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=None if self.seed is None else (self.seed + i) % 2**64,
+                stop=self.stop,
+                logprobs=self.logprobs,
             )
-            for i in range(req.n)
+            for i in range(self.n)
         ]
+
+
+def message_text(message: ChatMessage, index: int) -> str:
+    """A message's content as one string (text parts joined); other parts are refused."""
+    where = f"messages[{index}].content"
+    if message.content is None:
+        raise APIError(
+            400,
+            f"{where} is missing; loom serve needs text content (tool calls are not supported)",
+            where,
+        )
+    if isinstance(message.content, str):
+        text = message.content
+    else:
+        texts = []
+        for j, part in enumerate(message.content):
+            if part.type != "text":
+                raise APIError(
+                    400,
+                    f"{where}[{j}] is a {_clip(repr(part.type))} part; loom serve takes only "
+                    "text parts",
+                    f"{where}[{j}]",
+                )
+            if part.text is None:
+                raise APIError(
+                    400, f"{where}[{j}] has no 'text'; give the part its text", f"{where}[{j}]"
+                )
+            texts.append(part.text)
+        text = "".join(texts)
+    check_unicode(text, where)
+    return text
+
+
+def check_unicode(text: str, where: str) -> None:
+    """Refuse text that is not valid Unicode: JSON can escape lone surrogates ("\\ud800"),
+    which no tokenizer or UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            400,
+            f"{where} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+            f"{e.start}; send UTF-8 text (surrogates only as pairs)",
+            where,
+        ) from None
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """A client's value quoted in an error message, at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
