@@ -314,7 +314,9 @@ def flat_metrics(text: str) -> dict[str, float]:
 class LoomServer:
     """`loom serve` in a subprocess with OMP_NUM_THREADS = THREADS, until stopped."""
 
-    def __init__(self, model: Path, log: Path, kv_cache_mb: int | None) -> None:
+    def __init__(
+        self, model: Path, log: Path, kv_cache_mb: int | None, extra: list[str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
@@ -330,6 +332,7 @@ class LoomServer:
             "--dtype=fp32",
             f"--served-name={SERVED_NAME}",
             *([f"--kv-cache-mb={kv_cache_mb}"] if kv_cache_mb else []),
+            *(extra or []),
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
