@@ -86,6 +86,20 @@ class ModelRunner(Protocol):
         ...
 
 
+class TokenConstraint(Protocol):
+    """What a sequence may generate next (a grammar: JSON schema, tool calls), consulted at
+    every sampled token."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [vocab] with the tokens the constraint forbids now set to -inf."""
+        ...
+
+    def accept(self, token: int) -> bool:
+        """Advance over the sampled token; True when the constrained text is complete (the
+        sequence stops there)."""
+        ...
+
+
 class Sequence:
     """One generated completion (a request with `n` > 1 has n of them)."""
 
@@ -95,11 +109,13 @@ class Sequence:
         params: SamplingParams,
         on_event: Callable[[SequenceEvent], None],
         adapter: int = -1,
+        constraint: TokenConstraint | None = None,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
         self.on_event = on_event
         self.adapter = adapter
+        self.constraint = constraint
         self.output_ids: list[int] = []
         self.stop_token: int | None = None  # the end-of-text token that ended it (not output)
         self.blocks: list[int] = []
@@ -412,6 +428,8 @@ class Engine:
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.params
+        if seq.constraint is not None:
+            logits = seq.constraint.mask(logits)
         token = int(sample_next(logits[None], p.temperature, 0, p.top_p, seq.generator)[0])
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
@@ -421,6 +439,7 @@ class Engine:
             seq.stop_token = token
             self._finish(seq, "stop")
             return
+        complete = seq.constraint is not None and seq.constraint.accept(token)
         seq.output_ids.append(token)
         seq.pending_ids.append(token)
         if p.logprobs is not None:
@@ -433,6 +452,9 @@ class Engine:
                 self._finish(seq, "stop")
                 return
         seq.text = text
+        if complete:
+            self._finish(seq, "stop")
+            return
         if len(seq.output_ids) >= p.max_tokens or len(seq.ids) >= self.max_seq_len:
             self._finish(seq, "length")
             return
