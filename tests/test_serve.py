@@ -425,7 +425,8 @@ def peft_adapter(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 @pytest.fixture(scope="module")
 def limited(hf_dir: Path, peft_adapter: tuple) -> Iterator[Server]:
-    """One sequence at a time, one waiting; the key from the environment; an adapter."""
+    """One sequence at a time, one waiting; the key from the environment; an adapter; no
+    prefix cache; speculative decoding by prompt lookup."""
     srv = Server(
         hf_dir,
         "--max-batch",
@@ -435,6 +436,8 @@ def limited(hf_dir: Path, peft_adapter: tuple) -> Iterator[Server]:
         "--adapter",
         f"tuned={peft_adapter[0]}",
         "--no-prefix-cache",
+        "--speculate",
+        "ngram",
         env={"LOOM_API_KEY": "from-env"},
     )
     yield srv
@@ -496,6 +499,8 @@ def test_an_adapter_is_served_by_its_name(
     assert again.choices[0].text == plain.choices[0].text
     assert limited.metric("loom_prefix_cache_hit_tokens_total", "from-env") == 0  # (it is off)
     assert limited.metric("loom_prefix_cache_query_tokens_total", "from-env") == 0
+    # --speculate ngram: proposals were verified, and the greedy answers above are unchanged
+    assert limited.metric("loom_spec_proposed_tokens_total", "from-env") > 0
 
 
 @pytest.mark.slow

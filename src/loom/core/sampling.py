@@ -1,8 +1,27 @@
-"""Next-token sampling (temperature, top-k, top-p), shared by generation and the serving engine."""
+"""Next-token sampling (temperature, top-k, top-p), shared by generation and the serving engine,
+and the acceptance rule of speculative decoding that keeps the target's distribution."""
 
 from __future__ import annotations
 
 import torch
+
+
+def sampling_probs(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """The distribution [batch, vocab] that `sample_next` draws from (temperature > 0)."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first is kept).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(dim=-1)
 
 
 def sample_next(
@@ -15,16 +34,28 @@ def sample_next(
     """Next token ids [batch] from logits [batch, vocab]; temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the first is kept).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def verify_draft(
+    logits: torch.Tensor,
+    draft: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> tuple[bool, int]:
+    """Speculative decoding's test of one proposed token against the target's logits [vocab],
+    for a draft that proposes one token with certainty (prompt lookup): (accepted, token).
+
+    Greedy: accepted when it is the argmax. Sampled: accepted with probability p(draft); when
+    rejected, the token is drawn from p with the draft removed, renormalised — the rule of
+    Leviathan et al. (2023) for a one-hot draft, so tokens are distributed exactly as p."""
+    if temperature <= 0:
+        best = int(logits.argmax())
+        return best == draft, best
+    probs = sampling_probs(logits[None], temperature, 0, top_p)[0]
+    if torch.rand((), generator=generator) < probs[draft]:
+        return True, draft
+    probs[draft] = 0.0
+    return False, int(torch.multinomial(probs, 1, generator=generator))

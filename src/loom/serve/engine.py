@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.core.sampling import sample_next
+from loom.core.sampling import sample_next, verify_draft
 from loom.serve.kv_cache import BlockAllocator, PrefillChunk, StepLayout, block_hashes
 
 
@@ -122,6 +122,7 @@ class Sequence:
         self.computed = 0  # tokens whose keys/values are in the cache
         self.block_hashes: list[bytes] = []  # of its full blocks' prefixes, as far as known
         self.registered = 0  # leading blocks offered to the prefix cache
+        self.drafts: list[int] = []  # tokens proposed for this step, verified after it
         self.text = ""
         self.sent = 0  # characters of `text` already sent
         self.pending_logprobs: list[TokenLogprob] = []
@@ -147,11 +148,16 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int = 1024
     prefix_cache: bool = True  # reuse the cached blocks of a prompt's known prefix
+    speculate: str | None = None  # "ngram": propose tokens by prompt lookup, verify in one pass
+    speculate_tokens: int = 4  # proposed per sequence and step
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "step_tokens", "block_size", "num_blocks"):
+        names = ("max_batch", "max_queue", "step_tokens", "block_size", "num_blocks")
+        for name in (*names, "speculate_tokens"):
             if getattr(self, name) < 1:
                 raise LoomError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.speculate not in (None, "ngram"):
+            raise LoomError(f"--speculate {self.speculate!r}: only ngram is supported")
 
 
 class EngineMetrics(Protocol):
@@ -159,6 +165,7 @@ class EngineMetrics(Protocol):
     def first_token(self, seconds: float) -> None: ...
     def admitted(self, seconds: float) -> None: ...
     def prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None: ...
+    def speculated(self, proposed: int, accepted: int) -> None: ...
     def finished(
         self, reason: str, seconds: float, prompt_tokens: int, completion_tokens: int
     ) -> None: ...
@@ -270,10 +277,18 @@ class Engine:
             batch, samplers = self._pack(plan)
             logits = self.runner.forward(batch)
             for seq, n in plan:
-                seq.computed += n
-                self._register_blocks(seq)
-            for row, seq in enumerate(samplers):
-                self._sample(seq, logits[row])
+                seq.computed += n - len(seq.drafts)  # (drafts count once accepted)
+                if not seq.drafts:
+                    self._register_blocks(seq)
+            row = 0
+            for seq in samplers:
+                if seq.drafts:
+                    rows = len(seq.drafts) + 1
+                    self._verify(seq, logits[row : row + rows])
+                    row += rows
+                else:
+                    self._sample(seq, logits[row])
+                    row += 1
             self.running = [s for s in self.running if not s.finished]
         tokens = sum(n for _, n in plan)
         if self.metrics is not None:
@@ -342,7 +357,7 @@ class Engine:
     def _preempt(self, victim: Sequence) -> None:
         """Free a sequence's cache and queue it first; it is recomputed from its tokens."""
         self.allocator.free(victim.blocks)
-        victim.blocks, victim.computed, victim.registered = [], 0, 0
+        victim.blocks, victim.computed, victim.registered, victim.drafts = [], 0, 0, []
         self.running.remove(victim)
         with self._lock:
             self.waiting.appendleft(victim)
@@ -356,7 +371,11 @@ class Engine:
         decoding = [s for s in self.running if s.computed == len(s.ids) - 1]
         prefilling = [s for s in self.running if s.computed < len(s.ids) - 1]
         budget = max(self.config.step_tokens - len(decoding), 0)
-        wanted: list[tuple[Sequence, int]] = [(s, 1) for s in decoding]
+        wanted: list[tuple[Sequence, int]] = []
+        for seq in decoding:
+            seq.drafts = self._propose(seq, budget)
+            budget -= len(seq.drafts)
+            wanted.append((seq, 1 + len(seq.drafts)))
         for seq in prefilling:
             if budget == 0:
                 break
@@ -396,13 +415,16 @@ class Engine:
         chunks: list[PrefillChunk] = []
         for seq, n in plan:
             start = len(tokens)
-            ids = seq.ids
+            ids = seq.ids + seq.drafts
             for pos in range(seq.computed, seq.computed + n):
                 tokens.append(ids[pos])
                 positions.append(pos)
                 slots.append(seq.blocks[pos // bs] * bs + pos % bs)
             adapters += [seq.adapter] * n
-            if seq.computed + n == len(ids):  # its last known token: sample the next one
+            if seq.drafts:  # the logits after its last token and after each proposed one
+                logits_at += range(start, start + n)
+                samplers.append(seq)
+            elif seq.computed + n == len(ids):  # its last known token: sample the next one
                 logits_at.append(start + n - 1)
                 samplers.append(seq)
             if n == 1 and seq.computed > 0:
@@ -426,11 +448,55 @@ class Engine:
         )
         return batch, samplers
 
+    # -- speculative decoding ----------------------------------------------------------------
+
+    def _propose(self, seq: Sequence, budget: int) -> list[int]:
+        """Tokens to verify after a decoding sequence's last one this step (none: plain
+        decoding): what followed the latest earlier occurrence of its last tokens."""
+        if self.config.speculate is None or seq.constraint is not None or not seq.computed:
+            return []
+        room = min(
+            self.config.speculate_tokens,
+            budget,
+            seq.params.max_tokens - len(seq.output_ids) - 1,  # (one more comes with them)
+            self.max_seq_len - len(seq.ids) - 1,
+        )
+        return propose_ngram(seq.ids, room) if room > 0 else []
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Accept the proposed tokens while the target agrees ([proposed + 1, vocab] logits:
+        after the last token and after each proposal), then add the target's own next token;
+        the accepted ones' keys and values are already in the cache."""
+        drafts, seq.drafts = seq.drafts, []
+        p = seq.params
+        accepted = 0
+        for row, draft in enumerate(drafts):
+            ok, token = verify_draft(logits[row], draft, p.temperature, p.top_p, seq.generator)
+            self._append(seq, token, logits[row])
+            if not ok or seq.finished:
+                break
+            accepted += 1
+            seq.computed += 1
+        else:
+            self._sample(seq, logits[len(drafts)])
+        if self.metrics is not None:
+            self.metrics.speculated(len(drafts), accepted)
+        if not seq.finished:
+            self._register_blocks(seq)
+
+    # -- sampling and output ---------------------------------------------------------------
+
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.params
         if seq.constraint is not None:
             logits = seq.constraint.mask(logits)
         token = int(sample_next(logits[None], p.temperature, 0, p.top_p, seq.generator)[0])
+        self._append(seq, token, logits)
+
+    def _append(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        """Add a sampled token: stop there (end of text, a stop string, the constraint
+        complete, the length), or send the text that is certain."""
+        p = seq.params
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             if self.metrics is not None:
@@ -523,3 +589,14 @@ def _step_layout(
         decode_lengths=torch.tensor([s.computed + 1 for s in decode_seqs], dtype=torch.long),
         chunks=chunks,
     )
+
+
+def propose_ngram(ids: list[int], k: int, longest: int = 3) -> list[int]:
+    """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the
+    sequence's last n tokens, for the longest n ≤ `longest` that occurred before."""
+    for n in range(min(longest, len(ids) - 1), 0, -1):
+        suffix = ids[-n:]
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start : start + n] == suffix:
+                return ids[start + n : start + n + k]
+    return []

@@ -66,6 +66,16 @@ class ServeMetrics:
             "Tokens of the sequences started (hit rate: hit tokens / these)",
             registry=r,
         )
+        self.spec_proposed_tokens = Counter(
+            "loom_spec_proposed_tokens",
+            "Tokens proposed by speculative decoding (--speculate)",
+            registry=r,
+        )
+        self.spec_accepted_tokens = Counter(
+            "loom_spec_accepted_tokens",
+            "Proposed tokens the model accepted (acceptance rate: accepted / proposed)",
+            registry=r,
+        )
         self.queue_depth = Gauge("loom_queue_depth", "Sequences waiting for a slot", registry=r)
         self.running = Gauge("loom_running_sequences", "Sequences in the batch", registry=r)
         self.batch_occupancy = Gauge(
@@ -98,6 +108,10 @@ class ServeMetrics:
     def prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
         self.prefix_cache_query_tokens.inc(prompt_tokens)
         self.prefix_cache_hit_tokens.inc(hit_tokens)
+
+    def speculated(self, proposed: int, accepted: int) -> None:
+        self.spec_proposed_tokens.inc(proposed)
+        self.spec_accepted_tokens.inc(accepted)
 
     def finished(
         self, reason: str, seconds: float, prompt_tokens: int, completion_tokens: int

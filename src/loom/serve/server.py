@@ -60,6 +60,14 @@ class ServeOptions:
         default=_ENGINE.prefix_cache,
         metadata=_flag("reuse the KV blocks of prompts' shared prefixes (default: on)"),
     )
+    speculate: str | None = field(
+        default=None,
+        metadata=_flag("speculative decoding: ngram (prompt lookup)", choices=("ngram",)),
+    )
+    speculate_tokens: int = field(
+        default=_ENGINE.speculate_tokens,
+        metadata=_flag("tokens proposed per sequence and step", metavar="K"),
+    )
     kv_cache_mb: int | None = field(
         default=None, metadata=_flag("default 1024 on CPU, 80%% of free GPU memory")
     )
@@ -101,6 +109,8 @@ class ServeOptions:
             self.block_size,
             num_blocks,
             self.prefix_cache,
+            self.speculate,
+            self.speculate_tokens,
         )
 
 
