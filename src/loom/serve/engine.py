@@ -403,50 +403,51 @@ class Engine:
         return plan
 
     def _pack(self, plan: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
+        rows: list[Row] = []
+        samplers: list[Sequence] = []
+        for seq, n in plan:
+            ids = seq.ids + seq.drafts
+            # Logits after its last token and each proposed one; else at its last known token.
+            wanted = n if seq.drafts else int(seq.computed + n == len(ids))
+            if wanted:
+                samplers.append(seq)
+            rows.append(Row(seq, ids[seq.computed : seq.computed + n], seq.computed, wanted))
+        return self._batch(rows, with_adapters=True), samplers
+
+    def _batch(self, rows: list[Row], with_adapters: bool) -> StepBatch:
+        """One forward pass over `rows`, packed in one row of tokens."""
         bs = self.config.block_size
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_at: list[int] = []
-        samplers: list[Sequence] = []
         adapters: list[int] = []
         decode_rows: list[int] = []
-        decode_seqs: list[Sequence] = []
+        decode_seqs: list[tuple[Sequence, int]] = []
         chunks: list[PrefillChunk] = []
-        for seq, n in plan:
-            start = len(tokens)
-            ids = seq.ids + seq.drafts
-            for pos in range(seq.computed, seq.computed + n):
-                tokens.append(ids[pos])
+        for row in rows:
+            seq, n, start = row.seq, len(row.tokens), len(tokens)
+            tokens += row.tokens
+            for pos in range(row.start, row.start + n):
                 positions.append(pos)
                 slots.append(seq.blocks[pos // bs] * bs + pos % bs)
             adapters += [seq.adapter] * n
-            if seq.drafts:  # the logits after its last token and after each proposed one
-                logits_at += range(start, start + n)
-                samplers.append(seq)
-            elif seq.computed + n == len(ids):  # its last known token: sample the next one
-                logits_at.append(start + n - 1)
-                samplers.append(seq)
-            if n == 1 and seq.computed > 0:
+            logits_at += range(start + n - row.logits, start + n)
+            if n == 1 and row.start > 0:
                 decode_rows.append(start)
-                decode_seqs.append(seq)
+                decode_seqs.append((seq, row.start + 1))
             else:
-                chunks.append(
-                    PrefillChunk(
-                        start,
-                        n,
-                        seq.computed,
-                        torch.tensor(seq.blocks[: self._blocks_for(seq.computed + n)]),
-                    )
-                )
-        batch = StepBatch(
+                blocks = seq.blocks[: self._blocks_for(row.start + n)]
+                chunks.append(PrefillChunk(start, n, row.start, torch.tensor(blocks)))
+        return StepBatch(
             tokens=torch.tensor([tokens]),
             positions=torch.tensor(positions),
             logits_at=torch.tensor(logits_at, dtype=torch.long),
             layout=_step_layout(slots, decode_rows, decode_seqs, chunks),
-            adapters=torch.tensor(adapters) if any(a >= 0 for a in adapters) else None,
+            adapters=torch.tensor(adapters)
+            if with_adapters and any(a >= 0 for a in adapters)
+            else None,
         )
-        return batch, samplers
 
     # -- speculative decoding ----------------------------------------------------------------
 
@@ -570,23 +571,35 @@ class Engine:
         self._emit(seq, text, reason)
 
 
+@dataclass
+class Row:
+    """A sequence's tokens in one forward pass: from position `start`, with logits wanted at
+    the last `logits` of them."""
+
+    seq: Sequence
+    tokens: list[int]
+    start: int
+    logits: int
+
+
 def _step_layout(
     slots: list[int],
     decode_rows: list[int],
-    decode_seqs: list[Sequence],
+    decode_seqs: list[tuple[Sequence, int]],
     chunks: list[PrefillChunk],
 ) -> StepLayout:
     """The cache layout of one packed step: where each token's key/value goes, and which
-    rows decode against which block table (padded to the longest)."""
-    width = max((len(s.blocks) for s in decode_seqs), default=0)
+    rows decode against which block table (padded to the longest) and how many keys each
+    sees."""
+    width = max((len(s.blocks) for s, _ in decode_seqs), default=0)
     decode_blocks = torch.tensor(
-        [s.blocks + [0] * (width - len(s.blocks)) for s in decode_seqs], dtype=torch.long
+        [s.blocks + [0] * (width - len(s.blocks)) for s, _ in decode_seqs], dtype=torch.long
     ).view(len(decode_seqs), width)
     return StepLayout(
         write_slots=torch.tensor(slots),
         decode_rows=torch.tensor(decode_rows, dtype=torch.long),
         decode_blocks=decode_blocks,
-        decode_lengths=torch.tensor([s.computed + 1 for s in decode_seqs], dtype=torch.long),
+        decode_lengths=torch.tensor([seen for _, seen in decode_seqs], dtype=torch.long),
         chunks=chunks,
     )
 
