@@ -118,8 +118,12 @@ class Server:
 @pytest.fixture(scope="module")
 def server(hf_dir: Path) -> Iterator[Server]:
     # Small blocks and steps: prompts are prefilled in several chunks, sequences span blocks.
+    # Prompt-lookup speculation under every test of this server: answers, logprobs, stops and
+    # streams are those of plain decoding.
     srv = Server(
-        hf_dir, "--api-key", KEY, "--max-batch", "16", "--step-tokens", "8", "--block-size", "4"
+        hf_dir,
+        *("--api-key", KEY, "--max-batch", "16", "--step-tokens", "8", "--block-size", "4"),
+        *("--speculate", "ngram"),
     )
     yield srv
     srv.stop()
@@ -426,7 +430,7 @@ def peft_adapter(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 @pytest.fixture(scope="module")
 def limited(hf_dir: Path, peft_adapter: tuple) -> Iterator[Server]:
     """One sequence at a time, one waiting; the key from the environment; an adapter; no
-    prefix cache; speculative decoding by prompt lookup."""
+    prefix cache; speculative decoding with a draft model."""
     srv = Server(
         hf_dir,
         "--max-batch",
@@ -437,7 +441,7 @@ def limited(hf_dir: Path, peft_adapter: tuple) -> Iterator[Server]:
         f"tuned={peft_adapter[0]}",
         "--no-prefix-cache",
         "--speculate",
-        "ngram",
+        str(hf_dir),  # the base as its own draft: the adapter's answers must stay its own
         env={"LOOM_API_KEY": "from-env"},
     )
     yield srv
@@ -499,8 +503,10 @@ def test_an_adapter_is_served_by_its_name(
     assert again.choices[0].text == plain.choices[0].text
     assert limited.metric("loom_prefix_cache_hit_tokens_total", "from-env") == 0  # (it is off)
     assert limited.metric("loom_prefix_cache_query_tokens_total", "from-env") == 0
-    # --speculate ngram: proposals were verified, and the greedy answers above are unchanged
-    assert limited.metric("loom_spec_proposed_tokens_total", "from-env") > 0
+    # --speculate with the base as the draft: the base's requests accept every proposal, the
+    # adapter's fewer, and the greedy answers above are unchanged
+    proposed = limited.metric("loom_spec_proposed_tokens_total", "from-env")
+    assert 0 < limited.metric("loom_spec_accepted_tokens_total", "from-env") < proposed
 
 
 @pytest.mark.slow

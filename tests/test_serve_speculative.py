@@ -1,10 +1,11 @@
-"""Speculative decoding by prompt lookup (`--speculate ngram`): proposals are verified in the
-same forward pass as the rest of the batch; greedy answers are those of plain decoding, and
-sampled tokens keep the model's distribution (checked exactly on a Markov-chain model whose
-sequence probabilities are known)."""
+"""Speculative decoding, by prompt lookup (`--speculate ngram`) or a draft model: proposals are
+verified in the same forward pass as the rest of the batch; greedy answers are those of plain
+decoding, and sampled tokens keep the model's distribution (checked exactly on Markov-chain
+models whose sequence probabilities are known)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -14,7 +15,7 @@ from test_serve_engine import greedy, make_engine, model, random_prompts, run_al
 
 from loom.core.sampling import sampling_probs, verify_draft
 from loom.eval.generate import generate
-from loom.models.llama import Transformer
+from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.serve.engine import (
     Engine,
     EngineConfig,
@@ -23,7 +24,9 @@ from loom.serve.engine import (
     StepBatch,
     propose_ngram,
 )
+from loom.serve.kv_cache import PagedKVCache
 from loom.serve.metrics import ServeMetrics
+from loom.serve.runner import LocalRunner
 
 __all__ = ["model"]  # (the fixture, shared with the engine's tests)
 
@@ -87,6 +90,64 @@ def test_greedy_answers_are_those_of_plain_decoding(model: Transformer) -> None:
     assert engine.preemptions > 0
 
 
+def draft_engine(target: Transformer, draft: Transformer, num_blocks: int, **kw: int) -> Engine:
+    """An engine speculating with `draft` (its own cache, the same block ids)."""
+    caches = [
+        PagedKVCache(
+            m.cfg.n_layers,
+            num_blocks,
+            4,
+            m.cfg.n_kv_heads,
+            m.cfg.attn_head_dim,
+            torch.device("cpu"),
+            torch.float32,
+        )
+        for m in (target, draft)
+    ]
+    config = EngineConfig(block_size=4, num_blocks=num_blocks, speculate="draft", **kw)
+    return Engine(
+        LocalRunner(target, caches[0]),
+        word_tokenizer(target.cfg.vocab_size),
+        set(),
+        target.cfg.max_seq_len,
+        config,
+        ServeMetrics(8),
+        draft=LocalRunner(draft, caches[1]),
+    )
+
+
+def test_a_draft_models_proposals_leave_greedy_answers_unchanged(model: Transformer) -> None:
+    """A smaller random model as the draft (often wrong) and the target itself (always right),
+    with chunked prefill, preemption and the prefix cache: the target's greedy answers, and
+    every proposal of the target-as-draft accepted."""
+    small = build_model(
+        ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=64),
+        "cpu",
+    )
+    small.init_weights(seed=9)
+    noisy = copy.deepcopy(model)  # the target, a little off: right part of the time
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * p.std())
+    prompts = [[5, 6, 7, 8] * 6, *random_prompts(5, 40, seed=4)]
+    for draft, num_blocks, step_tokens in ((small, 256, 256), (noisy, 40, 16), (model, 256, 256)):
+        engine = draft_engine(model, draft.eval(), num_blocks, max_batch=6, step_tokens=step_tokens)
+        seqs = [greedy(p, 20) for p in prompts]
+        engine.submit(seqs[:3])
+        engine.step()
+        engine.submit([*seqs[3:], greedy(prompts[0], 20)])  # joins later; a cached prefix
+        run_all(engine)
+        for prompt, seq in zip(prompts, seqs, strict=True):
+            assert seq.output_ids == generate(model, prompt, 20, temperature=0)
+        proposed, accepted = spec_counts(engine.metrics)
+        assert proposed > 0
+        if draft is model:
+            assert accepted == proposed
+        elif draft is noisy:
+            assert 0 < accepted < proposed and engine.preemptions > 0
+        assert engine.allocator.num_free == num_blocks
+
+
 class MarkovRunner:
     """A model whose next-token logits depend on the current token only (a fixed table), so
     the probability of any continuation is known exactly. It reads the packed step as a real
@@ -121,6 +182,42 @@ def test_sampled_continuations_keep_the_models_distribution() -> None:
     counts = {c: 0 for c in itertools.product(range(3), repeat=3)}
     for seq in seqs:
         counts[tuple(seq.output_ids)] += 1
+    statistic, cells = 0.0, 0
+    for (a, b, c), n in counts.items():
+        expected = 3000 * float(probs[prompt[-1], a] * probs[a, b] * probs[b, c])
+        if expected > 0:
+            statistic += (n - expected) ** 2 / expected
+            cells += 1
+        else:
+            assert n == 0
+    assert statistic < chi2.ppf(0.999, cells - 1), statistic
+    proposed, accepted = spec_counts(metrics)
+    assert 0 < accepted < proposed
+
+
+def test_a_draft_models_samples_keep_the_targets_distribution() -> None:
+    """The same with a draft model that samples from its own (different) Markov chain: a
+    proposal is accepted with probability min(1, p/q), a rejected one replaced by a draw from
+    max(0, p − q); the target's continuation frequencies hold (chi-square)."""
+    torch.manual_seed(1)
+    table, other = torch.randn(3, 3) * 1.5, torch.randn(3, 3) * 1.5
+    temperature, top_p = 0.9, 0.97
+    probs = sampling_probs(table, temperature, 0, top_p)
+    config = EngineConfig(64, 3000, 256, 4, 4096, speculate="draft", speculate_tokens=3)
+    metrics = ServeMetrics(64)
+    engine = Engine(
+        MarkovRunner(table), word_tokenizer(3), set(), 64, config, metrics, MarkovRunner(other)
+    )
+    prompt = [2, 0]
+    seqs = [
+        Sequence(prompt, SamplingParams(4, temperature, top_p, seed=i), lambda e: None)
+        for i in range(3000)
+    ]
+    engine.submit(seqs)
+    run_all(engine)
+    counts = {c: 0 for c in itertools.product(range(3), repeat=3)}
+    for seq in seqs:
+        counts[tuple(seq.output_ids[:3])] += 1
     statistic, cells = 0.0, 0
     for (a, b, c), n in counts.items():
         expected = 3000 * float(probs[prompt[-1], a] * probs[a, b] * probs[b, c])

@@ -44,18 +44,25 @@ def verify_draft(
     temperature: float,
     top_p: float,
     generator: torch.Generator | None,
+    draft_probs: torch.Tensor | None = None,
 ) -> tuple[bool, int]:
-    """Speculative decoding's test of one proposed token against the target's logits [vocab],
-    for a draft that proposes one token with certainty (prompt lookup): (accepted, token).
+    """Speculative decoding's test of one proposed token against the target's logits [vocab]:
+    (accepted, token). `draft_probs` [vocab] is the distribution the draft sampled it from
+    (None: proposed with certainty, as prompt lookup does).
 
-    Greedy: accepted when it is the argmax. Sampled: accepted with probability p(draft); when
-    rejected, the token is drawn from p with the draft removed, renormalised — the rule of
-    Leviathan et al. (2023) for a one-hot draft, so tokens are distributed exactly as p."""
+    Greedy: accepted when it is the argmax. Sampled (Leviathan et al., 2023): accepted with
+    probability min(1, p(draft) / q(draft)); when rejected, the token is drawn from
+    max(0, p − q) renormalised — so tokens are distributed exactly as p."""
     if temperature <= 0:
         best = int(logits.argmax())
         return best == draft, best
     probs = sampling_probs(logits[None], temperature, 0, top_p)[0]
-    if torch.rand((), generator=generator) < probs[draft]:
+    q = (
+        draft_probs
+        if draft_probs is not None
+        else torch.zeros_like(probs).index_fill_(0, torch.tensor([draft]), 1.0)
+    )
+    if torch.rand((), generator=generator) * q[draft] < probs[draft]:
         return True, draft
-    probs[draft] = 0.0
-    return False, int(torch.multinomial(probs, 1, generator=generator))
+    residual = (probs - q).clamp_(min=0.0)
+    return False, int(torch.multinomial(residual, 1, generator=generator))

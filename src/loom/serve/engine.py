@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from loom.core.errors import LoomError
 from loom.core.log import logger
-from loom.core.sampling import sample_next, verify_draft
+from loom.core.sampling import sample_next, sampling_probs, verify_draft
 from loom.serve.kv_cache import BlockAllocator, PrefillChunk, StepLayout, block_hashes
 
 
@@ -123,6 +123,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # of its full blocks' prefixes, as far as known
         self.registered = 0  # leading blocks offered to the prefix cache
         self.drafts: list[int] = []  # tokens proposed for this step, verified after it
+        self.draft_room = 0  # how many a draft model proposes this step
+        self.draft_probs: list[torch.Tensor | None] = []  # its distribution of each (sampled)
+        self.draft_computed = 0  # tokens whose keys/values are in the draft model's cache
         self.text = ""
         self.sent = 0  # characters of `text` already sent
         self.pending_logprobs: list[TokenLogprob] = []
@@ -148,7 +151,8 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int = 1024
     prefix_cache: bool = True  # reuse the cached blocks of a prompt's known prefix
-    speculate: str | None = None  # "ngram": propose tokens by prompt lookup, verify in one pass
+    # Propose tokens to verify in one pass: "ngram" (prompt lookup) or "draft" (a small model)
+    speculate: str | None = None
     speculate_tokens: int = 4  # proposed per sequence and step
 
     def __post_init__(self) -> None:
@@ -156,8 +160,8 @@ class EngineConfig:
         for name in (*names, "speculate_tokens"):
             if getattr(self, name) < 1:
                 raise LoomError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.speculate not in (None, "ngram"):
-            raise LoomError(f"--speculate {self.speculate!r}: only ngram is supported")
+        if self.speculate not in (None, "ngram", "draft"):
+            raise LoomError(f"speculate={self.speculate!r}: use ngram or draft")
 
 
 class EngineMetrics(Protocol):
@@ -181,8 +185,12 @@ class Engine:
         max_seq_len: int,
         config: EngineConfig,
         metrics: EngineMetrics | None = None,
+        draft: ModelRunner | None = None,
     ) -> None:
+        if (config.speculate == "draft") != (draft is not None):
+            raise LoomError("speculate='draft' needs a draft model's runner, and only it does")
         self.runner = runner
+        self.draft = draft  # a smaller model over the same tokens and KV block ids
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.max_seq_len = max_seq_len
@@ -338,6 +346,7 @@ class Engine:
         seq.blocks = self.allocator.lookup(self._hashes(seq, (len(seq.ids) - 1) // bs))
         seq.registered = len(seq.blocks)
         seq.computed = len(seq.blocks) * bs
+        seq.draft_computed = 0  # (a draft model's keys in shared blocks are not known good)
         if self.metrics is not None:
             self.metrics.prefix_lookup(len(seq.ids), seq.computed)
 
@@ -358,6 +367,7 @@ class Engine:
         """Free a sequence's cache and queue it first; it is recomputed from its tokens."""
         self.allocator.free(victim.blocks)
         victim.blocks, victim.computed, victim.registered, victim.drafts = [], 0, 0, []
+        victim.draft_room, victim.draft_probs, victim.draft_computed = 0, [], 0
         self.running.remove(victim)
         with self._lock:
             self.waiting.appendleft(victim)
@@ -373,9 +383,13 @@ class Engine:
         budget = max(self.config.step_tokens - len(decoding), 0)
         wanted: list[tuple[Sequence, int]] = []
         for seq in decoding:
-            seq.drafts = self._propose(seq, budget)
-            budget -= len(seq.drafts)
-            wanted.append((seq, 1 + len(seq.drafts)))
+            room = self._room(seq, budget)
+            if self.config.speculate == "ngram":
+                seq.drafts = propose_ngram(seq.ids, room) if room else []
+                room = len(seq.drafts)
+            seq.draft_room = room if self.config.speculate == "draft" else 0
+            budget -= room
+            wanted.append((seq, 1 + room))
         for seq in prefilling:
             if budget == 0:
                 break
@@ -400,6 +414,8 @@ class Engine:
             if need > 0:
                 seq.blocks += self.allocator.allocate(need)
             plan.append((seq, n))
+        if self.draft is not None:
+            self._draft([seq for seq, _ in plan if seq.draft_room])
         return plan
 
     def _pack(self, plan: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
@@ -451,28 +467,54 @@ class Engine:
 
     # -- speculative decoding ----------------------------------------------------------------
 
-    def _propose(self, seq: Sequence, budget: int) -> list[int]:
-        """Tokens to verify after a decoding sequence's last one this step (none: plain
-        decoding): what followed the latest earlier occurrence of its last tokens."""
+    def _room(self, seq: Sequence, budget: int) -> int:
+        """How many tokens may be proposed after a decoding sequence's last one this step."""
         if self.config.speculate is None or seq.constraint is not None or not seq.computed:
-            return []
+            return 0
         room = min(
             self.config.speculate_tokens,
             budget,
             seq.params.max_tokens - len(seq.output_ids) - 1,  # (one more comes with them)
             self.max_seq_len - len(seq.ids) - 1,
         )
-        return propose_ngram(seq.ids, room) if room > 0 else []
+        return max(room, 0)
+
+    def _draft(self, seqs: list[Sequence]) -> None:
+        """The draft model's proposals, one token per pass for every sequence at once; the
+        first pass also gives it the tokens its cache lacks (the prompt, the last accepted
+        ones). Its keys and values live in its own cache under the sequence's block ids."""
+        assert self.draft is not None
+        for _ in range(max((s.draft_room for s in seqs), default=0)):
+            active = [s for s in seqs if len(s.drafts) < s.draft_room]
+            rows = []
+            for seq in active:
+                ids = seq.ids + seq.drafts
+                rows.append(Row(seq, ids[seq.draft_computed :], seq.draft_computed, 1))
+                seq.draft_computed = len(ids)
+            logits = self.draft.forward(self._batch(rows, with_adapters=False))
+            for seq, row in zip(active, logits, strict=True):
+                p = seq.params
+                if p.temperature <= 0:
+                    seq.drafts.append(int(row.argmax()))
+                    seq.draft_probs.append(None)
+                    continue
+                probs = sampling_probs(row[None], p.temperature, 0, p.top_p)[0]
+                seq.drafts.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+                seq.draft_probs.append(probs)
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Accept the proposed tokens while the target agrees ([proposed + 1, vocab] logits:
         after the last token and after each proposal), then add the target's own next token;
         the accepted ones' keys and values are already in the cache."""
         drafts, seq.drafts = seq.drafts, []
+        probs = seq.draft_probs or [None] * len(drafts)  # (prompt lookup: certain proposals)
+        seq.draft_probs, seq.draft_room = [], 0
         p = seq.params
         accepted = 0
         for row, draft in enumerate(drafts):
-            ok, token = verify_draft(logits[row], draft, p.temperature, p.top_p, seq.generator)
+            ok, token = verify_draft(
+                logits[row], draft, p.temperature, p.top_p, seq.generator, probs[row]
+            )
             self._append(seq, token, logits[row])
             if not ok or seq.finished:
                 break
@@ -482,6 +524,8 @@ class Engine:
             self._sample(seq, logits[len(drafts)])
         if self.metrics is not None:
             self.metrics.speculated(len(drafts), accepted)
+        # The draft's cache holds what it was fed: valid up to the first rejected proposal.
+        seq.draft_computed = min(seq.draft_computed, seq.computed)
         if not seq.finished:
             self._register_blocks(seq)
 

@@ -7,7 +7,7 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,11 +18,20 @@ from loom.core.chat import ChatTemplate, stop_token_ids
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.tokenizer import load_tokenizer
+from loom.models.llama import Transformer
 from loom.serve.api import ServingApp
 from loom.serve.engine import Engine, EngineConfig, EngineMetrics, ModelRunner
+from loom.serve.kv_cache import PagedKVCache
 from loom.serve.metrics import ServeMetrics
 from loom.serve.requests import ServedModel
-from loom.serve.runner import LocalRunner, RunnerSetup, kv_blocks, load_served_model, new_cache
+from loom.serve.runner import (
+    LocalRunner,
+    RunnerSetup,
+    kv_blocks,
+    load_served_model,
+    model_dtype,
+    new_cache,
+)
 from loom.serve.tensor_parallel import start_tp_runner
 
 API_KEY_ENV = "LOOM_API_KEY"
@@ -62,7 +71,11 @@ class ServeOptions:
     )
     speculate: str | None = field(
         default=None,
-        metadata=_flag("speculative decoding: ngram (prompt lookup)", choices=("ngram",)),
+        metadata=_flag(
+            "speculative decoding: ngram (prompt lookup) or a draft model (HF folder, GGUF "
+            "or Loom run) over the same tokenizer",
+            metavar="ngram|MODEL",
+        ),
     )
     speculate_tokens: int = field(
         default=_ENGINE.speculate_tokens,
@@ -96,6 +109,12 @@ class ServeOptions:
         self.engine_config(1)  # checks max_batch, max_queue, step_tokens and block_size
         if self.kv_cache_mb is not None and self.kv_cache_mb < 1:
             raise LoomError("--kv-cache-mb must be at least 1")
+        if self.speculate not in (None, "ngram") and not Path(self.speculate).exists():
+            raise LoomError(
+                f"--speculate {self.speculate!r}: give ngram, or a draft model that exists"
+            )
+        if self.speculate not in (None, "ngram") and self.tp > 1:
+            raise LoomError("--speculate MODEL runs the draft in one process: leave out --tp")
         if self.dtype not in (None, "fp32", "bf16"):
             raise LoomError(f"--dtype {self.dtype!r} must be fp32 or bf16")
         if self.quantize not in (None, "int8"):
@@ -109,7 +128,7 @@ class ServeOptions:
             self.block_size,
             num_blocks,
             self.prefix_cache,
-            self.speculate,
+            self.speculate if self.speculate in (None, "ngram") else "draft",
             self.speculate_tokens,
         )
 
@@ -153,12 +172,15 @@ def build_engine(
     setup = runner_setup(opts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runner: ModelRunner
+    draft: ModelRunner | None = None
     if opts.tp > 1:
         runner, model, tokenizer_dir, adapters = start_tp_runner(src, setup, scratch)
         num_blocks = runner.num_blocks
     else:
         model, tokenizer_dir, adapters = load_served_model(src, setup, device, scratch)
         num_blocks = kv_blocks(model, setup, device)
+        if opts.speculate not in (None, "ngram"):
+            draft, num_blocks = load_draft(Path(opts.speculate), model, setup, device, scratch)
         runner = LocalRunner(model, new_cache(model, setup, num_blocks, device))
     tokenizer = load_tokenizer(tokenizer_dir)
     template = ChatTemplate.from_tokenizer_dir(tokenizer_dir)
@@ -169,10 +191,41 @@ def build_engine(
         model.cfg.max_seq_len,
         opts.engine_config(num_blocks),
         metrics,
+        draft,
     )
     name = opts.served_name or (src.stem if src.suffix == ".gguf" else src.resolve().name)
     served = ServedModel(name, tokenizer, template, model.cfg.max_seq_len, adapters)
     return engine, served, runner
+
+
+def load_draft(
+    src: Path, model: Transformer, setup: RunnerSetup, device: torch.device, scratch: Path
+) -> tuple[ModelRunner, int]:
+    """The draft model's runner (plain weights, no adapters) and the KV blocks both caches get
+    from the budget the target alone had (the same block ids index both)."""
+    plain = replace(setup, quantize=None, adapters={})
+    draft, _, _ = load_served_model(src, plain, device, scratch / "draft")
+    if draft.cfg.vocab_size != model.cfg.vocab_size:
+        raise LoomError(
+            f"--speculate {src}: its vocabulary has {draft.cfg.vocab_size} tokens, the served "
+            f"model's {model.cfg.vocab_size}; a draft must share the model's tokenizer"
+        )
+    if draft.cfg.max_seq_len < model.cfg.max_seq_len:
+        raise LoomError(
+            f"--speculate {src}: its context ({draft.cfg.max_seq_len}) is shorter than the "
+            f"served model's ({model.cfg.max_seq_len})"
+        )
+
+    def block_bytes(m: Transformer) -> int:
+        cfg, size = m.cfg, torch.empty((), dtype=model_dtype(m)).element_size()
+        return PagedKVCache.bytes_per_block(
+            cfg.n_layers, setup.block_size, cfg.n_kv_heads, cfg.attn_head_dim, size
+        )
+
+    share = block_bytes(model) / (block_bytes(model) + block_bytes(draft))
+    num_blocks = max(int(kv_blocks(model, setup, device) * share), 1)
+    logger.info("speculating with the draft %s (%d KV blocks each)", src, num_blocks)
+    return LocalRunner(draft, new_cache(draft, setup, num_blocks, device)), num_blocks
 
 
 def resolve_api_key(opts: ServeOptions) -> str | None:
