@@ -22,7 +22,7 @@ from loom.core.lora import LoRAConfig
 from loom.models.llama import ModelConfig
 from loom.models.sources import describe
 
-Method = Literal["full", "lora", "qlora", "dpo", "reward", "grpo", "ppo"]
+Method = Literal["full", "lora", "qlora", "dpo", "reward", "grpo", "ppo", "distill"]
 # Methods that learn from the policy's own samples (loom.align): they train through the same
 # trainer, but `loom finetune` hands them to the align feature.
 ONLINE_METHODS = ("grpo", "ppo")
@@ -102,6 +102,16 @@ class PPOConfig:
 
 
 @dataclass
+class DistillConfig:
+    """finetune.method = "distill": the whole student learns the teacher's token distributions
+    on the data's trained tokens."""
+
+    teacher: str = ""  # the teacher (HF folder, .gguf or Loom run) over the student's tokenizer
+    temperature: float = 1.0  # both distributions softened by it (loss scaled by its square)
+    alpha: float = 0.0  # weight of the data's own next-token loss beside the KL (0: KL only)
+
+
+@dataclass
 class FinetuneConfig(TrainingSections):
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
@@ -111,6 +121,7 @@ class FinetuneConfig(TrainingSections):
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, seq_len=512))
 
     @property
@@ -149,6 +160,7 @@ DEFAULT_LR = {
     "grpo-lora": 1e-5,
     "ppo": 1e-6,
     "ppo-lora": 1e-5,
+    "distill": 1e-4,  # (students are often small, or new)
 }
 
 
@@ -198,6 +210,8 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         )
     if cfg.finetune.method in ONLINE_METHODS:
         validate_grpo(cfg)
+    if cfg.finetune.method == "distill":
+        validate_distill(cfg.distill)
     if cfg.finetune.method == "reward" and cfg.train.seq_len < 2:
         raise LoomError("finetune.method=reward scores whole sequences: train.seq_len must be >= 2")
     if cfg.uses_lora:
@@ -208,7 +222,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             "parallel.pp > 1: fine-tuning runs data parallel (FSDP/DDP) and tensor parallel "
             "(full fine-tuning); set parallel.pp=1"
         )
-    pairs = cfg.finetune.method in ("dpo", "reward", *ONLINE_METHODS)
+    pairs = cfg.finetune.method in ("dpo", "reward", "distill", *ONLINE_METHODS)
     if p.tp > 1 and (cfg.uses_lora or cfg.data.packing or pairs):
         raise LoomError(
             "parallel.tp > 1 works for full fine-tuning without packing only; set parallel.tp=1 "
@@ -216,8 +230,9 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         )
     if p.cp > 1 and pairs:
         raise LoomError(
-            "parallel.cp > 1 splits the sequences of SFT, LoRA and full fine-tuning; DPO and "
-            "reward models score whole sequences in one process each: set parallel.cp=1"
+            "parallel.cp > 1 splits the sequences of SFT, LoRA and full fine-tuning; DPO, "
+            "reward models, distillation and RL read whole sequences in one process each: set "
+            "parallel.cp=1"
         )
     if cfg.finetune.method == "qlora" and (p.dp_replicate > 1 or p.tp > 1 or p.dp_shard > 1):
         raise LoomError(
@@ -229,6 +244,20 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             "finetune.method=qlora keeps the NF4 base on the device: FSDP's memory.offload=params "
             "does not take NF4 weights; set memory.offload=none or finetune.method=lora"
         )
+
+
+def validate_distill(d: DistillConfig) -> None:
+    if not d.teacher:
+        raise LoomError(
+            "finetune.method=distill needs a teacher: set distill.teacher=PATH (an HF folder, "
+            "a .gguf file or a Loom run over the student's tokenizer)"
+        )
+    if not Path(d.teacher).exists():
+        raise LoomError(f"distill.teacher {d.teacher} does not exist")
+    if d.temperature <= 0:
+        raise LoomError(f"distill.temperature={d.temperature} must be greater than 0")
+    if not 0 <= d.alpha <= 1:
+        raise LoomError(f"distill.alpha={d.alpha} must be in [0, 1]")
 
 
 def validate_grpo(cfg: FinetuneConfig) -> None:

@@ -40,6 +40,7 @@ from loom.core.run_files import RunFiles
 from loom.core.tokenizer import load_tokenizer, tokenizer_hash
 from loom.finetune.adapter import save_adapter
 from loom.finetune.config import ONLINE_METHODS, FinetuneConfig, training_config
+from loom.finetune.distill import Distillation
 from loom.finetune.dpo import Preference
 from loom.finetune.pairs import PairObjective
 from loom.finetune.reward import RewardModeling
@@ -71,6 +72,12 @@ class Finetuning:
         self.reference: ParallelModel | None = None  # a frozen base (None: adapters off)
         if self.method == "reward":
             self.pairs = RewardModeling(ft.reward.center_rewards_coefficient)
+        self.distill: Distillation | None = None
+        if self.method == "distill":
+            d = ft.distill
+            teacher = Path(d.teacher).resolve()
+            scratch = Path(self._scratch.name) / "teacher"
+            self.distill = Distillation(teacher, d.temperature, d.alpha, scratch)
 
     def _architecture(self, base: ModelConfig) -> ModelConfig:
         """The base's architecture; a reward model's has a one-output score head (new unless
@@ -107,9 +114,10 @@ class Finetuning:
             planner_strategy=self.planner_strategy(),
             trainable_only=self.ft.uses_lora,
         )
-        if self.pairs is not None:
-            task.micro_step, task.evaluate = self.pairs.micro_step, self.pairs.evaluate
-            task.metrics = self.pairs.metrics
+        objective = self.pairs or self.distill
+        if objective is not None:
+            task.micro_step, task.evaluate = objective.micro_step, objective.evaluate
+            task.metrics = objective.metrics
         return task
 
     # -- data ---------------------------------------------------------------------------------
@@ -164,9 +172,13 @@ class Finetuning:
     def flops_per_token(self, trainer: Trainer) -> float:
         """LoRA / QLoRA (and GRPO's or PPO's adapters): the frozen base's backward skips its weight
         gradients (4·N), the adapters train in full (6 per parameter). DPO and full fine-tuning
-        count as pretraining (online methods' sampling is not counted)."""
+        count as pretraining (online methods' sampling is not counted); distillation adds the
+        teacher's forward pass."""
         online = self.method in ONLINE_METHODS
         adapters = self.method in ("lora", "qlora") or (online and self.ft.uses_lora)
+        if self.distill is not None and self.distill.teacher is not None:
+            teacher = self.distill.teacher.cfg.flops_per_token(trainer.cfg.train.seq_len) / 3
+            return dense_flops_per_token(trainer) + teacher
         if not adapters:
             return dense_flops_per_token(trainer)
         adapters = sum(
@@ -211,6 +223,8 @@ class Finetuning:
             if self.dpo is not None:
                 self.dpo.reference = self.reference
         del base, weights
+        if self.distill is not None:
+            self.distill.load_teacher(trainer, trainer.cfg.model.vocab_size)
         if qlora:
             count = sum(quantize_base_nf4(part, trainer.device) for part in model.parts)
             logger.info("QLoRA: %d projections stored as NF4 on %s", count, trainer.device)
