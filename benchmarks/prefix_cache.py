@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from serve_load import SERVED_NAME, LoomServer, machine_busy, process_cpu, stdlib_material
+from flag_ab import Phase, alternate, serving, spread
+from serve_load import SERVED_NAME, stdlib_material
 
 SYSTEM_CHARS = 2800  # ≈ 700 tokens of docstrings
 QUESTIONS = 16
@@ -116,18 +115,13 @@ async def multi_turn(client: Any) -> list[dict[str, Any]]:
     return [r for conv in done for r in conv]
 
 
-def run_mode(gguf: Path, flag: str, log: Path) -> dict[str, Any]:
+def run_mode(gguf: Path, on: bool, log: Path) -> dict[str, Any]:
     import openai
 
-    server = LoomServer(gguf, log, None, extra=[flag])
-    server.start()
     out: dict[str, Any] = {}
-    try:
+    with serving(gguf, log, ["--prefix-cache" if on else "--no-prefix-cache"]) as server:
         for name, workload in (("system", shared_system), ("chat", multi_turn)):
-            before = server.metrics()
-            pid = server.proc.pid if server.proc is not None else None
-            busy, served, own = machine_busy(), process_cpu(pid), time.process_time()
-            began = time.perf_counter()
+            phase = Phase(server)
 
             async def go(workload: Any = workload) -> list[dict[str, Any]]:
                 async with openai.AsyncOpenAI(
@@ -136,38 +130,20 @@ def run_mode(gguf: Path, flag: str, log: Path) -> dict[str, Any]:
                     return await workload(client)
 
             results = asyncio.run(go())
-            wall = time.perf_counter() - began
-            after = server.metrics()
-            hit = after.get("loom_prefix_cache_hit_tokens_total", 0) - before.get(
-                "loom_prefix_cache_hit_tokens_total", 0
-            )
-            queried = after.get("loom_prefix_cache_query_tokens_total", 0) - before.get(
-                "loom_prefix_cache_query_tokens_total", 0
-            )
+            phase.end()
             # later requests only: the first of the system workload fills the cache
             later = results[1:] if name == "system" else [r for r in results if r["turn"] > 0]
             out[name] = {
                 "ttft_median": statistics.median(r["ttft"] for r in later),
-                "wall": wall,
-                "tokens_per_s": sum(r["tokens"] for r in results) / wall,
-                "hit_rate": hit / queried if queried else 0.0,
+                "wall": phase.wall,
+                "tokens_per_s": sum(r["tokens"] for r in results) / phase.wall,
+                "hit_rate": phase.ratio(
+                    "loom_prefix_cache_hit_tokens_total", "loom_prefix_cache_query_tokens_total"
+                ),
                 "answers": sorted(r["text"] for r in results),
-                # cores other processes kept busy meanwhile (the machine is shared)
-                "other_cpu": (
-                    machine_busy()
-                    - busy
-                    - (process_cpu(pid) - served)
-                    - (time.process_time() - own)
-                )
-                / wall,
+                "other_cpu": phase.other_cpu,
             }
-    finally:
-        server.stop()
     return out
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f}× ({min(values):.2f}–{max(values):.2f})"
 
 
 def main() -> None:
@@ -177,42 +153,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     gguf = smollm2_gguf()
-    order = []
-    for r in range(args.repeats):  # on, off, off, on, ...
-        order += ["on", "off"] if r % 2 == 0 else ["off", "on"]
-    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, mode in enumerate(order):
-            flag = "--prefix-cache" if mode == "on" else "--no-prefix-cache"
-            runs[mode].append(run_mode(gguf, flag, Path(tmp) / f"serve-{i}.log"))
-            print(
-                f"{mode}: "
-                + json.dumps(
-                    {
-                        k: {m: v for m, v in w.items() if m != "answers"}
-                        for k, w in runs[mode][-1].items()
-                    }
-                ),
-                flush=True,
-            )
+    runs = alternate(args.repeats, lambda on, log: run_mode(gguf, on, log))
     for name, label in (("system", "shared system prompt"), ("chat", "multi-turn chat")):
         same = all(
-            r[name]["answers"] == runs["off"][0][name]["answers"] for m in runs.values() for r in m
+            r[name]["answers"] == runs[False][0][name]["answers"] for m in runs.values() for r in m
         )
-        ttft = [
-            off[name]["ttft_median"] / on[name]["ttft_median"]
-            for on, off in zip(runs["on"], runs["off"], strict=True)
-        ]
-        tput = [
-            on[name]["tokens_per_s"] / off[name]["tokens_per_s"]
-            for on, off in zip(runs["on"], runs["off"], strict=True)
-        ]
+        pairs = list(zip(runs[True], runs[False], strict=True))
+        ttft = [off[name]["ttft_median"] / on[name]["ttft_median"] for on, off in pairs]
+        tput = [on[name]["tokens_per_s"] / off[name]["tokens_per_s"] for on, off in pairs]
         print(f"\n{label}:")
-        for mode in ("on", "off"):
+        for mode in (True, False):
             w = [r[name] for r in runs[mode]]
             ttft_ms = statistics.median(x["ttft_median"] for x in w) * 1000
             print(
-                f"  {mode:3}  TTFT median {ttft_ms:.0f} ms  "
+                f"  {'on' if mode else 'off':3}  TTFT median {ttft_ms:.0f} ms  "
                 f"throughput {statistics.median(x['tokens_per_s'] for x in w):.1f} tok/s  "
                 f"hit rate {statistics.median(x['hit_rate'] for x in w):.1%}  "
                 f"other processes' CPU {max(x['other_cpu'] for x in w):.2f} cores"

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from flag_ab import Phase, alternate, serving, spread
 from prefix_cache import ask
-from serve_load import LoomServer, machine_busy, process_cpu, stdlib_material
+from serve_load import stdlib_material
 
 REQUESTS = 16
 CLIENTS = (1, 16)
@@ -87,48 +86,29 @@ async def drive(url: str, requests: list[tuple[Any, int]], clients: int) -> list
     return results
 
 
-def run_mode(gguf: Path, speculate: bool, log: Path) -> dict[str, Any]:
-    server = LoomServer(gguf, log, None, extra=["--speculate=ngram"] if speculate else [])
-    server.start()
+def run_mode(gguf: Path, on: bool, log: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    try:
+    with serving(gguf, log, ["--speculate=ngram"] if on else []) as server:
         for name, requests in workloads().items():
             for clients in CLIENTS:
-                before = server.metrics()
-                pid = server.proc.pid if server.proc is not None else None
-                busy, served, own = machine_busy(), process_cpu(pid), time.process_time()
-                began = time.perf_counter()
+                phase = Phase(server)
                 results = asyncio.run(drive(server.url, requests, clients))
-                wall = time.perf_counter() - began
-                after = server.metrics()
-
-                def delta(key: str, before: Any = before, after: Any = after) -> float:
-                    return after.get(key, 0.0) - before.get(key, 0.0)
-
-                proposed = delta("loom_spec_proposed_tokens_total")
-                tokens = sum(r["tokens"] for r in results)
+                phase.end()
                 per_token = [
                     (r["latency"] - r["ttft"]) / (r["tokens"] - 1)
                     for r in results
                     if r["tokens"] > 1
                 ]
-                other = machine_busy() - busy - (process_cpu(pid) - served)
                 out[f"{name}@{clients}"] = {
-                    "tokens_per_s": tokens / wall,
+                    "tokens_per_s": sum(r["tokens"] for r in results) / phase.wall,
                     "ms_per_token": 1000 * statistics.median(per_token),
-                    "acceptance": delta("loom_spec_accepted_tokens_total") / proposed
-                    if proposed
-                    else 0.0,
+                    "acceptance": phase.ratio(
+                        "loom_spec_accepted_tokens_total", "loom_spec_proposed_tokens_total"
+                    ),
                     "answers": sorted(r["text"] for r in results),
-                    "other_cpu": (other - (time.process_time() - own)) / wall,
+                    "other_cpu": phase.other_cpu,
                 }
-    finally:
-        server.stop()
     return out
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f}× ({min(values):.2f}–{max(values):.2f})"
 
 
 def main() -> None:
@@ -138,18 +118,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     gguf = smollm2_gguf()
-    order = []
-    for r in range(args.repeats):  # on, off, off, on, ...
-        order += [True, False] if r % 2 == 0 else [False, True]
-    runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, speculate in enumerate(order):
-            runs[speculate].append(run_mode(gguf, speculate, Path(tmp) / f"serve-{i}.log"))
-            shown = {
-                k: {m: round(v, 3) for m, v in w.items() if m != "answers"}
-                for k, w in runs[speculate][-1].items()
-            }
-            print(f"{'on' if speculate else 'off'}: {json.dumps(shown)}", flush=True)
+    runs = alternate(args.repeats, lambda on, log: run_mode(gguf, on, log))
     print(
         "\n| workload | clients | tok/s off | tok/s on | on/off (spread) | ms/token off → on "
         "| acceptance | other CPU (cores, max) | same answers |"

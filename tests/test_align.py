@@ -90,6 +90,21 @@ def grpo_flags(base: Path, prompts: Path, run_dir: Path, *overrides: str) -> lis
     ]
 
 
+def launch(
+    prompts: Path, launcher: list[str], flags: list[str], **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`loom finetune` under torchrun with `launcher`'s options (its workers import the
+    reward functions beside `prompts`), asserted to succeed."""
+    path = os.pathsep.join([str(prompts.parent), os.environ.get("PYTHONPATH", "")])
+    toml = prompts.parent / "launch.toml"
+    toml.write_text("[train]\nseed = 0\n")
+    command = [sys.executable, "-m", "loom", "finetune", str(toml), *launcher, *flags]
+    env = {**os.environ, "PYTHONPATH": path, **env}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def grpo_config(base: Path, prompts: Path, run_dir: Path, *overrides: str) -> FinetuneConfig:
     return load_finetune_config(None, grpo_flags(base, prompts, run_dir, *overrides))
 
@@ -471,14 +486,7 @@ def test_grpo_on_two_fsdp_ranks_matches_one_process(
     single = tmp_path / "single"
     align(grpo_config(base, prompts, single, *common))
     sharded = tmp_path / "fsdp"
-    toml = tmp_path / "grpo.toml"
-    toml.write_text("[train]\nseed = 0\n")
-    command = [sys.executable, "-m", "loom", "finetune", str(toml), "--nproc", "2"]
-    command += [*grpo_flags(base, prompts, sharded), *common]
-    path = os.pathsep.join([str(prompts.parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}  # the workers import the reward functions too
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch(prompts, ["--nproc", "2"], [*grpo_flags(base, prompts, sharded), *common])
     ours = {r["step"]: r for r in records(sharded) if "loss" in r}
     theirs = {r["step"]: r for r in records(single) if "loss" in r}
     assert ours.keys() == theirs.keys() == {1, 2, 3, 4}
@@ -516,14 +524,7 @@ def test_full_ppo_on_two_fsdp_ranks_matches_one_process_accumulating(
     single = tmp_path / "single"
     align(grpo_config(base, prompts, single, *common, "--train.micro_batch_size=1"))
     sharded = tmp_path / "fsdp"
-    toml = tmp_path / "ppo.toml"
-    toml.write_text("[train]\nseed = 0\n")
-    command = [sys.executable, "-m", "loom", "finetune", str(toml), "--nproc", "2"]
-    command += [*grpo_flags(base, prompts, sharded), *common]
-    path = os.pathsep.join([str(prompts.parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}  # the workers import the reward functions too
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch(prompts, ["--nproc", "2"], [*grpo_flags(base, prompts, sharded), *common])
     ours = {r["step"]: r for r in records(sharded) if "loss" in r}
     theirs = {r["step"]: r for r in records(single) if "loss" in r}
     assert ours.keys() == theirs.keys() == {1, 2, 3}
@@ -552,14 +553,8 @@ def test_a_grpo_run_killed_mid_run_resumes_to_the_same_result(
     whole = tmp_path / "whole"
     align(grpo_config(base, prompts, whole))
     killed = tmp_path / "killed"
-    toml = tmp_path / "grpo.toml"
-    toml.write_text("[train]\nseed = 0\n")
-    command = [sys.executable, "-m", "loom", "finetune", str(toml), "--nproc", "1"]
-    command += ["--max-restarts", "1", *grpo_flags(base, prompts, killed)]
-    path = os.pathsep.join([str(prompts.parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "LOOM_FAULTS": "kill@3"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launcher = ["--nproc", "1", "--max-restarts", "1"]
+    done = launch(prompts, launcher, grpo_flags(base, prompts, killed), LOOM_FAULTS="kill@3")
     assert "resumed from" in done.stderr + done.stdout
     ours = {r["step"]: r for r in records(killed) if "loss" in r}  # (the redone steps' last)
     theirs = {r["step"]: r for r in records(whole) if "loss" in r}

@@ -148,6 +148,24 @@ def test_a_draft_models_proposals_leave_greedy_answers_unchanged(model: Transfor
         assert engine.allocator.num_free == num_blocks
 
 
+def assert_markov_frequencies(seqs: list[Sequence], probs: torch.Tensor, last: int) -> None:
+    """The first 3 tokens of the sequences' outputs are distributed as the Markov chain of
+    transition probabilities `probs` says, from the prompt's `last` token (chi-square at
+    0.1 %); continuations of probability 0 never occur."""
+    counts = dict.fromkeys(itertools.product(range(len(probs)), repeat=3), 0)
+    for seq in seqs:
+        counts[tuple(seq.output_ids[:3])] += 1
+    statistic, cells = 0.0, 0
+    for (a, b, c), n in counts.items():
+        expected = len(seqs) * float(probs[last, a] * probs[a, b] * probs[b, c])
+        if expected > 0:
+            statistic += (n - expected) ** 2 / expected
+            cells += 1
+        else:
+            assert n == 0
+    assert statistic < chi2.ppf(0.999, cells - 1), statistic
+
+
 class MarkovRunner:
     """A model whose next-token logits depend on the current token only (a fixed table), so
     the probability of any continuation is known exactly. It reads the packed step as a real
@@ -179,18 +197,7 @@ def test_sampled_continuations_keep_the_models_distribution() -> None:
     ]
     engine.submit(seqs)
     run_all(engine)
-    counts = {c: 0 for c in itertools.product(range(3), repeat=3)}
-    for seq in seqs:
-        counts[tuple(seq.output_ids)] += 1
-    statistic, cells = 0.0, 0
-    for (a, b, c), n in counts.items():
-        expected = 3000 * float(probs[prompt[-1], a] * probs[a, b] * probs[b, c])
-        if expected > 0:
-            statistic += (n - expected) ** 2 / expected
-            cells += 1
-        else:
-            assert n == 0
-    assert statistic < chi2.ppf(0.999, cells - 1), statistic
+    assert_markov_frequencies(seqs, probs, prompt[-1])
     proposed, accepted = spec_counts(metrics)
     assert 0 < accepted < proposed
 
@@ -215,17 +222,6 @@ def test_a_draft_models_samples_keep_the_targets_distribution() -> None:
     ]
     engine.submit(seqs)
     run_all(engine)
-    counts = {c: 0 for c in itertools.product(range(3), repeat=3)}
-    for seq in seqs:
-        counts[tuple(seq.output_ids[:3])] += 1
-    statistic, cells = 0.0, 0
-    for (a, b, c), n in counts.items():
-        expected = 3000 * float(probs[prompt[-1], a] * probs[a, b] * probs[b, c])
-        if expected > 0:
-            statistic += (n - expected) ** 2 / expected
-            cells += 1
-        else:
-            assert n == 0
-    assert statistic < chi2.ppf(0.999, cells - 1), statistic
+    assert_markov_frequencies(seqs, probs, prompt[-1])
     proposed, accepted = spec_counts(metrics)
     assert 0 < accepted < proposed
