@@ -227,13 +227,31 @@ BAD: list[tuple[str, object, int, str, str | None]] = [
         "'image_url' part; loom serve takes only text parts",
         "messages[0].content[0]",
     ),
-    (CHAT, chat(tools=TOOLS), 400, "tools is not supported", "tools"),
     (
         CHAT,
-        chat(response_format={"type": "json_object"}),
+        chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "g"}}),
         400,
-        "response_format is not supported",
-        "response_format",
+        "tool_choice names the function 'g', which tools do not define",
+        "tool_choice",
+    ),
+    (
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": 1}}),
+        422,
+        "response_format.json_schema.schema: Input should be a valid dictionary",
+        "response_format.json_schema.schema",
+    ),
+    (
+        CHAT,
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "x"}},
+            }
+        ),
+        400,
+        "cannot be enforced: Invalid type: x",
+        "response_format.json_schema.schema",
     ),
     (COMPLETIONS, b"[]", 422, "must be a JSON object sent as application/json", None),
     (COMPLETIONS, TOO_LONG_INT, 400, "not valid JSON", None),

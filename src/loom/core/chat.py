@@ -4,8 +4,11 @@ text at inference in any runtime that uses the tokenizer's own template."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +43,21 @@ CHATML_TEMPLATE = (
 )
 
 Message = dict[str, str]
+
+# Tool calls in the Hermes format (Qwen2.5's templates, NousResearch's Hermes models): the tools
+# listed in the system prompt, each call the model makes one JSON object between these tags,
+# each result sent back in a user turn between <tool_response> tags.
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+HERMES_TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+_PROBE_TOOL = "loom_probe_tool_7f3a"
 
 
 class TemplateRejected(LoomError):
@@ -199,8 +217,14 @@ class ChatTemplate:
         )
         return cls(CHATML_TEMPLATE, "built-in ChatML (fallback)", special)
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
-        """The conversation as text, as transformers' apply_chat_template(tokenize=False)."""
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The conversation as text, as transformers' apply_chat_template(tokenize=False)
+        (`tools`, OpenAI's function definitions, reach the template as its `tools`)."""
         if self._compiled is None:
             raise LoomError(
                 "data.template=none renders no conversations: give prompt/completion records, "
@@ -213,7 +237,7 @@ class ChatTemplate:
                 self._compiled.render(
                     **self.special_tokens,
                     messages=[dict(m) for m in messages],
-                    tools=None,
+                    tools=tools or None,
                     documents=None,
                     add_generation_prompt=add_generation_prompt,
                 )
@@ -222,6 +246,88 @@ class ChatTemplate:
             raise TemplateRejected(
                 f"the chat template from {self.origin} rejected it: {e}"
             ) from None
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        """Whether the template writes the `tools` it is given into the prompt (Qwen2.5,
+        Llama 3.1, Hermes ...): tried on a one-message conversation, since templates say so
+        nowhere else."""
+        if self._compiled is None:
+            return False
+        probe = [{"type": "function", "function": {"name": _PROBE_TOOL, "parameters": {}}}]
+        try:
+            text = self.render([{"role": "user", "content": "x"}], True, probe)
+        except Exception:  # a template that fails on tools does not render them
+            return False
+        return _PROBE_TOOL in text
+
+    def render_with_tools(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool = False,
+    ) -> str:
+        """A conversation that may define tools, call them (assistant `tool_calls`) and answer
+        them (role `tool`): with the template's own tool format when it has one, else in the
+        Hermes format (`hermes_messages`), which any template can render."""
+        if self.renders_tools:
+            return self.render(messages, add_generation_prompt, tools)
+        return self.render(hermes_messages(messages, tools), add_generation_prompt)
+
+
+def hermes_tool_call(name: str, arguments: object) -> str:
+    """One tool call as the model writes it in the Hermes format."""
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
+
+
+def _hermes_call(call: Mapping[str, Any]) -> str:
+    """An OpenAI tool call (arguments an object or a JSON string) as a <tool_call> block."""
+    function = call.get("function", call)
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError, RecursionError):  # else written as it came
+            arguments = json.loads(arguments)
+    return hermes_tool_call(function.get("name", ""), arguments)
+
+
+def hermes_messages(
+    messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """The conversation with its tools written as plain text, for templates that know only
+    system, user and assistant: the tools after the system prompt (a system message of their
+    own when there is none), an assistant's `tool_calls` (OpenAI's shape; arguments an object
+    or a JSON string) appended to its content as <tool_call> blocks, and consecutive `tool`
+    messages merged into one user message of <tool_response> blocks, as Qwen2.5's template
+    renders them."""
+    out: list[dict[str, Any]] = []
+    if tools:
+        listed = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+        block = HERMES_TOOLS_PROMPT.format(tools=listed)
+        if messages and messages[0].get("role") == "system":
+            first, *rest = messages
+            out.append({**first, "content": f"{first.get('content') or ''}\n\n{block}"})
+            messages = rest
+        else:
+            out.append({"role": "system", "content": block})
+    previous = None
+    for message in messages:
+        role = message.get("role")
+        content = message.get("content") or ""
+        if role == "tool":
+            response = f"{TOOL_RESPONSE_OPEN}\n{content}\n{TOOL_RESPONSE_CLOSE}"
+            if previous == "tool":  # one user turn answers all the calls of the last turn
+                out[-1]["content"] += "\n" + response
+            else:
+                out.append({"role": "user", "content": response})
+        elif role == "assistant" and message.get("tool_calls"):
+            calls = [_hermes_call(call) for call in message["tool_calls"]]
+            plain = {k: v for k, v in message.items() if k != "tool_calls"}
+            out.append({**plain, "content": "\n".join([content, *calls] if content else calls)})
+        else:
+            out.append(dict(message))
+        previous = role
+    return out
 
 
 def stop_token_ids(tokenizer: Tokenizer, tokenizer_dir: Path, template: ChatTemplate) -> set[int]:

@@ -84,7 +84,7 @@ class ServingApp:
 
     async def answer(self, request: Request, req: BaseRequest, job: Job) -> Response:
         """Submit the job; answer with one body, or with a stream when the client asked."""
-        generation = Generation(self.engine, job.prompt, job.params, job.adapter)
+        generation = Generation(self.engine, job.prompt, job.params, job.adapter, job.constraint)
         generation.submit()
         response_id = job.form.id_prefix + uuid.uuid4().hex
         header = {"id": response_id, "created": int(time.time()), "model": req.model}
@@ -133,7 +133,8 @@ def _problem(error: dict[str, Any]) -> str:
 
 def _field(loc: Sequence[object]) -> str:
     """pydantic's error location as the field's name in the body (`messages[0].content`),
-    without the union branch pydantic tried (`str`, `list[ContentPart]`, ...)."""
+    without the union branch pydantic tried (`str`, `list[ContentPart]`, `NamedToolChoice`,
+    ...)."""
     where = ""
     for part in loc:
         if isinstance(part, int):
@@ -143,7 +144,9 @@ def _field(loc: Sequence[object]) -> str:
     return where
 
 
-_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")
+# A branch of a union: a type (`str`, `list[...]`, `literal[...]`) or a model's class name (the
+# API's field names are all lower case).
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\]|[A-Z][A-Za-z0-9]*)$")
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> ErrorResponse:

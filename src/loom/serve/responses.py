@@ -21,8 +21,10 @@ from loom.serve.engine import (
     SamplingParams,
     Sequence,
     SequenceEvent,
+    TokenConstraint,
     TokenLogprob,
 )
+from loom.serve.tool_calls import ToolCallParser, split_tool_calls
 
 FAILED = ("error", "abort")
 
@@ -45,37 +47,129 @@ class CompletionForm:
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
+    def choice(
+        self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish_reason: str
+    ) -> dict[str, Any]:
         formatted = None if logprobs is None else _completion_logprobs(logprobs)
-        return {"index": index, "text": text, "logprobs": formatted}
+        return {"index": index, "text": text, "logprobs": formatted, "finish_reason": finish_reason}
 
-    chunk = choice
+    def chunks(
+        self,
+        index: int,
+        text: str,
+        logprobs: list[TokenLogprob] | None,
+        finish_reason: str | None,
+    ) -> list[dict[str, Any]]:
+        """The chunk choices for one event (none when it brings nothing)."""
+        if not text and finish_reason is None:
+            return []
+        formatted = None if logprobs is None else _completion_logprobs(logprobs)
+        return [
+            {"index": index, "text": text, "logprobs": formatted, "finish_reason": finish_reason}
+        ]
 
     def openers(self, n: int) -> list[dict[str, Any]]:
         return []
 
 
 class ChatForm:
-    """/v1/chat/completions: a message whole, deltas streamed after one role delta each."""
+    """/v1/chat/completions: a message whole, deltas streamed after one role delta each. With
+    tool names, <tool_call> blocks calling them are parsed out of the answer into
+    `tool_calls` (whole: the message's; streamed: `delta.tool_calls`, one call at a time,
+    as each block closes), and an answer that calls ends with finish_reason "tool_calls"."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
-        formatted = None if logprobs is None else _chat_logprobs(logprobs)
-        message = {"role": "assistant", "content": text}
-        return {"index": index, "message": message, "logprobs": formatted}
+    def __init__(self, tool_names: set[str] | None = None) -> None:
+        self.tool_names = tool_names or set()
+        self._parsers: dict[int, ToolCallParser] = {}
+        self._pending: dict[int, list[TokenLogprob]] = {}  # logprobs of text held back
 
-    def chunk(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
+    def choice(
+        self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish_reason: str
+    ) -> dict[str, Any]:
         formatted = None if logprobs is None else _chat_logprobs(logprobs)
-        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": formatted}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.tool_names:
+            content, calls = split_tool_calls(text, self.tool_names)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = [call.as_dict() for call in calls]
+                finish_reason = _tools_finish(finish_reason)
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": formatted,
+            "finish_reason": finish_reason,
+        }
+
+    def chunks(
+        self,
+        index: int,
+        text: str,
+        logprobs: list[TokenLogprob] | None,
+        finish_reason: str | None,
+    ) -> list[dict[str, Any]]:
+        """The chunk choices for one event (none when it brings nothing yet)."""
+        if not self.tool_names:
+            if not text and finish_reason is None:
+                return []
+            return [self._chunk(index, {"content": text} if text else {}, logprobs, finish_reason)]
+        parser = self._parsers.setdefault(index, ToolCallParser(self.tool_names))
+        wants = logprobs is not None
+        self._pending.setdefault(index, []).extend(logprobs or [])
+        pieces = parser.feed(text) + (parser.finish() if finish_reason is not None else [])
+        out = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                out.append(self._chunk(index, {"content": piece}, self._take(index, wants), None))
+                continue
+            # A call: its id and name, then its arguments (the way OpenAI streams them).
+            at = parser.calls.index(piece)
+            head = {**piece.as_dict(), "index": at}
+            head["function"] = {"name": piece.name, "arguments": ""}
+            out.append(self._chunk(index, {"tool_calls": [head]}, self._take(index, wants), None))
+            body = {"index": at, "function": {"arguments": piece.arguments}}
+            out.append(self._chunk(index, {"tool_calls": [body]}, self._take(index, wants), None))
+        if finish_reason is not None:
+            reason = _tools_finish(finish_reason) if parser.calls else finish_reason
+            out.append(self._chunk(index, {}, self._take(index, wants), reason))
+        return out
+
+    def _take(self, index: int, wants: bool) -> list[TokenLogprob] | None:
+        """The logprobs of the text since the last chunk of choice `index`."""
+        if not wants:
+            return None
+        taken, self._pending[index] = self._pending[index], []
+        return taken
+
+    @staticmethod
+    def _chunk(
+        index: int,
+        delta: dict[str, Any],
+        logprobs: list[TokenLogprob] | None,
+        finish_reason: str | None,
+    ) -> dict[str, Any]:
+        formatted = None if logprobs is None else _chat_logprobs(logprobs)
+        return {
+            "index": index,
+            "delta": delta,
+            "logprobs": formatted,
+            "finish_reason": finish_reason,
+        }
 
     def openers(self, n: int) -> list[dict[str, Any]]:
         delta = {"role": "assistant", "content": ""}
         return [
             {"index": i, "delta": delta, "logprobs": None, "finish_reason": None} for i in range(n)
         ]
+
+
+def _tools_finish(finish_reason: str) -> str:
+    """An answer that ended by itself after calling tools ended to call them."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 ResponseForm = CompletionForm | ChatForm
@@ -87,7 +181,12 @@ class Generation:
     """One request's sequences in the engine, and the queue their events arrive on."""
 
     def __init__(
-        self, engine: Engine, prompt: list[int], params: list[SamplingParams], adapter: int
+        self,
+        engine: Engine,
+        prompt: list[int],
+        params: list[SamplingParams],
+        adapter: int,
+        constraint: Callable[[], TokenConstraint] | None = None,
     ) -> None:
         self.engine = engine
         loop = asyncio.get_running_loop()
@@ -100,7 +199,10 @@ class Generation:
 
             return put
 
-        self.sequences = [Sequence(prompt, p, deliver(i), adapter) for i, p in enumerate(params)]
+        self.sequences = [
+            Sequence(prompt, p, deliver(i), adapter, None if constraint is None else constraint())
+            for i, p in enumerate(params)
+        ]
 
     def submit(self) -> None:
         try:
@@ -155,10 +257,9 @@ async def collect(
     if any(r in FAILED for r in reasons):
         raise APIError(500, "generation failed in the engine; see the server log")
     choices = [
-        {
-            **form.choice(i, texts[i], logprobs[i] if generation.wants_logprobs(i) else None),
-            "finish_reason": reasons[i],
-        }
+        form.choice(
+            i, texts[i], logprobs[i] if generation.wants_logprobs(i) else None, str(reasons[i])
+        )
         for i in range(n)
     ]
     usage = generation.usage(completion_tokens)
@@ -183,14 +284,12 @@ async def stream(
             if event.finish_reason is not None:
                 open_choices.discard(index)
                 completion_tokens += event.completion_tokens
-            if not event.text and event.finish_reason is None:
-                continue
             items = event.logprobs if generation.wants_logprobs(index) else None
-            choice = {**form.chunk(index, event.text, items), "finish_reason": event.finish_reason}
-            body: dict[str, Any] = {**chunk_header, "choices": [choice]}
-            if include_usage:
-                body["usage"] = None
-            yield _sse(body)
+            for choice in form.chunks(index, event.text, items, event.finish_reason):
+                body: dict[str, Any] = {**chunk_header, "choices": [choice]}
+                if include_usage:
+                    body["usage"] = None
+                yield _sse(body)
         if include_usage:
             usage = generation.usage(completion_tokens)
             yield _sse({**chunk_header, "choices": [], "usage": usage})
