@@ -14,7 +14,7 @@ import torch
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.lora import lora_layers, merge_lora
-from loom.core.quantize import quantize_int8_weight_only
+from loom.core.quantize import gguf_int4_codes, quantize_for_serving, quantize_int8_weight_only
 from loom.models.llama import Transformer
 from loom.models.sources import load_model, require_language_model
 from loom.serve.adapters import adapter_layers, attach_adapters, select_adapters
@@ -29,7 +29,7 @@ class RunnerSetup:
     keeps the API key out of their command lines."""
 
     dtype: str | None  # fp32 | bf16; None: fp32 on CPU, bf16 on a GPU
-    quantize: str | None  # int8 or None
+    quantize: str | None  # int8 | int4 (weight-only, packed; see loom.core.quantize) or None
     block_size: int
     kv_cache_mb: int | None  # None: 1 GiB on CPU, 80 % of free memory on a GPU
     tp: int
@@ -127,8 +127,19 @@ def load_served_model(
         merged = merge_lora(model)
         logger.info("merged the LoRA adapters of %d layers into the base weights", merged)
     model.to(dtype).eval()
-    if setup.quantize == "int8":  # before the adapters, which stay in `dtype` beside the int8
+    # Before the adapters, whose factors stay in `dtype` beside the packed weights.
+    if setup.quantize and device.type == "cpu":
+        # A GGUF's own 4-bit blocks are served as they are where the format allows (Q4_0, Q4_1).
+        from_gguf = setup.quantize == "int4" and src.suffix == ".gguf"
+        source = gguf_int4_codes(src) if from_gguf else None
+        quantize_for_serving(model, setup.quantize, int4_source=source)
+    elif setup.quantize == "int8":  # a GPU: torchao's int8 (the packed kernels are CPU ones)
         quantize_int8_weight_only(model)
+    elif setup.quantize:
+        raise LoomError(
+            f"--quantize {setup.quantize} runs PyTorch's CPU kernels; on a GPU use --quantize int8 "
+            "or none"
+        )
     names = attach_adapters(model, setup.adapters) if setup.adapters else {}
     return model, tokenizer_dir, names
 

@@ -86,7 +86,11 @@ class ServeOptions:
     )
     dtype: str | None = field(default=None, metadata=_flag("", choices=("fp32", "bf16")))
     quantize: str | None = field(
-        default=None, metadata=_flag("weight-only (torchao)", choices=("int8",))
+        default=None,
+        metadata=_flag(
+            "weight-only: int8 per output row, int4 in groups of 32 (fused CPU kernels)",
+            choices=("int8", "int4"),
+        ),
     )
     # served name → LoRA run or PEFT folder; on the command line a repeated NAME=PATH
     adapters: dict[str, str] = field(
@@ -117,8 +121,8 @@ class ServeOptions:
             raise LoomError("--speculate MODEL runs the draft in one process: leave out --tp")
         if self.dtype not in (None, "fp32", "bf16"):
             raise LoomError(f"--dtype {self.dtype!r} must be fp32 or bf16")
-        if self.quantize not in (None, "int8"):
-            raise LoomError(f"--quantize {self.quantize!r}: only int8 is supported")
+        if self.quantize not in (None, "int8", "int4"):
+            raise LoomError(f"--quantize {self.quantize!r}: use int8 or int4 (or leave it out)")
 
     def engine_config(self, num_blocks: int) -> EngineConfig:
         return EngineConfig(
