@@ -42,7 +42,6 @@ from int8_quality import cut, docstrings, sources  # benchmarks/ is on the path
 
 from loom.core.quantize import (
     PackedWeight,
-    gguf_int4_codes,
     int4_round,
     quantize_for_serving,
     weight_bytes,
@@ -50,6 +49,7 @@ from loom.core.quantize import (
 from loom.core.tokenizer import load_tokenizer
 from loom.eval.evaluate import EvalOptions, run_task
 from loom.eval.tasks import load_task
+from loom.models.gguf import gguf_int4_codes
 from loom.serve.engine import Engine, SamplingParams, Sequence
 from loom.serve.server import ServeOptions, build_engine
 

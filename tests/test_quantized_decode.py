@@ -27,13 +27,12 @@ from loom.core.quantize import (
     Int4Weight,
     Int8Weight,
     PackedWeight,
-    gguf_int4_codes,
     int4_round,
-    q4_blocks,
     quantize_for_serving,
     tensor_bytes,
     weight_bytes,
 )
+from loom.models.gguf import gguf_int4_codes, q4_blocks
 from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.serve.adapters import MultiLoRALinear, adapter_layers, select_adapters
 from loom.serve.engine import Engine, SamplingParams, Sequence

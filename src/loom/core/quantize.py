@@ -13,9 +13,7 @@ packed layers instead. Meant for inference: weights are frozen.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -403,52 +401,6 @@ def _compile_int8_gemv() -> Callable[..., torch.Tensor] | None:
         logger.warning("int8: compiling the one-row GEMV failed (%s); using the aten kernel", e)
         return None
     return fn
-
-
-def q4_blocks(raw: np.ndarray, q4_1: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GGUF Q4_0 / Q4_1 rows (uint8 [out, in / 32 × block bytes]) as int4 codes [out, in] in
-    0..15, scales and zeros [out, in / 32] with w = (code − 8) · scale + zero. Both formats are
-    exactly that: Q4_0 is w = d · (q − 8), Q4_1 is w = d · q + m = d · (q − 8) + (m + 8d)."""
-    block = 20 if q4_1 else 18
-    raw = raw.reshape(raw.shape[0], -1, block)
-    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    zeros = np.zeros_like(d)
-    if q4_1:
-        zeros = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
-    nibbles = raw[..., block - 16 :]
-    # Byte j of a block holds element j in its low nibble and element j + 16 in its high one.
-    codes = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(raw.shape[0], -1)
-    return codes, d, zeros
-
-
-def gguf_int4_codes(
-    path: Path, names: set[str] | None = None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The Q4_0 / Q4_1 matrices of a GGUF file (those in `names`, Loom parameter names, if
-    given) as `q4_blocks` codes, scales and zeros, rows in Loom's order: served as stored, no
-    requantization (the fp16 scales are rounded to the kernel's bf16). Other types (Q8_0,
-    K-quants) are absent: their blocks are not the int4 kernel's format."""
-    from gguf import GGMLQuantizationType
-
-    from loom.models.gguf import _unpermute, config_from_gguf, gguf_reader, loom_name
-
-    reader = gguf_reader(path)
-    cfg = config_from_gguf(reader, str(path))
-    q4 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-    found = {}
-    for tensor in reader.tensors:
-        name = loom_name(tensor.name)
-        if tensor.tensor_type not in q4 or name is None or (names and name not in names):
-            continue
-        out_features = int(tensor.shape[1])
-        raw = np.asarray(tensor.data, dtype=np.uint8).reshape(out_features, -1)
-        arrays = q4_blocks(raw, tensor.tensor_type == GGMLQuantizationType.Q4_1)
-        if ".q_proj." in name or ".k_proj." in name:  # llama.cpp's rotary row order, undone
-            heads = cfg.n_heads if ".q_proj." in name else cfg.n_kv_heads
-            arrays = tuple(_unpermute(a, heads) for a in arrays)
-        codes, scales, zeros = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
-        found[name] = (codes, scales, zeros)
-    return found
 
 
 @torch.no_grad()

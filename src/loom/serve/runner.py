@@ -14,7 +14,8 @@ import torch
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.lora import lora_layers, merge_lora
-from loom.core.quantize import gguf_int4_codes, quantize_for_serving, quantize_int8_weight_only
+from loom.core.quantize import quantize_for_serving, quantize_int8_weight_only
+from loom.models.gguf import gguf_int4_codes
 from loom.models.llama import Transformer
 from loom.models.sources import load_model, require_language_model
 from loom.serve.adapters import adapter_layers, attach_adapters, select_adapters
