@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TEST_VOCAB, save_tiny_llama
+from test_serve import peft_adapter
 from torch import nn
 
 from loom.core.errors import LoomError
@@ -37,6 +38,8 @@ from loom.models.llama import ModelConfig, Transformer, build_model
 from loom.serve.adapters import MultiLoRALinear, adapter_layers, select_adapters
 from loom.serve.engine import Engine, SamplingParams, Sequence
 from loom.serve.server import ServeOptions, build_engine
+
+__all__ = ["peft_adapter"]  # (the fixture, over this module's model)
 
 TINY = ModelConfig(
     vocab_size=TEST_VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128
@@ -270,23 +273,6 @@ class Server:
         self.process.terminate()
         out, _ = self.process.communicate(timeout=30)
         return out
-
-
-@pytest.fixture(scope="module")
-def peft_adapter(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    """A PEFT LoRA adapter (random, non-zero) over the tiny model, and the model with it."""
-    import peft
-    import transformers
-
-    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
-    torch.manual_seed(1)
-    lora = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
-    )
-    tuned = peft.get_peft_model(base, lora).eval()
-    folder = tmp_path_factory.mktemp("adapter")
-    tuned.save_pretrained(folder)
-    return folder, tuned
 
 
 def test_adapters_run_beside_packed_weights(

@@ -178,6 +178,31 @@ class MarkovRunner:
         return self.table[batch.tokens[0, batch.logits_at]]
 
 
+def sample_markov(
+    table: torch.Tensor,
+    draft: MarkovRunner | None,
+    config: EngineConfig,
+    prompt: list[int],
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> None:
+    """3,000 seeded continuations of `prompt` under the Markov model `table`, speculating as
+    `config` says: their first 3 tokens keep the model's distribution, and proposals were
+    both accepted and rejected."""
+    metrics = ServeMetrics(64)
+    engine = Engine(MarkovRunner(table), word_tokenizer(3), set(), 64, config, metrics, draft)
+    seqs = [
+        Sequence(prompt, SamplingParams(max_tokens, temperature, top_p, seed=i), lambda e: None)
+        for i in range(3000)
+    ]
+    engine.submit(seqs)
+    run_all(engine)
+    assert_markov_frequencies(seqs, sampling_probs(table, temperature, 0, top_p), prompt[-1])
+    proposed, accepted = spec_counts(metrics)
+    assert 0 < accepted < proposed
+
+
 def test_sampled_continuations_keep_the_models_distribution() -> None:
     """3,000 sampled continuations of 3 tokens, with prompt-lookup proposals verified in the
     batch: the frequency of each of the 27 continuations matches its exact probability under
@@ -186,20 +211,9 @@ def test_sampled_continuations_keep_the_models_distribution() -> None:
     torch.manual_seed(0)
     table = torch.randn(3, 3) * 1.5
     temperature, top_p = 0.9, 0.97
-    probs = sampling_probs(table, temperature, 0, top_p)
-    config = EngineConfig(64, 3000, 256, 4, 4096, speculate="ngram")
-    metrics = ServeMetrics(64)
-    engine = Engine(MarkovRunner(table), word_tokenizer(3), set(), 64, config, metrics)
     prompt = [0, 1, 2, 0, 1, 2, 0, 1]
-    seqs = [
-        Sequence(prompt, SamplingParams(3, temperature, top_p, seed=i), lambda e: None)
-        for i in range(3000)
-    ]
-    engine.submit(seqs)
-    run_all(engine)
-    assert_markov_frequencies(seqs, probs, prompt[-1])
-    proposed, accepted = spec_counts(metrics)
-    assert 0 < accepted < proposed
+    config = EngineConfig(64, 3000, 256, 4, 4096, speculate="ngram")
+    sample_markov(table, None, config, prompt, 3, temperature, top_p)
 
 
 def test_a_draft_models_samples_keep_the_targets_distribution() -> None:
@@ -209,19 +223,5 @@ def test_a_draft_models_samples_keep_the_targets_distribution() -> None:
     torch.manual_seed(1)
     table, other = torch.randn(3, 3) * 1.5, torch.randn(3, 3) * 1.5
     temperature, top_p = 0.9, 0.97
-    probs = sampling_probs(table, temperature, 0, top_p)
     config = EngineConfig(64, 3000, 256, 4, 4096, speculate="draft", speculate_tokens=3)
-    metrics = ServeMetrics(64)
-    engine = Engine(
-        MarkovRunner(table), word_tokenizer(3), set(), 64, config, metrics, MarkovRunner(other)
-    )
-    prompt = [2, 0]
-    seqs = [
-        Sequence(prompt, SamplingParams(4, temperature, top_p, seed=i), lambda e: None)
-        for i in range(3000)
-    ]
-    engine.submit(seqs)
-    run_all(engine)
-    assert_markov_frequencies(seqs, probs, prompt[-1])
-    proposed, accepted = spec_counts(metrics)
-    assert 0 < accepted < proposed
+    sample_markov(table, MarkovRunner(other), config, [2, 0], 4, temperature, top_p)
