@@ -63,8 +63,10 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     ("out_features", "in_features", "rows", "fp32"),
     [
-        (48, 72, 1, True),  # the compiled GEMV: `in` not a multiple of 32 (aten is skipped)
-        (1024, 576, 1, True),  # the compiled GEMV: a matrix worth its call overhead
+        # the compiled GEMV (slow: it compiles): `in` not a multiple of 32 (aten is skipped),
+        # and a matrix worth its call overhead
+        pytest.param(48, 72, 1, True, marks=pytest.mark.slow),
+        pytest.param(1024, 576, 1, True, marks=pytest.mark.slow),
         (48, 64, 1, False),  # aten `_weight_int8pack_mm`, bf16 activations
         (48, 64, 8, False),  # the same, several rows
         (48, 72, 8, True),  # the weight converted, fp32 matmul
@@ -343,6 +345,7 @@ def test_gguf_4_bit_blocks_are_the_int4_format_exactly(kind: str) -> None:
     assert rel_err(packed.dequantize(), dequantized) < 5e-3  # bf16 scales and zeros
 
 
+@pytest.mark.slow
 def test_the_real_q4_1_gguf_is_served_from_its_own_blocks(smollm2_gguf: Path) -> None:
     import gguf
 

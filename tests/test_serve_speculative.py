@@ -44,6 +44,7 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match() -> None:
     assert propose_ngram([4, 4, 4, 4], 2) == [4]  # (what is left after the match)
 
 
+@pytest.mark.slow
 def test_verification_keeps_the_target_distribution() -> None:
     """A one-token proposal accepted with probability p(draft), else a draw from p without it:
     the token's frequencies over 20,000 draws match p (chi-square), at a temperature and a
