@@ -226,3 +226,17 @@ def test_a_draft_models_samples_keep_the_targets_distribution() -> None:
     temperature, top_p = 0.9, 0.97
     config = EngineConfig(64, 3000, 256, 4, 4096, speculate="draft", speculate_tokens=3)
     sample_markov(table, MarkovRunner(other), config, [2, 0], 4, temperature, top_p)
+
+
+def test_speculate_tokens_bounds_the_proposals_per_step(model: Transformer) -> None:
+    """With --speculate-tokens 2 a decoding sequence runs at most 3 tokens a step (its last
+    token and 2 proposals) although its repetitive prompt offers more; with the default 4, up
+    to 5."""
+    for k in (2, 4):
+        engine = make_engine(model, 256, speculate="ngram", speculate_tokens=k)  # type: ignore[arg-type]
+        seq = greedy([5, 6, 7, 8] * 6, 20)
+        engine.submit([seq])
+        engine.step()  # the prompt
+        steps = run_all(engine)
+        assert max(steps) == k + 1
+        assert seq.output_ids == generate(model, [5, 6, 7, 8] * 6, 20, temperature=0)

@@ -168,15 +168,20 @@ class PackedWeight(torch.Tensor):
     def _context(self) -> object:
         return self.dtype
 
+    # The format's own operations, defined by each subclass (Int8Weight, Int4Weight); the base
+    # cannot be an ABC (torch.Tensor's metaclass), so a missing one raises.
+
     def _rewrap(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedWeight:
         """The same weight over `fn` of each inner tensor (detach, clone)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define _rewrap")
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        """x @ weightᵀ (+ bias) on the packed kernel."""
+        raise NotImplementedError(f"{type(self).__name__} does not define linear")
 
     def dequantize(self) -> torch.Tensor:
-        raise NotImplementedError
+        """A plain copy of the weight in the model's dtype."""
+        raise NotImplementedError(f"{type(self).__name__} does not define dequantize")
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
