@@ -46,9 +46,9 @@ Requests: seeded, from text every machine has — excerpts of the standard libra
 (explain this code) and docstrings (summarize, or write an example); `--workload documents`:
 prompts 50–400 tokens, max_tokens 32–160; `--workload chat`: prompts 20–80, max_tokens 64–192.
 
-    python benchmarks/serve_load.py --workload chat --llama-server PATH   # ≈ 30 min, quiet CPU
-    python benchmarks/serve_load.py --llama-server PATH                   # ≈ 40 min
-    python benchmarks/serve_load.py --quick --clients 1 2 --repeats 1     # ≈ 3 min smoke test
+    python benchmarks/serve_load.py --workload chat --llama-server PATH  # ≈ 30 min, idle 2 cores
+    python benchmarks/serve_load.py --llama-server PATH                  # ≈ 40 min; both write
+    python benchmarks/serve_load.py --quick --clients 1 2 --repeats 1    # smoke test, no writing
 """
 
 from __future__ import annotations
@@ -959,17 +959,16 @@ def report(
         "",
         *server_table(phases, servers, clients),
     ]
-    noisy = [
-        f"{p.system} at N = {p.clients}, round {p.round} ({p.info['other_cores']:.2f} cores)"
-        for p in phases
-        if p.info.get("other_cores", 0.0) > NOISY_CORES
-    ]
+    noisy = [p for p in phases if p.info.get("other_cores", 0.0) > NOISY_CORES]
     if noisy:
+        named = ", ".join(f"{p.system} at N = {p.clients}, round {p.round}" for p in noisy[:4])
         lines += [
             "",
             f"**Noisy run**: other processes kept more than {NOISY_CORES} of a core busy during "
-            f"{', '.join(noisy)}; those figures and the ratios that use them are not reliable "
-            "(rerun on a quiet machine).",
+            f"{len(noisy)} of {len(phases)} phases (up to "
+            f"{max(p.info['other_cores'] for p in noisy):.2f} cores; {named}"
+            f"{', ...' if len(noisy) > 4 else ''}); those figures and the ratios that use them "
+            "are not reliable (rerun on a quiet machine).",
         ]
 
     verdicts = []
