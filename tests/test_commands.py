@@ -137,6 +137,8 @@ EXPECTED_FLAGS = {
         (("--speculate",), None, "Store", None, None, None, False),
         (("--speculate-tokens",), "int", "Store", None, None, 4, False),
         (("--kv-cache-mb",), "int", "Store", None, None, None, False),
+        # issue 22: an int8 KV cache
+        (("--kv-dtype",), None, "Store", None, ("auto", "int8"), "auto", False),
         (("--dtype",), None, "Store", None, ("fp32", "bf16"), None, False),
         (("--quantize",), None, "Store", None, ("int8", "int4"), None, False),
         (("--adapter",), None, "Append", None, None, (), False),

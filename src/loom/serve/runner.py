@@ -35,6 +35,7 @@ class RunnerSetup:
     kv_cache_mb: int | None  # None: 1 GiB on CPU, 80 % of free memory on a GPU
     tp: int
     adapters: dict[str, str] = field(default_factory=dict)  # served name → LoRA run / folder
+    kv_dtype: str = "auto"  # the KV cache's: auto (the model's dtype) | int8 (see PagedKVCache)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -85,7 +86,12 @@ def kv_blocks(model: Transformer, setup: RunnerSetup, device: torch.device) -> i
         )
     dtype_bytes = model.rope_cos.new_empty((), dtype=model_dtype(model)).element_size()
     per_block = PagedKVCache.bytes_per_block(
-        cfg.n_layers, setup.block_size, cfg.n_kv_heads // setup.tp, cfg.attn_head_dim, dtype_bytes
+        cfg.n_layers,
+        setup.block_size,
+        cfg.n_kv_heads // setup.tp,
+        cfg.attn_head_dim,
+        dtype_bytes,
+        setup.kv_dtype,
     )
     if setup.kv_cache_mb is not None:
         budget = setup.kv_cache_mb * 2**20
@@ -158,4 +164,5 @@ def new_cache(
         cfg.attn_head_dim,
         device,
         model_dtype(model),
+        setup.kv_dtype,
     )
