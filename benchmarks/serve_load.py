@@ -756,6 +756,8 @@ def spread(values: list[float], fmt: str = ".1f", unit: str = "") -> str:
 
 
 def against(ratios: list[float], target: float) -> str:
+    if len(ratios) == 1:
+        return ("met" if ratios[0] >= target else "not met") + " (one round, no spread)"
     if min(ratios) >= target:
         return "met"
     if max(ratios) < target:
@@ -765,6 +767,9 @@ def against(ratios: list[float], target: float) -> str:
 
 def standing(ratios: list[float], higher_is_better: bool) -> str:
     """Loom's place from Loom ÷ peer ratios over the rounds."""
+    if len(ratios) == 1:
+        ahead = ratios[0] > 1.0 if higher_is_better else ratios[0] < 1.0
+        return f"Loom {'ahead' if ahead else 'behind'} (one round, no spread)"
     if min(ratios) <= 1.0 <= max(ratios):
         return "parity, the range covers 1.0"
     ahead = min(ratios) > 1.0 if higher_is_better else max(ratios) < 1.0
@@ -928,7 +933,8 @@ def report(
         "(`openai.AsyncOpenAI`); transformers one at a time at N = "
         f"{' and '.join(str(n) for n in sorted({clients[0], target}))} on those same requests, "
         f"and in static batches of {args.static_batch} at N = {target} (a request's latency is "
-        f"its batch's). Each N is run {args.repeats} times, the systems' order alternated "
+        f"its batch's). Each N is run {args.repeats} time{'s' if args.repeats > 1 else ''}, "
+        "the systems' order alternated "
         "round by round, every round's prompts tagged anew (`[session N.r]`) so no server "
         "sees a prompt twice; a cell gives the median over the rounds and, in brackets, the "
         "range; ratios are taken within a round; parity where the range covers 1.0. Output "
@@ -1000,7 +1006,7 @@ def report(
                     f"{standing(rate, True)}; p50 TTFT {spread(ttft, '.2f', '×')} — "
                     f"{standing(ttft, False)}"
                 )
-                if n in (16, 64) and standing(rate, True) != "Loom ahead":
+                if n in (16, 64) and not standing(rate, True).startswith("Loom ahead"):
                     behind.append(f"{n} clients: {standing(rate, True)}")
             line = f"{system} against llama.cpp (Loom ÷ llama.cpp): " + "; ".join(parts) + "."
             if system == "Loom int4":
