@@ -113,3 +113,25 @@ def test_a_busy_calibration_never_lowers_the_profile(
     hw = this_machine(1)
     assert hw.peak_tflops == {"fp32": 0.4, "bf16": 0.4}  # fp32 raised by the cached peak
     assert hw.attention_efficiency["fp32"] == pytest.approx(0.15)  # the same 0.06 TFLOP/s
+
+
+def test_a_tiny_measured_attention_rate_is_kept_not_rounded_to_zero() -> None:
+    """A busy machine once measured bf16 attention at 0.0004 of the peak; rounded to 3
+    decimals it was saved as 0, and every plan then divided by a zero rate."""
+    from loom.planner.calibrate import best_of, significant
+    from loom.planner.hardware import machine_key
+
+    assert significant(0.000412345) == 0.000412 and significant(0.15555) == 0.156
+    slow = {
+        "key": machine_key(),
+        "name": "this",
+        "peak_tflops": {"fp32": 0.2, "bf16": 1.7},
+        "matmul_half_size": 4.0,
+        "attention_efficiency": {"fp32": 0.2, "bf16": 0.0004},
+        "memory_gbps": 10.0,
+        "collective_gbps": None,
+        "memory_gb": 16.0,
+        "threads": 2,
+    }
+    merged = best_of(slow, {**slow, "attention_efficiency": {"fp32": 0.1, "bf16": 0.0003}})
+    assert merged["attention_efficiency"]["bf16"] == pytest.approx(0.0004)

@@ -49,6 +49,12 @@ def profile_path() -> Path:
     return cache_dir() / PROFILE
 
 
+def significant(x: float) -> float:
+    """A measured ratio kept to 3 significant digits: a slow kernel timed on a busy machine
+    can be under 0.0005 of the peak, which 3 decimals would save as 0 (a zero rate)."""
+    return float(f"{x:.3g}")
+
+
 def _best_seconds(fn: Any, repeats: int = 5) -> float:
     fn()
     best = float("inf")
@@ -147,7 +153,7 @@ def attention_at(
     if key not in cached:
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
         cached[key] = {
-            name: round(_attention_efficiency(dtypes[name], peak * 1e12, shape), 3)
+            name: significant(_attention_efficiency(dtypes[name], peak * 1e12, shape))
             for name, peak in peak_tflops.items()
             if name in dtypes
         }
@@ -175,7 +181,7 @@ def calibrate(collective: bool = True) -> dict[str, Any]:
         "key": machine_key(),
         "peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
         "matmul_half_size": half_sizes["fp32"],
-        "attention_efficiency": {k: round(v, 3) for k, v in attention.items()},
+        "attention_efficiency": {k: significant(v) for k, v in attention.items()},
         "memory_gbps": _memory_bandwidth(),
         "collective_gbps": _collective_bandwidth() if collective else None,
         "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB,
@@ -224,7 +230,7 @@ def best_of(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         "peak_tflops": peaks,
         "matmul_half_size": min(old["matmul_half_size"], new["matmul_half_size"]),
         "attention_efficiency": {
-            k: round(max(attention(old, k), attention(new, k)) / peaks[k], 3)
+            k: significant(max(attention(old, k), attention(new, k)) / peaks[k])
             for k in new["attention_efficiency"]
         },
         "memory_gbps": best("memory_gbps"),
