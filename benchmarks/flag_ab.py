@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from serve_load import LoomServer, machine_busy, process_cpu
+from serve_load import Server, loom_server, machine_busy, process_cpu
 
 
 def alternate(repeats: int, run: Callable[[bool, Path], dict[str, Any]]) -> dict[bool, list[Any]]:
@@ -36,7 +36,7 @@ class Phase:
     """A phase against a server: its wall time, its /metrics deltas, and the cores other
     processes kept busy meanwhile."""
 
-    def __init__(self, server: LoomServer) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.pid = server.proc.pid if server.proc is not None else None
         self.before = server.metrics()
@@ -60,8 +60,8 @@ class Phase:
 
 
 @contextmanager
-def serving(gguf: Path, log: Path, flags: list[str]) -> Iterator[LoomServer]:
-    server = LoomServer(gguf, log, None, extra=flags)
+def serving(gguf: Path, log: Path, flags: list[str]) -> Iterator[Server]:
+    server = loom_server(gguf, "fp32", log, None, tuple(flags))
     server.start()
     try:
         yield server

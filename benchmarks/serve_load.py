@@ -404,8 +404,10 @@ class Server:
             return self.proc.wait()
 
 
-def loom_server(gguf: Path, quantize: str, tmp: Path, kv_cache_mb: int | None) -> Server:
-    """`loom serve GGUF --max-batch 64 --dtype fp32 [--quantize int8|int4]`."""
+def loom_server(
+    gguf: Path, quantize: str, log: Path, kv_cache_mb: int | None, extra: tuple[str, ...] = ()
+) -> Server:
+    """`loom serve GGUF --max-batch 64 --dtype fp32 [--quantize int8|int4] [EXTRA...]`."""
     port = free_port()
     loom = Path(sys.executable).with_name("loom")
     launcher = [str(loom)] if loom.exists() else [sys.executable, "-m", "loom"]
@@ -420,8 +422,9 @@ def loom_server(gguf: Path, quantize: str, tmp: Path, kv_cache_mb: int | None) -
         f"--served-name={SERVED_NAME}",
         *([f"--quantize={quantize}"] if quantize != "fp32" else []),
         *([f"--kv-cache-mb={kv_cache_mb}"] if kv_cache_mb else []),
+        *extra,
     ]
-    return Server(f"Loom {quantize}", cmd, port, tmp / f"serve-{quantize}.log", loom=True)
+    return Server(f"Loom {quantize}", cmd, port, log, loom=True)
 
 
 def llama_server(binary: Path, gguf: Path, tmp: Path) -> Server:
@@ -1163,7 +1166,10 @@ def main() -> None:
         hf = Transformers(hf_dir)
         warm = tagged(requests[-2:], "warm-up", hf_tok)
         hf.warm_up(warm[0])
-        servers = [loom_server(gguf, q, tmp, args.kv_cache_mb) for q in args.loom_quantize]
+        servers = [
+            loom_server(gguf, q, tmp / f"serve-{q}.log", args.kv_cache_mb)
+            for q in args.loom_quantize
+        ]
         if args.llama_server:
             servers.append(llama_server(args.llama_server, gguf, tmp))
         info["servers"] = {}
