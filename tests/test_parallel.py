@@ -294,6 +294,7 @@ def test_tied_embeddings_train_with_tensor_parallelism(data_dir: Path, tmp_path:
         assert max((got[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
 
 
+@pytest.mark.slow
 def test_ring_attention_equals_full_attention_forward_and_backward(tmp_path: Path) -> None:
     """Keys and values passed round the ring, merged by online softmax, with chunk pairs above
     the diagonal skipped: output and the gradients of q, k and v equal full attention's within

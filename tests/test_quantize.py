@@ -202,6 +202,7 @@ def test_loom_eval_quantize_int8_perplexity_within_a_few_percent(
     assert logged["options"]["quantize"] == "int8" and logged["tasks"]["text.txt"] == got
 
 
+@pytest.mark.slow
 def test_bad_quantize_values_are_refused(
     smollm2: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

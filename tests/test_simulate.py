@@ -122,6 +122,7 @@ def test_70b_widths_on_1024_ranks_hsdp_with_tp() -> None:
     assert memory["total"] == pytest.approx(result.memory_gib["total"], rel=0.10)
 
 
+@pytest.mark.slow
 def test_fsdp_pads_tensors_with_fewer_rows_than_ranks_and_the_planner_knows() -> None:
     """tp 8 × dp_shard 512 of 8B widths: each K/V projection keeps 128 rows per tp rank, fewer
     than the 512 FSDP ranks, and the MLP's 1,792 do not divide by 512: FSDP pads every rank's
@@ -254,6 +255,7 @@ def test_schedule_orders_keep_the_1f1b_and_gpipe_micro_batches_in_flight() -> No
 PIPELINE = ("--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2")
 
 
+@pytest.mark.slow
 def test_1f1b_pipeline_on_8_ranks_first_and_last_stage() -> None:
     """pp 2 × FSDP 2 × tp 2 on 8 ranks, 2 accumulation steps of 2 pipeline micro-batches: rank
     3 holds the first stage (the planner's rank), rank 7 the last; each sends one activation
@@ -325,6 +327,7 @@ def test_loom_plan_simulate_runs_the_planners_layout_and_prints_both(tmp_path: P
     assert set(out["planner"]["memory_gib"]) == set(simulated["memory_gib"])
 
 
+@pytest.mark.slow
 def test_context_parallel_layout_against_the_planner() -> None:
     """cp 4 × FSDP 2 (FSDP over the flattened dp_shard × cp ranks), selective recomputation:
     the planner's memory within 10% (the ring's score tiles are recomputed, not kept) and its
