@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from loom.planner.hardware import cpu_matmul_flops, gpu_spec, peak_flops
+from loom.planner.hardware import cpu_matmul_flops, gpu_spec, machine_key, peak_flops
 
 
 @pytest.mark.parametrize(
@@ -72,6 +73,12 @@ def test_mfu_is_never_reported_against_a_peak_below_a_real_step(
     assert corrected >= 0.5 * achieved  # a later interval may run faster than the first
 
 
+def saved_profile(**fields: Any) -> dict[str, Any]:
+    """A hardware profile as calibration saves it for this machine, with `fields` changed."""
+    base = {"key": machine_key(), "name": "this", "matmul_half_size": 4.0, "memory_gbps": 10.0}
+    return {**base, "collective_gbps": None, "memory_gb": 16.0, "threads": 2, **fields}
+
+
 def test_a_busy_calibration_never_lowers_the_profile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -79,19 +86,11 @@ def test_a_busy_calibration_never_lowers_the_profile(
     best of each, and a matmul peak cached since (raised by a real training step) lifts the
     profile's peak without changing the attention rate it implies."""
     from loom.planner.calibrate import PROFILE, best_of, this_machine
-    from loom.planner.hardware import _cache_key, machine_key
+    from loom.planner.hardware import _cache_key
 
-    quiet = {
-        "key": machine_key(),
-        "name": "this",
-        "peak_tflops": {"fp32": 0.2, "bf16": 0.4},
-        "matmul_half_size": 4.0,
-        "attention_efficiency": {"fp32": 0.3, "bf16": 0.1},
-        "memory_gbps": 10.0,
-        "collective_gbps": None,
-        "memory_gb": 16.0,
-        "threads": 2,
-    }
+    quiet = saved_profile(
+        peak_tflops={"fp32": 0.2, "bf16": 0.4}, attention_efficiency={"fp32": 0.3, "bf16": 0.1}
+    )
     busy = {
         **quiet,
         "peak_tflops": {"fp32": 0.08, "bf16": 0.5},
@@ -119,19 +118,11 @@ def test_a_tiny_measured_attention_rate_is_kept_not_rounded_to_zero() -> None:
     """A busy machine once measured bf16 attention at 0.0004 of the peak; rounded to 3
     decimals it was saved as 0, and every plan then divided by a zero rate."""
     from loom.planner.calibrate import best_of, significant
-    from loom.planner.hardware import machine_key
 
     assert significant(0.000412345) == 0.000412 and significant(0.15555) == 0.156
-    slow = {
-        "key": machine_key(),
-        "name": "this",
-        "peak_tflops": {"fp32": 0.2, "bf16": 1.7},
-        "matmul_half_size": 4.0,
-        "attention_efficiency": {"fp32": 0.2, "bf16": 0.0004},
-        "memory_gbps": 10.0,
-        "collective_gbps": None,
-        "memory_gb": 16.0,
-        "threads": 2,
-    }
+    slow = saved_profile(
+        peak_tflops={"fp32": 0.2, "bf16": 1.7},
+        attention_efficiency={"fp32": 0.2, "bf16": 0.0004},
+    )
     merged = best_of(slow, {**slow, "attention_efficiency": {"fp32": 0.1, "bf16": 0.0003}})
     assert merged["attention_efficiency"]["bf16"] == pytest.approx(0.0004)
