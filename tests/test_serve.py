@@ -509,18 +509,23 @@ def test_an_adapter_is_served_by_its_name(
     assert 0 < limited.metric("loom_spec_accepted_tokens_total", "from-env") < proposed
 
 
+def assert_same_greedy_answers(a: Server, b: Server, prompts: list[str], max_tokens: int) -> None:
+    """Both servers complete each prompt greedily with the same text and logprobs (1e-4)."""
+    for prompt in prompts:
+        kwargs = {"model": "tiny-llama", "prompt": prompt, "max_tokens": max_tokens}
+        one = a.client().completions.create(**kwargs, temperature=0, logprobs=1)
+        two = b.client().completions.create(**kwargs, temperature=0, logprobs=1)
+        assert two.choices[0].text == one.choices[0].text
+        assert two.choices[0].logprobs.token_logprobs == pytest.approx(
+            one.choices[0].logprobs.token_logprobs, abs=1e-4
+        )
+
+
 @pytest.mark.slow
 def test_two_tensor_parallel_workers_answer_like_one_process(server: Server, hf_dir: Path) -> None:
     srv = Server(hf_dir, "--tp", "2", "--api-key", KEY, "--step-tokens", "8")
     try:
-        for prompt in PROMPTS:
-            kwargs = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 16, "temperature": 0}
-            one = server.client().completions.create(**kwargs, logprobs=1)
-            two = srv.client().completions.create(**kwargs, logprobs=1)
-            assert two.choices[0].text == one.choices[0].text
-            assert two.choices[0].logprobs.token_logprobs == pytest.approx(
-                one.choices[0].logprobs.token_logprobs, abs=1e-4
-            )
+        assert_same_greedy_answers(server, srv, PROMPTS, 16)
     finally:
         log = srv.stop()
     assert "2 tensor-parallel workers" in log

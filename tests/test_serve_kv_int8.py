@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TEST_VOCAB
-from test_serve import KEY, PROMPTS, Server, hf_dir, hf_greedy, peft_adapter, reference
+from test_serve import (
+    KEY,
+    PROMPTS,
+    Server,
+    assert_same_greedy_answers,
+    hf_dir,
+    hf_greedy,
+    peft_adapter,
+    reference,
+)
 from test_serve_engine import CFG, greedy, model, random_prompts, run_all, word_tokenizer
 
 from loom.models.llama import ModelConfig, Transformer, build_model
@@ -333,14 +342,7 @@ def test_two_tensor_parallel_workers_share_an_int8_cache(hf_dir: Path) -> None:
     args = ("--api-key", KEY, "--step-tokens", "8", "--kv-dtype", "int8")
     one, two = Server(hf_dir, *args), Server(hf_dir, "--tp", "2", *args)
     try:
-        for prompt in PROMPTS[:3]:
-            kw = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 12, "temperature": 0}
-            a = one.client().completions.create(**kw, logprobs=1)
-            b = two.client().completions.create(**kw, logprobs=1)
-            assert b.choices[0].text == a.choices[0].text
-            assert b.choices[0].logprobs.token_logprobs == pytest.approx(
-                a.choices[0].logprobs.token_logprobs, abs=1e-4
-            )
+        assert_same_greedy_answers(one, two, PROMPTS[:3], 12)
     finally:
         one.stop()
         log = two.stop()
