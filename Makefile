@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # torch for CPU machines; a machine whose venv already has torch (e.g. CUDA) keeps its own.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: demo finetune-demo rl-demo test lint install install-dev chromium clean
+.PHONY: demo finetune-demo rl-demo test lint install install-dev test-packages clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,20 +36,23 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) -m loom.demo
 
-# tests/test_report.py renders the report in Debian's chromium: as root with apt-get, install it
-# when it is missing (`apt-get update` only if the install fails without it).
-chromium:
-	@command -v chromium >/dev/null && exit 0; \
+# The tests need two Debian packages: chromium (tests/test_report.py renders the report in it)
+# and debian-reference-zh-cn (real Chinese prose for the multilingual data tests). As root with
+# apt-get, install the missing ones (`apt-get update` only if the install fails without it).
+TEST_PACKAGES := chromium debian-reference-zh-cn
+test-packages:
+	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	[ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-		echo "error: the tests need Debian's chromium package: sudo apt-get install chromium" >&2; \
+		echo "error: the tests need Debian's packages:" $$missing "(sudo apt-get install" $$missing")" >&2; \
 		exit 1; \
 	fi; \
-	echo "installing Debian's chromium (apt-get install chromium)"; \
+	echo "installing Debian's" $$missing "(apt-get install)"; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	apt-get install -y -qq chromium >/dev/null 2>&1 || \
-		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+	apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }
 
-test: install-dev chromium
+test: install-dev test-packages
 	$(PY) -m pytest -q
 
 lint: install-dev

@@ -7,7 +7,9 @@ Near-copy similarity is measured here independently of Loom (Python sets of word
 from __future__ import annotations
 
 import ast
+import gzip
 import random
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,3 +141,46 @@ def build(seed: int = 0, max_distinct: int = 120) -> Corpus:
     rng.shuffle(books)
     c.records = {"web": web, "books": books}
     return c
+
+
+DEBIAN_REFERENCE_ZH = Path("/usr/share/debian-reference/debian-reference.zh-cn.txt.gz")
+_HEADING = re.compile(r"^\d+(\.\d+)*\.[ \u00a0]\S")  # body headings use a no-break space
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+def chinese_documents(min_cjk_chars: int = 200) -> list[tuple[str, str]]:
+    """(section number, its prose) for each section of the Debian Reference in simplified
+    Chinese (Debian package debian-reference-zh-cn; `make test-packages` installs it).
+
+    The text file is wrapped at a fixed width, often inside a Chinese word: a line break
+    between two CJK characters is removed, other line breaks inside a paragraph become spaces.
+    """
+    if not DEBIAN_REFERENCE_ZH.is_file():
+        raise FileNotFoundError(
+            f"{DEBIAN_REFERENCE_ZH} is missing: the tests need Debian's debian-reference-zh-cn "
+            "package (make test-packages, or sudo apt-get install debian-reference-zh-cn)"
+        )
+    with gzip.open(DEBIAN_REFERENCE_ZH, "rt", encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    sections: list[tuple[str, list[str]]] = []
+    for line in lines:
+        if _HEADING.match(line):
+            sections.append((line.split(None, 1)[0].rstrip("."), []))
+        elif sections:
+            sections[-1][1].append(line.strip())
+    docs = []
+    for number, body in sections:
+        paragraphs, current = [], ""
+        for line in [*body, ""]:
+            if not line:
+                if current:
+                    paragraphs.append(current)
+                current = ""
+            elif current and _CJK.match(current[-1]) and _CJK.match(line[0]):
+                current += line
+            else:
+                current = f"{current} {line}" if current else line
+        text = "\n\n".join(paragraphs)
+        if len(_CJK.findall(text)) >= min_cjk_chars:
+            docs.append((number, text))
+    return docs
