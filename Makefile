@@ -36,10 +36,11 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) -m loom.demo
 
-# The tests need two Debian packages: chromium (tests/test_report.py renders the report in it)
-# and debian-reference-zh-cn (real Chinese prose for the multilingual data tests). As root with
-# apt-get, install the missing ones (`apt-get update` only if the install fails without it).
-TEST_PACKAGES := chromium debian-reference-zh-cn
+# The tests need Debian packages: chromium (tests/test_report.py renders the report in it) and
+# the Debian Reference in Chinese and English (real prose for the multilingual data tests and
+# configs/data-prepare-zh-en.toml). As root with apt-get, install the missing ones
+# (`apt-get update` only if the install fails without it).
+TEST_PACKAGES := chromium debian-reference-zh-cn debian-reference-en
 test-packages:
 	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	[ -z "$$missing" ] && exit 0; \
