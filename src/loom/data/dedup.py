@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loom.core.errors import LoomError
-from loom.data.hashing import MAX_HASH32, mix64
+from loom.data.hashing import CJK_MODES, CJK_NGRAM, MAX_HASH32, CjkMode, mix64
 
 _STAR_ABOVE = 64  # buckets larger than this compare members with the first one only
 
@@ -27,8 +27,10 @@ _STAR_ABOVE = 64  # buckets larger than this compare members with the first one 
 class DedupConfig:
     exact: bool = True
     near: bool = True
-    threshold: float = 0.8  # Jaccard similarity of word n-gram sets
+    threshold: float = 0.8  # Jaccard similarity of token n-gram sets
     ngram: int = 5
+    cjk: CjkMode = "chars"  # "chars": each CJK character is a token (hashing.py); "off": words
+    cjk_ngram: int = CJK_NGRAM  # n for documents at least half CJK characters (by token)
     num_perm: int = 128
     bands: int = 0  # 0: chosen for the threshold (with rows)
     rows: int = 0
@@ -41,6 +43,13 @@ def validate_dedup(cfg: DedupConfig) -> None:
         raise LoomError(f"dedup.threshold={cfg.threshold} must be between 0 and 1")
     if cfg.ngram < 1 or cfg.num_perm < 2:
         raise LoomError("dedup.ngram must be ≥ 1 and dedup.num_perm ≥ 2")
+    if cfg.cjk not in CJK_MODES:
+        raise LoomError(f"dedup.cjk={cfg.cjk!r} must be one of {', '.join(CJK_MODES)}")
+    if cfg.cjk_ngram < 1:
+        raise LoomError(
+            f"dedup.cjk_ngram={cfg.cjk_ngram} must be ≥ 1 (the default, {CJK_NGRAM}, is "
+            "measured on real Chinese text; see docs/data-prepare.md)"
+        )
     if (cfg.bands == 0) != (cfg.rows == 0):
         raise LoomError(
             "set both dedup.bands and dedup.rows, or neither (0 = chosen for the threshold)"

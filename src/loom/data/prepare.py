@@ -233,6 +233,8 @@ def _clean_tasks(
                 cfg.pii,
                 cfg.dedup.near,
                 cfg.dedup.ngram,
+                cfg.dedup.cjk,
+                cfg.dedup.cjk_ngram,
                 cfg.dedup.num_perm,
                 cfg.dedup.seed,
                 bands,

@@ -159,7 +159,9 @@ def clean_file(task: CleanTask, tmp: Path) -> Stats:
             ids.append(doc.id)
             hashes.append(text_hash(text))
             if hasher is not None:
-                pending.append(shingles(text, task.dedup.ngram))
+                pending.append(
+                    shingles(text, task.dedup.ngram, task.dedup.cjk, task.dedup.cjk_ngram)
+                )
                 if len(pending) == _SIGNATURE_BATCH:
                     signatures.append(hasher.signatures(pending))
                     pending = []
