@@ -184,3 +184,102 @@ def chinese_documents(min_cjk_chars: int = 200) -> list[tuple[str, str]]:
         if len(_CJK.findall(text)) >= min_cjk_chars:
             docs.append((number, text))
     return docs
+
+
+# -- Chinese near copies ------------------------------------------------------------------------
+# Loom's shingling tokens, written again here as a regular expression: every CJK character is
+# a token, CJK punctuation separates tokens like whitespace, the rest is whitespace words.
+_CJK_CHARS = (
+    "\u1100-\u11ff\u2e80-\u2fdf\u3040-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f"
+    "\uac00-\ud7ff\uf900-\ufaff\uff66-\uffdc\U0001b000-\U0001b16f\U00020000-\U0003ffff"
+)
+_CJK_PUNCTUATION = (
+    "\u3000-\u303f\ufe10-\ufe1f\ufe30-\ufe6f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"
+)
+_ONE_CJK = re.compile(f"[{_CJK_CHARS}]")
+_TOKEN = re.compile(f"[{_CJK_CHARS}]|[^{_CJK_CHARS}{_CJK_PUNCTUATION}\t\n\x0b\x0c\r ]+")
+_SENTENCE = re.compile(r"[^。！？]+[。！？]?")
+
+
+def cjk_ngrams(text: str, cjk_n: int = 2, n: int = 5) -> set[tuple[str, ...]]:
+    """Token n-grams of the lower-cased text: `cjk_n`-grams when at least half the tokens are
+    CJK characters, else n-grams; a text shorter than that is one n-gram of all its tokens."""
+    tokens = _TOKEN.findall(text.lower())
+    if 2 * sum(1 for t in tokens if _ONE_CJK.fullmatch(t)) >= len(tokens):
+        n = cjk_n
+    n = min(n, len(tokens))
+    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def cjk_jaccard(a: str, b: str, cjk_n: int = 2) -> float:
+    x, y = cjk_ngrams(a, cjk_n), cjk_ngrams(b, cjk_n)
+    return len(x & y) / len(x | y) if x | y else 1.0
+
+
+def common_cjk_characters(texts: list[str], count: int = 500) -> list[str]:
+    """The `count` most frequent CJK characters of `texts`, most frequent first."""
+    counts: dict[str, int] = {}
+    for text in texts:
+        for c in _ONE_CJK.findall(text):
+            counts[c] = counts.get(c, 0) + 1
+    return sorted(counts, key=lambda c: (-counts[c], c))[:count]
+
+
+def change_one_character_per_sentence(text: str, rng: random.Random, alphabet: list[str]) -> str:
+    """Replace one CJK character of every sentence (ended by 。！？) with another from
+    `alphabet`; sentences without CJK characters stay as they are."""
+    out = []
+    for sentence in _SENTENCE.findall(text):
+        places = [m.start() for m in _ONE_CJK.finditer(sentence)]
+        if places:
+            at = rng.choice(places)
+            new = rng.choice([c for c in alphabet if c != sentence[at]])
+            sentence = sentence[:at] + new + sentence[at + 1 :]
+        out.append(sentence)
+    return "".join(out)
+
+
+def reorder_paragraphs(text: str, rng: random.Random) -> str:
+    paragraphs = text.split("\n\n")
+    rng.shuffle(paragraphs)
+    return "\n\n".join(paragraphs)
+
+
+@dataclass
+class ChineseCorpus:
+    originals: dict[str, str] = field(default_factory=dict)  # id -> text
+    copies: dict[str, tuple[str, str, float]] = field(
+        default_factory=dict
+    )  # copy id -> (original id, kind, Jaccard of character 2-grams with the original)
+    records: list[dict[str, str]] = field(default_factory=list)  # everything, shuffled
+
+    def group_of(self, doc_id: str) -> str:
+        """The original a document was made from (itself for an original)."""
+        return self.copies[doc_id][0] if doc_id in self.copies else doc_id
+
+
+CHINESE_COPY_KINDS = ("changed", "reordered", "changed+reordered")
+
+
+def build_chinese(seed: int = 0, exact_every: int = 5) -> ChineseCorpus:
+    """Every Debian Reference section, one near copy of each kind per section (one changed
+    character per sentence; paragraphs reordered; both) and an exact copy of every
+    `exact_every`-th section, all shuffled together."""
+    rng = random.Random(seed)
+    c = ChineseCorpus(originals={f"zh-{k}": t for k, (_, t) in enumerate(chinese_documents())})
+    alphabet = common_cjk_characters(list(c.originals.values()))
+    for k, (original, text) in enumerate(c.originals.items()):
+        for kind in CHINESE_COPY_KINDS:
+            copy = text
+            if "changed" in kind:
+                copy = change_one_character_per_sentence(copy, rng, alphabet)
+            if "reordered" in kind:
+                copy = reorder_paragraphs(copy, rng)
+            c.copies[f"{original}-{kind}"] = (original, kind, cjk_jaccard(text, copy))
+            c.records.append({"id": f"{original}-{kind}", "text": copy})
+        if k % exact_every == 0:
+            c.copies[f"{original}-exact"] = (original, "exact", 1.0)
+            c.records.append({"id": f"{original}-exact", "text": text})
+        c.records.append({"id": original, "text": text})
+    rng.shuffle(c.records)
+    return c
