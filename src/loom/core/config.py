@@ -235,9 +235,10 @@ def load_tree(cls: type[T], path: str | Path | None, overrides: Sequence[str] = 
     return tree_from_dict(cls, read_with_overrides(path, overrides))
 
 
-def tree_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
-    """A config dataclass tree from raw TOML data (type-checked; validate it yourself)."""
-    return _build(cls, raw, "")
+def tree_from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
+    """A config dataclass tree from raw TOML data (type-checked; validate it yourself); errors
+    name keys as `prefix.key`."""
+    return _build(cls, raw, prefix)
 
 
 def model_config(architecture: dict[str, Any]) -> ModelConfig:
@@ -279,7 +280,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def _to_raw(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {_key(f): _to_raw(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = _to_raw(getattr(obj, f.name))
+            if f.metadata.get("tables"):
+                out.update(value)  # written back as the tables it was read from
+            else:
+                out[_key(f)] = value
+        return out
     if obj is None:
         return "none"
     if isinstance(obj, dict):
@@ -293,10 +301,17 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise LoomError(f"{prefix} must be a section (a TOML table), got {data!r}")
     hints = typing.get_type_hints(cls)
-    attributes = {_key(f): f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    # A field with metadata {"tables": True} collects the section's unknown keys whose values
+    # are tables (`[filters.zh]`); the class checks their contents itself.
+    tables = next((f.name for f in fields if f.metadata.get("tables")), None)
+    attributes = {_key(f): f.name for f in fields if f.name != tables}
     names = list(attributes)
-    for key in data:
-        if key not in names:
+    collected: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names and tables is not None and isinstance(value, dict):
+            collected[str(key)] = value
+        elif key not in names:
             where = f"{prefix}.{key}" if prefix else key
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
@@ -307,7 +322,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             hints[attributes[key]], value, f"{prefix}.{key}" if prefix else key
         )
         for key, value in data.items()
+        if key not in collected
     }
+    if collected:
+        kwargs[tables] = collected
     return cls(**kwargs)
 
 
