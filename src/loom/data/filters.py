@@ -131,7 +131,7 @@ STOP_WORDS = {
 #   the real Debian Reference (175 sections: 1.58-2.14) and the same text with its Han characters
 #   shuffled (1.05-1.09), our own calibration; Gopher's 3-10 dropped half the real sections.
 #   With these values 167 of the 175 sections pass; the 8 dropped are tables of contents, ASCII
-#   tables and lists (alpha_words 2, duplicate 5-grams 4, top 4-gram 1, duplicate lines 1).
+#   tables and lists (alpha_words 2, duplicate n-grams 4, top 4-gram 1, duplicate lines 1).
 # - ja: every character a word (no dictionary segmenter ships with Loom), so the mean word
 #   length is 1 and n-gram sizes are doubled (a word is about two characters): 69 of 72 of
 #   Debian's Japanese man pages pass, against 27 with Gopher's word sizes.

@@ -15,7 +15,8 @@ for it. The filters count words in one of three ways (`filters.words`):
 - "chars": every CJK character (Han, kana, hangul) is a word, other runs as above; for Japanese,
   or when dictionary segmentation is not wanted.
 
-In "jieba" and "chars" a run made only of punctuation or symbols ("，", "——", "|") is not a
+In "jieba" and "chars" CJK punctuation (U+3000-303F, the full-width forms) and curly quotes
+separate words like spaces, and a run made only of punctuation or symbols ("——", "|") is not a
 word: it carries no language, and counting it would shorten the mean word length of
 Chinese text by its punctuation density.
 """
@@ -31,8 +32,10 @@ WORD_MODES: tuple[str, ...] = ("whitespace", "jieba", "chars")
 
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
 _CJK = _HAN + "\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"
-_HAN_RUNS = re.compile(rf"[{_HAN}]+|[^\s{_HAN}]+")
-_CJK_CHARS = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+# CJK and curly punctuation separate words like spaces: "“sudo”" is the word sudo.
+_PUNCT = "\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\u2018-\u201f\u2026"
+_HAN_RUNS = re.compile(rf"[{_HAN}]+|[^\s{_HAN}{_PUNCT}]+")
+_CJK_CHARS = re.compile(rf"[{_CJK}]|[^\s{_CJK}{_PUNCT}]+")
 _CJK_CHAR = re.compile(rf"[{_CJK}]")
 _WORDLIKE = re.compile(r"[^\W_]")  # a letter or digit
 
