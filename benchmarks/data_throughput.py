@@ -9,8 +9,10 @@ docstring of at least 40 words, each a document (≈ 12 MB), with near copies pl
    does: `MinHash.jaccard` against the same cutoff); datatrove's four-stage MinHash pipeline
    (signatures, buckets, clusters, filter) on LocalPipelineExecutor, which has no verification.
    Every peer is given Loom's shingles, so all hash the same sets; datatrove runs once more
-   with its own shingling. Recall and precision on planted near copies (true word-5-gram
-   Jaccard ≥ threshold, measured independently in tests/corpus.py).
+   with its own shingling. Recall and precision on planted near copies (true Jaccard ≥
+   threshold, measured independently in tests/corpus.py). Then the same on tests/corpus.py's
+   planted Chinese corpus (Debian Reference sections; Loom's shingles are CJK character
+   2-grams there).
 2. Tokenization: Loom's tokenize-and-pack path (tokenize_kept: read, encode, pack, write tokens
    and index) vs `tokenizers`' encode_batch_fast, the call Loom makes, on the same texts.
 3. The whole `loom data prepare` pipeline on 2 workers, in MB of input per second.
@@ -56,7 +58,7 @@ from report import write_section  # benchmarks/ is on the path when a script in 
 from serve_load import CpuMeter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from corpus import jaccard
+from corpus import build_chinese, cjk_jaccard, jaccard
 
 from loom.core.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from loom.data.dedup import DedupConfig, band_keys, bands_rows, near_duplicate_of
@@ -90,14 +92,15 @@ def documents(min_words: int = 40) -> list[str]:
     return list(dict.fromkeys(texts))  # drop the standard library's own exact repeats
 
 
-def planted_corpus(
-    texts: list[str], copies: int, seed: int = 0
-) -> tuple[list[str], dict[int, float]]:
+Truth = dict[int, tuple[int, float]]  # planted copy index -> (its original's index, true Jaccard)
+
+
+def planted_corpus(texts: list[str], copies: int, seed: int = 0) -> tuple[list[str], Truth]:
     """The texts, then near copies of some of them (2 % of words changed, or a sentence
-    appended); returns all documents and, per copy index, its true Jaccard to its original."""
+    appended); returns all documents and the truth of the copies."""
     rng = random.Random(seed)
     docs = list(texts)
-    truth: dict[int, float] = {}
+    truth: Truth = {}
     for original in rng.sample(range(len(texts)), copies):
         words = texts[original].split(" ")
         if rng.random() < 0.5:
@@ -106,14 +109,15 @@ def planted_corpus(
             copy = " ".join(words)
         else:
             copy = texts[original] + " See also the related notes in the manual for details."
-        truth[len(docs)] = jaccard(texts[original], copy)
+        truth[len(docs)] = (original, jaccard(texts[original], copy))
         docs.append(copy)
     return docs, truth
 
 
 def doc_shingles(text: str, cfg: DedupConfig) -> np.ndarray:
-    """Loom's shingles of one document, the one definition every peer is given."""
-    return shingles(text, cfg.ngram)
+    """Loom's shingles of one document (the call clean_file makes), the one definition every
+    peer is given."""
+    return shingles(text, cfg.ngram, cfg.cjk, cfg.cjk_ngram)
 
 
 def verification_cutoff(cfg: DedupConfig) -> float:
@@ -191,8 +195,12 @@ class LoomShingleSignature(MinhashDedupSignature):
     """datatrove's signature stage hashing Loom's shingles (full 64-bit values, as its own
     xxhash64 shingles are) instead of its own normalise-tokenise-hash."""
 
+    def __init__(self, output_folder: str, config: MinhashConfig, dedup: DedupConfig) -> None:
+        super().__init__(output_folder, config=config)
+        self.dedup = dedup
+
     def get_shingles(self, text: str) -> np.ndarray:
-        return doc_shingles(text, DedupConfig(ngram=self.config.n_grams)).reshape(-1, 1)
+        return doc_shingles(text, self.dedup).reshape(-1, 1)
 
 
 def datatrove_near_duplicates(
@@ -211,8 +219,13 @@ def datatrove_near_duplicates(
         seed=cfg.seed,
         hash_config=HashConfig(precision=64, hash_fc="sha1"),
     )
-    signature = MinhashDedupSignature if own_shingling else LoomShingleSignature
+    sigs, matches, clusters = (str(work / d) for d in ("signatures", "buckets", "clusters"))
     documents = [Document(text=t, id=str(i)) for i, t in enumerate(docs)]
+    signature = (
+        MinhashDedupSignature(sigs, config=config)
+        if own_shingling
+        else LoomShingleSignature(sigs, config, cfg)
+    )
     kept: list[int] = []
 
     def collect(data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
@@ -220,9 +233,8 @@ def datatrove_near_duplicates(
             kept.append(int(doc.id))
             yield doc
 
-    sigs, matches, clusters = (str(work / d) for d in ("signatures", "buckets", "clusters"))
     stages = [
-        ([documents, signature(sigs, config=config)], 1),
+        ([documents, signature], 1),
         ([MinhashDedupBuckets(sigs, matches, config=config)], bands),
         ([MinhashDedupCluster(matches, clusters, config, save_cluster_id=True)], 1),
         ([documents, MinhashDedupFilter(clusters), collect], 1),
@@ -260,16 +272,31 @@ DETECTORS: dict[str, Callable[[list[str], DedupConfig, Path], np.ndarray]] = {
 
 
 def score(
-    keep_of: np.ndarray, docs: list[str], truth: dict[int, float], threshold: float
+    keep_of: np.ndarray,
+    docs: list[str],
+    truth: Truth,
+    threshold: float,
+    similarity: Callable[[str, str], float],
 ) -> tuple[float, float]:
-    """Recall over the planted copies at or above the threshold; precision over every removal:
-    a removal is right when the document really is that similar to the one it was merged into
-    (the standard library has near duplicates of its own, so planted copies are not all)."""
+    """Recall over the planted copies at or above the threshold: found when copy and original
+    end in one cluster (either may come first); precision over every removal: right when the
+    document really is that similar to the one it was merged into (the standard library has
+    near duplicates of its own, so planted copies are not all)."""
     removed = [i for i in range(len(keep_of)) if keep_of[i] != i]
-    positives = {i for i, j in truth.items() if j >= threshold}
-    recall = len(set(removed) & positives) / len(positives)
-    right = sum(jaccard(docs[i], docs[keep_of[i]]) >= threshold for i in removed)
+    positives = [(c, o) for c, (o, j) in truth.items() if j >= threshold]
+    recall = sum(keep_of[c] == keep_of[o] for c, o in positives) / len(positives)
+    right = sum(similarity(docs[i], docs[keep_of[i]]) >= threshold for i in removed)
     return recall, right / len(removed) if removed else 1.0
+
+
+def chinese_corpus() -> tuple[list[str], Truth]:
+    """tests/corpus.py's planted Chinese corpus (Debian Reference sections and their near
+    copies, shuffled), with the copies' character-2-gram Jaccard to their originals."""
+    c = build_chinese()
+    docs = [r["text"] for r in c.records]
+    index = {r["id"]: i for i, r in enumerate(c.records)}
+    truth = {index[copy]: (index[original], j) for copy, (original, _, j) in c.copies.items()}
+    return docs, truth
 
 
 def alternating(names: list[str], rounds: int) -> Iterator[tuple[int, str]]:
@@ -310,56 +337,73 @@ def busy_note(other: list[float]) -> str:
     )
 
 
-def bench_dedup(docs: list[str], truth: dict[int, float], rounds: int, work: Path) -> list[str]:
+def bench_dedup(
+    docs: list[str],
+    truth: Truth,
+    similarity: Callable[[str, str], float],
+    detectors: list[str],
+    rounds: int,
+    work: Path,
+) -> tuple[str, list[str]]:
+    """The corpus and machine facts, and the table rows, of the named detectors on `docs`."""
     cfg = DedupConfig()
-    bands, rows = bands_rows(cfg)
-    times: dict[str, list[float]] = {name: [] for name in DETECTORS}
+    times: dict[str, list[float]] = {name: [] for name in detectors}
     results: dict[str, np.ndarray] = {}
     other: list[float] = []
-    for name, detect in DETECTORS.items():  # imports and first calls (spaCy's) stay untimed
+    for name in detectors:  # imports and first calls (spaCy's) stay untimed
         (work / f"warm-{name}").mkdir()
-        detect(docs[:100], cfg, work / f"warm-{name}")
-    for r, name in alternating(list(DETECTORS), rounds):
-        folder = work / f"{r}-{list(DETECTORS).index(name)}"
+        DETECTORS[name](docs[:100], cfg, work / f"warm-{name}")
+    for r, name in alternating(detectors, rounds):
+        folder = work / f"{r}-{detectors.index(name)}"
         folder.mkdir()
         keep_of, seconds, busy = timed(DETECTORS[name], docs, cfg, folder)
         print(f"round {r} {name}: {seconds:.2f} s (others {busy:.2f} cores)", flush=True)
         assert name not in results or np.array_equal(results[name], keep_of)  # deterministic
-        results[name], other = keep_of, [*other, busy]
+        results[name] = keep_of
         times[name].append(seconds)
-    positives = sum(j >= cfg.threshold for j in truth.values())
-    method = (
-        f"{len(docs):,} documents ({len(truth)} planted near copies, {positives} at Jaccard ≥ "
-        f"{cfg.threshold}); word {cfg.ngram}-grams, {bands} bands × {rows} rows for all, "
-        f"{cfg.num_perm} permutations for Loom and datasketch ({bands * rows} for datatrove, "
-        f"which computes only the banded ones); {rounds} rounds, the order alternating by round; "
-        "one process each. Every peer is given Loom's shingles, so all hash the same sets "
-        "(datasketch the top 32 bits Loom permutes, with an identity hashfunc; datatrove the "
-        "64-bit hashes in place of its own): the times compare MinHash, LSH, verification and "
-        "clustering. Loom and datasketch keep a candidate pair when its signature agreement is "
-        f"≥ {verification_cutoff(cfg):.3f} (the threshold minus 3 standard errors); datatrove "
+        other.append(busy)
+    positives = sum(j >= cfg.threshold for _, j in truth.values())
+    facts = (
+        f"{len(docs):,} documents ({len(truth)} planted copies, {positives} at Jaccard ≥ "
+        f"{cfg.threshold}). {busy_note(other)}"
+    )
+    rows = [
+        "| near-duplicate detection | documents/s | Loom / peer (per round) | verdict "
+        f"| recall (planted, J ≥ {cfg.threshold}) | precision (J ≥ {cfg.threshold}) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in detectors:
+        recall, precision = score(results[name], docs, truth, cfg.threshold, similarity)
+        rate = len(docs) / statistics.median(times[name])
+        ratio = "— | —" if name == "loom" else ratio_cells(times["loom"], times[name])
+        rows.append(f"| {name} | {rate:,.0f} | {ratio} | {recall:.1%} | {precision:.1%} |")
+    return facts, rows
+
+
+def dedup_method(rounds: int) -> str:
+    """How the near-duplicate detectors are compared (both corpora)."""
+    cfg = DedupConfig()
+    bands, rows = bands_rows(cfg)
+    return (
+        f"{bands} bands × {rows} rows for all, {cfg.num_perm} permutations for Loom and "
+        f"datasketch ({bands * rows} for datatrove, which computes only the banded ones); "
+        f"{rounds} rounds, the order alternating by round; one process each. Every peer is given "
+        "Loom's shingles (word 5-grams of the lower-cased text; CJK character 2-grams in a "
+        "document at least half CJK), so all hash the same sets (datasketch the top 32 bits Loom "
+        "permutes, with an identity hashfunc; datatrove the 64-bit hashes in place of its own): "
+        "the times compare MinHash, LSH, verification and clustering. Loom and datasketch keep a "
+        "candidate pair when its signature agreement is ≥ "
+        f"{verification_cutoff(cfg):.3f} (the threshold minus 3 standard errors); datatrove "
         "has no verification: every band match is a duplicate, and a cluster keeps its union-find "
         "root, not its first document. datatrove's times include its stages' start-up and "
         "signature files on disk, as a LocalPipelineExecutor user pays. 'Own shingling' is "
         "datatrove as shipped: text normalised (numbers → 0, punctuation removed, diacritics "
         "stripped), spaCy's English word tokenizer, a 64-bit hash of each 5-gram (SHA-1: its "
         "default xxhash64 fails on xxhash ≥ 4, datatrove issue 508), and no shingle at all for "
-        "a document under 5 words; its precision is judged by the whitespace-word 5-grams it "
-        f"did not use. {busy_note(other)}"
+        "a document under 5 words; its precision is judged by Loom's 5-grams, which it did not "
+        "use. Precision counts every removal, planted or not: right when the document's true "
+        "Jaccard (tests/corpus.py) to the one it was merged into is ≥ the threshold."
     )
-    out = [
-        method,
-        "",
-        "| near-duplicate detection | documents/s | Loom / peer (per round) | verdict "
-        f"| recall (planted, J ≥ {cfg.threshold}) | precision (J ≥ {cfg.threshold}) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in DETECTORS:
-        recall, precision = score(results[name], docs, truth, cfg.threshold)
-        rate = len(docs) / statistics.median(times[name])
-        ratio = "— | —" if name == "loom" else ratio_cells(times["loom"], times[name])
-        out.append(f"| {name} | {rate:,.0f} | {ratio} | {recall:.1%} | {precision:.1%} |")
-    return out
 
 
 def bench_tokenize(texts: list[str], work: Path, rounds: int) -> list[str]:
@@ -376,7 +420,8 @@ def bench_tokenize(texts: list[str], work: Path, rounds: int) -> list[str]:
         zstandard.ZstdCompressor().stream_writer(raw) as w,
     ):
         for i, t in enumerate(texts):
-            w.write((json.dumps({"id": str(i), "text": t}) + "\n").encode())
+            record = {"id": str(i), "language": "en", "text": t}  # as clean_file writes it
+            w.write((json.dumps(record) + "\n").encode())
     (clean / "filtered.jsonl").write_text("")
     megabytes = sum(len(t.encode()) for t in texts) / 1e6
 
@@ -460,13 +505,36 @@ def main() -> None:
     args = parser.parse_args()
     texts = documents()[: args.max_documents or None]
     docs, truth = planted_corpus(texts, copies=max(50, len(texts) // 20))
+    chinese, chinese_truth = chinese_corpus()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for part in "dtp":
+        for part in ("en", "zh", "t", "p"):
             (work / part).mkdir()
-        sections = [*bench_dedup(docs, truth, args.rounds, work / "d"), ""]
-        sections += [*bench_tokenize(texts, work / "t", args.rounds), ""]
-        sections += bench_pipeline(texts, work / "p")
+        english = bench_dedup(docs, truth, jaccard, list(DETECTORS), args.rounds, work / "en")
+        zh_detectors = [d for d in DETECTORS if d != "datatrove, own shingling"]
+        zh = bench_dedup(
+            chinese, chinese_truth, cjk_jaccard, zh_detectors, args.rounds, work / "zh"
+        )
+        sections = [
+            dedup_method(args.rounds),
+            "",
+            "**English**: the standard library's modules and docstrings, near copies planted "
+            f"(2 % of words changed, or a sentence appended); {english[0]}",
+            "",
+            *english[1],
+            "",
+            "**Chinese**: tests/corpus.py `build_chinese`, the Debian Reference in simplified "
+            "Chinese by section, each with three near copies (one character changed per "
+            "sentence, paragraphs reordered, both) and every fifth with an exact copy; true "
+            f"Jaccard of character 2-grams. datatrove's own shingling is left out here (its "
+            f"Chinese word tokenizer needs jieba). {zh[0]}",
+            "",
+            *zh[1],
+            "",
+            *bench_tokenize(texts, work / "t", args.rounds),
+            "",
+            *bench_pipeline(texts, work / "p"),
+        ]
     body = "\n".join(sections)
     print(body)
     if not args.no_write:
