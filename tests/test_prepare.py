@@ -1,5 +1,5 @@
 """`loom data prepare`: the funnel on a real-text corpus with planted cases, formats, mixing,
-resumption after a kill, executors, and the mixture loader."""
+resumption after a kill, and the mixture loader."""
 
 from __future__ import annotations
 
@@ -258,25 +258,6 @@ def test_interrupted_run_resumes_to_identical_output(raw_dir, tmp_path) -> None:
     assert outputs(broken / "out") == outputs(straight / "out")
     for key in ("splits", "stages", "mixing", "tokenizer", "tokens_by_source"):
         assert resumed[key] == reference[key]
-
-
-@pytest.mark.slow
-def test_ray_and_local_pool_give_the_same_output(raw_dir, tmp_path, monkeypatch) -> None:
-    import ray
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv(
-        "RAY_TMPDIR", f"/tmp/ray-{os.getpid()}"
-    )  # Ray's socket paths must stay short
-    results = {}
-    for kind in ("local", "ray"):
-        (tmp_path / kind).mkdir()
-        results[kind] = run_prepare(
-            tmp_path / kind, raw_dir, f"--executor.kind={kind}", "--executor.workers=2"
-        )
-    ray.shutdown()
-    assert results["local"]["splits"] == results["ray"]["splits"]
-    assert results["local"]["stages"] == results["ray"]["stages"]
 
 
 def test_unreadable_files_are_counted_or_fail_in_strict_mode(tmp_path) -> None:

@@ -12,7 +12,7 @@ keeps exactly one document: the first in input order.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,9 +99,10 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """uint64 [documents, bands]: one hash of the `rows` signature values of every band.
 
     Documents with an empty signature (no words) get key 0 in every band, which the
-    candidate search ignores.
+    candidate search ignores. Column-major, so that a band-sharded search reading one band
+    from a saved file (memory-mapped) touches only that band's bytes.
     """
-    keys = np.zeros((len(signatures), bands), dtype=np.uint64)
+    keys = np.zeros((len(signatures), bands), dtype=np.uint64, order="F")
     for band in range(bands):
         key = np.full(len(signatures), np.uint64(band + 1))
         for column in signatures[:, band * rows : (band + 1) * rows].T:
@@ -121,53 +122,37 @@ def near_duplicate_of(
 
     `keys` are band keys of all documents in input order; `alive` marks those that take part
     (filtered documents and exact duplicates do not); `signature_rows(indices)` returns
-    signatures for verifying candidate pairs.
+    signatures for verifying candidate pairs. This is the whole search in one piece; a
+    band-sharded run calls `near_pairs` once per shard and `keep_first` on their union.
     """
-    n = len(keys)
-    keep_of = np.arange(n)
-    usable = alive & (keys[:, 0] != 0) if n else alive
-    index = np.flatnonzero(usable)
-    if len(index) < 2:
-        return keep_of
-    pairs = _candidate_pairs(keys[index])
-    if len(pairs) == 0:
-        return keep_of
-    a, b = index[pairs[:, 0]], index[pairs[:, 1]]
-    if cfg.verify:
-        agree = (signature_rows(a) == signature_rows(b)).mean(axis=1)
+    index = np.flatnonzero(alive)
+    columns = [(keys[index, band], index) for band in range(keys.shape[1])]
+    return keep_first(len(keys), near_pairs(columns, signature_rows, cfg))
+
+
+def near_pairs(
+    columns: Iterable[tuple[np.ndarray, np.ndarray]],
+    signature_rows: Callable[[np.ndarray], np.ndarray],
+    cfg: DedupConfig,
+) -> np.ndarray:
+    """Unique candidate pairs [k, 2] (i < j, document indices) that pass verification.
+
+    Each column is (band keys, document indices) of one band, or of one key range of a band:
+    a bucket of equal keys must be whole within a column. Pairs found in several bands
+    are one pair.
+    """
+    found = [_band_pairs(key, index) for key, index in columns]
+    pairs = np.unique(np.concatenate(found), axis=0) if found else np.empty((0, 2), np.int64)
+    if cfg.verify and len(pairs):
+        agree = (signature_rows(pairs[:, 0]) == signature_rows(pairs[:, 1])).mean(axis=1)
         t = cfg.threshold
-        plausible = agree >= t - 3 * math.sqrt(t * (1 - t) / cfg.num_perm)
-        a, b = a[plausible], b[plausible]
-    root = _components(n, a, b)
-    # The kept document of a cluster is its smallest index: the first in input order.
-    first = np.full(n, n, dtype=np.int64)
-    np.minimum.at(first, root, np.arange(n))
-    keep_of[usable] = first[root[usable]]
-    return keep_of
+        pairs = pairs[agree >= t - 3 * math.sqrt(t * (1 - t) / cfg.num_perm)]
+    return pairs
 
 
-def _candidate_pairs(keys: np.ndarray) -> np.ndarray:
-    """Unique (i, j), i < j, of documents with the same key in some band."""
-    found = []
-    for key in keys.T:
-        order = np.argsort(key, kind="stable")
-        sorted_keys = key[order]
-        starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
-        sizes = np.diff(np.concatenate((starts, [len(order)])))
-        for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
-            members = np.sort(order[start : start + size])
-            if size > _STAR_ABOVE:
-                found.append(np.stack([np.full(size - 1, members[0]), members[1:]], axis=1))
-            else:
-                i, j = np.triu_indices(size, k=1)
-                found.append(np.stack([members[i], members[j]], axis=1))
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found), axis=0)
-
-
-def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Root (smallest index) of each node's cluster after joining the edges (union-find)."""
+def keep_first(n: int, pairs: np.ndarray) -> np.ndarray:
+    """For each of n documents, the first (smallest index) document of its cluster after
+    joining the pairs (union-find); repeated pairs are harmless."""
     parent: dict[int, int] = {}
 
     def find(x: int) -> int:
@@ -176,11 +161,30 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             x = parent[x]
         return x
 
-    for x, y in zip(a.tolist(), b.tolist(), strict=True):
+    for x, y in pairs.tolist():
         rx, ry = find(x), find(y)
         if rx != ry:
-            parent[max(rx, ry)] = min(rx, ry)
+            parent[max(rx, ry)] = min(rx, ry)  # a root is always its cluster's smallest index
     root = np.arange(n)
     for x in parent:
         root[x] = find(x)
     return root
+
+
+def _band_pairs(key: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Pairs (index[i], index[j]), i < j, with the same non-zero key; `index` ascends."""
+    usable = key != 0
+    key, index = key[usable], index[usable]
+    order = np.argsort(key, kind="stable")
+    sorted_keys = key[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+    sizes = np.diff(np.concatenate((starts, [len(order)])))
+    found = [np.empty((0, 2), np.int64)]
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+        members = index[np.sort(order[start : start + size])]
+        if size > _STAR_ABOVE:
+            found.append(np.stack([np.full(size - 1, members[0]), members[1:]], axis=1))
+        else:
+            i, j = np.triu_indices(size, k=1)
+            found.append(np.stack([members[i], members[j]], axis=1))
+    return np.concatenate(found).astype(np.int64, copy=False)

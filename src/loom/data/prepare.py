@@ -35,23 +35,32 @@ from loom.core.tokenizer import (
     load_tokenizer,
     save_tokenizer,
     tokenizer_hash,
-    train_bpe,
+)
+from loom.data.corpus_tasks import (
+    NearShardTask,
+    PackTask,
+    TokenizerTask,
+    near_dedup_shard,
+    near_shards,
+    shard_bounds,
+    train_tokenizer,
+    write_shards,
 )
 from loom.data.dedup import (
     DedupConfig,
     bands_rows,
     exact_duplicate_of,
-    near_duplicate_of,
+    keep_first,
     validate_dedup,
 )
-from loom.data.executor import ExecutorConfig, run_tasks
+from loom.data.executor import Executor, ExecutorConfig, validate_executor, worker_count
 from loom.data.filters import FilterConfig, validate_filters
 from loom.data.hashing import mix64
 from loom.data.mixing import SourceShare, repeats, sampling_factors
 from loom.data.normalize import NormalizeConfig
 from loom.data.pii import PiiConfig
 from loom.data.readers import TextUnit, expand_inputs, relative_names
-from loom.data.shards import FORMAT, ShardWriter, token_dtype, write_manifest
+from loom.data.shards import FORMAT, token_dtype, write_manifest
 from loom.data.tasks import (
     EXACT_DUPLICATE,
     KEEP,
@@ -59,7 +68,6 @@ from loom.data.tasks import (
     CleanTask,
     TokenizeTask,
     clean_file,
-    read_docs,
     tokenize_kept,
 )
 from loom.data.tokenize import warn_on_empty_split
@@ -151,8 +159,9 @@ def validate(cfg: PrepareConfig) -> dict[str, list[Path]]:
         raise LoomError(f"tokenizer.vocab_size={t.vocab_size} is below 256 bytes + special tokens")
     if not 0 <= o.val_fraction < 1:
         raise LoomError(f"output.val_fraction={o.val_fraction} must be in [0, 1)")
-    if o.shard_tokens <= 0 or cfg.executor.workers < 0:
-        raise LoomError("output.shard_tokens must be > 0 and executor.workers ≥ 0")
+    if o.shard_tokens <= 0:
+        raise LoomError(f"output.shard_tokens={o.shard_tokens} must be > 0")
+    validate_executor(cfg.executor)
     return files
 
 
@@ -174,18 +183,20 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     bands, rows = bands_rows(cfg.dedup) if cfg.dedup.near else (0, 0)
 
     clean_tasks = _clean_tasks(cfg, files, work, bands, rows)
-    cleaned = run_tasks("clean", clean_file, clean_tasks, cfg.executor)
-    folders = [Path(t.folder) for t in clean_tasks]
-    dedup = _deduplicate(cfg, folders, cleaned)
-    tokenizer_dir = _tokenizer(cfg, out, folders, dedup)
-    tokenize_tasks = _tokenize_tasks(cfg, out, work, clean_tasks, dedup, tokenizer_dir)
-    tokenized = run_tasks("tokenize", tokenize_kept, tokenize_tasks, cfg.executor)
-    _remove_stale(out, work, clean_tasks, tokenize_tasks)
-    job = _Job(
-        cfg, out, files, clean_tasks, cleaned, dedup, tokenizer_dir, tokenize_tasks, tokenized
-    )
-    manifest = _pack(job)
+    with Executor(cfg.executor) as executor:
+        cleaned = executor.run("clean", clean_file, clean_tasks)
+        folders = [Path(t.folder) for t in clean_tasks]
+        dedup = _deduplicate(cfg, folders, cleaned, executor, work, bands)
+        tokenizer_dir = _tokenizer(cfg, out, folders, dedup, executor)
+        tokenize_tasks = _tokenize_tasks(cfg, out, work, clean_tasks, dedup, tokenizer_dir)
+        tokenized = executor.run("tokenize", tokenize_kept, tokenize_tasks)
+        _remove_stale(out, work, clean_tasks, tokenize_tasks)
+        job = _Job(
+            cfg, out, files, clean_tasks, cleaned, dedup, tokenizer_dir, tokenize_tasks, tokenized
+        )
+        manifest = _pack(job, executor)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
+    manifest["executor"] = executor.summary()
     write_manifest(out, manifest)
     logger.info(
         "prepared %s: %d training tokens in %d shard(s)",
@@ -260,24 +271,13 @@ def _clean_tasks(
     return tasks
 
 
-class _Signatures:
-    """Signature rows by global document index, read from each task's file on demand."""
-
-    def __init__(self, folders: list[Path], first_index: np.ndarray) -> None:
-        self.maps = [np.load(f / "signatures.npy", mmap_mode="r") for f in folders]
-        self.first_index = first_index
-
-    def rows(self, index: np.ndarray) -> np.ndarray:
-        task = np.searchsorted(self.first_index, index, side="right") - 1
-        out = np.empty((len(index), self.maps[0].shape[1] if self.maps else 0), dtype=np.uint32)
-        for t in np.unique(task):
-            chosen = task == t
-            out[chosen] = self.maps[t][index[chosen] - self.first_index[t]]
-        return out
-
-
 def _deduplicate(
-    cfg: PrepareConfig, folders: list[Path], cleaned: list[dict[str, Any]]
+    cfg: PrepareConfig,
+    folders: list[Path],
+    cleaned: list[dict[str, Any]],
+    executor: Executor,
+    work: Path,
+    bands: int,
 ) -> dict[str, Any]:
     counts = np.array([r["kept_documents"] for r in cleaned], dtype=np.int64)
     first_index = (
@@ -286,16 +286,29 @@ def _deduplicate(
     total = int(counts.sum())
     status = np.zeros(total, dtype=np.uint8)
     keep_of = np.arange(total)
+    # Exact duplicates stay in the driver: 8 bytes per document, one sort.
     if cfg.dedup.exact and total:
         exact = np.concatenate([np.load(f / "exact.npy") for f in folders])
         first = exact_duplicate_of(exact)
         status[first != keep_of] = EXACT_DUPLICATE
         keep_of = first.copy()
     if cfg.dedup.near and total:
-        keys = np.concatenate([np.load(f / "band_keys.npy") for f in folders])
-        near = near_duplicate_of(
-            keys, status == KEEP, _Signatures(folders, first_index).rows, cfg.dedup
-        )
+        alive = work / "dedup" / "alive.npy"  # read by every shard (mmap)
+        alive.parent.mkdir(parents=True, exist_ok=True)
+        np.save(alive, status == KEEP)
+        shards = cfg.executor.dedup_shards or worker_count(cfg.executor)
+        tasks = [
+            NearShardTask(
+                folders=[str(f) for f in folders],
+                first_index=first_index.tolist(),
+                alive=str(alive),
+                slots=slots,
+                dedup=cfg.dedup,
+            )
+            for slots in near_shards(bands, shards)
+        ]
+        found = executor.run("near_dedup", near_dedup_shard, tasks)
+        near = keep_first(total, np.concatenate([r["pairs"] for r in found]))
         moved = near != np.arange(total)
         status[moved] = NEAR_DUPLICATE
         keep_of[moved] = near[moved]
@@ -323,7 +336,9 @@ def _deduplicate(
     }
 
 
-def _tokenizer(cfg: PrepareConfig, out: Path, folders: list[Path], dedup: dict[str, Any]) -> Path:
+def _tokenizer(
+    cfg: PrepareConfig, out: Path, folders: list[Path], dedup: dict[str, Any], executor: Executor
+) -> Path:
     status, sizes, first_index = dedup["status"], dedup["sizes"], dedup["first_index"]
     target = out / "tokenizer"
     t = cfg.tokenizer
@@ -337,35 +352,27 @@ def _tokenizer(cfg: PrepareConfig, out: Path, folders: list[Path], dedup: dict[s
     if marker.is_file() and marker.read_text() == key and (target / "tokenizer.json").is_file():
         return target
     fraction = min(1.0, t.sample_bytes / max(int(sizes[status == KEEP].sum()), 1))
-
-    def sample():
-        for folder, start in zip(folders, first_index, strict=True):
-            for local, doc in enumerate(read_docs(folder)):
-                g = start + local
-                if status[g] == KEEP and _unit(g, cfg.output.seed + 1) < fraction:
-                    yield doc["text"]
-
-    started = time.perf_counter()
-    tokenizer = train_bpe(sample(), t.vocab_size, t.special_tokens)
-    save_tokenizer(tokenizer, target)
+    status_file = out / "work" / "dedup" / "status.npy"
+    status_file.parent.mkdir(parents=True, exist_ok=True)
+    np.save(status_file, status)
+    task = TokenizerTask(
+        folders=[str(f) for f in folders],
+        first_index=first_index.tolist(),
+        status=str(status_file),
+        fraction=fraction,
+        seed=cfg.output.seed + 1,
+        vocab_size=t.vocab_size,
+        special_tokens=t.special_tokens,
+        target=str(target),
+    )
+    (trained,) = executor.run("tokenizer", train_tokenizer, [task])
     marker.write_text(key)
     logger.info(
-        "tokenizer: %d tokens from %.0f%% of the kept text in %.1f s",
-        tokenizer.get_vocab_size(),
+        "tokenizer: %d tokens from %.0f%% of the kept text",
+        trained["vocab_size"],
         100 * fraction,
-        time.perf_counter() - started,
     )
     return target
-
-
-def _unit(index: int | np.ndarray, seed: int) -> np.ndarray:
-    """A seeded uniform number in [0, 1) per document index."""
-    return (
-        mix64(np.asarray(index, dtype=np.uint64) ^ np.uint64(seed * 0x2545F491 + 0x9E37)).astype(
-            np.float64
-        )
-        / 2.0**64
-    )
 
 
 def _tokenize_tasks(
@@ -435,21 +442,17 @@ def _remove_stale(
                 file.unlink()
 
 
-def _pack(job: _Job) -> Manifest:
-    """Mix, shuffle and write the shards; returns the manifest."""
+def _pack(job: _Job, executor: Executor) -> Manifest:
+    """Mix and shuffle in the driver (32 bytes per document copy), write the shards as tasks
+    (each a run of consecutive shards); returns the manifest."""
     cfg, out, tokenize_tasks = job.cfg, job.out, job.tokenize_tasks
     tokenizer = load_tokenizer(job.tokenizer_dir)
     dtype = token_dtype(tokenizer.get_vocab_size())
     o = cfg.output
-    # Per task: token files and per-document metadata.
-    maps, offsets, val, index, source_of = [], [], [], [], []
+    # Per task: per-document metadata (the tasks read the tokens).
+    offsets, val, index, source_of = [], [], [], []
     for task in tokenize_tasks:
         folder = Path(task.folder)
-        maps.append(
-            np.memmap(folder / "tokens.bin", dtype=dtype, mode="r")
-            if (folder / "tokens.bin").stat().st_size
-            else None
-        )
         offsets.append(np.load(folder / "offsets.npy"))
         val.append(np.load(folder / "val.npy"))
         index.append(np.load(folder / "global_index.npy"))
@@ -487,21 +490,49 @@ def _pack(job: _Job) -> Manifest:
             entries[split].append(
                 np.stack([key.view(np.int64), np.full(len(local), task_i), local, global_index], 1)
             )
+    lengths = [np.diff(o) for o in offsets]
+    first_doc = np.cumsum([0, *(len(n) for n in lengths)])
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    source_number = np.array([source_names.index(name) for name in source_of], dtype=np.int64)
     splits: dict[str, Any] = {}
     mixed_tokens = {name: 0 for name in source_names}
     for split in ("train", "val"):
         shutil.rmtree(out / split, ignore_errors=True)
+        (out / split).mkdir(parents=True)
         table = np.concatenate(entries[split]) if entries[split] else np.zeros((0, 4), np.int64)
         table = table[np.lexsort((table[:, 3], table[:, 0].view(np.uint64)))]
-        writer = ShardWriter(out, split, dtype, o.shard_tokens)
-        tokens_total = 0
-        for _, task_i, local, _ in table.tolist():
-            begin, end = offsets[task_i][local], offsets[task_i][local + 1]
-            writer.add(np.asarray(maps[task_i][begin:end]))
-            tokens_total += int(end - begin)
-            if split == "train":
-                mixed_tokens[source_of[task_i]] += int(end - begin)
-        splits[split] = {"documents": len(table), "tokens": tokens_total, "shards": writer.close()}
+        doc_tokens = all_lengths[first_doc[table[:, 1]] + table[:, 2]]
+        if split == "train":
+            per_source = np.zeros(len(source_names), np.int64)
+            np.add.at(per_source, source_number[table[:, 1]], doc_tokens)
+            mixed_tokens = dict(zip(source_names, per_source.tolist(), strict=True))
+        order = out / "work" / "pack" / f"{split}.npy"
+        order.parent.mkdir(parents=True, exist_ok=True)
+        np.save(order, np.ascontiguousarray(table[:, 1:3]))
+        ends = shard_bounds(doc_tokens, o.shard_tokens)
+        groups = min(len(ends), worker_count(cfg.executor))
+        tasks = []
+        for g in range(groups):
+            first, last = g * len(ends) // groups, (g + 1) * len(ends) // groups
+            tasks.append(
+                PackTask(
+                    out=str(out),
+                    split=split,
+                    order=str(order),
+                    begin=ends[first - 1] if first else 0,
+                    end=ends[last - 1],
+                    first_shard=first,
+                    token_folders=[t.folder for t in tokenize_tasks],
+                    dtype=dtype.name,
+                    shard_tokens=o.shard_tokens,
+                )
+            )
+        written = executor.run(f"pack {split}", write_shards, tasks)
+        splits[split] = {
+            "documents": len(table),
+            "tokens": int(doc_tokens.sum()),
+            "shards": [shard for r in written for shard in r["shards"]],
+        }
     return _manifest(job, tokenizer, splits, train_tokens, mixed_tokens, factors)
 
 

@@ -38,8 +38,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Appends documents to one split, closing a shard once it holds `shard_tokens` tokens."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+    def __init__(
+        self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int, first: int = 0
+    ) -> None:
         self.dir = out_dir / split
+        self.first = first  # number of the first shard: writers of consecutive runs of shards
         self.dir.mkdir(parents=True, exist_ok=True)
         self.split = split
         self.dtype = dtype
@@ -60,7 +63,7 @@ class ShardWriter:
         return self.shards
 
     def _flush(self) -> None:
-        name = f"shard-{len(self.shards):05d}"
+        name = f"shard-{self.first + len(self.shards):05d}"
         tokens = np.concatenate(self._pending)
         starts = np.cumsum([0] + [len(d) for d in self._pending[:-1]], dtype=np.int64)
         data = tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes()
