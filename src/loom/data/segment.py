@@ -28,7 +28,6 @@ import re
 from typing import Any, Literal
 
 WordMode = Literal["whitespace", "jieba", "chars"]
-WORD_MODES: tuple[str, ...] = ("whitespace", "jieba", "chars")
 
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
 _CJK = _HAN + "\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"
