@@ -33,7 +33,7 @@ Result = dict[str, Any]
 @dataclass
 class ExecutorConfig:
     kind: Literal["local", "ray"] = "local"
-    workers: int = 0  # 0 = one per CPU core
+    workers: int = 0  # tasks at a time; 0 = one per CPU core (of the Ray cluster on Ray)
     ray_address: str = ""  # "" starts (or joins) a local Ray instance
     dedup_shards: int = 0  # near-dedup tasks, each owning some bands; 0 = one per worker
 
@@ -122,11 +122,18 @@ class Executor:
         }
         return done
 
+    @property
+    def workers(self) -> int:
+        """Tasks at a time: what to split work into so that every worker has a share."""
+        if self.cfg.kind == "ray" and not self.cfg.workers:
+            return int(_ray_module(self.cfg).cluster_resources().get("CPU", 1))
+        return worker_count(self.cfg)
+
     def summary(self) -> dict[str, Any]:
         """Where the stages ran, for the manifest."""
         return {
             "kind": self.cfg.kind,
-            "workers": worker_count(self.cfg),
+            "workers": self.workers,
             "stages": self.stages,
             "peak_rss_mib": {
                 "driver": round(peak_rss_mib(), 1),
@@ -138,7 +145,7 @@ class Executor:
         self, fn: Callable[[Any], Result], tasks: Sequence[Any]
     ) -> Iterator[tuple[int, Result]]:
         if self.cfg.kind == "ray":
-            yield from _ray(fn, tasks, self.cfg)
+            yield from _ray(fn, tasks, self.cfg, self.workers)
         elif worker_count(self.cfg) == 1 or len(tasks) == 1:
             for i, task in enumerate(tasks):
                 yield i, _call(fn, task)
@@ -154,9 +161,8 @@ class Executor:
                 yield futures[future], future.result()
 
 
-def _ray(
-    fn: Callable[[Any], Result], tasks: Sequence[Any], cfg: ExecutorConfig
-) -> Iterator[tuple[int, Result]]:
+def _ray_module(cfg: ExecutorConfig) -> Any:
+    """Ray, joined (or started) once per process."""
     try:
         import ray
     except ImportError:
@@ -169,10 +175,26 @@ def _ray(
             log_to_driver=False,
             configure_logging=False,
         )
+    return ray
+
+
+def _ray(
+    fn: Callable[[Any], Result], tasks: Sequence[Any], cfg: ExecutorConfig, workers: int
+) -> Iterator[tuple[int, Result]]:
+    """At most `workers` tasks in flight, so that executor.workers means the same on a cluster
+    as on local processes."""
+    ray = _ray_module(cfg)
     # SPREAD: independent tasks go to every node, not first to fill the driver's own.
     remote = ray.remote(_call).options(scheduling_strategy="SPREAD")
-    pending = {remote.remote(fn, task): i for i, task in enumerate(tasks)}
-    while pending:
+    waiting = iter(enumerate(tasks))
+    pending: dict[Any, int] = {}
+    while True:
+        for i, task in waiting:
+            pending[remote.remote(fn, task)] = i
+            if len(pending) == workers:
+                break
+        if not pending:
+            return
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             yield pending.pop(ref), ray.get(ref)

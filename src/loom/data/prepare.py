@@ -53,7 +53,7 @@ from loom.data.dedup import (
     keep_first,
     validate_dedup,
 )
-from loom.data.executor import Executor, ExecutorConfig, validate_executor, worker_count
+from loom.data.executor import Executor, ExecutorConfig, validate_executor
 from loom.data.filters import FilterConfig, validate_filters
 from loom.data.hashing import mix64
 from loom.data.mixing import SourceShare, repeats, sampling_factors
@@ -296,7 +296,7 @@ def _deduplicate(
         alive = work / "dedup" / "alive.npy"  # read by every shard (mmap)
         alive.parent.mkdir(parents=True, exist_ok=True)
         np.save(alive, status == KEEP)
-        shards = cfg.executor.dedup_shards or worker_count(cfg.executor)
+        shards = cfg.executor.dedup_shards or executor.workers
         tasks = [
             NearShardTask(
                 folders=[str(f) for f in folders],
@@ -510,7 +510,7 @@ def _pack(job: _Job, executor: Executor) -> Manifest:
         order.parent.mkdir(parents=True, exist_ok=True)
         np.save(order, np.ascontiguousarray(table[:, 1:3]))
         ends = shard_bounds(doc_tokens, o.shard_tokens)
-        groups = min(len(ends), worker_count(cfg.executor))
+        groups = min(len(ends), executor.workers)
         tasks = []
         for g in range(groups):
             first, last = g * len(ends) // groups, (g + 1) * len(ends) // groups
