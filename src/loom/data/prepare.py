@@ -1,10 +1,14 @@
 """`loom data prepare CONFIG`: raw sources -> cleaned, deduplicated, mixed, tokenized shards.
 
     A  clean      per input file, in parallel: read, normalise, filter, redact (tasks.py)
-    B  dedup      all documents: exact, then near duplicates (dedup.py)
-    -  tokenizer  trained on a seeded sample of the kept documents, or a given one
+    B  dedup      all documents: exact in the driver, then near duplicates in band shards, in
+                  parallel, joined in the driver (dedup.py, corpus_tasks.py)
+    -  tokenizer  trained on a seeded sample of the kept documents (one task), or a given one
     C  tokenize   per cleaned file, in parallel (tasks.py)
-    D  pack       mix sources by weight, shuffle documents by seed, write shards
+    D  pack       mix sources by weight, shuffle documents by seed (driver), write runs of
+                  shards in parallel (corpus_tasks.py)
+
+Every parallel step runs on the configured executor (local processes or Ray, executor.py).
 
 A and C tasks are skipped when their output folder exists (keyed by a fingerprint of their
 inputs and settings), so an interrupted run restarts where it stopped; B and D are
