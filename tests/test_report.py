@@ -387,7 +387,7 @@ def test_a_bad_run_dir_is_one_error_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "does not exist" in err[0], err
     (tmp_path / "other").mkdir()
-    with pytest.raises(LoomError, match="neither a run folder .* nor a pipeline folder"):
+    with pytest.raises(LoomError, match="neither a run folder .* nor a data folder"):
         write_report(tmp_path / "other")
     assert not (tmp_path / "other" / "report.html").exists()
 

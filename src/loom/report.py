@@ -30,11 +30,11 @@ from typing import Any
 from loom.core.errors import LoomError
 from loom.core.log import logger
 from loom.core.run_files import DATA_REPORT, GOODPUT, REPORT, GoodputRecord, RunFiles
+from loom.data.inspect import language_rows, manifest_stages
 
 FIG_SIZE = (7.0, 3.2)  # inches; at 100 dpi a 700 × 320 px image
 DPI = 100
 TRAINING_STAGES = ("pretrain", "finetune", "align")
-FUNNEL_STAGES = ("read", "normalize", "filter", "pii", "exact_dedup", "near_dedup")
 GOODPUT_COLOURS = {
     "productive_s": "#2e7d32",
     "checkpoint_s": "#1565c0",
@@ -808,13 +808,14 @@ def _data_sections(page: Page, folder: Path, prefix: str, title: str) -> None:
 def _funnel_section(page: Page, manifest: dict[str, Any], prefix: str, title: str) -> None:
     stages = manifest["stages"]
     sources = list(stages["read"]["per_source"])
-    labels = ["input", *FUNNEL_STAGES]
+    funnel = manifest_stages(manifest)
+    labels = ["input", *funnel]
 
     def counts(unit: str) -> dict[str, list[int]]:
         out = {}
         for s in sources:
             first = stages["read"]["per_source"][s][f"{unit}_in"]
-            out[s] = [first] + [stages[st]["per_source"][s][f"{unit}_out"] for st in FUNNEL_STAGES]
+            out[s] = [first] + [stages[st]["per_source"][s][f"{unit}_out"] for st in funnel]
         return out
 
     docs, size = counts("documents"), counts("bytes")
@@ -853,13 +854,14 @@ def _funnel_section(page: Page, manifest: dict[str, Any], prefix: str, title: st
     body += "<h3>bytes kept after each stage</h3>" + _table(("stage", *sources, "all"), rows)
     drops = [
         (stage, reason, count)
-        for stage in FUNNEL_STAGES
+        for stage in funnel
         for reason, count in sorted(stages[stage]["dropped"].items(), key=lambda kv: -kv[1])
         if count
     ]
     if drops:
         body += "<h3>dropped documents by stage and reason</h3>"
         body += _table(("stage", "reason", "documents"), drops)
+    body += _languages_table(manifest)
     mixing = manifest.get("mixing")
     if isinstance(mixing, dict) and mixing:
         rows = [
@@ -877,6 +879,15 @@ def _funnel_section(page: Page, manifest: dict[str, Any], prefix: str, title: st
             ("source", "tokens before mixing", "after mixing", "target share", "achieved"), rows
         )
     page.add(f"{prefix}funnel", f"{title}: data funnel", body)
+
+
+def _languages_table(manifest: dict[str, Any]) -> str:
+    """Per detected language: documents after each stage, and the tokenizer's bytes per token."""
+    if not manifest.get("languages"):
+        return ""
+    headers, rows = language_rows(manifest)
+    title = "documents per detected language after each stage, and bytes per token"
+    return f"<h3>{title}</h3>" + _table(headers, rows)
 
 
 def _shards_section(page: Page, manifest: dict[str, Any], prefix: str, title: str) -> None:
@@ -997,7 +1008,7 @@ def _render(page: Page, kind: str) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write RUN_DIR/report.html for a run folder or a pipeline folder; returns its path."""
+    """Write RUN_DIR/report.html for a run, pipeline or data folder; returns its path."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise LoomError(f"{run_dir} does not exist; give a run folder or a pipeline folder")
@@ -1011,11 +1022,14 @@ def write_report(run_dir: Path) -> Path:
         run = _load_run(page, run_dir)
         kind = f"{run.label} run"
         _run_sections(page, run, "", run.label)
+    elif RunFiles(run_dir).manifest.is_file():
+        kind = "data"
+        _data_sections(page, run_dir, "", "data")
     else:
         raise LoomError(
-            f"{run_dir} is neither a run folder (config.toml, metrics.jsonl) nor a pipeline "
-            "folder (pipeline.json); give the folder `loom train`, `loom finetune` or the "
-            "pipeline wrote"
+            f"{run_dir} is neither a run folder (config.toml, metrics.jsonl), a pipeline "
+            "folder (pipeline.json) nor a data folder (manifest.json); give the folder "
+            "`loom train`, `loom finetune`, `loom data prepare` or the pipeline wrote"
         )
     out = run_dir / REPORT
     tmp = out.with_name(f".{REPORT}.tmp")

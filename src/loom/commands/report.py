@@ -1,4 +1,4 @@
-"""`loom report`: a self-contained HTML report of a run or pipeline folder."""
+"""`loom report`: a self-contained HTML report of a run, pipeline or data folder."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 from loom.core.options import option
 
 DESCRIPTION = (
-    "RUN_DIR: a training or fine-tuning run folder, or a pipeline folder "
-    "(pipeline.json). Writes RUN_DIR/report.html (figures embedded) and prints its path."
+    "RUN_DIR: a training or fine-tuning run folder, a pipeline folder (pipeline.json) or "
+    "a `loom data prepare` folder (manifest.json). Writes RUN_DIR/report.html (figures "
+    "embedded) and prints its path."
 )
 
 

@@ -180,6 +180,8 @@ class FilterConfig:
     # The language of documents that language ID gives no answer for (no letters to go by).
     language: str = "en"
     languages: list[str] = field(default_factory=list)  # keep only these; empty = all
+    # Language ID's probability below this drops the document (reason language_score).
+    min_language_score: float = 0.0
     words: WordMode = "whitespace"  # how words are counted: whitespace, jieba, chars
     min_stop_words: int = 2
     stop_words: list[str] = field(default_factory=list)  # replaces the language's list
@@ -288,6 +290,11 @@ def _validate_one(cfg: FilterConfig, where: str) -> None:
     for key in (*cfg.max_top_ngram_chars_fraction, *cfg.max_duplicate_ngram_chars_fraction):
         if not key.isdigit() or int(key) < 1:
             raise LoomError(f'{where} n-gram table: key {key!r} must be an n-gram size like "5"')
+    if not 0 <= cfg.min_language_score < 1:
+        raise LoomError(
+            f"{where}.min_language_score={cfg.min_language_score} must be in [0, 1) "
+            "(a probability; 0 keeps every document language ID assigns)"
+        )
     if cfg.bad_words_file and not Path(cfg.bad_words_file).is_file():
         raise LoomError(f"{where}.bad_words_file {cfg.bad_words_file} does not exist")
     if cfg.custom:

@@ -9,7 +9,8 @@ Chinese options: `join_cjk_lines` removes a line break between two CJK character
 wrapped at a fixed width breaks Chinese words in two, and the break is no space in Chinese);
 `chinese = "t2s"` or `"s2t"` converts traditional to simplified characters or back with OpenCC's
 configurations of those names (characters and variant phrases; regional vocabulary such as
-軟體/软件 stays as it is), so one corpus, its deduplication and its tokenizer see one script. OpenCC's own package (native, ~30 M characters/s) was chosen over the pure-Python
+軟體/软件 stays as it is), so one corpus, its deduplication and its tokenizer see one script.
+OpenCC's own package (native, ~30 M characters/s) was chosen over the pure-Python
 opencc-python-reimplemented (0.6 M characters/s, and it installs a module of the same name).
 """
 

@@ -58,7 +58,7 @@ from loom.data.dedup import (
     validate_dedup,
 )
 from loom.data.executor import Executor, ExecutorConfig, validate_executor
-from loom.data.filters import FilterConfig, validate_filters
+from loom.data.filters import FilterConfig, filters_for, validate_filters
 from loom.data.hashing import mix64
 from loom.data.mixing import SourceShare, repeats, sampling_factors
 from loom.data.normalize import NormalizeConfig
@@ -316,6 +316,9 @@ def _deduplicate(
         moved = near != np.arange(total)
         status[moved] = NEAR_DUPLICATE
         keep_of[moved] = near[moved]
+        # An exact copy of a document that near dedup then dropped points on to the kept one
+        # (near dedup never points at a dropped document, so one step is enough).
+        keep_of = keep_of[keep_of]
     # Ids of the kept documents that dropped ones point at.
     referenced = np.unique(keep_of[status != KEEP])
     ids: dict[int, str] = {}
@@ -554,7 +557,7 @@ def _manifest(
     zero = {"documents_in": 0, "documents_out": 0, "bytes_in": 0, "bytes_out": 0}
     stages = {
         stage: {n: dict(zero) for n in names}
-        for stage in ("read", "normalize", "filter", "pii", "exact_dedup", "near_dedup")
+        for stage in ("read", "normalize", "language", "filter", "pii", "exact_dedup", "near_dedup")
     }
     dropped = {stage: {} for stage in stages}
     redactions: dict[str, int] = {}
@@ -565,7 +568,9 @@ def _manifest(
     ):
         s = task.source
         read_dropped = stats["read_dropped"]
-        kept_before_pii = stats["normalized_bytes"] - stats["filtered_bytes"]
+        language_docs = stats["read_documents"] - sum(stats["language_dropped"].values())
+        language_bytes = stats["normalized_bytes"] - stats["language_dropped_bytes"]
+        kept_before_pii = language_bytes - stats["filtered_bytes"]
         _add(
             stages["read"][s],
             stats["read_documents"] + read_dropped["total"],
@@ -581,10 +586,17 @@ def _manifest(
             stats["normalized_bytes"],
         )
         _add(
-            stages["filter"][s],
+            stages["language"][s],
             stats["read_documents"],
-            stats["kept_documents"],
+            language_docs,
             stats["normalized_bytes"],
+            language_bytes,
+        )
+        _add(
+            stages["filter"][s],
+            language_docs,
+            stats["kept_documents"],
+            language_bytes,
             kept_before_pii,
         )
         _add(
@@ -615,6 +627,8 @@ def _manifest(
             dropped["read"][reason] = dropped["read"].get(reason, 0) + n
         for file, reasons in read_dropped["by_file"].items():
             read_errors[file] = reasons
+        for reason, n in stats["language_dropped"].items():
+            dropped["language"][reason] = dropped["language"].get(reason, 0) + n
         for reason, n in stats["filtered"].items():
             dropped["filter"][reason] = dropped["filter"].get(reason, 0) + n
         for kind, n in stats["redactions"].items():
@@ -628,6 +642,7 @@ def _manifest(
     for task, stats in zip(clean_tasks, tokenized, strict=True):
         for k in tokens_by_source[task.source]:
             tokens_by_source[task.source][k] += stats[k]
+    per_language, languages = _language_funnel(job)
     total_weight = sum(s.weight for s in cfg.sources)
     natural = sum(train_tokens.values()) or 1
     mixed_total = sum(mixed_tokens.values()) or 1
@@ -661,8 +676,14 @@ def _manifest(
         "seed": cfg.output.seed,
         "val_fraction": cfg.output.val_fraction,
         "stages": {
-            stage: {"per_source": per, "dropped": dropped[stage]} for stage, per in stages.items()
+            stage: {
+                "per_source": per,
+                **({"per_language": per_language[stage]} if stage in per_language else {}),
+                "dropped": dropped[stage],
+            }
+            for stage, per in stages.items()
         },
+        "languages": languages,
         "redactions": redactions,
         "read_errors_by_file": read_errors,
         "tokens_by_source": tokens_by_source,
@@ -674,6 +695,86 @@ def _manifest(
         "tokens": splits["train"]["tokens"] + splits["val"]["tokens"],
         "splits": splits,
     }
+
+
+def _language_funnel(job: _Job) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per detected language: the funnel from language selection to near dedup, and a summary
+    with the kept text's bytes per token (how well the tokenizer compresses that language)."""
+    cfg, dedup = job.cfg, job.dedup
+    zero = {"documents_in": 0, "documents_out": 0, "bytes_in": 0, "bytes_out": 0}
+    stages = ("language", "filter", "pii", "exact_dedup", "near_dedup")
+    per_language: dict[str, dict[str, Any]] = {stage: {} for stage in stages}
+    dropped: dict[str, dict[str, int]] = {}
+    for stats in job.cleaned:
+        for lang, e in stats["languages"].items():
+            funnel = {stage: per_language[stage].setdefault(lang, dict(zero)) for stage in stages}
+            docs = e["documents"] - sum(e["language_dropped"].values())
+            size = e["bytes"] - e["language_dropped_bytes"]
+            before_pii = size - e["filtered_bytes"]
+            _add(funnel["language"], e["documents"], docs, e["bytes"], size)
+            _add(funnel["filter"], docs, e["kept_documents"], size, before_pii)
+            _add(
+                funnel["pii"], e["kept_documents"], e["kept_documents"], before_pii, e["kept_bytes"]
+            )
+            reasons = dropped.setdefault(lang, {})
+            for reason, n in [*e["language_dropped"].items(), *e["filtered"].items()]:
+                reasons[reason] = reasons.get(reason, 0) + n
+    status, sizes = dedup["status"], dedup["sizes"]
+    language_of = np.array(
+        [lang for task in job.clean_tasks for lang in _kept_languages(Path(task.folder))],
+        dtype=object,
+    )
+    for lang in per_language["pii"]:
+        mine = language_of == lang
+        exact = mine & (status != EXACT_DUPLICATE)
+        near = mine & (status == KEEP)
+        pii = per_language["pii"][lang]
+        _add(
+            per_language["exact_dedup"][lang],
+            pii["documents_out"],
+            int(exact.sum()),
+            pii["bytes_out"],
+            int(sizes[exact].sum()),
+        )
+        _add(
+            per_language["near_dedup"][lang],
+            int(exact.sum()),
+            int(near.sum()),
+            int(sizes[exact].sum()),
+            int(sizes[near].sum()),
+        )
+        for name, n in (
+            ("exact_duplicate", (mine & ~exact).sum()),
+            ("near_duplicate", (exact & ~near).sum()),
+        ):
+            if n:
+                dropped[lang][name] = int(n)
+    tokens: dict[str, dict[str, int]] = {}
+    for stats in job.tokenized:
+        for lang, e in stats["languages"].items():
+            entry = tokens.setdefault(lang, {"documents": 0, "bytes": 0, "tokens": 0})
+            for key in entry:
+                entry[key] += e[key]
+    summary = {}
+    for lang in sorted(
+        per_language["language"], key=lambda k: -per_language["language"][k]["documents_in"]
+    ):
+        t = tokens.get(lang, {"documents": 0, "bytes": 0, "tokens": 0})
+        summary[lang] = {
+            "documents": per_language["language"][lang]["documents_in"],
+            "bytes": per_language["language"][lang]["bytes_in"],
+            "kept_documents": per_language["near_dedup"][lang]["documents_out"],
+            "kept_bytes": per_language["near_dedup"][lang]["bytes_out"],
+            "dropped": dropped.get(lang, {}),
+            "tokens": t["tokens"],
+            "bytes_per_token": round(t["bytes"] / t["tokens"], 4) if t["tokens"] else None,
+            "filters": asdict(filters_for(cfg.filters, lang)),
+        }
+    return per_language, summary
+
+
+def _kept_languages(folder: Path) -> list[str]:
+    return json.loads((folder / "languages.json").read_text())
 
 
 def _add(entry: dict[str, int], docs_in: int, docs_out: int, bytes_in: int, bytes_out: int) -> None:

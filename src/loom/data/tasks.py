@@ -29,8 +29,9 @@ import zstandard
 
 from loom.core.tokenizer import eos_id, load_tokenizer
 from loom.data.dedup import DedupConfig, band_keys
-from loom.data.filters import FilterConfig, QualityFilter
+from loom.data.filters import FilterConfig, QualityFilter, filters_for
 from loom.data.hashing import MinHasher, shingles
+from loom.data.language import LanguageDetector
 from loom.data.normalize import NormalizeConfig, normalize
 from loom.data.pii import PiiConfig, redact
 from loom.data.readers import DropReport, TextUnit, read_file
@@ -109,10 +110,37 @@ class CleanTask:
     rows: int
 
 
+def _language_entry() -> dict[str, Any]:
+    return {
+        "documents": 0,
+        "bytes": 0,
+        "language_dropped": {},
+        "language_dropped_bytes": 0,
+        "filtered": {},
+        "filtered_bytes": 0,
+        "kept_documents": 0,
+        "kept_bytes": 0,
+    }
+
+
+def _language_reason(
+    cfg: FilterConfig, language_cfg: FilterConfig, language: str, score: float
+) -> str | None:
+    """Why language selection drops a document, or None: not one of `filters.languages`, or
+    detected with a probability under the language's `min_language_score`. A document without
+    letters (score 0, the fallback language) is left to the filters."""
+    if cfg.languages and language not in cfg.languages:
+        return "wrong_language"
+    if 0 < score < language_cfg.min_language_score:
+        return "language_score"
+    return None
+
+
 @resumable
 def clean_file(task: CleanTask, tmp: Path) -> Stats:
     drops = DropReport()
-    quality = QualityFilter(task.filters)
+    detector = LanguageDetector()
+    quality: dict[str, QualityFilter] = {}  # one per language met, with that language's settings
     redactions: Counter[str] = Counter()
     hasher = MinHasher(task.dedup.num_perm, task.dedup.seed) if task.dedup.near else None
     stats: dict[str, Any] = {
@@ -121,15 +149,20 @@ def clean_file(task: CleanTask, tmp: Path) -> Stats:
         "read_documents": 0,
         "read_bytes": 0,
         "normalized_bytes": 0,
+        "language_dropped": {},  # wrong_language, language_score
+        "language_dropped_bytes": 0,
         "filtered": {},
         "filtered_bytes": 0,
         "kept_documents": 0,
         "kept_bytes": 0,
     }
+    # Per detected language: normalised documents and bytes, then what the filters kept.
+    languages: dict[str, dict[str, Any]] = {}
     filtered: Counter[str] = Counter()
     hashes: list[int] = []
     ids: list[str] = []
     sizes: list[int] = []
+    kept_languages: list[str] = []
     signatures: list[np.ndarray] = []
     pending: list[np.ndarray] = []
     with (
@@ -144,19 +177,44 @@ def clean_file(task: CleanTask, tmp: Path) -> Stats:
             stats["read_documents"] += 1
             stats["read_bytes"] += size
             text = normalize(doc.text, task.normalize)
-            stats["normalized_bytes"] += len(text.encode("utf-8"))
-            reason = "empty_after_normalize" if not text.strip() else quality.check(text)
+            size = len(text.encode("utf-8"))
+            stats["normalized_bytes"] += size
+            # No letters to go by (empty, numbers, symbols): the configured fallback language.
+            language, score = detector.detect(text)
+            language = language or task.filters.language
+            entry = languages.setdefault(language, _language_entry())
+            entry["documents"] += 1
+            entry["bytes"] += size
+            if language not in quality:
+                quality[language] = QualityFilter(filters_for(task.filters, language))
+            reason = _language_reason(task.filters, quality[language].cfg, language, score)
+            if reason is not None:
+                stats["language_dropped"][reason] = stats["language_dropped"].get(reason, 0) + 1
+                stats["language_dropped_bytes"] += size
+                entry["language_dropped"][reason] = entry["language_dropped"].get(reason, 0) + 1
+                entry["language_dropped_bytes"] += size
+                record = {"id": doc.id, "reason": reason, "language": language}
+                dropped.write(json.dumps(record) + "\n")
+                continue
+            reason = "empty_after_normalize" if not text.strip() else quality[language].check(text)
             if reason is not None:
                 filtered[reason] += 1
-                stats["filtered_bytes"] += len(text.encode("utf-8"))
-                dropped.write(json.dumps({"id": doc.id, "reason": reason}) + "\n")
+                entry["filtered"][reason] = entry["filtered"].get(reason, 0) + 1
+                entry["filtered_bytes"] += size
+                stats["filtered_bytes"] += size
+                record = {"id": doc.id, "reason": reason, "language": language}
+                dropped.write(json.dumps(record) + "\n")
                 continue
             text = redact(text, task.pii, redactions)
-            docs.write((json.dumps({"id": doc.id, "text": text}) + "\n").encode("utf-8"))
+            record = {"id": doc.id, "language": language, "text": text}
+            docs.write((json.dumps(record) + "\n").encode("utf-8"))
             stats["kept_documents"] += 1
             sizes.append(len(text.encode("utf-8")))
             stats["kept_bytes"] += sizes[-1]
+            entry["kept_documents"] += 1
+            entry["kept_bytes"] += sizes[-1]
             ids.append(doc.id)
+            kept_languages.append(language)
             hashes.append(text_hash(text))
             if hasher is not None:
                 pending.append(
@@ -178,10 +236,12 @@ def clean_file(task: CleanTask, tmp: Path) -> Stats:
     np.save(tmp / "exact.npy", np.array(hashes, dtype=np.uint64))
     np.save(tmp / "sizes.npy", np.array(sizes, dtype=np.int64))
     (tmp / "ids.json").write_text(json.dumps(ids))
+    (tmp / "languages.json").write_text(json.dumps(kept_languages))
     stats |= {
         "documents": stats["read_documents"],
         "bytes": stats["read_bytes"],
         "filtered": dict(filtered),
+        "languages": languages,
         "read_dropped": drops.to_dict(),
         "redactions": dict(redactions),
     }
@@ -216,6 +276,8 @@ def tokenize_kept(task: TokenizeTask, tmp: Path) -> Stats:
     val: list[bool] = []
     index: list[int] = []
     total_bytes = 0
+    # Per language: kept documents, their UTF-8 bytes and text tokens (end-of-text not counted).
+    languages: dict[str, dict[str, int]] = {}
     with ExitStack() as files:
         tokens_out = files.enter_context((tmp / "tokens.bin").open("wb"))
         kept_out = _optional_output(files, task.documents_file)
@@ -230,6 +292,12 @@ def tokenize_kept(task: TokenizeTask, tmp: Path) -> Stats:
             texts = [d["text"] for _, d in batch]
             encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
             for (local, doc), encoding in zip(batch, encodings, strict=True):
+                entry = languages.setdefault(
+                    doc["language"], {"documents": 0, "bytes": 0, "tokens": 0}
+                )
+                entry["documents"] += 1
+                entry["bytes"] += len(doc["text"].encode("utf-8"))
+                entry["tokens"] += len(encoding.ids)
                 ids = np.asarray([*encoding.ids, eos], dtype=dtype)
                 tokens_out.write(ids.tobytes())
                 lengths.append(len(ids))
@@ -244,12 +312,18 @@ def tokenize_kept(task: TokenizeTask, tmp: Path) -> Stats:
                         "id": doc["id"],
                         "source": task.source,
                         "reason": REASONS[status],
+                        "language": doc["language"],
                         "duplicate_of": task.duplicate_of[local],
                     }
                     dropped_out.write(json.dumps(record) + "\n")
                 continue
             if kept_out is not None:
-                record = {"id": doc["id"], "source": task.source, "text": doc["text"]}
+                record = {
+                    "id": doc["id"],
+                    "source": task.source,
+                    "language": doc["language"],
+                    "text": doc["text"],
+                }
                 kept_out.write(json.dumps(record) + "\n")
             total_bytes += len(doc["text"].encode("utf-8"))
             batch.append((local, doc))
@@ -275,6 +349,7 @@ def tokenize_kept(task: TokenizeTask, tmp: Path) -> Stats:
         "val_documents": int(flags.sum()),
         "train_tokens": int(per_doc[~flags].sum()),
         "val_tokens": int(per_doc[flags].sum()),
+        "languages": languages,
     }
     return stats
 
