@@ -7,6 +7,7 @@ under /usr/share/man/<lang>/ (some are partly untranslated, which caps every lib
 there). Every library sees the same cleaned sample of each document (LanguageDetector.sample),
 so the table compares the classifiers. Load time is the cost of one worker process.
 
+    pip install py3langid lingua-language-detector   # the two peers (not Loom dependencies)
     python benchmarks/language_id.py            # about a minute; writes BENCHMARKS.md
 """
 
