@@ -254,6 +254,24 @@ def report(
             + " | ".join(f"{s:.1f}" for s in per_stage)
             + f" | {max(r['other_cores'] for r in rs):.2f} |"
         )
+    lines += [
+        "",
+        "On Ray, 'other processes' includes Ray's own daemons and worker processes (the run "
+        "starts them, but they leave its process tree), so those rows count the work itself; "
+        "the local rows show what the rest of the machine used.",
+    ]
+    for eng in sorted({e for e, _ in runs}):
+        per_second = {
+            w: statistics.median(n_small / r["seconds"] for r in rs)
+            for (e, w), rs in runs.items()
+            if e == eng
+        }
+        if len(per_second) > 1:
+            low, high = min(per_second), max(per_second)
+            lines[-1] += (
+                f" {eng}: {high} workers give {per_second[high] / per_second[low]:.2f}× the "
+                f"documents/s of {low}."
+            )
     manifest = big_run["manifest"]
     n_big = big_corpus["documents"]
     kept = manifest["documents"]["kept"]
@@ -283,8 +301,9 @@ def report(
         "",
         f"**Memory** at {n_big:,} documents ({big_corpus['megabytes']:.0f} MB; {kept:,} kept; "
         f"{engine}, {most} workers; {big_run['seconds']:.0f} s = {rate:,.0f} documents/s; other "
-        f"processes {big_run['other_cores']:.2f} cores): peak resident memory of the driver "
-        f"{peaks['driver']:,.0f} MiB, of the busiest worker {worker_peak:,.0f} MiB.{slope} "
+        f"processes, Ray's included, {big_run['other_cores']:.2f} cores): peak resident memory "
+        f"of the driver {peaks['driver']:,.0f} MiB, of the busiest worker "
+        f"{worker_peak:,.0f} MiB.{slope} "
         f"Near-dedup index on disk: {big_run['index_bytes'] / max(cleaned, 1):,.0f} B per "
         f"cleaned document (signatures 4 B × {DedupConfig().num_perm} permutations + band keys "
         f"8 B × {bands} bands = {4 * DedupConfig().num_perm + 8 * bands} B, plus .npy headers).",

