@@ -131,12 +131,7 @@ def read_jsonl(folder: Path) -> list[dict[str, Any]]:
 def planted_config(corpus: ChineseCorpus, work: Path) -> Path:
     """The planted corpus as two JSONL files and a prepare config for it: filters off (dedup
     alone decides), one worker, a small tokenizer (not measured here)."""
-    raw = work / "raw"
-    raw.mkdir()
-    for part in range(2):
-        with (raw / f"zh-{part}.jsonl").open("w", encoding="utf-8") as fh:
-            for record in corpus.records[part::2]:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    raw = corpus.write_jsonl(work / "raw")
     config = work / "prepare.toml"
     config.write_text(
         f'[[sources]]\nname = "zh"\npaths = ["{raw}/*.jsonl"]\n'

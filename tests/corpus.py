@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import gzip
+import json
 import random
 import re
 import sysconfig
@@ -256,6 +257,16 @@ class ChineseCorpus:
     def group_of(self, doc_id: str) -> str:
         """The original a document was made from (itself for an original)."""
         return self.copies[doc_id][0] if doc_id in self.copies else doc_id
+
+    def write_jsonl(self, folder: Path, parts: int = 2) -> Path:
+        """The records as `parts` JSONL files zh-<part>.jsonl in `folder` (made), every
+        `parts`-th record in each; returns the folder."""
+        folder.mkdir(parents=True)
+        for part in range(parts):
+            with (folder / f"zh-{part}.jsonl").open("w", encoding="utf-8") as fh:
+                for record in self.records[part::parts]:
+                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return folder
 
 
 CHINESE_COPY_KINDS = ("changed", "reordered", "changed+reordered")

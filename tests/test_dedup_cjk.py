@@ -181,12 +181,7 @@ def test_cjk_config_is_checked(tmp_path: Path) -> None:
 
 
 def test_prepare_removes_the_chinese_near_copies(chinese: ChineseCorpus, tmp_path: Path) -> None:
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for part in range(2):
-        with (raw / f"zh-{part}.jsonl").open("w", encoding="utf-8") as fh:
-            for record in chinese.records[part::2]:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    raw = chinese.write_jsonl(tmp_path / "raw")
     config = tmp_path / "prepare.toml"
     config.write_text(
         f"""
