@@ -3,6 +3,8 @@ tokenizer and token shards built from it, and a factory for tiny training config
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
 import shutil
@@ -11,6 +13,7 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import corpus as corpus_module
 import pytest
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -210,3 +213,37 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Name the GPU tests that did not run, so a CPU-only green run says what it did not check."""
     if _GPU_SKIPPED:
         terminalreporter.write_line(f"GPU tests not run (no CUDA): {', '.join(_GPU_SKIPPED)}")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> corpus_module.Corpus:
+    """tests/corpus.py's real-text corpus with planted cases (the data prepare tests)."""
+    return corpus_module.build()
+
+
+@pytest.fixture(scope="session")
+def raw_dir(corpus: corpus_module.Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus written in every input format: zstd JSONL (3 files), parquet, JSON, gzip JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    raw = tmp_path_factory.mktemp("raw")
+    (raw / "web").mkdir()
+    (raw / "books").mkdir()
+    web = corpus.records["web"]
+    for part in range(3):
+        with (
+            (raw / "web" / f"part-{part}.jsonl.zst").open("wb") as fh,
+            zstandard.ZstdCompressor().stream_writer(fh) as w,
+        ):
+            for record in web[part::3]:
+                w.write((json.dumps(record) + "\n").encode())
+    books = corpus.records["books"]
+    third = len(books) // 3
+    pq.write_table(pa.Table.from_pylist(books[:third]), raw / "books" / "a.parquet")
+    (raw / "books" / "b.json").write_text(json.dumps(books[third : 2 * third]))
+    with gzip.open(raw / "books" / "c.jsonl.gz", "wt") as fh:
+        for record in books[2 * third :]:
+            fh.write(json.dumps(record) + "\n")
+    return raw

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_prepare import corpus, raw_dir, run_prepare  # noqa: F401 (fixtures)
+from test_prepare import run_prepare
 
 from loom.data.corpus_tasks import Signatures
 from loom.data.dedup import bands_rows, exact_duplicate_of, near_duplicate_of
@@ -71,7 +71,7 @@ def sharded(out: Path, executor: Executor, shards: int) -> tuple[np.ndarray, np.
     return dedup["status"], dedup["keep_of"]
 
 
-def test_band_shards_give_the_single_pass_decisions(raw_dir, tmp_path) -> None:  # noqa: F811
+def test_band_shards_give_the_single_pass_decisions(raw_dir, tmp_path) -> None:
     run_prepare(tmp_path, raw_dir)
     reference = single_pass(tmp_path / "out")
     bands = bands_rows(load_prepare_config(tmp_path / "prepare.toml", []).dedup)[0]
@@ -104,7 +104,7 @@ def ray_cluster(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.slow
 def test_whole_prepare_on_a_two_node_ray_cluster_writes_the_local_bytes(
-    raw_dir,  # noqa: F811
+    raw_dir,
     tmp_path,
     ray_cluster,
 ) -> None:

@@ -3,7 +3,6 @@ resumption after a kill, and the mixture loader."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
 import json
@@ -17,45 +16,13 @@ from typing import Any
 
 import corpus as corpus_module
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import zstandard
 
 from loom.core.errors import LoomError
 from loom.core.tokenizer import load_tokenizer
 from loom.data.loader import TokenLoader
 from loom.data.prepare import load_prepare_config, prepare
 from loom.data.shards import TokenDataset
-
-
-@pytest.fixture(scope="session")
-def corpus() -> corpus_module.Corpus:
-    return corpus_module.build()
-
-
-@pytest.fixture(scope="session")
-def raw_dir(corpus: corpus_module.Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The corpus written in every input format: zstd JSONL (3 files), parquet, JSON, gzip JSONL."""
-    raw = tmp_path_factory.mktemp("raw")
-    (raw / "web").mkdir()
-    (raw / "books").mkdir()
-    web = corpus.records["web"]
-    for part in range(3):
-        with (
-            (raw / "web" / f"part-{part}.jsonl.zst").open("wb") as fh,
-            zstandard.ZstdCompressor().stream_writer(fh) as w,
-        ):
-            for record in web[part::3]:
-                w.write((json.dumps(record) + "\n").encode())
-    books = corpus.records["books"]
-    third = len(books) // 3
-    pq.write_table(pa.Table.from_pylist(books[:third]), raw / "books" / "a.parquet")
-    (raw / "books" / "b.json").write_text(json.dumps(books[third : 2 * third]))
-    with gzip.open(raw / "books" / "c.jsonl.gz", "wt") as fh:
-        for record in books[2 * third :]:
-            fh.write(json.dumps(record) + "\n")
-    return raw
 
 
 def write_config(tmp: Path, raw: Path, extra: str = "") -> Path:
