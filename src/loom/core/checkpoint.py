@@ -3,6 +3,7 @@
     checkpoints/step-<N>/        DCP files (model + optimizer, sharded and reshardable)
                    trainer.json  step, schedule, data position, model architecture, tokenizer
                    rng.pt        random-number-generator states
+                   checksums.json  bytes and CRC-32 of every other file of the folder
     checkpoints/latest           symlink to the newest complete step-<N>
 
 A checkpoint is written into `step-<N>.tmp/`, renamed when every file is in place, and only
@@ -13,8 +14,16 @@ any other: each rank saves and loads only its own shards, DCP does the reshardin
 writes the small files and moves `latest`; every rank writes its shards.
 
 Before `latest` moves, the DCP metadata is read back and every byte range it lists is checked
-to be on disk. At start-up the same check runs on `latest`; a damaged or incomplete
-checkpoint is reported and the newest older one that passes is used.
+to be on disk. At start-up the same check runs on `latest`, and every file is read once to
+compare its CRC-32 with `checksums.json` (DCP keeps no checksums, so a flipped bit in a shard
+would otherwise load silently); a damaged or incomplete checkpoint is reported, naming the
+file, and the newest older one that passes is used. Checkpoints written before
+`checksums.json` existed get the first check only. The digests are taken at save time by the
+rank that wrote each file (see `_ChecksummedWriter`); CRC-32 (zlib, ≈ 4 GB/s on one core)
+costs a few percent of a checkpoint's write. Reading the whole checkpoint at start-up is
+accepted: every rank checks before the process group exists, so that they all pick the same
+checkpoint without talking; ranks on one machine share the page cache, and the load that
+follows reads the same bytes again.
 
 With `checkpoint.async = true` the state is staged into host memory and written by a
 background thread (over a process group of its own, as DCP's async save needs on gloo); the
@@ -29,6 +38,7 @@ import os
 import re
 import shutil
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -40,14 +50,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.storage import WriteResult
 
 from loom.core.distributed import barrier, rank
 from loom.core.errors import LoomError
@@ -56,6 +69,9 @@ from loom.core.run_files import LATEST, RunFiles
 
 STATE_FILE = "trainer.json"
 RNG_FILE = "rng.pt"
+CHECKSUMS_FILE = "checksums.json"
+CHECKSUM_ALGORITHM = "crc32"
+_CHECKSUMS_PART = "checksums.part.json"  # one rank's digests, until the coordinator merges them
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -160,11 +176,13 @@ class Checkpointer:
             if self._group is None and dist.is_initialized():
                 self._group = dist.new_group(backend="gloo")
             with _single_process_quiet():
-                future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self._group)
+                future = dcp.async_save(
+                    sd, storage_writer=_ChecksummedWriter(tmp), process_group=self._group
+                )
             self._pending = _Pending(step, tmp, future)
             return
         with _single_process_quiet():
-            dcp.save(sd, checkpoint_id=str(tmp))
+            dcp.save(sd, storage_writer=_ChecksummedWriter(tmp))
         self._commit(step, tmp)
         barrier()
 
@@ -190,7 +208,8 @@ class Checkpointer:
             self.before_commit(step)
         if rank() != 0:
             return
-        problem = verify(tmp)
+        # Sizes only: the digests were just taken from these files by the ranks that wrote them.
+        problem = verify(tmp, digests=False)
         if problem is not None:
             raise LoomError(f"checkpoint {tmp} did not verify after writing: {problem}")
         final = self.dir / f"step-{step}"
@@ -264,9 +283,11 @@ def _step_of(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def verify(path: Path) -> str | None:
+def verify(path: Path, digests: bool = True) -> str | None:
     """What is wrong with the checkpoint folder `path`, or None when it is whole: its small
-    files are readable and every byte range DCP's metadata lists is on disk."""
+    files are readable, every byte range DCP's metadata lists is on disk and, where the folder
+    has `checksums.json`, every file it lists has its recorded size and (with `digests`, which
+    reads every file once) its recorded CRC-32."""
     if not path.is_dir():
         return "no such folder"
     for name in (".metadata", STATE_FILE, RNG_FILE):
@@ -286,11 +307,105 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size < end:
             return f"{name} is truncated ({file.stat().st_size} of {end} bytes)"
+    if (path / CHECKSUMS_FILE).exists():
+        problem = _check_sums(path, digests)
+        if problem is not None:
+            return problem
     try:
         read_state(path)
     except LoomError as e:
         return str(e)
     return None
+
+
+def _check_sums(path: Path, digests: bool) -> str | None:
+    """What `checksums.json` says is wrong with the files of `path`, or None."""
+    try:
+        listed = json.loads((path / CHECKSUMS_FILE).read_text())
+        files = {name: (int(f["bytes"]), f["algorithm"], f["digest"]) for name, f in listed.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        return f"its {CHECKSUMS_FILE} is unreadable ({type(e).__name__})"
+    for name, (size, algorithm, digest) in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when it was written"
+        if algorithm != CHECKSUM_ALGORITHM:
+            return (
+                f"{CHECKSUMS_FILE} gives {name} a {algorithm} digest, which this version of "
+                f"Loom cannot check; resume it with the version that wrote it"
+            )
+        if digests and (actual := file_checksum(file)["digest"]) != digest:
+            return (
+                f"{name} is corrupt: its CRC-32 is {actual}, {digest} when it was written "
+                "(its size is unchanged, so bytes were altered on disk or in transfer)"
+            )
+    return None
+
+
+def file_checksum(path: Path) -> dict[str, Any]:
+    """Size and CRC-32 of the file at `path`, as `checksums.json` records them."""
+    crc, size = 0, 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"bytes": size, "algorithm": CHECKSUM_ALGORITHM, "digest": f"{crc:08x}"}
+
+
+class _ChecksummedWriter(FileSystemWriter):
+    """DCP's file writer, plus `checksums.json`: the size and CRC-32 of every file.
+
+    Each rank checksums the shard files it has just written (read back while they are in the
+    page cache; no rank reads another's) into a part file beside them. DCP calls `finish` on
+    the coordinator only after every rank's `write_data` has returned, so all parts are on disk
+    then: it merges them with the digests of its own files (`.metadata`, `trainer.json`,
+    `rng.pt`) into one `checksums.json` before the save returns, i.e. before the folder is
+    renamed and `latest` moves. Part files rather than a collective of our own: DCP's gather
+    is already the meeting point, and the same code serves the async save, whose write runs
+    on a background thread over its own process group while ranks commit at their own pace.
+    """
+
+    def write_data(
+        self, plan: SavePlan, planner: SavePlanner
+    ) -> torch.futures.Future[list[WriteResult]]:
+        future = super().write_data(plan, planner)  # already done: the write is synchronous
+        written = sorted({result.storage_data.relative_path for result in future.wait()})
+        sums = {name: file_checksum(Path(self.path) / name) for name in written}
+        part = Path(self.path) / f"{plan.storage_data.prefix}{_CHECKSUMS_PART}"
+        _write_synced(part, json.dumps(sums))
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        super().finish(metadata, results)
+        folder = Path(self.path)
+        parts = sorted(folder.glob(f"*{_CHECKSUMS_PART}"))
+        sums: dict[str, Any] = {}
+        for part in parts:
+            sums.update(json.loads(part.read_text()))
+        shards = {result.storage_data.relative_path for rank in results for result in rank}
+        if not shards <= sums.keys():
+            missing = ", ".join(sorted(shards - sums.keys()))
+            raise LoomError(
+                f"checkpoint {folder}: no checksum for {missing} (the part file of the rank that "
+                "wrote it is not visible on rank 0), so it is not committed; put checkpoints on "
+                "a file system that every rank shares"
+            )
+        for file in sorted(folder.iterdir()):
+            if file.is_file() and file not in parts and file.name not in sums:
+                sums[file.name] = file_checksum(file)
+        _write_synced(folder / CHECKSUMS_FILE, json.dumps(dict(sorted(sums.items())), indent=1))
+        for part in parts:
+            part.unlink()
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write `path` and fsync it, as DCP does with its own files."""
+    with path.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 STATE_KEYS = ("step", "model", "tokenizer_hash", "data", "loader", "scheduler", "tokens_seen")
