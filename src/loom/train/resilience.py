@@ -2,7 +2,7 @@
 the goodput ledger, and fault injection for testing all of them.
 
 Fault injection is off unless the environment variable `LOOM_FAULTS` is set, to a
-comma-separated list of `KIND@STEP[-LAST][:rank=R][:attempt=A]`:
+comma-separated list of `KIND@STEP[-LAST][:rank=R][:attempt=A][:factor=F]`:
 
     kill        the process SIGKILLs itself at the start of the step
     raise       the step raises a RuntimeError
@@ -10,11 +10,15 @@ comma-separated list of `KIND@STEP[-LAST][:rank=R][:attempt=A]`:
     hang        the step sleeps forever (the watchdog or the collective timeout ends it)
     checkpoint  the process SIGKILLs itself while the checkpoint of that step is being
                 written: its shards are on disk, `latest` has not moved
+    slow        from STEP on (to LAST, or to the end) the rank's steps take `factor` times
+                their compute: it burns (F - 1) x its last step's compute time in CPU work
+                at the start of the step, before the step's collectives, so its peers wait
+                for it (a straggler for loom.train.stragglers to find)
 
 By default a fault fires on every rank, only in the first attempt (torchrun's
 `TORCHELASTIC_RESTART_COUNT` = 0, so a restarted job runs through), and at most once per step
 in a process (a rolled-back run passes the step again without it). Example:
-`LOOM_FAULTS="kill@7:rank=1,nan@3"`.
+`LOOM_FAULTS="kill@7:rank=1,nan@3,slow@2:rank=1:factor=4"`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import signal
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -38,9 +43,10 @@ from loom.core.log import logger
 from loom.core.run_files import GoodputRecord, RunFiles, write_atomic
 
 FAULTS_ENV = "LOOM_FAULTS"
-FAULT_KINDS = ("kill", "raise", "nan", "hang", "checkpoint")
+_FOREVER = 2**62  # the last step of a `slow` fault given without -LAST
+FAULT_KINDS = ("kill", "raise", "nan", "hang", "checkpoint", "slow")
 _FAULT = re.compile(
-    r"^(?P<kind>[a-z]+)@(?P<first>\d+)(?:-(?P<last>\d+))?(?P<options>(?::\w+=\d+)*)$"
+    r"^(?P<kind>[a-z]+)@(?P<first>\d+)(?:-(?P<last>\d+))?(?P<options>(?::\w+=[\w.]+)*)$"
 )
 
 
@@ -68,6 +74,7 @@ class Fault:
     last: int
     rank: int | None = None  # None = every rank
     attempt: int = 0
+    factor: float = 1.0  # slow: how many times longer the rank's steps take
 
 
 def parse_faults(text: str) -> list[Fault]:
@@ -76,24 +83,44 @@ def parse_faults(text: str) -> list[Fault]:
         match = _FAULT.match(item)
         if not match or match["kind"] not in FAULT_KINDS:
             raise LoomError(
-                f"{FAULTS_ENV}: {item!r} is not KIND@STEP[-LAST][:rank=R][:attempt=A] with KIND "
+                f"{FAULTS_ENV}: {item!r} is not KIND@STEP[-LAST][:rank=R][:attempt=A][:factor=F] "
+                f"with KIND "
                 f"one of {', '.join(FAULT_KINDS)}"
             )
+        kind = match["kind"]
         options = dict(o.split("=") for o in match["options"].split(":") if o)
-        unknown = set(options) - {"rank", "attempt"}
+        unknown = set(options) - {"rank", "attempt"} - ({"factor"} if kind == "slow" else set())
         if unknown:
             raise LoomError(f"{FAULTS_ENV}: {item!r}: unknown option {sorted(unknown)[0]}")
+        for key in ("rank", "attempt"):
+            if not options.get(key, "0").isdigit():
+                raise LoomError(f"{FAULTS_ENV}: {item!r}: {key} must be a whole number")
         first = int(match["first"])
+        last = int(match["last"] or (_FOREVER if kind == "slow" else first))
         faults.append(
             Fault(
-                match["kind"],
+                kind,
                 first,
-                int(match["last"] or first),
+                last,
                 int(options["rank"]) if "rank" in options else None,
                 int(options.get("attempt", 0)),
+                _slow_factor(item, options) if kind == "slow" else 1.0,
             )
         )
     return faults
+
+
+def _slow_factor(item: str, options: dict[str, str]) -> float:
+    try:
+        factor = float(options["factor"])
+    except (KeyError, ValueError):
+        factor = math.nan
+    if not factor > 1:
+        raise LoomError(
+            f"{FAULTS_ENV}: {item!r}: slow needs :factor=F with F a number greater than 1 "
+            "(how many times longer the rank's steps take), e.g. slow@2:rank=1:factor=4"
+        )
+    return factor
 
 
 class FaultInjector:
@@ -107,6 +134,7 @@ class FaultInjector:
         ]
         self.rank = rank
         self.fired: set[tuple[str, int]] = set()
+        self._slow_logged = False
         if self.faults:
             logger.warning("rank %d: fault injection on: %s", rank, text)
 
@@ -128,6 +156,25 @@ class FaultInjector:
         if self.due("hang", step):
             while True:
                 time.sleep(3600)
+
+    def slow_down(self, step: int, compute_s: float, clock: Callable[[], float]) -> float:
+        """Under a `slow` fault: busy work for (factor - 1) x `compute_s` on `clock` (the
+        straggler clock: CPU time on a CPU device), like a slower chip, before the step's
+        collectives. Returns the time spent, which the caller leaves out of `compute_s`."""
+        factor = max(
+            (f.factor for f in self.faults if f.kind == "slow" and f.first <= step <= f.last),
+            default=1.0,
+        )
+        if factor == 1.0 or compute_s <= 0:
+            return 0.0
+        if not self._slow_logged:
+            self._slow_logged = True
+            logger.warning("rank %d: steps %g times slower from step %d", self.rank, factor, step)
+        start = clock()
+        target = start + (factor - 1) * compute_s
+        while clock() < target:
+            pass
+        return clock() - start
 
     def in_checkpoint(self, step: int) -> None:
         if self.due("checkpoint", step):
