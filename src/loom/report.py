@@ -536,7 +536,32 @@ def _throughput_section(page: Page, run: RunData, prefix: str, title: str) -> No
         text.append(f"median MFU {100 * median_mfu:.2f} %")
     caption = ", ".join(text) + " (first logged interval left out of the medians)"
     alt = f"{title}: tokens/s and MFU vs step; " + ", ".join(text)
+    stragglers = _stragglers(run.metrics)
+    if stragglers:
+        caption += f". {stragglers}"
     page.add(f"{prefix}throughput", f"{title}: tokens/s and MFU", _figure(draw, alt, caption))
+
+
+def _stragglers(records: list[dict[str, Any]]) -> str:
+    """The ranks metrics.jsonl named as stragglers, with the steps and how much slower."""
+    seen: dict[int, list[int]] = {}  # rank: steps it was a straggler at
+    worst: dict[int, float] = {}
+    judged = [r for r in records if isinstance(r.get("straggler_ranks"), list)]
+    for r in judged:
+        for rank in r["straggler_ranks"]:
+            seen.setdefault(rank, []).append(r["step"])
+            if r.get("slowest_rank") == rank and _finite(r.get("slowest_ratio")):
+                worst[rank] = max(worst.get(rank, 0.0), r["slowest_ratio"])
+    if not judged:
+        return ""
+    if not seen:
+        return "no straggler rank"
+    named = [
+        f"rank {rank} (steps {steps[0]}–{steps[-1]}"
+        + (f", up to {worst[rank]:.1f}× the median own step time)" if rank in worst else ")")
+        for rank, steps in sorted(seen.items())
+    ]
+    return "stragglers: " + "; ".join(named)
 
 
 def _routing_section(page: Page, run: RunData, prefix: str, title: str) -> None:

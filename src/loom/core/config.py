@@ -97,6 +97,9 @@ class ResilienceConfig:
     spike_action: Literal["log", "skip"] = "log"  # skip: a spike counts as a bad step
     hang_timeout_s: float = 1800.0  # a step or checkpoint longer than this dumps the stacks of
     # every thread to <run_dir>/hangs/ and exits, so the launcher restarts; 0 = no watchdog
+    straggler_factor: float = 1.5  # a rank whose own step time (compute + data wait) is above
+    # this times the median of the ranks is slow; 0 = no straggler detection
+    straggler_intervals: int = 3  # log intervals in a row a rank must be slow to be named
 
 
 @dataclass
@@ -573,8 +576,17 @@ def validate(cfg: Config) -> None:
     _check_memory(cfg.memory)
     r, c = cfg.resilience, cfg.checkpoint
     _positive(
-        {"resilience.max_bad_steps": r.max_bad_steps, "resilience.spike_window": r.spike_window}
+        {
+            "resilience.max_bad_steps": r.max_bad_steps,
+            "resilience.spike_window": r.spike_window,
+            "resilience.straggler_intervals": r.straggler_intervals,
+        }
     )
+    if r.straggler_factor and not r.straggler_factor > 1:
+        raise LoomError(
+            f"resilience.straggler_factor={r.straggler_factor} must be greater than 1 (times the "
+            "median step time of the ranks), or 0 to turn straggler detection off"
+        )
     _non_negative(
         {
             "resilience.spike_zscore": r.spike_zscore,

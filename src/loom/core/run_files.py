@@ -235,6 +235,11 @@ class MetricsLine(TypedDict, total=False):
     peak_mem_gib_per_rank: list[float]  # when there is more than one rank
     goodput: float  # rank 0, from the ledger
     checkpoint_s: float
+    # more than one rank, resilience.straggler_factor > 0 (see loom.train.stragglers):
+    rank_own_s_median: float  # the median over ranks of a rank's own time per step
+    slowest_rank: int  # the rank with the longest own time this interval
+    slowest_ratio: float  # its own time over the median
+    straggler_ranks: list[int]  # ranks slow for resilience.straggler_intervals in a row
     val_loss: float  # on evaluation steps
     reward_accuracy: float  # preference (DPO) fine-tuning
     reward_margin: float

@@ -48,6 +48,7 @@ from loom.train.resilience import (
     process_start_time,
     restart_attempt,
 )
+from loom.train.stragglers import StepClock, StragglerDetector, gather_times, hostnames
 from loom.train.task import TrainTask, pretraining
 
 T = TypeVar("T")
@@ -190,6 +191,14 @@ class Trainer:
         self.batches = 0  # global batches drawn from the loader (skipped ones included)
         self.skip_batches: set[int] = set()  # batches a rollback ruled out
         self.injector = FaultInjector(self.rank)
+        self.clock = StepClock(self.device)
+        self.compute_s = 0.0  # the last step's compute, less any injected slowness
+        r = self.cfg.resilience
+        self.stragglers: StragglerDetector | None = None
+        if self.distributed and r.straggler_factor:
+            self.stragglers = StragglerDetector(
+                r.straggler_factor, r.straggler_intervals, hostnames(), log=self.rank == 0
+            )
         self.checkpointer.before_commit = self.injector.in_checkpoint
         self.guard = StepGuard(self.cfg.resilience)
         self._report_progress()
@@ -311,9 +320,10 @@ class Trainer:
         if self.routing is not None:
             self.routing.reset()
         for _ in range(accum):
-            share = self.loader.next_share(micro, self.model.dp_rank, self.dims.dp)
-            shares.append(share)
-            batch = [x.to(self.device, non_blocking=True) for x in self.loader.batch(share)]
+            with self.clock.data_wait():
+                share = self.loader.next_share(micro, self.model.dp_rank, self.dims.dp)
+                shares.append(share)
+                batch = [x.to(self.device, non_blocking=True) for x in self.loader.batch(share)]
             loss = self.task.micro_step(self, batch, 1.0 / accum)
             if loss is not None:
                 loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -389,8 +399,11 @@ class Trainer:
         """One step, then its record and checkpoint; true when a signal stops the run."""
         self._report_progress()
         step_start = time.perf_counter()
+        self.clock.start_step()
         self.injector.at_step_start(self.step + 1)
+        slowed = self.injector.slow_down(self.step + 1, self.compute_s, self.clock.compute_clock)
         loss, grad_norm, lr = self._guarded(self.train_step, f"in step {self.step + 1}")
+        self.compute_s = self.clock.end_step() - slowed
         self.step += 1
         loop.interval_tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
         if self._guard(loop):
@@ -469,6 +482,16 @@ class Trainer:
         }
         if len(per_rank) > 1:
             record["peak_mem_gib_per_rank"] = per_rank
+        if self.stragglers is not None:
+            own_s, data_s = self.clock.take()
+            times = self._guarded(
+                lambda: gather_times(own_s, data_s, self.device), f"logging step {self.step}"
+            )
+            verdict = self.stragglers.observe(*times)
+            record["rank_own_s_median"] = verdict.median_s
+            record["slowest_rank"] = verdict.slowest_rank
+            record["slowest_ratio"] = verdict.slowest_ratio
+            record["straggler_ranks"] = verdict.stragglers
         if loop.ledger is not None:
             record["goodput"] = loop.ledger.goodput
             record["checkpoint_s"] = loop.ledger.checkpoint_s
