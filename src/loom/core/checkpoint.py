@@ -18,12 +18,18 @@ to be on disk. At start-up the same check runs on `latest`, and every file is re
 compare its CRC-32 with `checksums.json` (DCP keeps no checksums, so a flipped bit in a shard
 would otherwise load silently); a damaged or incomplete checkpoint is reported, naming the
 file, and the newest older one that passes is used. Checkpoints written before
-`checksums.json` existed get the first check only. The digests are taken at save time by the
-rank that wrote each file (see `_ChecksummedWriter`); CRC-32 (zlib, ≈ 4 GB/s on one core)
-costs a few percent of a checkpoint's write. Reading the whole checkpoint at start-up is
-accepted: every rank checks before the process group exists, so that they all pick the same
-checkpoint without talking; ranks on one machine share the page cache, and the load that
-follows reads the same bytes again.
+`checksums.json` existed get the first check only.
+
+The digests are taken at save time by the rank that wrote each file, in parallel (see
+`_ChecksummedWriter`). CRC-32 is zlib's, from the standard library (xxhash's xxh3 runs about
+6x faster but is not a Loom dependency): 3-4 GB/s on one core through a memory map, so
+0.13-0.17 s per 512 MB a rank holds, measured at 13-30% of a synchronous save's time on the
+2-core CPU machine (whose writes land in the page cache at 0.4-1 GB/s); with
+`checkpoint.async` it runs in the background write, off the training loop (zlib releases the
+GIL). Reading the whole checkpoint at start-up is accepted (the 512 MB took 0.2 s against
+dcp.load's 0.6-1 s): every rank checks before the process group exists, so that they all
+pick the same checkpoint without talking; ranks on one machine share the page cache, and the
+load that follows reads the same bytes again.
 
 With `checkpoint.async = true` the state is staged into host memory and written by a
 background thread (over a process group of its own, as DCP's async save needs on gloo); the
@@ -34,6 +40,7 @@ step boundary after the write has finished everywhere.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -345,12 +352,15 @@ def _check_sums(path: Path, digests: bool) -> str | None:
 
 
 def file_checksum(path: Path) -> dict[str, Any]:
-    """Size and CRC-32 of the file at `path`, as `checksums.json` records them."""
-    crc, size = 0, 0
+    """Size and CRC-32 of the file at `path`, as `checksums.json` records them. Through a
+    memory map: no copy, so CRC-32's own speed (read() in chunks is about half of it)."""
     with path.open("rb") as fh:
-        while chunk := fh.read(8 << 20):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:  # an empty file cannot be mapped
+            crc = 0
+        else:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                crc = zlib.crc32(view)
     return {"bytes": size, "algorithm": CHECKSUM_ALGORITHM, "digest": f"{crc:08x}"}
 
 
