@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"  # a token-shard folder's Manifest (the pipeline's da
 PIPELINE_STATE = "pipeline.json"  # a `loom run` folder's PipelineState
 STAGE_CONFIG = "stage.toml"  # a multi-process stage's resolved config, which its workers read
 REPORT = "report.html"  # `loom report`'s page
+HEALTH = "health.json"  # every rank's pre-flight hardware checks (loom.train.health)
 
 NAMES = frozenset(
     {
@@ -50,6 +51,7 @@ NAMES = frozenset(
         PIPELINE_STATE,
         STAGE_CONFIG,
         REPORT,
+        HEALTH,
     }
 )  # every name a run folder's top level may hold (besides a pipeline's stage folders)
 
@@ -111,6 +113,10 @@ class RunFiles:
     @property
     def report(self) -> Path:
         return self.root / REPORT
+
+    @property
+    def health(self) -> Path:
+        return self.root / HEALTH
 
     def rank_note(self, rank: int) -> Path:
         return self.root / RANKS / f"rank-{rank}.json"
