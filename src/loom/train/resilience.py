@@ -14,11 +14,14 @@ comma-separated list of `KIND@STEP[-LAST][:rank=R][:attempt=A][:factor=F]`:
                 their compute: it burns (F - 1) x its last step's compute time in CPU work
                 at the start of the step, before the step's collectives, so its peers wait
                 for it (a straggler for loom.train.stragglers to find)
+    sdc         STEP must be 0 (before step 1): one bit of the rank's pre-flight matmul
+                results flips, as silent data corruption would, so loom.train.health
+                refuses to start naming the rank
 
 By default a fault fires on every rank, only in the first attempt (torchrun's
 `TORCHELASTIC_RESTART_COUNT` = 0, so a restarted job runs through), and at most once per step
 in a process (a rolled-back run passes the step again without it). Example:
-`LOOM_FAULTS="kill@7:rank=1,nan@3,slow@2:rank=1:factor=4"`.
+`LOOM_FAULTS="kill@7:rank=1,nan@3,slow@2:rank=1:factor=4,sdc@0:rank=1"`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from loom.core.run_files import GoodputRecord, RunFiles, write_atomic
 
 FAULTS_ENV = "LOOM_FAULTS"
 _FOREVER = 2**62  # the last step of a `slow` fault given without -LAST
-FAULT_KINDS = ("kill", "raise", "nan", "hang", "checkpoint", "slow")
+FAULT_KINDS = ("kill", "raise", "nan", "hang", "checkpoint", "slow", "sdc")
 _FAULT = re.compile(
     r"^(?P<kind>[a-z]+)@(?P<first>\d+)(?:-(?P<last>\d+))?(?P<options>(?::\w+=[\w.]+)*)$"
 )
@@ -97,6 +100,11 @@ def parse_faults(text: str) -> list[Fault]:
                 raise LoomError(f"{FAULTS_ENV}: {item!r}: {key} must be a whole number")
         first = int(match["first"])
         last = int(match["last"] or (_FOREVER if kind == "slow" else first))
+        if kind == "sdc" and last != 0:
+            raise LoomError(
+                f"{FAULTS_ENV}: {item!r}: sdc corrupts the pre-flight check, which runs before "
+                "step 1: write sdc@0 (e.g. sdc@0:rank=1)"
+            )
         faults.append(
             Fault(
                 kind,
