@@ -100,6 +100,8 @@ class ResilienceConfig:
     straggler_factor: float = 1.5  # a rank whose own step time (compute + data wait) is above
     # this times the median of the ranks is slow; 0 = no straggler detection
     straggler_intervals: int = 3  # log intervals in a row a rank must be slow to be named
+    preflight: bool = True  # hardware health checks on every rank before the first step
+    # (loom.train.health): a failed one stops the run naming the rank, host and device
 
 
 @dataclass

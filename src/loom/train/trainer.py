@@ -34,7 +34,8 @@ from loom.models.moe import RoutingStats
 from loom.parallel.dims import resolve
 from loom.parallel.parallelize import ParallelModel
 from loom.planner.hardware import peak_at_least, peak_flops
-from loom.planner.training import auto_layout, check_fits
+from loom.planner.training import auto_layout, check_fits, local_hardware, predicted_memory
+from loom.train.health import Needs, checkpoint_bytes, preflight
 from loom.train.metrics import MetricsWriter, peak_memory_gib
 from loom.train.optim import Optimizers
 from loom.train.progress import Progress, log_goodput
@@ -112,6 +113,7 @@ class Trainer:
         resume_state = self._check_input()
         # Input is valid: from here on the run folder is written.
         mesh = self._start_run()
+        self._preflight()
         self.model: ParallelModel = self.task.build_model(self, mesh)
         moe = cfg.model.moe.enabled
         self.routing = RoutingStats(self.model.parts, cfg.model.n_layers) if moe else None
@@ -208,6 +210,25 @@ class Trainer:
             tokenizer = RunFiles(self.run_dir).tokenizer
             shutil.copytree(self.tokenizer_dir, tokenizer, dirs_exist_ok=True)
         return mesh
+
+    def _preflight(self) -> None:
+        """Hardware health before anything is built (loom.train.health): a device computing
+        wrong results, a failing GPU or a corrupting link stops the run here, named."""
+        if not self.cfg.resilience.preflight:
+            return
+        hw = local_hardware(self.device, self.dims.world_size)
+        memory = predicted_memory(self.cfg, self.dims, hw, **self.task.planner_strategy)
+        needs = Needs(
+            memory.total,
+            checkpoint_bytes(self.cfg.model.num_params()),
+            self.cfg.checkpoint.keep + 1,  # the kept ones and the one being written
+        )
+        dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+        corrupt = self.injector.due("sdc", 0)
+        self._guarded(
+            lambda: preflight(self.device, dtype, self.run_dir, needs, corrupt),
+            "the pre-flight health check",
+        )
 
     def _resume(self, state: dict[str, Any]) -> None:
         assert self.resume_from is not None
