@@ -52,6 +52,21 @@ EXPECTED_FLAGS = {
         (("--max-restarts",), "int", "Store", None, None, 0, False),
     ],
     "torchrun": [],
+    # issue 24: launch files for Slurm and Kubernetes
+    "launch": [
+        (None, None, "Store", None, ("slurm", "k8s"), None, True),
+        ("CONFIG", None, "Store", None, None, None, True),
+        (("--nodes",), "int", "Store", None, None, None, True),
+        (("--gpus-per-node",), "int", "Store", None, None, None, True),
+        (("--out",), None, "Store", None, None, None, False),
+        (("--job-name",), None, "Store", None, None, None, False),
+        (("--port",), "int", "Store", None, None, 29500, False),
+        (("--max-restarts",), "int", "Store", None, None, 3, False),
+        (("--time",), None, "Store", None, None, None, False),
+        (("--cpus-per-node",), "int", "Store", None, None, None, False),
+        (("--image",), None, "Store", None, None, None, False),
+        (("--pvc",), None, "Store", None, None, None, False),
+    ],
     "plan": [
         (("--spec",), None, "Store", None, None, None, False),
         (("--json",), None, "StoreTrue", 0, None, False, False),

@@ -36,6 +36,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "torchrun",
         "torchrun, with restarts that work on gloo (for multi-node launches)",
     ),
+    (("launch",), "launch", "write an sbatch script or a Kubernetes PyTorchJob for N nodes"),
     (("plan",), "plan", "predict memory, step time, MFU and days; search the best parallel layout"),
     (("convert",), "convert", "Hugging Face model folders to Loom run folders and back"),
     (("eval",), "eval", "perplexity, multiple-choice and generation scores of a model"),
