@@ -38,9 +38,10 @@ demo: install
 
 # The tests need Debian packages: chromium (tests/test_report.py renders the report in it) and
 # the Debian Reference in Chinese and English (real prose for the multilingual data tests and
-# configs/data-prepare-zh-en.toml). As root with apt-get, install the missing ones
+# configs/data-prepare-zh-en.toml), and slurm-client (tests/test_launch_files.py checks the sbatch
+# scripts of `loom launch` with sbatch and scontrol). As root with apt-get, install the missing ones
 # (`apt-get update` only if the install fails without it).
-TEST_PACKAGES := chromium debian-reference-zh-cn debian-reference-en
+TEST_PACKAGES := chromium debian-reference-zh-cn debian-reference-en slurm-client
 test-packages:
 	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	[ -z "$$missing" ] && exit 0; \
