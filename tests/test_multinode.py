@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -37,11 +38,14 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from test_pipeline import HARDWARE, pipeline_text, stages, write
 from test_resilience import CONFIG, SEQ, STEPS, args, losses, reference, small_data
 
+from loom.cli import main
 from loom.core.config import load_config
 from loom.data.loader import TokenLoader
 from loom.data.shards import TokenDataset
+from loom.train.metrics import read_metrics
 
 __all__ = ["reference", "small_data"]  # module fixtures of test_resilience, used here
 
@@ -266,3 +270,109 @@ def test_elastic_job_shrinks_from_three_nodes_to_two(
     samples = seen(run_dir, lambda step: 3 if step <= 4 else 2)
     assert len(samples) == STEPS * 12
     assert_each_sample_once(small_data, run_dir, samples)
+
+
+# -- loom run: a multi-node training stage ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_loom_run_trains_a_stage_on_two_nodes_with_the_printed_command(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    """`[pretrain.launch] nnodes = 2`: `loom run` hosts the rendezvous, prints the command for
+    the other node, and the stage trains once that command runs (here, in node-1's folder)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    launch = f'[pretrain.launch]\nnnodes = 2\nrdzv_endpoint = "{endpoint}"\n'
+    text = pipeline_text(corpus_dir).split("[eval]")[0] + launch
+    run_dir = tmp_path / "run"
+    path = write(tmp_path, text + "[pretrain.parallel]\ndp_shard = 2\n", run_dir)
+    folders = [tmp_path / f"node-{node}" for node in (0, 1)]
+    for folder in folders:
+        folder.mkdir()
+    logs = [folder / "agent.log" for folder in folders]
+    started: list[subprocess.Popen[str]] = []
+    try:
+        with logs[0].open("w") as out:
+            started.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "loom.cli", "run", str(path)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=folders[0],
+                    start_new_session=True,
+                    text=True,
+                )
+            )
+        command = printed_command(logs[0], started[0])
+        config = str(run_dir / "pretrain" / "stage.toml")
+        assert command == [
+            *("loom", "torchrun", "--nnodes", "2", "--nproc-per-node", "1"),
+            *("--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint),
+            *("--rdzv-id", "loom-pretrain", "--rdzv-conf", "is_host=0"),
+            *("-m", "loom.train", config),
+        ]
+        with logs[1].open("w") as out:
+            started.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "loom.cli", *command[1:]],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=folders[1],
+                    start_new_session=True,
+                    text=True,
+                )
+            )
+        for node, process in enumerate(started):
+            assert wait_exit(process, logs[node], f"node {node}") == 0, logs[node].read_text()[
+                -4000:
+            ]
+    finally:
+        for process in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    assert all(s["status"] == "done" for s in stages(run_dir).values())
+    assert [r["step"] for r in read_metrics(run_dir / "pretrain")] == list(range(1, 9))
+    state = json.loads((run_dir / "pretrain/checkpoints/latest/trainer.json").read_text())
+    assert state["layout"] == "dp_shard 2"
+
+
+def printed_command(log: Path, process: subprocess.Popen[str]) -> list[str]:
+    """The command `loom run` printed for the other nodes, once it has."""
+    deadline = time.monotonic() + WAIT_S
+    marker = "nodes run: "
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if marker in line:
+                return shlex.split(line.split(marker, 1)[1])
+        assert process.poll() is None, f"loom run ended: {log.read_text()[-4000:]}"
+        time.sleep(0.1)
+    raise AssertionError(f"loom run printed no command for the other nodes: {log.read_text()}")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            "\n[pretrain.launch]\nnnodes = 2\n",
+            "[pretrain.launch] nnodes = 2, rdzv_endpoint = '': nnodes is 1 or more, and more "
+            'than 1 needs rdzv_endpoint = "HOST:PORT"',
+        ),
+        (
+            HARDWARE.format(gpus=16)
+            + 'nodes = 2\n[pretrain.launch]\nnnodes = 4\nrdzv_endpoint = "h:1"\n',
+            "[pretrain.launch] nnodes = 4 but [pretrain.hardware] nodes = 2: set nnodes = 2",
+        ),
+        (
+            HARDWARE.format(gpus=16)
+            + 'nodes = 2\n[pretrain.launch]\nnnodes = 2\nnproc = 4\nrdzv_endpoint = "h:1"\n',
+            "[pretrain.launch] nproc = 2 × 4 but [pretrain.hardware] gpus = 16",
+        ),
+    ],
+)
+def test_a_bad_multi_node_launch_table_is_one_error(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str, message: str
+) -> None:
+    path = write(tmp_path, pipeline_text(corpus_dir) + table, tmp_path / "run")
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from loom.core.errors import LoomError
@@ -43,6 +44,27 @@ def torchrun(args: list[str]) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """A job over several machines: this one hosts the c10d rendezvous at `endpoint` (so it
+    must be this machine's HOST:PORT) and the others join it with `command_for_others`."""
+
+    count: int
+    endpoint: str
+    run_id: str
+
+    def command_for_others(
+        self, nproc: int, max_restarts: int, module: str, config: str
+    ) -> list[str]:
+        """The `loom torchrun` command each other node runs to join the job."""
+        return [
+            *("loom", "torchrun", "--nnodes", str(self.count), "--nproc-per-node", str(nproc)),
+            *("--max-restarts", str(max_restarts), "--rdzv-backend", "c10d"),
+            *("--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id),
+            *("--rdzv-conf", "is_host=0", "-m", module, config),
+        ]
+
+
 def launch(
     config: str | None,
     overrides: list[str],
@@ -50,9 +72,11 @@ def launch(
     run_dir: Path,
     max_restarts: int = 0,
     module: str = "loom.train",
+    nodes: Nodes | None = None,
 ) -> str | None:
     """Start `python -m MODULE CONFIG OVERRIDES` on N local workers (loom.train or
-    loom.finetune); the name of the signal that stopped them early, or None."""
+    loom.finetune), alone or as the rendezvous host of `nodes`; the name of the signal that
+    stopped them early, or None."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -69,6 +93,9 @@ def launch(
         "max_restarts": max_restarts,
         "monitor_interval": 0.5,
     }
+    if nodes is not None:
+        options |= {"min_nodes": nodes.count, "max_nodes": nodes.count, "run_id": nodes.run_id}
+        options |= {"rdzv_endpoint": nodes.endpoint, "rdzv_configs": {"is_host": True}}
     launch_config = LaunchConfig(**options)
     args = ["-m", module, *([config] if config else []), *overrides]
     logger.info("launching %d workers: %s %s", nproc, sys.executable, " ".join(args))

@@ -23,7 +23,10 @@ Each stage reuses the command it stands for and writes into `<run_dir>/<stage>/`
   On a machine that has it, the stage trains on all its GPUs (as `loom train --nproc`).
 - `[pretrain.launch]` / `[finetune.launch]` (optional): `nproc` local worker processes
   (default: `[hardware] gpus`, else 1 = in the `loom run` process) and `max_restarts`, as
-  `loom train --nproc N --max-restarts K` (torchrun's elastic agent, gloo on CPU).
+  `loom train --nproc N --max-restarts K` (torchrun's elastic agent, gloo on CPU); with
+  `nnodes` > 1 and `rdzv_endpoint = "HOST:PORT"` (this machine's), `nproc` per node on that
+  many machines: `loom run` hosts the c10d rendezvous and prints the `loom torchrun` command
+  each other node runs (the run folder must be on storage all nodes share).
 - `[eval]`: `tasks = [...]` (default: the data stage's shards = perplexity on its validation
   split) and the `loom eval` options; the model defaults to the last training stage.
 - `[export]`: `format = "hf"` (`loom convert`); `[serve]`: `loom serve` options (blocks; last).

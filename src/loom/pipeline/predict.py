@@ -30,7 +30,7 @@ def predict(stage: TrainingStage, earlier: list[BaseStage]) -> dict[str, Any]:
     if stage.hardware is not None:
         return _predict_on(stage.name, stage.hardware, cfg, extra)
     device = select_device(cfg.train.device)
-    world = stage.launch.nproc
+    world = stage.launch.nproc * stage.launch.nnodes
     if cfg.parallel.auto:
         cfg = auto_layout(cfg, world, device)
     try:

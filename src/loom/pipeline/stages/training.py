@@ -4,13 +4,16 @@ from the run folder, and the planner's prediction made before anything runs."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from loom.core.config import Config, config_to_dict, save_config
 from loom.core.errors import LoomError
+from loom.core.log import logger
 from loom.core.run_files import GoodputRecord, RunFiles
+from loom.parallel.launch import Nodes
 from loom.parallel.launch import launch as launch_workers
 from loom.pipeline.sections import base_config, forced, pop_table
 from loom.pipeline.stage import BaseStage, Loading
@@ -67,10 +70,14 @@ class HardwareSection:
 @dataclass
 class LaunchSection:
     """`[pretrain.launch]` / `[finetune.launch]`: train the stage on `nproc` local worker
-    processes through torchrun's elastic agent, as `loom train --nproc N --max-restarts K`."""
+    processes through torchrun's elastic agent, as `loom train --nproc N --max-restarts K`;
+    with `nnodes` > 1, on that many machines: this one hosts the rendezvous at `rdzv_endpoint`
+    and `loom run` prints the `loom torchrun` command for the others."""
 
-    nproc: int = 0  # 0: [hardware] gpus when that table is set, else 1 (this process)
+    nproc: int = 0  # per node; 0: [hardware] gpus / nnodes when that table is set, else 1
     max_restarts: int = 0
+    nnodes: int = 1
+    rdzv_endpoint: str = ""  # HOST:PORT of this machine, which the other nodes reach
 
 
 def read_launch(
@@ -83,17 +90,26 @@ def read_launch(
             f"[{section}.launch] nproc = {launch.nproc}, max_restarts = {launch.max_restarts}: "
             "give 0 or more (nproc 0: [hardware] gpus, else 1)"
         )
-    if hardware is not None and launch.nproc and launch.nproc != hardware.gpus:
+    if launch.nnodes < 1 or (launch.nnodes > 1 and ":" not in launch.rdzv_endpoint):
         raise LoomError(
-            f"[{section}.launch] nproc = {launch.nproc} but [{section}.hardware] gpus = "
+            f"[{section}.launch] nnodes = {launch.nnodes}, rdzv_endpoint = "
+            f"{launch.rdzv_endpoint!r}: nnodes is 1 or more, and more than 1 needs "
+            'rdzv_endpoint = "HOST:PORT" of this machine (where the other nodes meet it)'
+        )
+    nodes = f"{launch.nnodes} × " if launch.nnodes > 1 else ""
+    if hardware is not None and launch.nproc and launch.nnodes * launch.nproc != hardware.gpus:
+        raise LoomError(
+            f"[{section}.launch] nproc = {nodes}{launch.nproc} but [{section}.hardware] gpus = "
             f"{hardware.gpus}: the stage trains on the GPUs its hardware names; remove nproc"
         )
-    if hardware is not None and hardware.nodes > 1 and launch.nproc:
+    multi = launch.nnodes > 1 or (hardware is not None and hardware.nodes > 1 and launch.nproc)
+    if hardware is not None and multi and launch.nnodes != hardware.nodes:
         raise LoomError(
-            f"[{section}.launch] starts workers on this machine only; [{section}.hardware] "
-            f"has {hardware.nodes} nodes (launch those with `loom torchrun`)"
+            f"[{section}.launch] nnodes = {launch.nnodes} but [{section}.hardware] nodes = "
+            f"{hardware.nodes}: set nnodes = {hardware.nodes} (and rdzv_endpoint)"
         )
-    launch.nproc = launch.nproc or (hardware.gpus if hardware is not None else 1)
+    per_node = hardware.gpus // launch.nnodes if hardware is not None else 1
+    launch.nproc = launch.nproc or per_node
     return launch
 
 
@@ -179,14 +195,31 @@ class TrainingStage(BaseStage):
         """Train in this process, or on `[launch] nproc` workers (as `loom train --nproc`):
         (last step, or None to read it from the metrics; the signal that stopped it before
         train.steps; goodput, or None to read it from goodput.json)."""
-        if self.launch.nproc == 1 and not self.launch.max_restarts:
+        workers = self.launch
+        if workers.nproc == 1 and not workers.max_restarts and workers.nnodes == 1:
             result = self.trainer()(self.options)
             return result.step, result.stopped_by, result.goodput.get("goodput")
         self.dir.mkdir(parents=True, exist_ok=True)
-        config = RunFiles(self.dir).stage_config
+        config = RunFiles(self.dir).stage_config.resolve()
         save_config(self.options, config)
-        workers = self.launch
+        nodes = None
+        if workers.nnodes > 1:
+            # One id per stage: agents of the other nodes still waiting after `loom run` was
+            # stopped meet it again when it is run again.
+            nodes = Nodes(workers.nnodes, workers.rdzv_endpoint, f"loom-{self.name}")
+            command = nodes.command_for_others(
+                workers.nproc, workers.max_restarts, self.module, str(config)
+            )
+            logger.warning(
+                "[%s] trains on %d nodes; this one hosts the rendezvous at %s. On each of the "
+                "other %d nodes run: %s",
+                self.name,
+                workers.nnodes,
+                workers.rdzv_endpoint,
+                workers.nnodes - 1,
+                shlex.join(command),
+            )
         stopped_by = launch_workers(
-            str(config), [], workers.nproc, self.dir, workers.max_restarts, self.module
+            str(config), [], workers.nproc, self.dir, workers.max_restarts, self.module, nodes
         )
         return None, stopped_by, None
