@@ -42,6 +42,8 @@ EXPECTED_FLAGS = {
         ("CONFIG", None, "Store", None, None, None, True),
         (("--nproc",), "int", "Store", None, None, None, False),
         (("--max-restarts",), "int", "Store", None, None, 0, False),
+        (("--nnodes",), "int", "Store", None, None, 1, False),
+        (("--rdzv-endpoint",), None, "Store", None, None, "", False),
         (("--simulate",), "int", "Store", None, None, None, False),
         (("--rank",), "int", "Store", None, None, 0, False),
         (("--json",), None, "StoreTrue", 0, None, False, False),
@@ -50,6 +52,8 @@ EXPECTED_FLAGS = {
         ("CONFIG", None, "Store", None, None, None, True),
         (("--nproc",), "int", "Store", None, None, None, False),
         (("--max-restarts",), "int", "Store", None, None, 0, False),
+        (("--nnodes",), "int", "Store", None, None, 1, False),
+        (("--rdzv-endpoint",), None, "Store", None, None, "", False),
     ],
     "torchrun": [],
     # issue 24: launch files for Slurm and Kubernetes
@@ -270,6 +274,9 @@ def test_eval_batch_tokens_flag_reaches_the_options() -> None:
         (["serve", "m", "--max-batch", "0"], "--max-batch must be at least 1"),
         (["serve", "m", "--adapter", "nopath"], "--adapter 'nopath': write NAME=PATH"),
         (["finetune", "c.toml", "--max-restarts", "2"], "--max-restarts needs --nproc N"),
+        (["train", "c.toml", "--nproc", "1", "--nnodes", "2"], "--rdzv-endpoint HOST:PORT"),
+        (["train", "c.toml", "--nnodes", "2", "--rdzv-endpoint", "h:1"], "needs --nproc N"),
+        (["finetune", "c.toml", "--nproc", "1", "--nnodes", "0"], "--nnodes 0: give 1 or more"),
     ],
 )
 def test_options_are_validated_once_with_the_flag_named(

@@ -31,11 +31,27 @@ class LaunchOptions:
         help="with --nproc: restart all workers up to K times after a failure; each start "
         "resumes from the newest complete checkpoint",
     )
+    nnodes: int = option(
+        1,
+        metavar="N",
+        help="with --nproc: machines in the job; this one hosts the c10d rendezvous at "
+        "--rdzv-endpoint, and the command each other machine runs is printed",
+    )
+    rdzv_endpoint: str = option(
+        "", metavar="HOST:PORT", help="with --nnodes above 1: this machine's address for the others"
+    )
     overrides: list[str] = option(cli=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if self.nproc is not None and self.nproc < 1:
             raise LoomError(f"--nproc {self.nproc}: give at least 1 process")
+        if self.nnodes < 1 or (
+            self.nnodes > 1 and (self.nproc is None or ":" not in self.rdzv_endpoint)
+        ):
+            raise LoomError(
+                f"--nnodes {self.nnodes}: give 1 or more; more than 1 needs --nproc N (workers "
+                "per machine) and --rdzv-endpoint HOST:PORT (this machine, reachable by the others)"
+            )
         if self.max_restarts < 0:
             raise LoomError(f"--max-restarts {self.max_restarts}: give 0 or more")
         if self.max_restarts and self.nproc is None:
@@ -76,13 +92,26 @@ def launch_or_run(options: LaunchOptions, cfg: Any, layout: Any, module: str, tr
 
     if options.nproc is not None:
         from loom.parallel.dims import resolve
-        from loom.parallel.launch import launch
+        from loom.parallel.launch import Nodes, launch
 
         if not layout.run_dir:
             raise LoomError(
                 'run_dir is not set; add run_dir = "..." to the config or pass --run_dir=DIR'
             )
-        resolve(layout, options.nproc)
+        resolve(layout, options.nproc * options.nnodes)
+        nodes = None
+        if options.nnodes > 1:
+            nodes = Nodes(
+                options.nnodes, options.rdzv_endpoint, f"loom-{Path(layout.run_dir).name}"
+            )
+            nodes.announce(
+                module,
+                options.nproc,
+                options.max_restarts,
+                module,
+                options.config,
+                options.overrides,
+            )
         launch(
             options.config,
             options.overrides,
@@ -90,6 +119,7 @@ def launch_or_run(options: LaunchOptions, cfg: Any, layout: Any, module: str, tr
             Path(layout.run_dir),
             options.max_restarts,
             module,
+            nodes,
         )
         return 0
     result = train(cfg)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,15 +56,41 @@ class Nodes:
     run_id: str
 
     def command_for_others(
-        self, nproc: int, max_restarts: int, module: str, config: str
+        self,
+        nproc: int,
+        max_restarts: int,
+        module: str,
+        config: str,
+        overrides: Sequence[str] = (),
     ) -> list[str]:
         """The `loom torchrun` command each other node runs to join the job."""
         return [
             *("loom", "torchrun", "--nnodes", str(self.count), "--nproc-per-node", str(nproc)),
             *("--max-restarts", str(max_restarts), "--rdzv-backend", "c10d"),
             *("--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id),
-            *("--rdzv-conf", "is_host=0", "-m", module, config),
+            *("--rdzv-conf", "is_host=0", "-m", module, config, *overrides),
         ]
+
+    def announce(
+        self,
+        name: str,
+        nproc: int,
+        max_restarts: int,
+        module: str,
+        config: str,
+        overrides: Sequence[str] = (),
+    ) -> None:
+        """Log the command each other node must run (before this one starts waiting)."""
+        command = self.command_for_others(nproc, max_restarts, module, config, overrides)
+        logger.warning(
+            "[%s] trains on %d nodes; this one hosts the rendezvous at %s. On each of the "
+            "other %d nodes run: %s",
+            name,
+            self.count,
+            self.endpoint,
+            self.count - 1,
+            shlex.join(command),
+        )
 
 
 def launch(

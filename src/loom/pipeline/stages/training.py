@@ -4,14 +4,12 @@ from the run folder, and the planner's prediction made before anything runs."""
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from loom.core.config import Config, config_to_dict, save_config
 from loom.core.errors import LoomError
-from loom.core.log import logger
 from loom.core.run_files import GoodputRecord, RunFiles
 from loom.parallel.launch import Nodes
 from loom.parallel.launch import launch as launch_workers
@@ -207,18 +205,7 @@ class TrainingStage(BaseStage):
             # One id per stage: agents of the other nodes still waiting after `loom run` was
             # stopped meet it again when it is run again.
             nodes = Nodes(workers.nnodes, workers.rdzv_endpoint, f"loom-{self.name}")
-            command = nodes.command_for_others(
-                workers.nproc, workers.max_restarts, self.module, str(config)
-            )
-            logger.warning(
-                "[%s] trains on %d nodes; this one hosts the rendezvous at %s. On each of the "
-                "other %d nodes run: %s",
-                self.name,
-                workers.nnodes,
-                workers.rdzv_endpoint,
-                workers.nnodes - 1,
-                shlex.join(command),
-            )
+            nodes.announce(self.name, workers.nproc, workers.max_restarts, self.module, str(config))
         stopped_by = launch_workers(
             str(config), [], workers.nproc, self.dir, workers.max_restarts, self.module, nodes
         )
