@@ -71,6 +71,7 @@ def sharded(out: Path, executor: Executor, shards: int) -> tuple[np.ndarray, np.
     return dedup["status"], dedup["keep_of"]
 
 
+@pytest.mark.slow
 def test_band_shards_give_the_single_pass_decisions(raw_dir, tmp_path) -> None:
     run_prepare(tmp_path, raw_dir)
     reference = single_pass(tmp_path / "out")

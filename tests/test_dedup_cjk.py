@@ -78,6 +78,7 @@ def test_tokens_are_cjk_characters_and_the_words_of_the_rest() -> None:
     assert len(split_tokens("。、\u3000 ")[0]) == 0
 
 
+@pytest.mark.slow
 def test_english_shingles_are_unchanged() -> None:
     for _, text in docstring_documents():
         words = split_words(text.lower()).hashes  # the word 5-grams of before CJK tokens
