@@ -13,6 +13,7 @@ workers, and every worker's peak memory, for the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
@@ -55,13 +56,10 @@ def validate_executor(cfg: ExecutorConfig) -> None:
 def peak_rss_mib() -> float:
     """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the
     process that started it)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as fh:  # Linux only
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -69,6 +69,7 @@ from loom.data.tasks import (
     EXACT_DUPLICATE,
     KEEP,
     NEAR_DUPLICATE,
+    REASONS,
     CleanTask,
     TokenizeTask,
     clean_file,
@@ -606,22 +607,12 @@ def _manifest(
             kept_before_pii,
             stats["kept_bytes"],
         )
-        task_status, task_sizes = status[start : start + count], sizes[start : start + count]
-        after_exact = task_status != EXACT_DUPLICATE
-        after_near = task_status == KEEP
-        _add(
+        _add_dedup(
             stages["exact_dedup"][s],
-            count,
-            int(after_exact.sum()),
-            stats["kept_bytes"],
-            int(task_sizes[after_exact].sum()),
-        )
-        _add(
             stages["near_dedup"][s],
-            int(after_exact.sum()),
-            int(after_near.sum()),
-            int(task_sizes[after_exact].sum()),
-            int(task_sizes[after_near].sum()),
+            status[start : start + count],
+            sizes[start : start + count],
+            stats["kept_bytes"],
         )
         for reason, n in read_dropped["by_reason"].items():
             dropped["read"][reason] = dropped["read"].get(reason, 0) + n
@@ -726,29 +717,16 @@ def _language_funnel(job: _Job) -> tuple[dict[str, dict[str, Any]], dict[str, An
     )
     for lang in per_language["pii"]:
         mine = language_of == lang
-        exact = mine & (status != EXACT_DUPLICATE)
-        near = mine & (status == KEEP)
-        pii = per_language["pii"][lang]
-        _add(
+        _add_dedup(
             per_language["exact_dedup"][lang],
-            pii["documents_out"],
-            int(exact.sum()),
-            pii["bytes_out"],
-            int(sizes[exact].sum()),
-        )
-        _add(
             per_language["near_dedup"][lang],
-            int(exact.sum()),
-            int(near.sum()),
-            int(sizes[exact].sum()),
-            int(sizes[near].sum()),
+            status[mine],
+            sizes[mine],
+            per_language["pii"][lang]["bytes_out"],
         )
-        for name, n in (
-            ("exact_duplicate", (mine & ~exact).sum()),
-            ("near_duplicate", (exact & ~near).sum()),
-        ):
-            if n:
-                dropped[lang][name] = int(n)
+        for code, name in REASONS.items():
+            if n := int((status[mine] == code).sum()):
+                dropped[lang][name] = n
     tokens: dict[str, dict[str, int]] = {}
     for stats in job.tokenized:
         for lang, e in stats["languages"].items():
@@ -775,6 +753,27 @@ def _language_funnel(job: _Job) -> tuple[dict[str, dict[str, Any]], dict[str, An
 
 def _kept_languages(folder: Path) -> list[str]:
     return json.loads((folder / "languages.json").read_text())
+
+
+def _add_dedup(
+    exact: dict[str, int],
+    near: dict[str, int],
+    status: np.ndarray,
+    sizes: np.ndarray,
+    bytes_in: int,
+) -> None:
+    """The exact and near dedup funnel entries of some cleaned documents (their statuses and
+    sizes; `bytes_in`: their bytes entering dedup)."""
+    after_exact = status != EXACT_DUPLICATE
+    after_near = status == KEEP
+    _add(exact, len(status), int(after_exact.sum()), bytes_in, int(sizes[after_exact].sum()))
+    _add(
+        near,
+        int(after_exact.sum()),
+        int(after_near.sum()),
+        int(sizes[after_exact].sum()),
+        int(sizes[after_near].sum()),
+    )
 
 
 def _add(entry: dict[str, int], docs_in: int, docs_out: int, bytes_in: int, bytes_out: int) -> None:

@@ -386,12 +386,10 @@ def memory_check(device: torch.device, needed_bytes: float | None) -> dict[str, 
 
 
 def _mem_available() -> float | None:
-    try:
+    with contextlib.suppress(OSError):  # Linux only
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
     return None
 
 
