@@ -336,6 +336,52 @@ def test_loom_run_trains_a_stage_on_two_nodes_with_the_printed_command(
     assert state["layout"] == "dp_shard 2"
 
 
+@pytest.mark.slow
+def test_loom_train_nnodes_hosts_the_job_and_its_printed_command_joins(
+    small_data: Path, tmp_path: Path, reference: dict[int, float]
+) -> None:
+    """`loom train --nproc 1 --nnodes 2 --rdzv-endpoint HOST:PORT` hosts the rendezvous and
+    prints the other node's command (overrides included); run from node-1's folder, the two
+    train like two local processes, bit for bit."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "run"
+    folders = [tmp_path / f"node-{node}" for node in (0, 1)]
+    logs = [folder / "agent.log" for folder in folders]
+    host = ["train", str(CONFIG), "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint]
+    started: list[subprocess.Popen[str]] = []
+    try:
+        for node, argv in enumerate([host, None]):
+            folders[node].mkdir()
+            if argv is None:  # the command node 0 printed, as a user would paste it
+                argv = printed_command(logs[0], started[0])[1:]
+            with logs[node].open("w") as out:
+                started.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "loom.cli",
+                            *argv,
+                            *([] if node else args(small_data, run_dir)),
+                        ],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=folders[node],
+                        start_new_session=True,
+                        text=True,
+                    )
+                )
+        for node, process in enumerate(started):
+            assert wait_exit(process, logs[node], f"node {node}") == 0, logs[node].read_text()[
+                -4000:
+            ]
+    finally:
+        for process in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    assert losses(run_dir) == reference  # the same dp_shard 2 layout as --nproc 2 on one node
+
+
 def printed_command(log: Path, process: subprocess.Popen[str]) -> list[str]:
     """The command `loom run` printed for the other nodes, once it has."""
     deadline = time.monotonic() + WAIT_S
