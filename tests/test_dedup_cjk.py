@@ -93,6 +93,8 @@ def test_shingle_sets_agree_with_python_sets_of_ngrams(chinese: ChineseCorpus) -
     section, equal Jaccard for every planted pair."""
     for text in chinese.originals.values():
         assert len(np.unique(shingles(text, 5))) == len(cjk_ngrams(text))
+        # dedup.cjk_ngram sets the n of a mostly-CJK document
+        assert len(np.unique(shingles(text, 5, cjk_n=3))) == len(cjk_ngrams(text, 3))
     texts = {r["id"]: r["text"] for r in chinese.records}
     for copy_id, (original, _, similarity) in chinese.copies.items():
         assert loom_jaccard(texts[original], texts[copy_id]) == pytest.approx(similarity)
