@@ -13,6 +13,8 @@ import pytest
 from test_launch import args, finish, loom_train
 
 from loom.core.checkpoint import CHECKSUMS_FILE, file_checksum, verify
+from loom.core.errors import LoomError
+from loom.models.sources import find_checkpoint
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
 
@@ -72,6 +74,11 @@ def test_flipped_byte_is_named_and_resume_falls_back_to_the_previous_checkpoint(
     shutil.copytree(step8, unchecked)
     (unchecked / CHECKSUMS_FILE).unlink()
     assert verify(unchecked) is None
+    # Given to generate / convert / finetune: the damaged folder is named, the run folder
+    # gives the newest complete one.
+    with pytest.raises(LoomError, match=rf"checkpoint {step8} is not usable \({shard.name} is"):
+        find_checkpoint(step8)
+    assert find_checkpoint(run_dir) == (run_dir / "checkpoints" / "step-4", run_dir)
 
     Trainer(tiny_config("--train.steps=12", *SCHEDULE, run_dir=run_dir)).run()
     assert f"checkpoint {step8} is not usable ({shard.name} is corrupt" in loom_logs.text

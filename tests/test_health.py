@@ -1,6 +1,7 @@
-"""Pre-flight hardware health (loom.train.health): the matmul check on this CPU in fp32 and bf16,
-a bit flipped by the `sdc` fault refusing the run with the rank and device named, the all-reduce
-check under a real two-rank `loom train --nproc 2`, and NVML on a GPU."""
+"""Hardware health (loom.train.health): the matmul check on this CPU in fp32 and bf16, a bit
+flipped by the `sdc` fault refusing the run with the rank and device named (before the first
+step, and in a check during training, which also sets aside the checkpoints it cannot vouch
+for), the all-reduce check under a real two-rank `loom train --nproc 2`, and NVML on a GPU."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from loom.train.health import (
     nvml_verdict,
     preflight,
 )
+from loom.train.metrics import read_metrics
 from loom.train.resilience import parse_faults
 from loom.train.trainer import Trainer
 
@@ -86,8 +88,46 @@ def test_a_run_on_one_process_checks_first_and_refuses_under_the_sdc_fault(
 def test_sdc_fault_specs() -> None:
     (fault,) = parse_faults("sdc@0:rank=1")
     assert (fault.kind, fault.first, fault.last, fault.rank) == ("sdc", 0, 0, 1)
-    with pytest.raises(LoomError, match=r"'sdc@3'.*runs before step 1: write sdc@0"):
-        parse_faults("sdc@3")
+    (later,) = parse_faults("sdc@6")
+    assert (later.first, later.last, later.rank) == (6, 6, None)
+
+
+def test_a_check_failing_in_training_sets_aside_the_checkpoints_since_the_last_pass(
+    tiny_config: MakeConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Checks after steps 3 and 6, checkpoints at 2 and 4; `sdc@6` fails the second check: the
+    run stops before step 6's checkpoint, step-4 (written after the passing check of step 3)
+    goes to checkpoints/suspect/, and the same command resumes from step-2, ending with the
+    losses of a run that never failed."""
+    overrides = ("--train.steps=8", "--checkpoint.interval=2", "--resilience.health_interval=3")
+    clean = Trainer(tiny_config(*overrides, run_dir=tmp_path / "clean")).run()
+    run = tmp_path / "run"
+    monkeypatch.setenv("LOOM_FAULTS", "sdc@6")
+    with pytest.raises(LoomError) as stopped:
+        Trainer(tiny_config(*overrides)).run()
+    message = str(stopped.value)
+    assert "health check after step 6 failed on 1 rank: rank 0 (host " in message, message
+    assert "device cpu" in message and "matmul_float32" in message, message
+    assert "after step 3 (the last check that passed), step-4, are in" in message, message
+    assert message.endswith("resumes from step-2"), message
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2"]
+    assert [p.name for p in (checkpoints / "suspect").iterdir()] == ["step-4"]
+    assert (checkpoints / "latest").resolve() == checkpoints / "step-2"
+    report = json.loads((run / "health.json").read_text())
+    assert report["ok"] is True  # the pre-flight check, kept
+    assert report["in_training"]["step"] == 6 and report["in_training"]["ok"] is False
+    (rank,) = report["in_training"]["ranks"]
+    assert rank["checks"]["matmul_float32"]["status"] == FAILED
+    assert set(rank["checks"]) == {"matmul_float32", "nvml"}
+
+    monkeypatch.delenv("LOOM_FAULTS")
+    resumed = Trainer(tiny_config(*overrides))
+    assert resumed.step == 2
+    result = resumed.run()
+    assert result.train_losses == {s: clean.train_losses[s] for s in range(3, 9)}
+    after = json.loads((run / "health.json").read_text())["in_training"]
+    assert after["step"] == 6 and after["ok"] is True
 
 
 def test_too_little_memory_or_disk_is_a_warning(tmp_path: Path) -> None:
@@ -122,14 +162,22 @@ def test_nvml_readings_are_judged_and_missing_ones_not_checked() -> None:
 def test_two_ranks_check_the_all_reduce_and_refuse_a_corrupting_rank(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two real `loom train --nproc 2` launches, started together: a healthy one whose
-    health.json holds both ranks' exact all-reduce with a bandwidth, and one with
-    `sdc@0:rank=1` that refuses to start, naming rank 1 only."""
+    """Three real `loom train --nproc 2` launches, started together: a healthy one whose
+    health.json holds both ranks' exact all-reduce with a bandwidth; one with `sdc@0:rank=1`
+    that refuses to start, naming rank 1 only; and one whose rank 1 fails the check after
+    step 6 (`sdc@6:rank=1`): both ranks stop, step-4 goes to suspect/, and the launcher's
+    restart resumes from step-2 and finishes."""
     monkeypatch.delenv("LOOM_FAULTS", raising=False)
     healthy = loom_train("--nproc", "2", *args(data_dir, tmp_path / "ok", "--train.steps=1"))
     monkeypatch.setenv("LOOM_FAULTS", "sdc@0:rank=1")
     faulty = loom_train("--nproc", "2", *args(data_dir, tmp_path / "bad", "--train.steps=1"))
+    monkeypatch.setenv("LOOM_FAULTS", "sdc@6:rank=1")
+    checks = ("--train.steps=8", "--checkpoint.interval=2", "--resilience.health_interval=3")
+    later = loom_train(
+        "--nproc", "2", "--max-restarts", "1", *args(data_dir, tmp_path / "later", *checks)
+    )
     (code, err), (bad_code, bad_err) = finish(healthy), finish(faulty)
+    later_code, later_err = finish(later)
     assert code == 0, err[-4000:]
     report = json.loads((tmp_path / "ok" / "health.json").read_text())
     assert report["ok"] and [r["rank"] for r in report["ranks"]] == [0, 1]
@@ -146,6 +194,14 @@ def test_two_ranks_check_the_all_reduce_and_refuse_a_corrupting_rank(
     bad = json.loads((tmp_path / "bad" / "health.json").read_text())
     assert [r["checks"]["matmul_float32"]["status"] for r in bad["ranks"]] == [OK, FAILED]
     assert not (tmp_path / "bad" / "checkpoints").exists()  # no step was spent
+
+    assert later_code == 0, later_err[-4000:]
+    assert "health check after step 6 failed on 1 rank: rank 1 (host " in later_err, later_err
+    assert "step-4, are in" in later_err
+    checkpoints = tmp_path / "later" / "checkpoints"
+    assert [p.name for p in (checkpoints / "suspect").iterdir()] == ["step-4"]
+    assert "resumed from " + str(checkpoints / "step-2") in later_err
+    assert [r["step"] for r in read_metrics(tmp_path / "later")] == list(range(1, 9))
 
 
 @pytest.mark.gpu

@@ -5,6 +5,8 @@
                    rng.pt        random-number-generator states
                    checksums.json  bytes and XXH3-64 of every other file of the folder
     checkpoints/latest           symlink to the newest complete step-<N>
+    checkpoints/suspect/step-<N>  checkpoints written after the last hardware check that
+                                  passed, when a later one failed (never resumed from)
 
 A checkpoint is written into `step-<N>.tmp/`, renamed when every file is in place, and only
 then does `latest` move (atomically), so a crash mid-write never leaves a `latest` that
@@ -80,6 +82,7 @@ CHECKSUMS_FILE = "checksums.json"
 CHECKSUM_ALGORITHM = "xxh3_64"
 _CHECKSUMS_PART = "checksums.part.json"  # one rank's digests, until the coordinator merges them
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+SUSPECT = "suspect"
 
 
 @contextmanager
@@ -251,6 +254,30 @@ class Checkpointer:
         return sorted(
             (int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP_DIR.match(p.name))
         )
+
+    def quarantine(self, after_step: int) -> None:
+        """Rank 0: move the step folders after `after_step` to `suspect/`, so that a resume
+        starts from one written before; `latest` then points at the newest one left (or is
+        removed)."""
+        if rank() != 0:
+            return
+        for step, path in self.steps():
+            if step > after_step:
+                target = self.dir / SUSPECT / path.name
+                target.parent.mkdir(exist_ok=True)
+                shutil.rmtree(target, ignore_errors=True)  # left by an earlier quarantine
+                os.replace(path, target)
+        left = self.steps()
+        if left:
+            _point_latest(self.dir, left[-1][1].name)
+        else:
+            (self.dir / LATEST).unlink(missing_ok=True)
+
+    def suspects(self) -> list[Path]:
+        """The quarantined step folders, oldest first."""
+        folder = self.dir / SUSPECT
+        found = folder.iterdir() if folder.is_dir() else iter(())
+        return sorted((p for p in found if _STEP_DIR.match(p.name)), key=_step_of)
 
     def _prune(self, current: int) -> None:
         """Keep the newest `keep` checkpoints up to `current`. Folders of later steps (left by a

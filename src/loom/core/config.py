@@ -102,6 +102,9 @@ class ResilienceConfig:
     straggler_intervals: int = 3  # log intervals in a row a rank must be slow to be named
     preflight: bool = True  # hardware health checks on every rank before the first step
     # (loom.train.health): a failed one stops the run naming the rank, host and device
+    health_interval: int = 1000  # every N steps the device checks again (matmuls, NVML); a
+    # failed check stops the run and moves the checkpoints written since the last passing one
+    # to checkpoints/suspect/; 0 = never
 
 
 @dataclass
@@ -593,6 +596,7 @@ def validate(cfg: Config) -> None:
         {
             "resilience.spike_zscore": r.spike_zscore,
             "resilience.hang_timeout_s": r.hang_timeout_s,
+            "resilience.health_interval": r.health_interval,
             "checkpoint.interval_minutes": c.interval_minutes,
         }
     )

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 
-from loom.core.checkpoint import Checkpointer, load_model_weights, read_state, verify
+from loom.core.checkpoint import (
+    STATE_FILE,
+    Checkpointer,
+    load_model_weights,
+    read_state,
+    verify,
+)
 from loom.core.config import model_config
 from loom.core.errors import LoomError
 from loom.core.lora import LoRAConfig, apply_lora, merge_lora
@@ -24,8 +30,14 @@ from loom.models.llama import ModelConfig, Transformer, build_model
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """The checkpoint a run folder's `latest` names (or a step folder itself), and its run."""
     p = Path(path)
-    if verify(p) is None:
+    problem = verify(p)
+    if problem is None:
         return p, p.parent.parent
+    if (p / STATE_FILE).is_file():
+        raise LoomError(
+            f"checkpoint {p} is not usable ({problem}); give an older step folder, or the run "
+            "folder to use the newest complete one"
+        )
     if not RunFiles(p).config.is_file():
         raise LoomError(
             f"{p} is neither a Loom run folder (no config.toml) nor a checkpoint folder"

@@ -89,36 +89,73 @@ def preflight(
     raise a LoomError naming every failed rank. `corrupt` flips one bit of the matmul results
     (the `sdc` fault of LOOM_FAULTS), standing in for a bad device."""
     start = time.perf_counter()
-    rank, world = distributed.rank(), distributed.world_size()
+    checks = device_checks(device, dtype, corrupt)
+    checks["memory"] = memory_check(device, needs.memory_bytes)
+    checks["disk"] = disk_check(run_dir, needs.checkpoint_bytes * needs.checkpoints)
+    if distributed.world_size() > 1:
+        checks["all_reduce"] = all_reduce_check(device)
+    ranks = _gather(device, checks, start)
+    failed = _failed(ranks)
+    report = {"ok": not failed, "world_size": len(ranks), "ranks": ranks}
+    if distributed.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(RunFiles(run_dir).health, json.dumps(report, indent=1) + "\n")
+        _log(ranks)
+    if failed:
+        raise LoomError(
+            f"pre-flight health check failed on {refusal(failed)}; every rank's checks are in "
+            "health.json of the run folder (resilience.preflight=false starts without them)"
+        )
+    return report
+
+
+def recheck(
+    device: torch.device, dtype: torch.dtype, run_dir: Path, step: int, corrupt: bool = False
+) -> list[dict[str, Any]]:
+    """The device's own checks again during training (matmuls and NVML, every
+    `resilience.health_interval` steps), gathered from every rank; rank 0 records them in
+    health.json under "in_training". Returns the reports of the ranks that failed."""
+    start = time.perf_counter()
+    ranks = _gather(device, device_checks(device, dtype, corrupt), start)
+    failed = _failed(ranks)
+    if distributed.rank() == 0:
+        path = RunFiles(run_dir).health
+        report: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            report = json.loads(path.read_text())
+        report["in_training"] = {"step": step, "ok": not failed, "ranks": ranks}
+        write_atomic(path, json.dumps(report, indent=1) + "\n")
+    return failed
+
+
+def device_checks(device: torch.device, dtype: torch.dtype, corrupt: bool) -> dict[str, Any]:
+    """The checks of the device itself: matmuls in fp32 and the training dtype, and NVML."""
     checks: dict[str, dict[str, Any]] = {}
     for dt in dict.fromkeys((torch.float32, dtype)):
         checks[f"matmul_{str(dt).removeprefix('torch.')}"] = matmul_check(device, dt, corrupt)
     checks["nvml"] = nvml_check(device)
-    checks["memory"] = memory_check(device, needs.memory_bytes)
-    checks["disk"] = disk_check(run_dir, needs.checkpoint_bytes * needs.checkpoints)
-    if world > 1:
-        checks["all_reduce"] = all_reduce_check(device)
+    return checks
+
+
+def _gather(device: torch.device, checks: dict[str, Any], start: float) -> list[dict[str, Any]]:
+    """Every rank's report, in rank order (one all-gather of small objects)."""
     mine = {
-        "rank": rank,
+        "rank": distributed.rank(),
         "host": socket.gethostname(),
         "device": describe(device),
         "seconds": time.perf_counter() - start,
         "checks": checks,
     }
-    ranks = [mine]
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, mine)
-        ranks = gathered
-    failed = [r for r in ranks if any(c["status"] == FAILED for c in r["checks"].values())]
-    report = {"ok": not failed, "world_size": world, "ranks": ranks}
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(RunFiles(run_dir).health, json.dumps(report, indent=1) + "\n")
-        _log(ranks)
-    if failed:
-        raise LoomError(refusal(failed))
-    return report
+    world = distributed.world_size()
+    if world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _failed(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in ranks if any(c["status"] == FAILED for c in r["checks"].values())]
 
 
 def describe(device: torch.device) -> str:
@@ -130,6 +167,7 @@ def describe(device: torch.device) -> str:
 
 
 def refusal(failed: list[dict[str, Any]]) -> str:
+    """The failed ranks, each with its host, device, problems and fixes."""
     parts = []
     for r in failed:
         bad = [
@@ -142,12 +180,7 @@ def refusal(failed: list[dict[str, Any]]) -> str:
             f"rank {r['rank']} (host {r['host']}, device {r['device']}): {'; '.join(bad)} — "
             f"{'; '.join(fixes)}"
         )
-    return (
-        f"pre-flight health check failed on {len(failed)} rank{'s' if len(failed) > 1 else ''}: "
-        + " | ".join(parts)
-        + "; every rank's checks are in health.json of the run folder "
-        "(resilience.preflight=false starts without them)"
-    )
+    return f"{len(failed)} rank{'s' if len(failed) > 1 else ''}: " + " | ".join(parts)
 
 
 def _log(ranks: list[dict[str, Any]]) -> None:

@@ -14,9 +14,10 @@ comma-separated list of `KIND@STEP[-LAST][:rank=R][:attempt=A][:factor=F]`:
                 their compute: it burns (F - 1) x its last step's compute time in CPU work
                 at the start of the step, before the step's collectives, so its peers wait
                 for it (a straggler for loom.train.stragglers to find)
-    sdc         STEP must be 0 (before step 1): one bit of the rank's pre-flight matmul
-                results flips, as silent data corruption would, so loom.train.health
-                refuses to start naming the rank
+    sdc         one bit of the rank's health-check matmul results flips, as silent data
+                corruption would: at STEP 0 the pre-flight check's (loom.train.health refuses
+                to start, naming the rank), else the check after step STEP (one of
+                `resilience.health_interval`'s), which stops the run
 
 By default a fault fires on every rank, only in the first attempt (torchrun's
 `TORCHELASTIC_RESTART_COUNT` = 0, so a restarted job runs through), and at most once per step
@@ -100,11 +101,6 @@ def parse_faults(text: str) -> list[Fault]:
                 raise LoomError(f"{FAULTS_ENV}: {item!r}: {key} must be a whole number")
         first = int(match["first"])
         last = int(match["last"] or (_FOREVER if kind == "slow" else first))
-        if kind == "sdc" and last != 0:
-            raise LoomError(
-                f"{FAULTS_ENV}: {item!r}: sdc corrupts the pre-flight check, which runs before "
-                "step 1: write sdc@0 (e.g. sdc@0:rank=1)"
-            )
         faults.append(
             Fault(
                 kind,

@@ -24,7 +24,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from loom.core import distributed
-from loom.core.checkpoint import Checkpointer, read_state
+from loom.core.checkpoint import SUSPECT, Checkpointer, read_state
 from loom.core.config import Config, config_to_dict
 from loom.core.device import select_device
 from loom.core.errors import LoomError
@@ -35,7 +35,7 @@ from loom.parallel.dims import resolve
 from loom.parallel.parallelize import ParallelModel
 from loom.planner.hardware import peak_at_least, peak_flops
 from loom.planner.training import auto_layout, check_fits, local_hardware, predicted_memory
-from loom.train.health import Needs, checkpoint_bytes, preflight
+from loom.train.health import Needs, checkpoint_bytes, preflight, recheck, refusal
 from loom.train.metrics import MetricsWriter, peak_memory_gib
 from loom.train.optim import Optimizers
 from loom.train.progress import Progress, log_goodput
@@ -122,6 +122,7 @@ class Trainer:
         )
         if resume_state is not None:
             self._resume(resume_state)
+        self.health_passed = self.step  # the last step a hardware check vouched for
         self._measure()
 
     def _check_input(self) -> dict[str, Any] | None:
@@ -223,11 +224,51 @@ class Trainer:
             checkpoint_bytes(self.cfg.model.num_params()),
             self.cfg.checkpoint.keep + 1,  # the kept ones and the one being written
         )
-        dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
         corrupt = self.injector.due("sdc", 0)
         self._guarded(
-            lambda: preflight(self.device, dtype, self.run_dir, needs, corrupt),
+            lambda: preflight(self.device, self._check_dtype, self.run_dir, needs, corrupt),
             "the pre-flight health check",
+        )
+
+    @property
+    def _check_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+
+    def _health_check(self) -> None:
+        """Every `resilience.health_interval` steps, before the step's checkpoint, the device
+        checks again. A device that fails may have computed wrong results since the last check
+        that passed, so the checkpoints written after it go to checkpoints/suspect/ and every
+        rank stops, naming the device; the launcher's restart then resumes from an older one
+        (after a pre-flight check that refuses the same device)."""
+        interval = self.cfg.resilience.health_interval
+        if not interval or self.step % interval:
+            return
+        corrupt = self.injector.due("sdc", self.step)
+        failed = self._guarded(
+            lambda: recheck(self.device, self._check_dtype, self.run_dir, self.step, corrupt),
+            f"the health check after step {self.step}",
+        )
+        if not failed:
+            self.health_passed = self.step
+            return
+        self._guarded(
+            lambda: self.checkpointer.finish(wait=True), f"the checkpoint before step {self.step}"
+        )
+        distributed.barrier()
+        self.checkpointer.quarantine(self.health_passed)
+        distributed.barrier()
+        suspects = [
+            p.name
+            for p in self.checkpointer.suspects()
+            if int(p.name.removeprefix("step-")) > self.health_passed
+        ]
+        resume = self.checkpointer.steps()
+        raise LoomError(
+            f"health check after step {self.step} failed on {refusal(failed)}; checkpoints "
+            f"written after step {self.health_passed} (the last check that passed), "
+            f"{', '.join(suspects) or 'none'}, are in {self.checkpointer.dir / SUSPECT}: they may "
+            "hold the device's wrong results; the same command resumes from "
+            + (resume[-1][1].name if resume else "the start")
         )
 
     def _resume(self, state: dict[str, Any]) -> None:
@@ -432,6 +473,7 @@ class Trainer:
         step_seconds = self._log(loop, step_start, loss, grad_norm, lr)
         if loop.ledger is not None:
             loop.ledger.step_done(self.step, step_seconds)
+        self._health_check()
         stopping = self._checkpoint(loop, stop)
         loop.watchdog.disarm()
         if stopping:
