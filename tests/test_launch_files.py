@@ -245,6 +245,7 @@ def test_pytorchjob_manifest(pvc: str | None, tmp_path: Path, data_dir: Path) ->
     assert container.command == [
         "loom", "torchrun", "--nnodes=4", "--nproc-per-node=8", "--max-restarts=3",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={name}-worker-0:29500", f"--rdzv-id={name}",
+        "--rdzv-conf=keep_alive_interval=2,keep_alive_max_attempt=3",
         "-m", "loom.train", "/etc/loom/config.toml",
     ]  # fmt: skip
     volumes = {v.name: v for v in pod.spec.volumes}

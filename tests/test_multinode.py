@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 from test_pipeline import HARDWARE, pipeline_text, stages, write
-from test_resilience import CONFIG, SEQ, STEPS, args, losses, reference, small_data
+from test_resilience import CONFIG, SEQ, STEPS, args, launch, losses, reference, small_data
 
 from loom.cli import main
 from loom.core.config import load_config
@@ -207,6 +207,26 @@ def test_two_nodes_train_like_two_local_processes(
 
 
 @pytest.mark.slow
+def test_pipeline_stages_on_two_nodes_train_like_one_node(
+    nodes: Nodes, small_data: Path, tmp_path: Path
+) -> None:
+    """`--parallel.pp=2`, one pipeline stage per node: activations and gradients cross the
+    nodes' link; the losses are those of the same layout in one `loom train --nproc 2`."""
+    pp = ("--parallel.pp=2", "--parallel.dp_shard=1", "--train.steps=8")
+    local = tmp_path / "local"
+    launch(small_data, local, *pp)
+    run_dir, port = tmp_path / "run", free_port()
+    agents = [nodes(node, "2", port, small_data, run_dir, *pp) for node in (0, 1)]
+    for node, agent in enumerate(agents):
+        log = tmp_path / f"node-{node}" / "agent.log"
+        assert wait_exit(agent, log, f"node {node}") == 0, log.read_text()[-4000:]
+    assert sorted(losses(run_dir)) == list(range(1, 9))
+    assert losses(run_dir) == losses(local)
+    state = json.loads((run_dir / "checkpoints" / "latest" / "trainer.json").read_text())
+    assert state["layout"] == "pp 2"
+
+
+@pytest.mark.slow
 def test_a_killed_node_comes_back_and_training_matches_the_uninterrupted_run(
     nodes: Nodes, small_data: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
@@ -308,7 +328,8 @@ def test_loom_run_trains_a_stage_on_two_nodes_with_the_printed_command(
         assert command == [
             *("loom", "torchrun", "--nnodes", "2", "--nproc-per-node", "1"),
             *("--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint),
-            *("--rdzv-id", "loom-pretrain", "--rdzv-conf", "is_host=0"),
+            *("--rdzv-id", "loom-pretrain"),
+            *("--rdzv-conf", "is_host=0,keep_alive_interval=2,keep_alive_max_attempt=3"),
             *("-m", "loom.train", config),
         ]
         with logs[1].open("w") as out:

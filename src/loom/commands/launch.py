@@ -18,6 +18,7 @@ from pathlib import Path
 
 from loom.core.errors import LoomError
 from loom.core.options import option
+from loom.parallel.launch import rdzv_conf
 
 DESCRIPTION = (
     "Write an sbatch script (slurm) or a Kubeflow PyTorchJob manifest (k8s) that runs "
@@ -118,6 +119,7 @@ def node_command(options: Options, launcher: list[str], head: str, rdzv_id: str)
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={head}:{options.port}",
         f"--rdzv-id={rdzv_id}",
+        f"--rdzv-conf={rdzv_conf()}",
         "-m",
         "loom.train",
     ]

@@ -32,6 +32,16 @@ from loom.core.log import logger
 from loom.core.run_files import RANKS, RankNote, RunFiles
 
 RESTARTABLE_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# A node that stops sending heartbeats leaves the c10d rendezvous after keep_alive_interval x
+# keep_alive_max_attempt seconds, and until then the next round cannot complete without it.
+# torch's default, 5 s x 3, was most of the restart after a lost node in
+# benchmarks/fault_tolerance.py; 2 s x 3 costs each agent one store update every 2 s.
+KEEP_ALIVE = {"keep_alive_interval": 2, "keep_alive_max_attempt": 3}
+
+
+def rdzv_conf(**extra: object) -> str:
+    """torchrun's `--rdzv-conf` value for a multi-node job: `extra`, then KEEP_ALIVE."""
+    return ",".join(f"{key}={value}" for key, value in (extra | KEEP_ALIVE).items())
 
 
 def torchrun(args: list[str]) -> int:
@@ -68,7 +78,7 @@ class Nodes:
             *("loom", "torchrun", "--nnodes", str(self.count), "--nproc-per-node", str(nproc)),
             *("--max-restarts", str(max_restarts), "--rdzv-backend", "c10d"),
             *("--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id),
-            *("--rdzv-conf", "is_host=0", "-m", module, config, *overrides),
+            *("--rdzv-conf", rdzv_conf(is_host=0), "-m", module, config, *overrides),
         ]
 
     def announce(
@@ -123,7 +133,8 @@ def launch(
     }
     if nodes is not None:
         options |= {"min_nodes": nodes.count, "max_nodes": nodes.count, "run_id": nodes.run_id}
-        options |= {"rdzv_endpoint": nodes.endpoint, "rdzv_configs": {"is_host": True}}
+        configs = {"is_host": True, **KEEP_ALIVE}
+        options |= {"rdzv_endpoint": nodes.endpoint, "rdzv_configs": configs}
     launch_config = LaunchConfig(**options)
     args = ["-m", module, *([config] if config else []), *overrides]
     logger.info("launching %d workers: %s %s", nproc, sys.executable, " ".join(args))
