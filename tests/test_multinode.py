@@ -292,6 +292,43 @@ def test_elastic_job_shrinks_from_three_nodes_to_two(
     assert_each_sample_once(small_data, run_dir, samples)
 
 
+@pytest.mark.slow
+def test_a_straggler_node_is_excluded_and_the_job_goes_on_without_it(
+    nodes: Nodes, small_data: Path, tmp_path: Path
+) -> None:
+    """`--nnodes 2:3` with `resilience.straggler_action=exclude`; rank 2 (node 2's worker)
+    computes 4 times slower from step 3. Once it has been slow for 2 log intervals every rank
+    saves a checkpoint and stops, node 2's agent exits, and nodes 0 and 1 go on from that
+    checkpoint without it, every sample seen once."""
+    run_dir, port = tmp_path / "run", free_port()
+    extra = (
+        *("--train.batch_size=12", "--train.micro_batch_size=12"),  # splits over 3 and 2
+        *("--resilience.straggler_action=exclude", "--resilience.straggler_intervals=2"),
+    )
+    slow = "slow@3:rank=2:factor=4"
+    agents = [
+        nodes(node, "2:3", port, small_data, run_dir, *extra, faults=slow) for node in range(3)
+    ]
+    logs = [tmp_path / f"node-{node}" / "agent.log" for node in range(3)]
+    for node in (0, 1):
+        assert wait_exit(agents[node], logs[node], f"node {node}") == 0, logs[node].read_text()[
+            -4000:
+        ]
+    assert wait_exit(agents[2], logs[2], "node 2") != 0
+    text = "".join(log.read_text() for log in logs)
+    excluded = re.findall(r"straggler rank 2 \(host [^)]+\) excluded .*?step (\d+)", text)
+    assert excluded, text[-4000:]
+    step = int(excluded[0])
+    assert 4 <= step < STEPS  # slow in steps 3 and 4: 2 intervals of one step
+    assert "leaves the job" in logs[2].read_text()
+    assert resumed_steps(logs[:2]) == [step]
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    layout = json.loads((run_dir / "checkpoints" / "latest" / "trainer.json").read_text())
+    assert layout["layout"] == "dp_shard 2"
+    samples = seen(run_dir, lambda s: 3 if s <= step else 2)
+    assert_each_sample_once(small_data, run_dir, samples)
+
+
 # -- loom run: a multi-node training stage ------------------------------------------------------
 
 

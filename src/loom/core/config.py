@@ -100,6 +100,9 @@ class ResilienceConfig:
     straggler_factor: float = 1.5  # a rank whose own step time (compute + data wait) is above
     # this times the median of the ranks is slow; 0 = no straggler detection
     straggler_intervals: int = 3  # log intervals in a row a rank must be slow to be named
+    straggler_action: Literal["log", "exclude"] = "log"  # exclude: on several nodes, every
+    # rank saves a checkpoint and stops, the straggler's node stops its agent, and the other
+    # agents restart without it (an elastic --nnodes MIN:MAX with restarts left)
     preflight: bool = True  # hardware health checks on every rank before the first step
     # (loom.train.health): a failed one stops the run naming the rank, host and device
     health_interval: int = 1000  # every N steps the device checks again (matmuls, NVML); a

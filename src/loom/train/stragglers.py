@@ -19,10 +19,13 @@ data wait, or in host work before the step's first collective, stands out there.
 Each log interval every rank's mean own time and data wait are gathered with one all-gather;
 a rank whose own time is above `resilience.straggler_factor` × the median for
 `resilience.straggler_intervals` intervals in a row is a straggler until an interval is not.
+With `resilience.straggler_action = "exclude"` on several nodes the trainer then stops every rank
+after a checkpoint and the straggler's node leaves the job (see `Trainer._exclude_stragglers`).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import time
@@ -127,10 +130,13 @@ class StragglerDetector:
             list(own_s), list(data_s), median, slowest, ratios[slowest], sorted(self._flagged)
         )
 
+    def host(self, rank: int) -> str:
+        return self.hosts[rank] if rank < len(self.hosts) else "?"
+
     def _log(self, what: str, rank: int, own: float, median: float, intervals: int) -> None:
         if not self.log:
             return
-        host = self.hosts[rank] if rank < len(self.hosts) else "?"
+        host = self.host(rank)
         logger.warning(
             "%s: rank %d (host %s) step %.3g s vs median %.3g s over %d interval%s",
             what,
@@ -153,6 +159,28 @@ def gather_times(
     dist.all_gather_into_tensor(everyone, mine)  # flat: gloo takes no [world, 2] output
     own, data = everyone.view(-1, 2).cpu().T.tolist()
     return own, data
+
+
+@dataclass(frozen=True)
+class Node:
+    """This process's node in a torchrun job: its index in the rendezvous (GROUP_RANK), the
+    number of nodes, and the ranks per node (torchrun numbers ranks node by node)."""
+
+    index: int
+    count: int
+    ranks_per_node: int
+
+    @classmethod
+    def of_this_process(cls) -> Node:
+        env = os.environ
+        return cls(
+            int(env.get("GROUP_RANK", "0")),
+            int(env.get("GROUP_WORLD_SIZE", "1")),
+            int(env.get("LOCAL_WORLD_SIZE", "1")),
+        )
+
+    def of_rank(self, rank: int) -> int:
+        return rank // self.ranks_per_node
 
 
 def hostnames() -> list[str]:

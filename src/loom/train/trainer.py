@@ -49,7 +49,7 @@ from loom.train.resilience import (
     process_start_time,
     restart_attempt,
 )
-from loom.train.stragglers import StepClock, StragglerDetector, gather_times, hostnames
+from loom.train.stragglers import Node, StepClock, StragglerDetector, gather_times, hostnames
 from loom.train.task import TrainTask, pretraining
 
 T = TypeVar("T")
@@ -201,6 +201,13 @@ class Trainer:
         if self.distributed and r.straggler_factor:
             self.stragglers = StragglerDetector(
                 r.straggler_factor, r.straggler_intervals, hostnames(), log=self.rank == 0
+            )
+        self.excluded: list[int] = []  # straggler ranks whose node leaves the job
+        self.node = Node.of_this_process()
+        if r.straggler_action == "exclude" and self.node.count < 2 and self.rank == 0:
+            logger.warning(
+                "resilience.straggler_action=exclude needs several nodes (this job has one): "
+                "stragglers are only logged"
             )
         self.checkpointer.before_commit = self.injector.in_checkpoint
         self.guard = StepGuard(self.cfg.resilience)
@@ -454,6 +461,8 @@ class Trainer:
                         break
                 loop.watchdog.arm(f"rank {self.rank}: writing the last checkpoint")
                 self._last_checkpoint(loop)
+                if self.excluded:
+                    self._exclude_stragglers()
         finally:
             loop.close()  # a hang never gets here: the watchdog exits the process first
 
@@ -555,6 +564,8 @@ class Trainer:
             record["slowest_rank"] = verdict.slowest_rank
             record["slowest_ratio"] = verdict.slowest_ratio
             record["straggler_ranks"] = verdict.stragglers
+            if self.cfg.resilience.straggler_action == "exclude" and self.node.count > 1:
+                self.excluded = verdict.stragglers
         if loop.ledger is not None:
             record["goodput"] = loop.ledger.goodput
             record["checkpoint_s"] = loop.ledger.checkpoint_s
@@ -568,7 +579,7 @@ class Trainer:
         """Commit the previous checkpoint, save one when due; true when a signal stops the run."""
         cfg = self.cfg.checkpoint
         stopping, time_due = self._agree(
-            stop.received is not None,
+            stop.received is not None or bool(self.excluded),
             bool(cfg.interval_minutes)
             and time.monotonic() - loop.last_save >= 60 * cfg.interval_minutes,
         )
@@ -600,6 +611,24 @@ class Trainer:
             loop.ledger.save()
             loop.result.goodput = loop.ledger.summary()
             log_goodput(loop.result.goodput)
+
+    def _exclude_stragglers(self) -> None:
+        """After the checkpoint: the stragglers' nodes stop their agents (SIGTERM, so they
+        leave the job), and every rank fails, so that the other agents restart without them."""
+        nodes = sorted({self.node.of_rank(r) for r in self.excluded})
+        hosts = self.stragglers.host if self.stragglers is not None else str
+        names = ", ".join(f"rank {r} (host {hosts(r)})" for r in self.excluded)
+        leaving = self.node.index in nodes
+        message = (
+            f"straggler {names} excluded (resilience.straggler_action=exclude): saved the "
+            f"checkpoint of step {self.step}; node{'s' if len(nodes) > 1 else ''} "
+            f"{', '.join(map(str, nodes))} of the rendezvous "
+            + ("leaves the job" if leaving else "left; the others restart without it")
+        )
+        if leaving:  # said first: the agent's stop may end this process before its error line
+            logger.error(message)
+            os.kill(os.getppid(), signal.SIGTERM)  # the torchrun agent that started this rank
+        raise LoomError(message)
 
     def _agree(self, *flags: bool) -> list[bool]:
         """Each flag true on any rank is true on every rank (one small collective a step), so
