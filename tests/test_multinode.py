@@ -99,6 +99,38 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
         process.wait()
 
 
+LoomNode = Callable[..., subprocess.Popen[str]]
+
+
+@pytest.fixture
+def loom_node(tmp_path: Path) -> Iterator[LoomNode]:
+    """Run `loom ARGV` as node N: `start(node, *argv)`, in `node-N/` with its output in
+    `node-N/agent.log`, in a session of its own; killed with its children at the end."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(node: int, *argv: str) -> subprocess.Popen[str]:
+        folder = tmp_path / f"node-{node}"
+        folder.mkdir(exist_ok=True)
+        with (folder / "agent.log").open("a") as out:
+            started.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "loom.cli", *argv],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=folder,
+                    start_new_session=True,
+                    text=True,
+                )
+            )
+        return started[-1]
+
+    yield start
+    for process in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def wait_exit(agent: subprocess.Popen[str], log: Path, what: str) -> int:
     try:
         return agent.wait(timeout=WAIT_S)
@@ -334,7 +366,7 @@ def test_a_straggler_node_is_excluded_and_the_job_goes_on_without_it(
 
 @pytest.mark.slow
 def test_loom_run_trains_a_stage_on_two_nodes_with_the_printed_command(
-    corpus_dir: Path, tmp_path: Path
+    loom_node: LoomNode, corpus_dir: Path, tmp_path: Path
 ) -> None:
     """`[pretrain.launch] nnodes = 2`: `loom run` hosts the rendezvous, prints the command for
     the other node, and the stage trains once that command runs (here, in node-1's folder)."""
@@ -343,51 +375,19 @@ def test_loom_run_trains_a_stage_on_two_nodes_with_the_printed_command(
     text = pipeline_text(corpus_dir).split("[eval]")[0] + launch
     run_dir = tmp_path / "run"
     path = write(tmp_path, text + "[pretrain.parallel]\ndp_shard = 2\n", run_dir)
-    folders = [tmp_path / f"node-{node}" for node in (0, 1)]
-    for folder in folders:
-        folder.mkdir()
-    logs = [folder / "agent.log" for folder in folders]
-    started: list[subprocess.Popen[str]] = []
-    try:
-        with logs[0].open("w") as out:
-            started.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "loom.cli", "run", str(path)],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=folders[0],
-                    start_new_session=True,
-                    text=True,
-                )
-            )
-        command = printed_command(logs[0], started[0])
-        config = str(run_dir / "pretrain" / "stage.toml")
-        assert command == [
-            *("loom", "torchrun", "--nnodes", "2", "--nproc-per-node", "1"),
-            *("--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint),
-            *("--rdzv-id", "loom-pretrain"),
-            *("--rdzv-conf", "is_host=0,keep_alive_interval=2,keep_alive_max_attempt=3"),
-            *("-m", "loom.train", config),
-        ]
-        with logs[1].open("w") as out:
-            started.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "loom.cli", *command[1:]],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=folders[1],
-                    start_new_session=True,
-                    text=True,
-                )
-            )
-        for node, process in enumerate(started):
-            assert wait_exit(process, logs[node], f"node {node}") == 0, logs[node].read_text()[
-                -4000:
-            ]
-    finally:
-        for process in started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+    logs = [tmp_path / f"node-{node}" / "agent.log" for node in (0, 1)]
+    host = loom_node(0, "run", str(path))
+    command = printed_command(logs[0], host)
+    config = str(run_dir / "pretrain" / "stage.toml")
+    assert command == [
+        *("loom", "torchrun", "--nnodes", "2", "--nproc-per-node", "1"),
+        *("--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint),
+        *("--rdzv-id", "loom-pretrain"),
+        *("--rdzv-conf", "is_host=0,keep_alive_interval=2,keep_alive_max_attempt=3"),
+        *("-m", "loom.train", config),
+    ]
+    for node, process in enumerate([host, loom_node(1, *command[1:])]):
+        assert wait_exit(process, logs[node], f"node {node}") == 0, logs[node].read_text()[-4000:]
     assert all(s["status"] == "done" for s in stages(run_dir).values())
     assert [r["step"] for r in read_metrics(run_dir / "pretrain")] == list(range(1, 9))
     state = json.loads((run_dir / "pretrain/checkpoints/latest/trainer.json").read_text())
@@ -396,47 +396,20 @@ def test_loom_run_trains_a_stage_on_two_nodes_with_the_printed_command(
 
 @pytest.mark.slow
 def test_loom_train_nnodes_hosts_the_job_and_its_printed_command_joins(
-    small_data: Path, tmp_path: Path, reference: dict[int, float]
+    loom_node: LoomNode, small_data: Path, tmp_path: Path, reference: dict[int, float]
 ) -> None:
     """`loom train --nproc 1 --nnodes 2 --rdzv-endpoint HOST:PORT` hosts the rendezvous and
     prints the other node's command (overrides included); run from node-1's folder, the two
     train like two local processes, bit for bit."""
     endpoint = f"127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
-    folders = [tmp_path / f"node-{node}" for node in (0, 1)]
-    logs = [folder / "agent.log" for folder in folders]
+    logs = [tmp_path / f"node-{node}" / "agent.log" for node in (0, 1)]
     host = ["train", str(CONFIG), "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint]
-    started: list[subprocess.Popen[str]] = []
-    try:
-        for node, argv in enumerate([host, None]):
-            folders[node].mkdir()
-            if argv is None:  # the command node 0 printed, as a user would paste it
-                argv = printed_command(logs[0], started[0])[1:]
-            with logs[node].open("w") as out:
-                started.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "loom.cli",
-                            *argv,
-                            *([] if node else args(small_data, run_dir)),
-                        ],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        cwd=folders[node],
-                        start_new_session=True,
-                        text=True,
-                    )
-                )
-        for node, process in enumerate(started):
-            assert wait_exit(process, logs[node], f"node {node}") == 0, logs[node].read_text()[
-                -4000:
-            ]
-    finally:
-        for process in started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+    node0 = loom_node(0, *host, *args(small_data, run_dir))
+    # the command node 0 printed, as a user would paste it
+    node1 = loom_node(1, *printed_command(logs[0], node0)[1:])
+    for node, process in enumerate([node0, node1]):
+        assert wait_exit(process, logs[node], f"node {node}") == 0, logs[node].read_text()[-4000:]
     assert losses(run_dir) == reference  # the same dp_shard 2 layout as --nproc 2 on one node
 
 
