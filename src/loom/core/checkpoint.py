@@ -273,11 +273,11 @@ class Checkpointer:
         else:
             (self.dir / LATEST).unlink(missing_ok=True)
 
-    def suspects(self) -> list[Path]:
-        """The quarantined step folders, oldest first."""
+    def suspects(self, after_step: int) -> list[Path]:
+        """The quarantined step folders of steps after `after_step`, oldest first."""
         folder = self.dir / SUSPECT
         found = folder.iterdir() if folder.is_dir() else iter(())
-        return sorted((p for p in found if _STEP_DIR.match(p.name)), key=_step_of)
+        return sorted((p for p in found if _step_of(p) > after_step), key=_step_of)
 
     def _prune(self, current: int) -> None:
         """Keep the newest `keep` checkpoints up to `current`. Folders of later steps (left by a

@@ -264,11 +264,7 @@ class Trainer:
         distributed.barrier()
         self.checkpointer.quarantine(self.health_passed)
         distributed.barrier()
-        suspects = [
-            p.name
-            for p in self.checkpointer.suspects()
-            if int(p.name.removeprefix("step-")) > self.health_passed
-        ]
+        suspects = [p.name for p in self.checkpointer.suspects(self.health_passed)]
         resume = self.checkpointer.steps()
         raise LoomError(
             f"health check after step {self.step} failed on {refusal(failed)}; checkpoints "
